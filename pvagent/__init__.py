@@ -1,0 +1,1 @@
+"""extpv guest agent: loads host-injected eBPF programs and streams their events."""

@@ -1,0 +1,1 @@
+"""extpv host service: turns guest affinity requests into isolated host placements."""

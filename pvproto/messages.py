@@ -1,0 +1,313 @@
+"""Message models: every message of the protocol, as one discriminated union.
+
+Bodies travel as 7-bit ASCII JSON (bytes fields in base64). The ``type`` field is
+the union's discriminator and must agree with the header's type code. Every
+model is frozen, rejects unknown fields and bounds every list and string, so a
+hostile peer cannot make the other side allocate or loop without limit.
+
+The header's request id is carried on the model as ``request_id`` (not in the
+JSON body): replies echo the id of the request they answer.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+from typing import Annotated, ClassVar, Literal, Self
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from pvproto.cpulist import MAX_CPUS
+
+__all__ = [
+    "MAX_PAYLOAD_BYTES",
+    "MESSAGE_TYPES",
+    "AffinityResult",
+    "AffinityUpdate",
+    "BaseMessage",
+    "Error",
+    "GuestTopology",
+    "Hello",
+    "LoadProgram",
+    "Message",
+    "Ping",
+    "Pong",
+    "ProgramEvent",
+    "ProgramLoaded",
+    "ThreadRequest",
+    "UnloadProgram",
+    "VcpuPlacement",
+]
+
+#: Largest program payload: base64 (4/3) of it plus the envelope fits in MAX_BODY_SIZE.
+MAX_PAYLOAD_BYTES = 700 * 1024
+
+Cpu = Annotated[int, Field(ge=0, lt=MAX_CPUS)]
+Tid = Annotated[int, Field(ge=0, le=2**32 - 1)]
+ShortText = Annotated[str, Field(max_length=256)]
+ProgramId = Annotated[str, Field(pattern=r"^[a-z0-9][a-z0-9._-]{0,63}$")]
+CpuSet = Annotated[list[Cpu], Field(max_length=MAX_CPUS)]
+
+
+def _sorted_unique(values: list[int], what: str) -> None:
+    if any(b <= a for a, b in itertools.pairwise(values)):
+        raise ValueError(f"{what} must be sorted and without duplicates")
+
+
+class BaseMessage(BaseModel):
+    """Common envelope: the header's type code and request id."""
+
+    model_config = ConfigDict(
+        frozen=True,
+        extra="forbid",
+        ser_json_bytes="base64",
+        val_json_bytes="base64",
+    )
+
+    #: Header type code; unique per message class.
+    TYPE_CODE: ClassVar[int]
+
+    request_id: int = Field(default=0, ge=0, le=2**32 - 1, exclude=True)
+
+
+class GuestTopology(BaseModel):
+    """The guest's CPUs as its kernel sees them."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    online_vcpus: CpuSet
+    #: SMT sibling groups among the online vCPUs (each vCPU in at most one group).
+    sibling_groups: Annotated[list[CpuSet], Field(max_length=MAX_CPUS)] = []
+
+    @model_validator(mode="after")
+    def _check(self) -> Self:
+        _sorted_unique(self.online_vcpus, "online_vcpus")
+        if not self.online_vcpus:
+            raise ValueError("a guest has at least one online vCPU")
+        seen: set[int] = set()
+        online = set(self.online_vcpus)
+        for group in self.sibling_groups:
+            _sorted_unique(group, "a sibling group")
+            if not set(group) <= online:
+                raise ValueError(f"sibling group {group} names vCPUs that are not online")
+            if seen & set(group):
+                raise ValueError("a vCPU appears in two sibling groups")
+            seen |= set(group)
+        return self
+
+
+class Hello(BaseMessage):
+    """First message of each side on every (re)connection."""
+
+    TYPE_CODE: ClassVar[int] = 1
+    type: Literal["hello"] = "hello"
+    role: Literal["host", "guest"]
+    protocol_versions: Annotated[
+        list[Annotated[int, Field(ge=1, le=255)]], Field(min_length=1, max_length=16)
+    ]
+    software_version: Annotated[str, Field(max_length=64)]
+    capabilities: Annotated[list[Annotated[str, Field(max_length=64)]], Field(max_length=64)] = []
+    #: Required from the guest, absent from the host.
+    topology: GuestTopology | None = None
+
+    @model_validator(mode="after")
+    def _check(self) -> Self:
+        if (self.role == "guest") != (self.topology is not None):
+            raise ValueError("a guest Hello carries its CPU topology; a host Hello does not")
+        return self
+
+
+class Ping(BaseMessage):
+    TYPE_CODE: ClassVar[int] = 2
+    type: Literal["ping"] = "ping"
+    nonce: Annotated[int, Field(ge=0, le=2**63 - 1)] = 0
+
+
+class Pong(BaseMessage):
+    TYPE_CODE: ClassVar[int] = 3
+    type: Literal["pong"] = "pong"
+    nonce: Annotated[int, Field(ge=0, le=2**63 - 1)] = 0
+
+
+class Error(BaseMessage):
+    """A peer could not act on something it received; ``request_id`` names it when known."""
+
+    TYPE_CODE: ClassVar[int] = 4
+    type: Literal["error"] = "error"
+    code: Literal["bad-frame", "bad-request", "unsupported", "rate-limited", "internal"]
+    message: Annotated[str, Field(max_length=4096)]
+
+
+class LoadProgram(BaseMessage):
+    """Host → guest: load and attach this eBPF program, then stream its events."""
+
+    TYPE_CODE: ClassVar[int] = 16
+    type: Literal["load-program"] = "load-program"
+    program_id: ProgramId
+    kind: Literal["bpf-object", "bcc-source"]
+    payload: Annotated[bytes, Field(max_length=MAX_PAYLOAD_BYTES)]
+    #: Hex SHA-256 of ``payload``; checked on decode, so corruption is an InvalidBody.
+    sha256: Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")]
+    #: Ed25519 signature over ``payload`` (empty when the host has no signing key).
+    signature: Annotated[bytes, Field(max_length=64)] = b""
+
+    @model_validator(mode="after")
+    def _check(self) -> Self:
+        if hashlib.sha256(self.payload).hexdigest() != self.sha256:
+            raise ValueError("payload does not match its sha256")
+        return self
+
+    @classmethod
+    def for_payload(
+        cls,
+        program_id: str,
+        kind: Literal["bpf-object", "bcc-source"],
+        payload: bytes,
+        signature: bytes = b"",
+        request_id: int = 0,
+    ) -> LoadProgram:
+        """Build a LoadProgram with the digest computed from ``payload``."""
+        return cls(
+            program_id=program_id,
+            kind=kind,
+            payload=payload,
+            sha256=hashlib.sha256(payload).hexdigest(),
+            signature=signature,
+            request_id=request_id,
+        )
+
+
+class ProgramLoaded(BaseMessage):
+    """Guest → host: the verdict on a LoadProgram (trust check, verifier, attach)."""
+
+    TYPE_CODE: ClassVar[int] = 17
+    type: Literal["program-loaded"] = "program-loaded"
+    program_id: ProgramId
+    ok: bool
+    reason: Annotated[str, Field(max_length=4096)] = ""
+    #: The kernel verifier's / loader's log on failure (tail, bounded).
+    log: Annotated[str, Field(max_length=65536)] = ""
+
+    @model_validator(mode="after")
+    def _check(self) -> Self:
+        if not self.ok and not self.reason:
+            raise ValueError("a refused or failed load says why")
+        return self
+
+
+class UnloadProgram(BaseMessage):
+    TYPE_CODE: ClassVar[int] = 18
+    type: Literal["unload-program"] = "unload-program"
+    program_id: ProgramId
+
+
+EventValue = int | str | bool | Annotated[list[int], Field(max_length=MAX_CPUS)]
+
+
+class ProgramEvent(BaseMessage):
+    """Guest → host: one event from a loaded program, already decoded by the agent."""
+
+    TYPE_CODE: ClassVar[int] = 19
+    type: Literal["program-event"] = "program-event"
+    program_id: ProgramId
+    seq: Annotated[int, Field(ge=0)]
+    data: Annotated[dict[Annotated[str, Field(max_length=64)], EventValue], Field(max_length=64)]
+
+
+class ThreadRequest(BaseModel):
+    """One live guest thread whose affinity mask is a strict subset of the online vCPUs."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    tid: Tid
+    vcpus: CpuSet
+
+    @model_validator(mode="after")
+    def _check(self) -> Self:
+        _sorted_unique(self.vcpus, "vcpus")
+        if not self.vcpus:
+            raise ValueError("a thread request names at least one vCPU")
+        return self
+
+
+class AffinityUpdate(BaseMessage):
+    """Guest → host: the *whole* set of vCPUs wanted pinned now (idempotent).
+
+    ``wanted`` is authoritative; ``threads`` explains it (bounded sample: at most
+    1024 threads are listed, ``threads_omitted`` counts the rest).
+    """
+
+    TYPE_CODE: ClassVar[int] = 32
+    type: Literal["affinity-update"] = "affinity-update"
+    seq: Annotated[int, Field(ge=0)]
+    wanted: CpuSet
+    threads: Annotated[list[ThreadRequest], Field(max_length=1024)] = []
+    threads_omitted: Annotated[int, Field(ge=0)] = 0
+
+    @model_validator(mode="after")
+    def _check(self) -> Self:
+        _sorted_unique(self.wanted, "wanted")
+        wanted = set(self.wanted)
+        for thread in self.threads:
+            if not set(thread.vcpus) <= wanted:
+                raise ValueError(f"thread {thread.tid} requests vCPUs outside 'wanted'")
+        return self
+
+
+class VcpuPlacement(BaseModel):
+    """Where one wanted vCPU ended up: a physical CPU, or a refusal with its reason."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    vcpu: Cpu
+    pcpu: Cpu | None = None
+    refused: Annotated[str, Field(max_length=1024)] | None = None
+
+    @model_validator(mode="after")
+    def _check(self) -> Self:
+        if (self.pcpu is None) == (self.refused is None):
+            raise ValueError("a placement has either a pcpu or a refusal reason")
+        return self
+
+
+class AffinityResult(BaseMessage):
+    """Host → guest: the answer to the AffinityUpdate with the same ``seq``."""
+
+    TYPE_CODE: ClassVar[int] = 33
+    type: Literal["affinity-result"] = "affinity-result"
+    seq: Annotated[int, Field(ge=0)]
+    placements: Annotated[list[VcpuPlacement], Field(max_length=MAX_CPUS)]
+    policy: ShortText = ""
+    backend: ShortText = ""
+
+
+Message = Annotated[
+    Hello
+    | Ping
+    | Pong
+    | Error
+    | LoadProgram
+    | ProgramLoaded
+    | UnloadProgram
+    | ProgramEvent
+    | AffinityUpdate
+    | AffinityResult,
+    Field(discriminator="type"),
+]
+
+#: Header type code → message class.
+MESSAGE_TYPES: dict[int, type[BaseMessage]] = {
+    cls.TYPE_CODE: cls
+    for cls in (
+        Hello,
+        Ping,
+        Pong,
+        Error,
+        LoadProgram,
+        ProgramLoaded,
+        UnloadProgram,
+        ProgramEvent,
+        AffinityUpdate,
+        AffinityResult,
+    )
+}

@@ -1,0 +1,26 @@
+"""Protocol versions and Hello negotiation."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+from pvproto.errors import VersionMismatch
+
+__all__ = ["PROTOCOL_VERSION", "SUPPORTED_VERSIONS", "negotiate"]
+
+#: The version this software writes by default.
+PROTOCOL_VERSION = 1
+#: Every version this software can read and write.
+SUPPORTED_VERSIONS: tuple[int, ...] = (1,)
+
+
+def negotiate(ours: Iterable[int], theirs: Iterable[int]) -> int:
+    """Return the highest version both sides speak, or raise :class:`VersionMismatch`."""
+    ours_set, theirs_set = set(ours), set(theirs)
+    common = ours_set & theirs_set
+    if not common:
+        raise VersionMismatch(
+            f"no common protocol version: this side speaks {sorted(ours_set)}, "
+            f"the peer speaks {sorted(theirs_set)}; upgrade the older side"
+        )
+    return max(common)
