@@ -1,0 +1,196 @@
+// SPDX-License-Identifier: (GPL-2.0-only OR BSD-2-Clause)
+/*
+ * Affinity tracker, CO-RE flavour (libbpf). Reports successful sched_setaffinity()
+ * calls with the whole user mask, and the exit of threads whose mask was reported.
+ *
+ * Only stable tracepoints: syscalls/sys_{enter,exit}_sched_setaffinity and
+ * sched/sched_process_exit, so one object runs on every kernel with BTF (no kprobes,
+ * no fentry). The user mask is read at sys_enter (the pointer is only valid then),
+ * stashed per caller tid, and reported at sys_exit only if the call returned 0.
+ *
+ * Twin: affinity.bcc.c (same maps, same logic, bcc dialect). Layout: affinity.h.
+ */
+#include <linux/bpf.h>
+#include <bpf/bpf_helpers.h>
+
+#include "affinity.h"
+
+char LICENSE[] SEC("license") = "Dual BSD/GPL";
+
+/* The few kernel types used, declared here instead of a generated vmlinux.h so the build
+ * does not need the build machine's BTF. preserve_access_index makes every field access
+ * a CO-RE relocation: libbpf fixes the offsets against the running kernel's BTF. */
+struct trace_entry {
+	unsigned short type;
+	unsigned char flags;
+	unsigned char preempt_count;
+	int pid;
+} __attribute__((preserve_access_index));
+
+struct trace_event_raw_sys_enter {
+	struct trace_entry ent;
+	long id;
+	unsigned long args[6];
+} __attribute__((preserve_access_index));
+
+struct trace_event_raw_sys_exit {
+	struct trace_entry ent;
+	long id;
+	long ret;
+} __attribute__((preserve_access_index));
+
+/* The service map: the agent routes a ringbuf named pv_affinity to its affinity tracker. */
+struct {
+	__uint(type, BPF_MAP_TYPE_RINGBUF);
+	__uint(max_entries, PV_AFFINITY_RINGBUF_BYTES);
+} pv_affinity SEC(".maps");
+
+/* Calls between sys_enter and sys_exit, keyed by caller tid. LRU: a thread killed inside
+ * the syscall cannot leak an entry. */
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, 1024);
+	__type(key, __u32);
+	__type(value, struct pv_affinity_event);
+} pv_pending SEC(".maps");
+
+/* Target tid -> last reported mask. Filters exits (only tracked tids are reported) and
+ * suppresses identical repeated calls (storms). */
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, PV_AFFINITY_MAX_TRACKED);
+	__type(key, __u32);
+	__type(value, struct pv_affinity_tracked);
+} pv_tracked SEC(".maps");
+
+/* Event under construction (too large for the 512-byte stack with the rest). */
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, struct pv_affinity_event);
+} pv_scratch SEC(".maps");
+
+/* Counters the agent reads: PV_STATE_OVERFLOW, PV_STATE_LOST. */
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, PV_STATE_SLOTS);
+	__type(key, __u32);
+	__type(value, __u64);
+} pv_state SEC(".maps");
+
+static __always_inline void count(__u32 slot)
+{
+	__u64 *value = bpf_map_lookup_elem(&pv_state, &slot);
+
+	if (value)
+		__sync_fetch_and_add(value, 1);
+}
+
+static __always_inline int same_mask(const struct pv_affinity_tracked *old,
+				     const struct pv_affinity_event *ev)
+{
+	const __u64 *a = (const __u64 *)old->mask;
+	const __u64 *b = (const __u64 *)ev->mask;
+
+	if (old->mask_bytes != ev->mask_bytes)
+		return 0;
+#pragma unroll
+	for (int i = 0; i < PV_AFFINITY_MASK_BYTES / 8; i++)
+		if (a[i] != b[i])
+			return 0;
+	return 1;
+}
+
+SEC("tracepoint/syscalls/sys_enter_sched_setaffinity")
+int pv_affinity_enter(struct trace_event_raw_sys_enter *ctx)
+{
+	__u32 zero = 0;
+	struct pv_affinity_event *ev = bpf_map_lookup_elem(&pv_scratch, &zero);
+	__u64 id = bpf_get_current_pid_tgid();
+	__u64 len = ctx->args[1];
+
+	if (!ev)
+		return 0;
+	ev->kind = PV_AFFINITY_SET;
+	ev->tgid = id >> 32;
+	ev->tid = (__u32)id;
+	ev->target = (__u32)ctx->args[0];
+	ev->flags = 0;
+	ev->ktime_ns = bpf_ktime_get_ns();
+	if (len > PV_AFFINITY_MASK_BYTES) {
+		len = PV_AFFINITY_MASK_BYTES;
+		ev->flags = PV_AFFINITY_F_TRUNCATED;
+	}
+	ev->mask_bytes = len;
+	__builtin_memset(ev->mask, 0, sizeof(ev->mask));
+	/* A bad pointer makes the syscall fail with EFAULT too: nothing to report. */
+	if (len == 0 || bpf_probe_read_user(ev->mask, len, (const void *)ctx->args[2]) < 0)
+		return 0;
+	bpf_map_update_elem(&pv_pending, &ev->tid, ev, BPF_ANY);
+	return 0;
+}
+
+SEC("tracepoint/syscalls/sys_exit_sched_setaffinity")
+int pv_affinity_exit(struct trace_event_raw_sys_exit *ctx)
+{
+	__u32 tid = (__u32)bpf_get_current_pid_tgid();
+	struct pv_affinity_event *ev = bpf_map_lookup_elem(&pv_pending, &tid);
+	struct pv_affinity_tracked *old, now = {};
+	__u32 target;
+
+	if (!ev)
+		return 0;
+	if (ctx->ret != 0)
+		goto done;
+	target = ev->target ? ev->target : ev->tid;
+	old = bpf_map_lookup_elem(&pv_tracked, &target);
+	if (old && same_mask(old, ev))
+		goto done; /* nothing new: the agent already has this mask for this tid */
+	now.mask_bytes = ev->mask_bytes;
+	__builtin_memcpy(now.mask, ev->mask, sizeof(now.mask));
+	if (bpf_map_update_elem(&pv_tracked, &target, &now, BPF_ANY) != 0) {
+		__u32 slot = PV_STATE_OVERFLOW;
+		__u64 one = 1;
+
+		bpf_map_update_elem(&pv_state, &slot, &one, BPF_ANY);
+		ev->flags |= PV_AFFINITY_F_OVERFLOW;
+	}
+	if (bpf_ringbuf_output(&pv_affinity, ev, sizeof(*ev), 0) != 0)
+		count(PV_STATE_LOST);
+done:
+	bpf_map_delete_elem(&pv_pending, &tid);
+	return 0;
+}
+
+SEC("tracepoint/sched/sched_process_exit")
+int pv_affinity_thread_exit(void *ctx)
+{
+	/* sched_process_exit fires in the exiting thread itself, once per thread. */
+	__u64 id = bpf_get_current_pid_tgid();
+	__u32 tid = (__u32)id, slot = PV_STATE_OVERFLOW;
+	struct pv_affinity_event *ev;
+	__u64 *overflow;
+
+	if (bpf_map_delete_elem(&pv_tracked, &tid) != 0) {
+		/* Not tracked: report it only if the table ever overflowed. */
+		overflow = bpf_map_lookup_elem(&pv_state, &slot);
+		if (!overflow || !*overflow)
+			return 0;
+	}
+	ev = bpf_ringbuf_reserve(&pv_affinity, sizeof(*ev), 0);
+	if (!ev) {
+		count(PV_STATE_LOST);
+		return 0;
+	}
+	ev->kind = PV_AFFINITY_EXIT;
+	ev->tgid = id >> 32;
+	ev->tid = tid;
+	ev->target = 0;
+	ev->mask_bytes = 0;
+	ev->flags = 0;
+	ev->ktime_ns = bpf_ktime_get_ns();
+	__builtin_memset(ev->mask, 0, sizeof(ev->mask));
+	bpf_ringbuf_submit(ev, 0);
+	return 0;
+}
