@@ -1,0 +1,75 @@
+"""Decoder of ``struct pv_affinity_event`` (bpf/affinity.h — the layout is defined there once).
+
+The event is 160 bytes: seven little-endian header words then a 128-byte CPU bitmap.
+A record of the wrong size is an :class:`EventError` (a program that does not match
+this agent), never a silent misreading.
+"""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass
+from enum import IntEnum, IntFlag
+
+__all__ = ["EVENT_SIZE", "MASK_BYTES", "AffinityEvent", "EventError", "EventFlag", "EventKind", "decode"]
+
+_HEADER = struct.Struct("<IIIIIIQ")  # kind tgid tid target mask_bytes flags ktime_ns
+MASK_BYTES = 128  # PV_AFFINITY_MASK_BYTES
+EVENT_SIZE = _HEADER.size + MASK_BYTES
+#: Layout of ``struct pv_affinity_tracked`` (the in-kernel per-tid table): mask_bytes, pad, mask.
+TRACKED = struct.Struct(f"<II{MASK_BYTES}s")
+
+
+class EventKind(IntEnum):
+    SET = 1  # a sched_setaffinity() call that returned 0
+    EXIT = 2  # a tracked thread exited
+
+
+class EventFlag(IntFlag):
+    TRUNCATED = 1  # the user mask was longer than MASK_BYTES
+    OVERFLOW = 2  # the kernel's tracked-tid table was full
+
+
+class EventError(ValueError):
+    """A ring-buffer record that is not a pv_affinity_event."""
+
+
+@dataclass(frozen=True, slots=True)
+class AffinityEvent:
+    kind: EventKind
+    tgid: int
+    tid: int  # the calling (or exiting) thread
+    target: int  # tid argument: 0 means the caller
+    cpus: frozenset[int]  # CPUs set in the mask (SET only)
+    flags: EventFlag
+    ktime_ns: int
+
+    @property
+    def target_tid(self) -> int:
+        """The thread whose affinity changed (the caller when ``target`` is 0)."""
+        return self.target or self.tid
+
+
+def mask_cpus(mask: bytes) -> frozenset[int]:
+    """CPU numbers of the set bits of a little-endian bitmap."""
+    value = int.from_bytes(mask, "little")
+    cpus = []
+    while value:
+        low = value & -value
+        cpus.append(low.bit_length() - 1)
+        value ^= low
+    return frozenset(cpus)
+
+
+def decode(record: bytes) -> AffinityEvent:
+    if len(record) != EVENT_SIZE:
+        raise EventError(f"affinity event of {len(record)} bytes; expected {EVENT_SIZE}")
+    kind, tgid, tid, target, mask_bytes, flags, ktime = _HEADER.unpack_from(record)
+    try:
+        event_kind = EventKind(kind)
+    except ValueError as err:
+        raise EventError(f"unknown affinity event kind {kind}") from err
+    mask = record[_HEADER.size : _HEADER.size + min(mask_bytes, MASK_BYTES)]
+    return AffinityEvent(
+        event_kind, tgid, tid, target, mask_cpus(mask), EventFlag(flags & 3), ktime
+    )

@@ -1,0 +1,328 @@
+"""The agent's core: programs loaded on the host's behalf, the affinity tracker, and the
+protocol session with the host over any byte stream (virtio-serial port, unix socket).
+
+One :class:`Agent` lives as long as the daemon; :meth:`Agent.serve` runs one connection.
+Programs and tracker state outlive connections, so a host that reconnects gets a fresh
+``Hello`` and the whole current ``AffinityUpdate`` again (docs/interfaces.md).
+
+Routing rule (the contract): a ring buffer named ``pv_affinity`` carries
+``struct pv_affinity_event`` and feeds the tracker; any other ring buffer's records are
+forwarded verbatim as ``ProgramEvent{data: {"raw": <hex>}}``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib.util
+import logging
+import os
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+
+from pvproto import (
+    SUPPORTED_VERSIONS,
+    AffinityResult,
+    AffinityUpdate,
+    BaseMessage,
+    Error,
+    FrameDecoder,
+    FrameTooLarge,
+    GuestTopology,
+    Hello,
+    LoadProgram,
+    Ping,
+    Pong,
+    ProgramEvent,
+    ProgramLoaded,
+    ProtocolError,
+    UnloadProgram,
+    VersionMismatch,
+    encode,
+    negotiate,
+)
+
+from pvagent import libbpf_ctypes
+from pvagent.affinity_event import MASK_BYTES, TRACKED, EventError, decode, mask_cpus
+from pvagent.errors import AgentError, LoadFailed, TrustRefused
+from pvagent.loaders import load
+from pvagent.program import LoadedProgram
+from pvagent.tracker import AffinityTracker
+from pvagent.trust import TrustPolicy
+
+__all__ = ["AFFINITY_RINGBUF", "Agent"]
+
+log = logging.getLogger(__name__)
+
+AFFINITY_RINGBUF = "pv_affinity"
+_TRACKED_MAP = "pv_tracked"
+_STATE_MAP = "pv_state"
+_STATE_LOST = 1
+_MAX_RAW_EVENT = 4096  # bytes of a forwarded record (hex doubles it)
+_U32 = struct.Struct("<I")
+_U64 = struct.Struct("<Q")
+_SOFTWARE_VERSION = "pvagent 0.1.0"
+
+
+@dataclass
+class _Running:
+    program: LoadedProgram
+    sha256: str
+    lost_seen: int = 0
+
+
+class _Connection:
+    """One host connection: its writer and whether the host's Hello arrived."""
+
+    def __init__(self, writer: asyncio.StreamWriter) -> None:
+        self.writer = writer
+        self.ready = False  # host Hello received and a version agreed
+
+    def send(self, message: BaseMessage) -> None:
+        if self.writer.is_closing():
+            return
+        try:
+            self.writer.write(encode(message))
+        except (FrameTooLarge, OSError) as err:
+            log.warning("cannot send %s: %s", type(message).__name__, err)
+
+
+class Agent:
+    """Loads trusted programs, tracks affinity, talks to the host (see module docstring)."""
+
+    def __init__(
+        self,
+        topology: GuestTopology,
+        policy: TrustPolicy,
+        *,
+        coalesce_s: float = 0.020,
+        bcc_cache_dir: Path | None = None,
+    ) -> None:
+        self.topology = topology
+        self.policy = policy
+        self.bcc_cache_dir = bcc_cache_dir
+        self.tracker = AffinityTracker(topology.online_vcpus, self._publish, window=coalesce_s)
+        self.programs: dict[str, _Running] = {}
+        self._conn: _Connection | None = None
+        self._load_lock = asyncio.Lock()
+        self._event_seq = 0
+        self.bad_events = 0
+
+    # -- connection -----------------------------------------------------------------
+    def hello(self) -> Hello:
+        caps = ["bpf-object"]
+        if importlib.util.find_spec("bcc") is not None:
+            caps.append("bcc-source")
+        return Hello(
+            role="guest",
+            protocol_versions=list(SUPPORTED_VERSIONS),
+            software_version=_SOFTWARE_VERSION,
+            capabilities=caps,
+            topology=self.topology,
+        )
+
+    async def serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        """Run one host connection until it closes. Never raises for bad peer input."""
+        conn = _Connection(writer)
+        conn.send(self.hello())
+        decoder = FrameDecoder()
+        try:
+            while chunk := await reader.read(65536):
+                for item in decoder.feed(chunk):
+                    if isinstance(item, ProtocolError):
+                        log.warning("bad frame from the host: %s", item)
+                        conn.send(
+                            Error(code="bad-frame", message=str(item)[:4096], request_id=item.request_id or 0)
+                        )
+                    elif not await self._handle(conn, item):
+                        return
+                await writer.drain()
+        except (ConnectionError, OSError) as err:
+            log.info("host connection lost: %s", err)
+        finally:
+            if self._conn is conn:
+                self._conn = None
+            writer.close()
+
+    async def _handle(self, conn: _Connection, message: BaseMessage) -> bool:
+        """Act on one message; return False to close the connection."""
+        rid = message.request_id
+        if isinstance(message, Hello):
+            if message.role != "host":
+                conn.send(Error(code="bad-request", message="a guest talks to a host", request_id=rid))
+                return True
+            try:
+                negotiate(SUPPORTED_VERSIONS, message.protocol_versions)
+            except VersionMismatch as err:
+                conn.send(Error(code="unsupported", message=str(err), request_id=rid))
+                return False
+            log.info("host said hello (%s)", message.software_version)
+            conn.ready = True
+            self._conn = conn
+            conn.send(self.tracker.update())  # the whole state, after every host Hello
+        elif isinstance(message, Ping):
+            conn.send(Pong(nonce=message.nonce, request_id=rid))
+        elif isinstance(message, Pong):
+            pass
+        elif isinstance(message, AffinityResult):
+            refused = [p for p in message.placements if p.refused]
+            for placement in refused:
+                log.warning("host refused vCPU %d: %s", placement.vcpu, placement.refused)
+        elif isinstance(message, Error):
+            log.warning("host reports an error (request %d): %s: %s", rid, message.code, message.message)
+        elif not conn.ready:
+            conn.send(Error(code="bad-request", message="send Hello first", request_id=rid))
+        elif isinstance(message, LoadProgram):
+            reply = await self.load_program(message)
+            conn.send(reply.model_copy(update={"request_id": rid}))
+        elif isinstance(message, UnloadProgram):
+            if message.program_id not in self.programs:
+                conn.send(
+                    Error(code="bad-request", message=f"no program {message.program_id!r} is loaded", request_id=rid)
+                )
+            else:
+                self.unload(message.program_id)
+        else:
+            conn.send(
+                Error(code="bad-request", message=f"{type(message).__name__} is not sent to a guest", request_id=rid)
+            )
+        return True
+
+    def _publish(self, update: AffinityUpdate) -> None:
+        if self._conn is not None and self._conn.ready:
+            self._conn.send(update)
+
+    # -- programs -------------------------------------------------------------------
+    async def load_program(self, message: LoadProgram) -> ProgramLoaded:
+        """Trust check, then load and attach; the verdict for the host."""
+        pid = message.program_id
+        try:
+            points = self.policy.check(message.kind, message.payload, message.signature)
+        except TrustRefused as err:
+            log.warning("refused program %s: %s", pid, err)
+            return ProgramLoaded(program_id=pid, ok=False, reason=f"untrusted: {err}")
+        async with self._load_lock:
+            running = self.programs.get(pid)
+            if running is not None and running.sha256 == message.sha256:
+                return ProgramLoaded(program_id=pid, ok=True, log="identical program already loaded")
+            keep = self.tracker.threads if running is not None else {}
+            if running is not None:
+                self._close(pid, clear=False)
+            try:
+                program = await asyncio.to_thread(
+                    load, pid, message.kind, message.payload, self._sink_for(pid), bcc_cache_dir=self.bcc_cache_dir
+                )
+            except LoadFailed as err:
+                log.warning("program %s failed to load: %s", pid, err)
+                if keep:
+                    self.tracker.clear()
+                return ProgramLoaded(program_id=pid, ok=False, reason=str(err)[:4096], log=err.log[-65536:])
+            except Exception as err:  # a loader bug must not end the agent: report it
+                log.exception("program %s: unexpected loader failure", pid)
+                return ProgramLoaded(program_id=pid, ok=False, reason=f"internal error: {err}"[:4096])
+            self._start(pid, program, message.sha256)
+            if AFFINITY_RINGBUF in program.ringbufs:
+                self._seed(program, keep)
+        log.info("program %s attached at %s", pid, ", ".join(points))
+        return ProgramLoaded(program_id=pid, ok=True)
+
+    def load_local(self, program_id: str, program: LoadedProgram, sha256: str = "") -> None:
+        """Adopt a program loaded outside the protocol (the built-in one, tests)."""
+        self._start(program_id, program, sha256)
+
+    def _start(self, pid: str, program: LoadedProgram, sha256: str) -> None:
+        self.programs[pid] = _Running(program, sha256)
+        asyncio.get_running_loop().add_reader(program.fileno(), self._drain, pid)
+
+    def _sink_for(self, pid: str):  # type: ignore[no-untyped-def]
+        def sink(ringbuf: str, record: bytes) -> None:
+            if ringbuf == AFFINITY_RINGBUF:
+                try:
+                    self.tracker.handle(decode(record))
+                except EventError as err:
+                    self.bad_events += 1
+                    if self.bad_events == 1:
+                        log.warning("program %s: %s", pid, err)
+                return
+            self._event_seq += 1
+            if self._conn is not None and self._conn.ready:
+                self._conn.send(
+                    ProgramEvent(program_id=pid, seq=self._event_seq, data={"raw": record[:_MAX_RAW_EVENT].hex()})
+                )
+
+        return sink
+
+    def _drain(self, pid: str) -> None:
+        running = self.programs.get(pid)
+        if running is None:
+            return
+        try:
+            running.program.consume()
+        except Exception:
+            log.exception("program %s: event handling failed", pid)
+        if AFFINITY_RINGBUF in running.program.ringbufs:
+            self._check_lost(running)
+
+    def _check_lost(self, running: _Running) -> None:
+        """If the ring buffer overflowed, rebuild the tracker from the kernel's own table."""
+        fd = running.program.map_fd(_STATE_MAP)
+        if fd is None:
+            return
+        try:
+            raw = libbpf_ctypes.map_lookup(fd, _U32.pack(_STATE_LOST), _U64.size)
+        except (OSError, AgentError) as err:
+            log.debug("cannot read %s: %s", _STATE_MAP, err)
+            return
+        lost = _U64.unpack(raw)[0] if raw else 0
+        if lost == running.lost_seen:
+            return
+        log.warning("%d affinity event(s) lost (ring buffer full): resynchronising", lost - running.lost_seen)
+        running.lost_seen = lost
+        self.resync(running.program)
+
+    def resync(self, program: LoadedProgram) -> None:
+        """Replace the tracker's table by the kernel's tracked map (tid → last mask)."""
+        fd = program.map_fd(_TRACKED_MAP)
+        if fd is None:
+            return
+        masks: dict[int, frozenset[int]] = {}
+        for key in libbpf_ctypes.map_keys(fd, _U32.size, limit=1 << 16):
+            value = libbpf_ctypes.map_lookup(fd, key, TRACKED.size)
+            if value is not None:
+                nbytes, _pad, mask = TRACKED.unpack(value)
+                masks[_U32.unpack(key)[0]] = mask_cpus(mask[:nbytes])
+        self.tracker.replace_all(masks)
+
+    def _seed(self, program: LoadedProgram, keep: dict[int, frozenset[int]]) -> None:
+        """Hand the requests known before a program replacement to the new program's table,
+        so their threads' exits are still reported; requests of dead threads are dropped."""
+        live = {tid: cpus for tid, cpus in keep.items() if os.path.exists(f"/proc/{tid}")}
+        fd = program.map_fd(_TRACKED_MAP)
+        if fd is not None:
+            for tid, cpus in live.items():
+                mask = sum(1 << c for c in cpus).to_bytes(MASK_BYTES, "little")
+                try:
+                    libbpf_ctypes.map_update(fd, _U32.pack(tid), TRACKED.pack(MASK_BYTES, 0, mask))
+                except OSError as err:
+                    log.warning("cannot carry thread %d over to the new program: %s", tid, err)
+        self.tracker.replace_all(live)
+
+    def unload(self, pid: str) -> None:
+        """Detach and free a program; forget the requests it reported."""
+        self._close(pid, clear=True)
+
+    def _close(self, pid: str, *, clear: bool) -> None:
+        running = self.programs.pop(pid, None)
+        if running is None:
+            return
+        program = running.program
+        asyncio.get_running_loop().remove_reader(program.fileno())
+        program.close()
+        if clear and AFFINITY_RINGBUF in program.ringbufs:
+            self.tracker.clear()
+        log.info("program %s unloaded", pid)
+
+    def close(self) -> None:
+        for pid in list(self.programs):
+            self._close(pid, clear=False)
+        self.tracker.close()

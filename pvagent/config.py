@@ -1,0 +1,60 @@
+"""Agent configuration: ``/etc/pvagent/pvagent.toml`` (TOML), every key optional.
+
+::
+
+    port_name = "org.extpv.agent.0"   # virtio-serial port name (udev attribute `name`)
+    trust = "signed"                  # or "any": load unsigned programs — INSECURE
+    trusted_dir = "/etc/pvagent/trusted.d"
+    allow_attach = ["tracepoint/*", "tp/*", "raw_tracepoint/*", "raw_tp/*", "tp_btf/*"]
+    coalesce_ms = 20                  # AffinityUpdate coalescing window
+    bcc_cache_dir = "/var/cache/pvagent"
+"""
+
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from pvagent.errors import ConfigError
+from pvagent.trust import DEFAULT_ALLOW, DEFAULT_TRUSTED_DIR
+
+__all__ = ["DEFAULT_CONFIG", "DEFAULT_PORT_NAME", "AgentConfig", "load_config"]
+
+DEFAULT_CONFIG = Path("/etc/pvagent/pvagent.toml")
+DEFAULT_PORT_NAME = "org.extpv.agent.0"
+
+
+class AgentConfig(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    port_name: Annotated[str, Field(pattern=r"^[A-Za-z0-9._-]{1,128}$")] = DEFAULT_PORT_NAME
+    trust: Literal["signed", "any"] = "signed"
+    trusted_dir: Path = DEFAULT_TRUSTED_DIR
+    allow_attach: Annotated[tuple[Annotated[str, Field(max_length=256)], ...], Field(max_length=64)] = (
+        DEFAULT_ALLOW
+    )
+    coalesce_ms: Annotated[float, Field(ge=0, le=10_000)] = 20.0
+    bcc_cache_dir: Path = Path("/var/cache/pvagent")
+
+
+def load_config(path: Path | None = None) -> AgentConfig:
+    """Read ``path`` (default: DEFAULT_CONFIG if it exists, else built-in defaults)."""
+    if path is None:
+        if not DEFAULT_CONFIG.exists():
+            return AgentConfig()
+        path = DEFAULT_CONFIG
+    try:
+        data = tomllib.loads(path.read_text())
+    except OSError as err:
+        raise ConfigError(f"cannot read the agent configuration {path}: {err.strerror}") from err
+    except tomllib.TOMLDecodeError as err:
+        raise ConfigError(f"{path} is not valid TOML: {err}") from err
+    try:
+        return AgentConfig.model_validate(data)
+    except ValidationError as err:
+        first = err.errors(include_url=False)[0]
+        where = ".".join(str(p) for p in first["loc"]) or "file"
+        raise ConfigError(f"{path}: {where}: {first['msg']}") from err
