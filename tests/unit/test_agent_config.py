@@ -1,0 +1,72 @@
+"""Configuration file, event decoding and topology parsing: bad input gets a clear error."""
+
+from __future__ import annotations
+
+import struct
+from pathlib import Path
+
+import pytest
+
+from pvagent import bpfobj
+from pvagent.affinity_event import EVENT_SIZE, EventError, EventKind, decode
+from pvagent.config import AgentConfig, load_config
+from pvagent.errors import AgentError, ConfigError, ObjectMissing
+from pvagent.topology import read_topology
+
+
+def test_config_defaults_and_values(tmp_path: Path) -> None:
+    path = tmp_path / "pvagent.toml"
+    path.write_text('port_name = "org.example.9"\ntrust = "any"\ncoalesce_ms = 5\n')
+    config = load_config(path)
+    assert (config.port_name, config.trust, config.coalesce_ms) == ("org.example.9", "any", 5)
+    assert AgentConfig().port_name == "org.extpv.agent.0"
+
+
+@pytest.mark.parametrize(
+    ("text", "match"),
+    [
+        ('trust = "maybe"', "trust"),
+        ("coalesce_ms = -1", "coalesce_ms"),
+        ("unknown = 1", "unknown"),
+        ("port_name = ", "not valid TOML"),
+    ],
+)
+def test_bad_config_is_a_clear_error(tmp_path: Path, text: str, match: str) -> None:
+    path = tmp_path / "pvagent.toml"
+    path.write_text(text)
+    with pytest.raises(ConfigError, match=match):
+        load_config(path)
+    with pytest.raises(ConfigError, match="cannot read"):
+        load_config(tmp_path / "absent.toml")
+
+
+def test_event_decoding() -> None:
+    mask = (1 << 1 | 1 << 700).to_bytes(128, "little")
+    record = struct.pack("<IIIIIIQ", 1, 10, 11, 0, 128, 0, 5) + mask
+    event = decode(record)
+    assert len(record) == EVENT_SIZE
+    assert (event.kind, event.target_tid, event.cpus) == (EventKind.SET, 11, {1, 700})
+    short = struct.pack("<IIIIIIQ", 1, 10, 11, 12, 8, 0, 5) + mask  # only 8 bytes valid
+    assert decode(short).cpus == {1} and decode(short).target_tid == 12
+    with pytest.raises(EventError, match="bytes"):
+        decode(record[:-1])
+    with pytest.raises(EventError, match="kind"):
+        decode(struct.pack("<IIIIIIQ", 9, 0, 0, 0, 0, 0, 0) + mask)
+
+
+def test_topology_from_sysfs(tmp_path: Path) -> None:
+    (tmp_path / "online").write_text("0-3\n")
+    for cpu, sib in {0: "0-1", 1: "0-1", 2: "2", 3: "3"}.items():
+        (tmp_path / f"cpu{cpu}" / "topology").mkdir(parents=True)
+        (tmp_path / f"cpu{cpu}" / "topology" / "thread_siblings_list").write_text(sib)
+    topology = read_topology(tmp_path)
+    assert topology.online_vcpus == [0, 1, 2, 3] and topology.sibling_groups == [[0, 1]]
+    (tmp_path / "online").write_text("zero")
+    with pytest.raises(AgentError, match="online"):
+        read_topology(tmp_path)
+
+
+def test_missing_object_has_a_hint() -> None:
+    with pytest.raises(ObjectMissing, match="make -C bpf"):
+        bpfobj.read("nonexistent.bpf.o")
+    assert bpfobj.path("affinity.bpf.o").is_file()
