@@ -11,7 +11,15 @@ import struct
 from dataclasses import dataclass
 from enum import IntEnum, IntFlag
 
-__all__ = ["EVENT_SIZE", "MASK_BYTES", "AffinityEvent", "EventError", "EventFlag", "EventKind", "decode"]
+__all__ = [
+    "EVENT_SIZE",
+    "MASK_BYTES",
+    "AffinityEvent",
+    "EventError",
+    "EventFlag",
+    "EventKind",
+    "decode",
+]
 
 _HEADER = struct.Struct("<IIIIIIQ")  # kind tgid tid target mask_bytes flags ktime_ns
 MASK_BYTES = 128  # PV_AFFINITY_MASK_BYTES

@@ -20,6 +20,13 @@ import struct
 from dataclasses import dataclass
 from pathlib import Path
 
+from pvagent import libbpf_ctypes
+from pvagent.affinity_event import MASK_BYTES, TRACKED, EventError, decode, mask_cpus
+from pvagent.errors import AgentError, LoadFailed, TrustRefused
+from pvagent.loaders import load
+from pvagent.program import LoadedProgram
+from pvagent.tracker import AffinityTracker
+from pvagent.trust import TrustPolicy
 from pvproto import (
     SUPPORTED_VERSIONS,
     AffinityResult,
@@ -41,14 +48,6 @@ from pvproto import (
     encode,
     negotiate,
 )
-
-from pvagent import libbpf_ctypes
-from pvagent.affinity_event import MASK_BYTES, TRACKED, EventError, decode, mask_cpus
-from pvagent.errors import AgentError, LoadFailed, TrustRefused
-from pvagent.loaders import load
-from pvagent.program import LoadedProgram
-from pvagent.tracker import AffinityTracker
-from pvagent.trust import TrustPolicy
 
 __all__ = ["AFFINITY_RINGBUF", "Agent"]
 
@@ -132,7 +131,11 @@ class Agent:
                     if isinstance(item, ProtocolError):
                         log.warning("bad frame from the host: %s", item)
                         conn.send(
-                            Error(code="bad-frame", message=str(item)[:4096], request_id=item.request_id or 0)
+                            Error(
+                                code="bad-frame",
+                                message=str(item)[:4096],
+                                request_id=item.request_id or 0,
+                            )
                         )
                     elif not await self._handle(conn, item):
                         return
@@ -149,7 +152,9 @@ class Agent:
         rid = message.request_id
         if isinstance(message, Hello):
             if message.role != "host":
-                conn.send(Error(code="bad-request", message="a guest talks to a host", request_id=rid))
+                conn.send(
+                    Error(code="bad-request", message="a guest talks to a host", request_id=rid)
+                )
                 return True
             try:
                 negotiate(SUPPORTED_VERSIONS, message.protocol_versions)
@@ -169,7 +174,9 @@ class Agent:
             for placement in refused:
                 log.warning("host refused vCPU %d: %s", placement.vcpu, placement.refused)
         elif isinstance(message, Error):
-            log.warning("host reports an error (request %d): %s: %s", rid, message.code, message.message)
+            log.warning(
+                "host reports an error (request %d): %s: %s", rid, message.code, message.message
+            )
         elif not conn.ready:
             conn.send(Error(code="bad-request", message="send Hello first", request_id=rid))
         elif isinstance(message, LoadProgram):
@@ -178,13 +185,21 @@ class Agent:
         elif isinstance(message, UnloadProgram):
             if message.program_id not in self.programs:
                 conn.send(
-                    Error(code="bad-request", message=f"no program {message.program_id!r} is loaded", request_id=rid)
+                    Error(
+                        code="bad-request",
+                        message=f"no program {message.program_id!r} is loaded",
+                        request_id=rid,
+                    )
                 )
             else:
                 self.unload(message.program_id)
         else:
             conn.send(
-                Error(code="bad-request", message=f"{type(message).__name__} is not sent to a guest", request_id=rid)
+                Error(
+                    code="bad-request",
+                    message=f"{type(message).__name__} is not sent to a guest",
+                    request_id=rid,
+                )
             )
         return True
 
@@ -204,22 +219,33 @@ class Agent:
         async with self._load_lock:
             running = self.programs.get(pid)
             if running is not None and running.sha256 == message.sha256:
-                return ProgramLoaded(program_id=pid, ok=True, log="identical program already loaded")
+                return ProgramLoaded(
+                    program_id=pid, ok=True, log="identical program already loaded"
+                )
             keep = self.tracker.threads if running is not None else {}
             if running is not None:
                 self._close(pid, clear=False)
             try:
                 program = await asyncio.to_thread(
-                    load, pid, message.kind, message.payload, self._sink_for(pid), bcc_cache_dir=self.bcc_cache_dir
+                    load,
+                    pid,
+                    message.kind,
+                    message.payload,
+                    self._sink_for(pid),
+                    bcc_cache_dir=self.bcc_cache_dir,
                 )
             except LoadFailed as err:
                 log.warning("program %s failed to load: %s", pid, err)
                 if keep:
                     self.tracker.clear()
-                return ProgramLoaded(program_id=pid, ok=False, reason=str(err)[:4096], log=err.log[-65536:])
+                return ProgramLoaded(
+                    program_id=pid, ok=False, reason=str(err)[:4096], log=err.log[-65536:]
+                )
             except Exception as err:  # a loader bug must not end the agent: report it
                 log.exception("program %s: unexpected loader failure", pid)
-                return ProgramLoaded(program_id=pid, ok=False, reason=f"internal error: {err}"[:4096])
+                return ProgramLoaded(
+                    program_id=pid, ok=False, reason=f"internal error: {err}"[:4096]
+                )
             self._start(pid, program, message.sha256)
             if AFFINITY_RINGBUF in program.ringbufs:
                 self._seed(program, keep)
@@ -247,7 +273,11 @@ class Agent:
             self._event_seq += 1
             if self._conn is not None and self._conn.ready:
                 self._conn.send(
-                    ProgramEvent(program_id=pid, seq=self._event_seq, data={"raw": record[:_MAX_RAW_EVENT].hex()})
+                    ProgramEvent(
+                        program_id=pid,
+                        seq=self._event_seq,
+                        data={"raw": record[:_MAX_RAW_EVENT].hex()},
+                    )
                 )
 
         return sink
@@ -276,7 +306,10 @@ class Agent:
         lost = _U64.unpack(raw)[0] if raw else 0
         if lost == running.lost_seen:
             return
-        log.warning("%d affinity event(s) lost (ring buffer full): resynchronising", lost - running.lost_seen)
+        log.warning(
+            "%d affinity event(s) lost (ring buffer full): resynchronising",
+            lost - running.lost_seen,
+        )
         running.lost_seen = lost
         self.resync(running.program)
 

@@ -1,7 +1,7 @@
 """``pvagent``: the guest agent daemon and its tracing tool.
 
-    pvagent run [--device PATH | --unix PATH] [--port-name NAME] [--config FILE]
-    pvagent trace [--json] [--loader libbpf|bcc]
+pvagent run [--device PATH | --unix PATH] [--port-name NAME] [--config FILE]
+pvagent trace [--json] [--loader libbpf|bcc]
 """
 
 from __future__ import annotations
@@ -16,16 +16,16 @@ import sys
 from pathlib import Path
 from typing import NoReturn
 
-from pvproto import format_cpulist
-
 from pvagent import bpfobj
 from pvagent.affinity_event import AffinityEvent, EventError, EventKind, decode
 from pvagent.agent import AFFINITY_RINGBUF, Agent
 from pvagent.config import load_config
 from pvagent.errors import AgentError
 from pvagent.loaders import load
+from pvagent.program import ProgramKind
 from pvagent.topology import read_topology
 from pvagent.trust import TrustPolicy
+from pvproto import format_cpulist
 
 __all__ = ["main"]
 
@@ -45,14 +45,24 @@ def _parser() -> argparse.ArgumentParser:
         description="extpv guest agent: loads host-injected eBPF programs and reports "
         "the guest's CPU-affinity requests to the host.",
     )
-    parser.add_argument("-v", "--verbose", action="count", default=0, help="more logging (-vv: debug)")
+    parser.add_argument(
+        "-v", "--verbose", action="count", default=0, help="more logging (-vv: debug)"
+    )
     sub = parser.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="the daemon: serve the host over the virtio-serial port")
     where = run.add_mutually_exclusive_group()
-    where.add_argument("--device", type=Path, help="use this device/FIFO instead of finding the port")
-    where.add_argument("--unix", type=Path, help="connect to this unix socket (tests, outside a VM)")
-    run.add_argument("--port-name", help="virtio-serial port name (default from config: org.extpv.agent.0)")
-    run.add_argument("--config", type=Path, help="configuration file (default /etc/pvagent/pvagent.toml)")
+    where.add_argument(
+        "--device", type=Path, help="use this device/FIFO instead of finding the port"
+    )
+    where.add_argument(
+        "--unix", type=Path, help="connect to this unix socket (tests, outside a VM)"
+    )
+    run.add_argument(
+        "--port-name", help="virtio-serial port name (default from config: org.extpv.agent.0)"
+    )
+    run.add_argument(
+        "--config", type=Path, help="configuration file (default /etc/pvagent/pvagent.toml)"
+    )
     trace = sub.add_parser(
         "trace", help="load the built-in affinity program locally and print one line per event"
     )
@@ -64,7 +74,9 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    level = [logging.WARNING, logging.INFO, logging.DEBUG][min(args.verbose + (args.command == "run"), 2)]
+    level = [logging.WARNING, logging.INFO, logging.DEBUG][
+        min(args.verbose + (args.command == "run"), 2)
+    ]
     logging.basicConfig(level=level, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     if os.geteuid() != 0:
         die("loading eBPF programs needs root", "run it with sudo")
@@ -80,12 +92,12 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-async def _until_signalled(work: asyncio.Future[None]) -> None:
+async def _until_signalled(work: asyncio.Future[object]) -> None:
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     for signum in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(signum, stop.set)
-    stopper = asyncio.ensure_future(stop.wait())
+    stopper: asyncio.Future[object] = asyncio.ensure_future(stop.wait())
     done, _ = await asyncio.wait({work, stopper}, return_when=asyncio.FIRST_COMPLETED)
     for task in (work, stopper):
         task.cancel()
@@ -94,12 +106,15 @@ async def _until_signalled(work: asyncio.Future[None]) -> None:
 
 
 async def _run(args: argparse.Namespace) -> None:
-    from pvagent.port import run_device, run_port, run_unix
+    from pvagent.port import run_device, run_port, run_unix  # noqa: PLC0415 - needs pyudev
 
     config = load_config(args.config)
     policy = TrustPolicy.from_config(config.trusted_dir, config.trust, config.allow_attach)
     agent = Agent(
-        read_topology(), policy, coalesce_s=config.coalesce_ms / 1000, bcc_cache_dir=config.bcc_cache_dir
+        read_topology(),
+        policy,
+        coalesce_s=config.coalesce_ms / 1000,
+        bcc_cache_dir=config.bcc_cache_dir,
     )
     if args.unix:
         work = run_unix(agent, args.unix)
@@ -136,7 +151,7 @@ def _format(event: AffinityEvent, as_json: bool) -> str:
 
 async def _trace(args: argparse.Namespace) -> None:
     config = load_config(args.config)
-    kind = "bpf-object" if args.loader == "libbpf" else "bcc-source"
+    kind: ProgramKind = "bpf-object" if args.loader == "libbpf" else "bcc-source"
     name = "affinity.bpf.o" if kind == "bpf-object" else "affinity.bcc.c"
     payload = bpfobj.read(name)
     # A local operator's own built-in program: no signature, but the same allow-list.
@@ -151,12 +166,18 @@ async def _trace(args: argparse.Namespace) -> None:
             line = f"bad event: {err}"
         print(line, flush=True)
 
-    program = await asyncio.to_thread(load, "affinity", kind, payload, sink, bcc_cache_dir=config.bcc_cache_dir)
+    program = await asyncio.to_thread(
+        load, "affinity", kind, payload, sink, bcc_cache_dir=config.bcc_cache_dir
+    )
     loop = asyncio.get_running_loop()
     try:
         loop.add_reader(program.fileno(), program.consume)
-        print(f"tracing sched_setaffinity with {args.loader}; Ctrl-C to stop", file=sys.stderr, flush=True)
-        await _until_signalled(asyncio.ensure_future(asyncio.Event().wait()))
+        print(
+            f"tracing sched_setaffinity with {args.loader}; Ctrl-C to stop",
+            file=sys.stderr,
+            flush=True,
+        )
+        await _until_signalled(asyncio.ensure_future(asyncio.Event().wait()))  # until a signal
     finally:
         loop.remove_reader(program.fileno())
         program.consume()

@@ -33,9 +33,9 @@ class AgentConfig(BaseModel):
     port_name: Annotated[str, Field(pattern=r"^[A-Za-z0-9._-]{1,128}$")] = DEFAULT_PORT_NAME
     trust: Literal["signed", "any"] = "signed"
     trusted_dir: Path = DEFAULT_TRUSTED_DIR
-    allow_attach: Annotated[tuple[Annotated[str, Field(max_length=256)], ...], Field(max_length=64)] = (
-        DEFAULT_ALLOW
-    )
+    allow_attach: Annotated[
+        tuple[Annotated[str, Field(max_length=256)], ...], Field(max_length=64)
+    ] = DEFAULT_ALLOW
     coalesce_ms: Annotated[float, Field(ge=0, le=10_000)] = 20.0
     bcc_cache_dir: Path = Path("/var/cache/pvagent")
 

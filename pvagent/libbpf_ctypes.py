@@ -93,8 +93,7 @@ _capture: list[str] | None = None
 _lib: ctypes.CDLL | None = None
 
 
-@_PRINT_FN
-def _on_print(level: int, fmt: bytes | None, args: int | None) -> int:
+def _print_to_capture(level: int, fmt: bytes | None, args: int | None) -> int:
     buf = ctypes.create_string_buffer(4096)
     _libc.vsnprintf(buf, len(buf), fmt, args)
     text = buf.value.decode(errors="replace")
@@ -105,6 +104,9 @@ def _on_print(level: int, fmt: bytes | None, args: int | None) -> int:
     else:
         log.debug("libbpf: %s", text.rstrip())
     return 0
+
+
+_on_print = _PRINT_FN(_print_to_capture)
 
 
 def lib() -> ctypes.CDLL:
@@ -120,8 +122,10 @@ def lib() -> ctypes.CDLL:
 def capture_log() -> Iterator[list[str]]:
     """Collect libbpf's (and the verifier's) messages printed inside the block."""
     global _capture  # noqa: PLW0603 - libbpf's print hook is process-global
-    lib()
+    library = lib()
     with _lock:
+        # Re-install the hook every time: libbcc shares libbpf.so and installs its own.
+        library.libbpf_set_print(_on_print)
         lines: list[str] = []
         _capture = lines
         try:

@@ -100,7 +100,7 @@ def _port_name(device: Any) -> str | None:
 
 async def run_port(agent: Agent, name: str) -> None:
     """Serve the host over the virtio-serial port ``name`` forever (see module docstring)."""
-    import pyudev
+    import pyudev  # noqa: PLC0415 - guest-only dependency; --unix/--device work without it
 
     loop = asyncio.get_running_loop()
     context = pyudev.Context()
@@ -133,7 +133,9 @@ async def run_port(agent: Agent, name: str) -> None:
             try:
                 while True:
                     getter = asyncio.create_task(udev_events.get())
-                    done, _ = await asyncio.wait({session, getter}, return_when=asyncio.FIRST_COMPLETED)
+                    done, _ = await asyncio.wait(
+                        {session, getter}, return_when=asyncio.FIRST_COMPLETED
+                    )
                     if session in done:
                         getter.cancel()
                         session.result()
@@ -175,7 +177,9 @@ async def run_unix(agent: Agent, path: Path, *, max_backoff: float = 2.0) -> Non
         try:
             reader, writer = await asyncio.open_unix_connection(str(path), limit=2**20)
         except OSError as err:
-            log.info("waiting for the host socket %s (%s); retry in %.2f s", path, err.strerror, backoff)
+            log.info(
+                "waiting for the host socket %s (%s); retry in %.2f s", path, err.strerror, backoff
+            )
             await asyncio.sleep(backoff)
             backoff = min(backoff * 2, max_backoff)
             continue

@@ -4,9 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pvproto import CpuListError, GuestTopology, parse_cpulist
-
 from pvagent.errors import AgentError
+from pvproto import CpuListError, GuestTopology, parse_cpulist
 
 __all__ = ["read_topology"]
 

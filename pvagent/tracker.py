@@ -7,7 +7,7 @@ Semantics (also in README, "Guest agent"):
   subset* of the online vCPUs. A mask covering every online vCPU (the default, or a
   widening back to it) is no request, and clears the thread's earlier one.
 * A vCPU is **wanted pinned** while at least one live thread requests it:
-  ``wanted = ⋃ requests``. A thread's exit (``sched_process_exit``, fired per thread, so
+  ``wanted = union of all requests``. A thread's exit (``sched_process_exit``, fired per thread, so
   a whole process exiting releases everything its threads requested) removes its request.
 * The table is keyed by tid, so its size is bounded by the live threads that pinned
   themselves, whatever the call rate; exits remove entries.
@@ -30,9 +30,8 @@ import logging
 import time
 from collections.abc import Callable, Iterable
 
-from pvproto import AffinityUpdate, ThreadRequest
-
 from pvagent.affinity_event import AffinityEvent, EventKind
+from pvproto import AffinityUpdate, ThreadRequest
 
 __all__ = ["MAX_LISTED_THREADS", "AffinityTracker"]
 
@@ -60,7 +59,9 @@ class AffinityTracker:
         self._table: dict[int, frozenset[int]] = {}
         self._timer: asyncio.TimerHandle | None = None
         self._last_sent = -float("inf")
-        self._last_state: tuple[frozenset[int], tuple[tuple[int, frozenset[int]], ...]] | None = None
+        self._last_state: tuple[frozenset[int], tuple[tuple[int, frozenset[int]], ...]] | None = (
+            None
+        )
         self.seq = 0
         #: Events seen and publications made (for metrics and benchmarks).
         self.events = 0

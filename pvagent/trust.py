@@ -102,7 +102,9 @@ def _object_attach_points(payload: bytes) -> list[str]:
         calls = helper_calls(section.data)
         if "kfunc" in calls:
             raise TrustRefused(f"section {section.name!r} calls kernel functions (kfuncs)")
-        denied = sorted(DENIED_HELPERS[c] for c in calls if isinstance(c, int) and c in DENIED_HELPERS)
+        denied = sorted(
+            DENIED_HELPERS[c] for c in calls if isinstance(c, int) and c in DENIED_HELPERS
+        )
         if denied:
             raise TrustRefused(f"section {section.name!r} calls {', '.join(denied)}")
         if section.name != ".text":  # .text holds subprograms, attached nowhere

@@ -38,7 +38,7 @@ class SigningError(Exception):
 
 
 def generate_keypair(directory: Path, *, overwrite: bool = False) -> tuple[Path, Path]:
-    """Write ``signing.key`` (private, mode 0600) and ``signing.pem`` (public) into ``directory``."""
+    """Write ``signing.key`` (private, mode 0600) and ``signing.pem`` (public) in ``directory``."""
     directory = Path(directory)
     private, public = directory / PRIVATE_NAME, directory / PUBLIC_NAME
     if not overwrite and (private.exists() or public.exists()):

@@ -34,7 +34,9 @@ class HostEnd:
         self.writer.write(data)
 
     def hello(self, versions: list[int] | None = None) -> None:
-        self.send(Hello(role="host", protocol_versions=versions or [1], software_version="test-host"))
+        self.send(
+            Hello(role="host", protocol_versions=versions or [1], software_version="test-host")
+        )
 
     async def expect(self, kind: type[M], timeout: float = 5.0, *, skip_others: bool = True) -> M:
         """The next message of type ``kind`` (others are kept in ``inbox``)."""

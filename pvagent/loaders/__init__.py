@@ -14,6 +14,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from pvagent.loaders.bcc import load_source
+from pvagent.loaders.libbpf import load_object
 from pvagent.program import EventSink, LoadedProgram, ProgramKind
 
 __all__ = ["load"]
@@ -29,9 +31,6 @@ def load(
 ) -> LoadedProgram:
     """Load and attach ``payload``; raise :class:`~pvagent.errors.LoadFailed` with the log."""
     if kind == "bpf-object":
-        from pvagent.loaders.libbpf import load_object
-
         return load_object(program_id, payload, sink)
-    from pvagent.loaders.bcc import load_source
 
     return load_source(program_id, payload, sink, cache_dir=bcc_cache_dir)

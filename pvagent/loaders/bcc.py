@@ -49,7 +49,11 @@ def _header_pairs(src: Path) -> list[tuple[str, Path, Path]]:
         for arch in src.glob(f"linux-headers-{version}-*"):
             if arch != common and not arch.name.endswith("-common") and arch.is_dir():
                 pairs.append((version, common, arch))
-    return sorted(pairs, key=lambda p: [int(x) if x.isdigit() else 0 for x in re.split(r"[.-]", p[0])], reverse=True)
+    return sorted(
+        pairs,
+        key=lambda p: [int(x) if x.isdigit() else 0 for x in re.split(r"[.-]", p[0])],
+        reverse=True,
+    )
 
 
 def kernel_source(cache_dir: Path, *, src: Path = Path("/usr/src")) -> Path | None:
@@ -75,8 +79,12 @@ def kernel_source(cache_dir: Path, *, src: Path = Path("/usr/src")) -> Path | No
         tree.parent.mkdir(parents=True, exist_ok=True)
         partial = Path(tempfile.mkdtemp(prefix=arch.name + ".", dir=tree.parent))
         try:
-            subprocess.run(["cp", "-rs", f"{common}/.", f"{partial}/"], check=True, capture_output=True)
-            subprocess.run(["cp", "-rsf", f"{arch}/.", f"{partial}/"], check=True, capture_output=True)
+            subprocess.run(
+                ["cp", "-rs", f"{common}/.", f"{partial}/"], check=True, capture_output=True
+            )
+            subprocess.run(
+                ["cp", "-rsf", f"{arch}/.", f"{partial}/"], check=True, capture_output=True
+            )
             (partial / ".pvagent-complete").touch()
             partial.rename(tree)
         except (OSError, subprocess.CalledProcessError) as err:
@@ -114,7 +122,7 @@ class BccProgram:
 
     def __init__(self, program_id: str, source: str, sink: EventSink, cache_dir: Path) -> None:
         try:
-            import bcc
+            import bcc  # noqa: PLC0415 - optional: only guests that run bcc sources have it
         except ImportError as err:
             raise LoadFailed(
                 f"bcc is not available ({err}); hint: install python3-bpfcc, or send a bpf-object"
@@ -133,13 +141,13 @@ class BccProgram:
         capture = _Fd2Capture()
         try:
             with capture:
-                self._bpf: Any = bcc.BPF(text=source)
+                self._bpf: Any = bcc.BPF(text=source.encode())
         except Exception as err:  # bcc raises bare Exception for compile and verifier errors
             raise LoadFailed(f"bcc could not load the program: {err}", capture.text) from err
         try:
             self._epoll = select.epoll()
             for name in self.ringbufs:
-                table = self._bpf[name]
+                table = self._bpf[name.encode()]
                 table.open_ring_buffer(self._make_callback(name))
                 # Level-triggered: the ring fd stays readable while records are unread.
                 self._epoll.register(table.map_fd, select.EPOLLIN)
@@ -174,7 +182,7 @@ class BccProgram:
 
     def map_fd(self, name: str) -> int | None:
         try:
-            return int(self._bpf[name].map_fd)
+            return int(self._bpf[name.encode()].map_fd)
         except KeyError:
             return None
 

@@ -48,7 +48,9 @@ class LibbpfProgram:
             self.close()
             raise
         self.load_seconds = time.perf_counter() - started
-        self.ringbufs = tuple(n for n, (_, t) in self._maps.items() if t == bpf.BPF_MAP_TYPE_RINGBUF)
+        self.ringbufs = tuple(
+            n for n, (_, t) in self._maps.items() if t == bpf.BPF_MAP_TYPE_RINGBUF
+        )
 
     def _open_load_attach(self) -> None:
         lib = self._lib
@@ -97,7 +99,7 @@ class LibbpfProgram:
 
     def _on_sample(self, ctx: int | None, data: int | None, size: int) -> int:
         try:
-            self._sink(self._ring_names[ctx or 0], ctypes.string_at(data, size))
+            self._sink(self._ring_names[ctx or 0], ctypes.string_at(data or 0, size))
         except BaseException as err:  # must not unwind through C; re-raised by consume()
             self._failure = err
             return -1  # stops this consume round
@@ -136,7 +138,9 @@ class LibbpfProgram:
 def load_object(program_id: str, payload: bytes, sink: EventSink) -> LibbpfProgram:
     """Open, verify and attach a CO-RE object; raise LoadFailed with libbpf's log."""
     if not payload.startswith(b"\x7fELF"):
-        raise LoadFailed("a bpf-object payload is an ELF file; this one does not start with \\x7fELF")
+        raise LoadFailed(
+            "a bpf-object payload is an ELF file; this one does not start with \\x7fELF"
+        )
     program = LibbpfProgram(program_id, payload, sink)
     log.info("loaded %s with libbpf in %.1f ms", program_id, program.load_seconds * 1000)
     return program

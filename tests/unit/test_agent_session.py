@@ -5,6 +5,9 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Awaitable, Callable
 
+from pvagent import bpfobj
+from pvagent.agent import Agent
+from pvagent.trust import TrustPolicy
 from pvproto import (
     AffinityUpdate,
     Error,
@@ -17,10 +20,6 @@ from pvproto import (
     UnloadProgram,
     encode,
 )
-
-from pvagent import bpfobj
-from pvagent.agent import Agent
-from pvagent.trust import TrustPolicy
 from tests.agent_host import HostEnd
 
 TOPOLOGY = GuestTopology(online_vcpus=[0, 1, 2, 3], sibling_groups=[[0, 1], [2, 3]])
@@ -80,7 +79,9 @@ def test_bad_frames_are_answered_and_the_session_goes_on() -> None:
         host.send_raw(bytes(frame) + b"garbage" * 10)
         error = await host.expect(Error)
         assert error.code == "bad-frame" and error.request_id == 5
-        host.send(Hello(role="guest", protocol_versions=[1], software_version="x", topology=TOPOLOGY))
+        host.send(
+            Hello(role="guest", protocol_versions=[1], software_version="x", topology=TOPOLOGY)
+        )
         # The garbage is reported once the next header shows where it ended.
         assert "skipped 70 byte(s)" in (await host.expect(Error)).message
         assert "guest talks to a host" in (await host.expect(Error)).message

@@ -6,10 +6,9 @@ import asyncio
 import time
 import tracemalloc
 
-from pvproto import AffinityUpdate
-
 from pvagent.affinity_event import AffinityEvent, EventFlag, EventKind
 from pvagent.tracker import AffinityTracker
+from pvproto import AffinityUpdate
 
 ONLINE = range(4)
 
@@ -40,7 +39,11 @@ def test_strict_subset_requests_and_union() -> None:
 
     sent = run(body)
     assert sent[-1].wanted == [0, 1, 2, 3]
-    assert {(t.tid, tuple(t.vcpus)) for t in sent[-1].threads} == {(10, (0,)), (11, (1, 2)), (14, (3,))}
+    assert {(t.tid, tuple(t.vcpus)) for t in sent[-1].threads} == {
+        (10, (0,)),
+        (11, (1, 2)),
+        (14, (3,)),
+    }
 
 
 def test_widening_and_exit_release() -> None:
@@ -86,7 +89,9 @@ def test_storm_is_coalesced_bounded_and_final_state_on_time() -> None:
 
     async def body() -> tuple[list[tuple[float, AffinityUpdate]], float, int]:
         sent: list[tuple[float, AffinityUpdate]] = []
-        tracker = AffinityTracker(ONLINE, lambda u: sent.append((time.monotonic(), u)), window=window)
+        tracker = AffinityTracker(
+            ONLINE, lambda u: sent.append((time.monotonic(), u)), window=window
+        )
         tracemalloc.start()
         start = time.monotonic()
         calls = 0

@@ -80,7 +80,9 @@ def test_disallowed_attach_point_is_refused() -> None:
     with pytest.raises(TrustRefused, match="'xdp' is not allowed"):
         policy.check("bpf-object", xdp, b"")
     # Configurable: an operator may admit kprobes explicitly.
-    assert TrustPolicy(mode="any", allow=("tracepoint/*", "kprobe/*")).check("bpf-object", kprobe, b"")
+    assert TrustPolicy(mode="any", allow=("tracepoint/*", "kprobe/*")).check(
+        "bpf-object", kprobe, b""
+    )
 
 
 @pytest.mark.parametrize(
@@ -88,7 +90,10 @@ def test_disallowed_attach_point_is_refused() -> None:
     [
         ("int kprobe__do_exit(void *ctx) { return 0; }", "'kprobe/do_exit' is not allowed"),
         ("LSM_PROBE(bpf, int cmd) { return 0; }", "'lsm/bpf/int cmd' is not allowed"),
-        ("TRACEPOINT_PROBE(a, b) { bpf_probe_write_user(0, 0, 0); return 0; }", "bpf_probe_write_user"),
+        (
+            "TRACEPOINT_PROBE(a, b) { bpf_probe_write_user(0, 0, 0); return 0; }",
+            "bpf_probe_write_user",
+        ),
         ("int helper(void *ctx) { return 0; }", "no attach point"),
     ],
 )
@@ -108,7 +113,9 @@ def test_denied_helpers_in_objects_are_found() -> None:
         TrustPolicy(mode="any").check("bpf-object", patched, b"")
 
 
-@pytest.mark.parametrize("payload", [b"", b"\x7fELF", b"\x7fELF" + bytes(60), OBJECT[:200], b"MZ" + OBJECT])
+@pytest.mark.parametrize(
+    "payload", [b"", b"\x7fELF", b"\x7fELF" + bytes(60), OBJECT[:200], b"MZ" + OBJECT]
+)
 def test_malformed_objects_are_refused_cleanly(payload: bytes) -> None:
     with pytest.raises(ElfError):
         program_sections(payload)
