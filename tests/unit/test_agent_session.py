@@ -101,6 +101,7 @@ def test_version_mismatch_closes_with_unsupported() -> None:
         assert (await host.expect(Error)).code == "unsupported"
         assert await host.closed()
         await task
+        host.close()
 
     with_agent(body)
 
