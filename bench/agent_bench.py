@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import platform
@@ -32,10 +33,12 @@ import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-
-from pvproto import (  # noqa: E402
+from pvagent import bpfobj
+from pvagent.affinity_event import decode
+from pvagent.loaders import load
+from pvagent.program import ProgramKind
+from pvagent.tracker import AffinityTracker
+from pvproto import (
     AffinityUpdate,
     FrameDecoder,
     Hello,
@@ -44,12 +47,7 @@ from pvproto import (  # noqa: E402
     encode,
 )
 
-from pvagent import bpfobj  # noqa: E402
-from pvagent.affinity_event import decode  # noqa: E402
-from pvagent.loaders import load  # noqa: E402
-from pvagent.program import ProgramKind  # noqa: E402
-from pvagent.tracker import AffinityTracker  # noqa: E402
-
+ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results"
 KINDS: dict[str, ProgramKind] = {"libbpf": "bpf-object", "bcc": "bcc-source"}
 PAYLOAD = {"bpf-object": "affinity.bpf.o", "bcc-source": "affinity.bcc.c"}
@@ -167,7 +165,9 @@ class Host:
         if not self.connected.done():
             self.connected.set_result((reader, writer))
 
-    async def next_message(self, reader: asyncio.StreamReader, kind: type, timeout: float) -> object:
+    async def next_message(
+        self, reader: asyncio.StreamReader, kind: type, timeout: float
+    ) -> object:
         deadline = time.monotonic() + timeout
         pending: list[object] = []
         while True:
@@ -181,7 +181,9 @@ class Host:
             )
 
 
-async def bench_agent(kind: ProgramKind, idle_s: float, storm_s: float, rate: float) -> dict[str, object]:
+async def bench_agent(
+    kind: ProgramKind, idle_s: float, storm_s: float, rate: float
+) -> dict[str, object]:
     with tempfile.TemporaryDirectory() as tmp:
         sock = Path(tmp) / "agent.sock"
         config = Path(tmp) / "pvagent.toml"
@@ -195,7 +197,9 @@ async def bench_agent(kind: ProgramKind, idle_s: float, storm_s: float, rate: fl
         try:
             reader, writer = await asyncio.wait_for(host.connected, 30)
             await host.next_message(reader, Hello, 10)
-            writer.write(encode(Hello(role="host", protocol_versions=[1], software_version="bench")))
+            writer.write(
+                encode(Hello(role="host", protocol_versions=[1], software_version="bench"))
+            )
             payload = bpfobj.read(PAYLOAD[kind])
             writer.write(encode(LoadProgram.for_payload("affinity", kind, payload, request_id=1)))
             verdict = await host.next_message(reader, ProgramLoaded, 30)
@@ -224,10 +228,8 @@ async def bench_agent(kind: ProgramKind, idle_s: float, storm_s: float, rate: fl
             updates_before = len(host.updates)
             line_task = asyncio.ensure_future(gen.stdout.readline())
             while not line_task.done():
-                try:
+                with contextlib.suppress(TimeoutError):
                     await host.next_message(reader, type(None), 0.2)
-                except TimeoutError:
-                    pass
             storm_cpu = (cpu_seconds(agent.pid) - cpu0) / (time.monotonic() - t0)
             _pid, gen_tid, calls, last_call_ns = map(int, line_task.result().split())
             final_cpu = sorted(os.sched_getaffinity(0))[-1]
@@ -239,10 +241,8 @@ async def bench_agent(kind: ProgramKind, idle_s: float, storm_s: float, rate: fl
                         final_latency_ms = (stamp - last_call_ns) / 1e6
                         break
                 else:
-                    try:
+                    with contextlib.suppress(TimeoutError):
                         await host.next_message(reader, type(None), 0.2)
-                    except TimeoutError:
-                        pass
             rss_after = rss_kib(agent.pid)
             gen.stdin.close()
             await gen.wait()
@@ -273,7 +273,8 @@ def write_results(results: dict[str, object]) -> None:
         "by `sudo .venv/bin/python bench/agent_bench.py`. Raw numbers: `agent.json`.",
         "",
         "| loader | load (median) | event p50 / p99 | AffinityUpdate p50 / p99 "
-        "| agent CPU idle | agent CPU, 100k/s storm | final state after storm | RSS before → after |",
+        "| agent CPU idle | agent CPU, 100k/s storm | final state after storm "
+        "| RSS before → after |",
         "|---|---|---|---|---|---|---|---|",
     ]
     for name in KINDS:
@@ -282,9 +283,10 @@ def write_results(results: dict[str, object]) -> None:
         lat, agent = r["latency"], r["agent"]
         lines.append(
             f"| {name} | {r['load']['median_ms']:.1f} ms | {lat['event_p50_us']:.0f} / "
-            f"{lat['event_p99_us']:.0f} µs | {lat['update_p50_us']:.0f} / {lat['update_p99_us']:.0f} µs "
-            f"| {agent['idle_cpu_percent']:.2f} % | {agent['storm_cpu_percent']:.1f} % "
-            f"({agent['storm_calls_per_s']:.0f} calls/s) | {agent['final_state_after_last_call_ms']} ms "
+            f"{lat['event_p99_us']:.0f} µs | {lat['update_p50_us']:.0f} / "
+            f"{lat['update_p99_us']:.0f} µs | {agent['idle_cpu_percent']:.2f} % "
+            f"| {agent['storm_cpu_percent']:.1f} % ({agent['storm_calls_per_s']:.0f} calls/s) "
+            f"| {agent['final_state_after_last_call_ms']:.1f} ms "
             f"| {agent['rss_kib_before_storm']} → {agent['rss_kib_after_storm']} KiB |"
         )
     lines += [
@@ -314,13 +316,17 @@ async def main_async(quick: bool) -> dict[str, object]:
         print(f"[{name}] latency", file=sys.stderr)
         entry["latency"] = await bench_latency(kind, 40.0, 3.0 if quick else 6.0)
         print(f"[{name}] agent CPU idle / storm", file=sys.stderr)
-        entry["agent"] = await bench_agent(kind, 3.0 if quick else 5.0, 3.0 if quick else 5.0, 100_000.0)
+        entry["agent"] = await bench_agent(
+            kind, 3.0 if quick else 5.0, 3.0 if quick else 5.0, 100_000.0
+        )
         results[name] = entry
     return results
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--quick", action="store_true", help="shorter runs")
     args = parser.parse_args()
     if os.geteuid() != 0:

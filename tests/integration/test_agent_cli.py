@@ -1,0 +1,116 @@
+"""The agent's commands as an operator runs them: ``pvagent trace --json`` and
+``pvagent run --unix`` against a host that restarts."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import pytest
+
+from pvagent import bpfobj
+from pvproto import AffinityUpdate, Hello, LoadProgram, ProgramLoaded
+from tests.agent_host import HostEnd
+
+pytestmark = [pytest.mark.root, pytest.mark.ebpf]
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_trace_json_prints_one_line_per_successful_call(_ebpf_ready: None) -> None:
+    trace = subprocess.Popen(
+        [sys.executable, "-m", "pvagent", "trace", "--json"],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert trace.stderr is not None and trace.stdout is not None
+        assert "tracing" in trace.stderr.readline()
+        tid: list[int] = []
+
+        def work() -> None:
+            tid.append(threading.get_native_id())
+            os.sched_setaffinity(0, {0})
+            with contextlib.suppress(OSError):
+                os.sched_setaffinity(0, {999})  # fails: not reported
+
+        thread = threading.Thread(target=work)
+        thread.start()
+        thread.join()
+        lines = []
+        while True:
+            record = json.loads(trace.stdout.readline())
+            if record["tgid"] == os.getpid():
+                lines.append(record)
+                if record["event"] == "exit" and record["tid"] == tid[0]:
+                    break
+        assert [(r["event"], r.get("target_tid"), r.get("cpus")) for r in lines] == [
+            ("setaffinity", tid[0], [0]),
+            ("exit", None, None),
+        ]
+    finally:
+        trace.send_signal(signal.SIGINT)
+        assert trace.wait(10) == 0
+
+
+def test_run_unix_serves_a_restarting_host(tmp_path: Path, _ebpf_ready: None) -> None:
+    sock = tmp_path / "agent.sock"
+    config = tmp_path / "pvagent.toml"
+    config.write_text(f'trust = "any"\ncoalesce_ms = 5\nbcc_cache_dir = "{tmp_path}/cache"\n')
+
+    async def body() -> None:
+        connections: asyncio.Queue[HostEnd] = asyncio.Queue()
+
+        async def accept(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            await connections.put(HostEnd(reader, writer))
+
+        server = await asyncio.start_unix_server(accept, str(sock))
+        agent = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "pvagent", "run", "--unix", str(sock), "--config", str(config),
+            cwd=ROOT, stderr=subprocess.DEVNULL,
+        )  # fmt: skip
+        try:
+            host = await asyncio.wait_for(connections.get(), 20)
+            assert (await host.expect(Hello)).topology is not None
+            host.hello()
+            await host.expect(AffinityUpdate)
+            payload = bpfobj.read("affinity.bpf.o")
+            host.send(LoadProgram.for_payload("affinity", "bpf-object", payload, request_id=2))
+            assert (await host.expect(ProgramLoaded)).ok
+            host.close()  # the host restarts: the agent reconnects and says Hello again
+            host = await asyncio.wait_for(connections.get(), 20)
+            await host.expect(Hello)
+            host.hello()
+            await host.expect(AffinityUpdate)
+            cpus = sorted(os.sched_getaffinity(0))
+            done = threading.Event()
+
+            def pin() -> None:
+                os.sched_setaffinity(0, {cpus[-1]})
+                done.wait(10)
+
+            thread = threading.Thread(target=pin)
+            thread.start()
+            try:
+                while (await host.expect(AffinityUpdate)).wanted != [cpus[-1]]:
+                    pass
+            finally:
+                done.set()
+                thread.join()
+            while (await host.expect(AffinityUpdate)).wanted != []:
+                pass
+            host.close()
+        finally:
+            agent.send_signal(signal.SIGTERM)
+            assert await asyncio.wait_for(agent.wait(), 10) == 0
+            server.close()
+
+    asyncio.run(asyncio.wait_for(body(), 60))
