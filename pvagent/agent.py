@@ -24,7 +24,7 @@ from pvagent import libbpf_ctypes
 from pvagent.affinity_event import MASK_BYTES, TRACKED, EventError, decode, mask_cpus
 from pvagent.errors import AgentError, LoadFailed, TrustRefused
 from pvagent.loaders import load
-from pvagent.program import LoadedProgram
+from pvagent.program import EventSink, LoadedProgram
 from pvagent.tracker import AffinityTracker
 from pvagent.trust import TrustPolicy
 from pvproto import (
@@ -260,7 +260,7 @@ class Agent:
         self.programs[pid] = _Running(program, sha256)
         asyncio.get_running_loop().add_reader(program.fileno(), self._drain, pid)
 
-    def _sink_for(self, pid: str):  # type: ignore[no-untyped-def]
+    def _sink_for(self, pid: str) -> EventSink:
         def sink(ringbuf: str, record: bytes) -> None:
             if ringbuf == AFFINITY_RINGBUF:
                 try:

@@ -25,6 +25,7 @@ import logging
 import os
 import select
 import signal
+import time
 from pathlib import Path
 from typing import Any
 
@@ -161,8 +162,13 @@ async def run_device(agent: Agent, path: Path) -> None:
         return
     loop = asyncio.get_running_loop()
     host_changed = asyncio.Event()
-    fd = _open_port(str(path))
+    # The handler first: SIGIO's default action would end the process.
     loop.add_signal_handler(signal.SIGIO, host_changed.set)
+    try:
+        fd = _open_port(str(path))
+    except BaseException:
+        loop.remove_signal_handler(signal.SIGIO)
+        raise
     try:
         await _serve_fd(agent, fd, host_changed)
     finally:
@@ -183,6 +189,11 @@ async def run_unix(agent: Agent, path: Path, *, max_backoff: float = 2.0) -> Non
             await asyncio.sleep(backoff)
             backoff = min(backoff * 2, max_backoff)
             continue
-        backoff = 0.05
         log.info("connected to %s", path)
+        started = time.monotonic()
         await agent.serve(reader, writer)
+        if time.monotonic() - started > 1.0:
+            backoff = 0.05  # a real session: reconnect at once; a flapping peer backs off
+        else:
+            await asyncio.sleep(backoff)
+            backoff = min(backoff * 2, max_backoff)

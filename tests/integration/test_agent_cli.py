@@ -11,12 +11,13 @@ import signal
 import subprocess
 import sys
 import threading
+import tty
 from pathlib import Path
 
 import pytest
 
 from pvagent import bpfobj
-from pvproto import AffinityUpdate, Hello, LoadProgram, ProgramLoaded
+from pvproto import AffinityUpdate, Hello, LoadProgram, Ping, Pong, ProgramLoaded
 from tests.agent_host import HostEnd
 
 pytestmark = [pytest.mark.root, pytest.mark.ebpf]
@@ -114,3 +115,41 @@ def test_run_unix_serves_a_restarting_host(tmp_path: Path, _ebpf_ready: None) ->
             server.close()
 
     asyncio.run(asyncio.wait_for(body(), 60))
+
+
+@pytest.mark.root
+def test_run_device_speaks_over_a_character_device(tmp_path: Path) -> None:
+    """``--device`` on a real character device (a raw pty standing in for the virtio port)."""
+    master, slave = os.openpty()
+    tty.setraw(slave)
+    config = tmp_path / "pvagent.toml"
+    config.write_text('trust = "any"\n')
+
+    async def body() -> None:
+        agent = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "pvagent", "run", "--device", os.ttyname(slave),
+            "--config", str(config), cwd=ROOT, stderr=subprocess.DEVNULL,
+        )  # fmt: skip
+        loop = asyncio.get_running_loop()
+        reader = asyncio.StreamReader()
+        rfile = os.fdopen(os.dup(master), "rb", buffering=0)
+        wfile = os.fdopen(os.dup(master), "wb", buffering=0)
+        await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), rfile)
+        transport, protocol = await loop.connect_write_pipe(asyncio.streams.FlowControlMixin, wfile)
+        host = HostEnd(reader, asyncio.StreamWriter(transport, protocol, reader, loop))
+        try:
+            assert (await host.expect(Hello, timeout=20)).role == "guest"
+            host.hello()
+            assert (await host.expect(AffinityUpdate)).wanted == []
+            host.send(Ping(nonce=77))
+            assert (await host.expect(Pong)).nonce == 77
+        finally:
+            agent.send_signal(signal.SIGTERM)
+            assert await asyncio.wait_for(agent.wait(), 10) == 0
+            transport.close()
+
+    try:
+        asyncio.run(asyncio.wait_for(body(), 40))
+    finally:
+        os.close(master)
+        os.close(slave)
