@@ -58,6 +58,8 @@ _TRACKED_MAP = "pv_tracked"
 _STATE_MAP = "pv_state"
 _STATE_LOST = 1
 _MAX_RAW_EVENT = 4096  # bytes of a forwarded record (hex doubles it)
+#: Forwarded ProgramEvents are dropped while this much is waiting for a slow host.
+_MAX_BACKLOG = 1 << 20
 _U32 = struct.Struct("<I")
 _U64 = struct.Struct("<Q")
 _SOFTWARE_VERSION = "pvagent 0.1.0"
@@ -77,13 +79,18 @@ class _Connection:
         self.writer = writer
         self.ready = False  # host Hello received and a version agreed
 
-    def send(self, message: BaseMessage) -> None:
+    def send(self, message: BaseMessage, *, droppable: bool = False) -> bool:
+        """Queue ``message``; a droppable one is dropped (False) while the host lags."""
         if self.writer.is_closing():
-            return
+            return False
+        if droppable and self.writer.transport.get_write_buffer_size() > _MAX_BACKLOG:
+            return False
         try:
             self.writer.write(encode(message))
         except (FrameTooLarge, OSError) as err:
             log.warning("cannot send %s: %s", type(message).__name__, err)
+            return False
+        return True
 
 
 class Agent:
@@ -106,6 +113,8 @@ class Agent:
         self._load_lock = asyncio.Lock()
         self._event_seq = 0
         self.bad_events = 0
+        #: ProgramEvents not forwarded (no host connected, or the host lagging).
+        self.dropped_events = 0
 
     # -- connection -----------------------------------------------------------------
     def hello(self) -> Hello:
@@ -271,14 +280,14 @@ class Agent:
                         log.warning("program %s: %s", pid, err)
                 return
             self._event_seq += 1
-            if self._conn is not None and self._conn.ready:
-                self._conn.send(
-                    ProgramEvent(
-                        program_id=pid,
-                        seq=self._event_seq,
-                        data={"raw": record[:_MAX_RAW_EVENT].hex()},
-                    )
+            if self._conn is None or not self._conn.ready:
+                self.dropped_events += 1
+            else:
+                event = ProgramEvent(
+                    program_id=pid, seq=self._event_seq, data={"raw": record[:_MAX_RAW_EVENT].hex()}
                 )
+                if not self._conn.send(event, droppable=True):
+                    self.dropped_events += 1
 
         return sink
 

@@ -22,6 +22,7 @@ from pvagent.agent import AFFINITY_RINGBUF, Agent
 from pvagent.config import load_config
 from pvagent.errors import AgentError
 from pvagent.loaders import load
+from pvagent.mounts import ensure_tracing_mounts
 from pvagent.program import ProgramKind
 from pvagent.topology import read_topology
 from pvagent.trust import TrustPolicy
@@ -81,6 +82,7 @@ def main(argv: list[str] | None = None) -> int:
     if os.geteuid() != 0:
         die("loading eBPF programs needs root", "run it with sudo")
     try:
+        ensure_tracing_mounts()
         if args.command == "run":
             asyncio.run(_run(args))
         else:
