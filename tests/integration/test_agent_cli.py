@@ -93,20 +93,25 @@ def test_run_unix_serves_a_restarting_host(tmp_path: Path, _ebpf_ready: None) ->
             await host.expect(AffinityUpdate)
             cpus = sorted(os.sched_getaffinity(0))
             done = threading.Event()
+            tid: list[int] = []
 
             def pin() -> None:
+                tid.append(threading.get_native_id())
                 os.sched_setaffinity(0, {cpus[-1]})
                 done.wait(10)
+
+            def requests(update: AffinityUpdate) -> dict[int, list[int]]:
+                return {t.tid: t.vcpus for t in update.threads}
 
             thread = threading.Thread(target=pin)
             thread.start()
             try:
-                while (await host.expect(AffinityUpdate)).wanted != [cpus[-1]]:
+                while requests(await host.expect(AffinityUpdate)).get(tid[0]) != [cpus[-1]]:
                     pass
             finally:
                 done.set()
                 thread.join()
-            while (await host.expect(AffinityUpdate)).wanted != []:
+            while tid[0] in requests(await host.expect(AffinityUpdate)):
                 pass
             host.close()
         finally:

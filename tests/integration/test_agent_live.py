@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import queue
 import threading
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -56,41 +57,52 @@ async def connect(agent: Agent) -> tuple[HostEnd, asyncio.Task[None]]:
     return host, task
 
 
-async def until(host: HostEnd, wanted: list[int], *, tid: int | None = None) -> AffinityUpdate:
+async def until(
+    host: HostEnd, has: dict[int, list[int]] | None = None, lacks: set[int] | None = None
+) -> AffinityUpdate:
+    """The first AffinityUpdate in which threads ``has`` request those vCPUs (and are
+    wanted) and threads ``lacks`` request nothing. Threads of other processes on this
+    machine may appear too: the agent tracks the whole system, as in a guest."""
+    has, lacks = has or {}, lacks or set()
     while True:
         update = await host.expect(AffinityUpdate)
-        if update.wanted == wanted and (tid is None or tid in {t.tid for t in update.threads}):
+        threads = {t.tid: t.vcpus for t in update.threads}
+        if all(
+            threads.get(tid) == cpus and set(cpus) <= set(update.wanted)
+            for tid, cpus in has.items()
+        ) and not (lacks & threads.keys()):
             return update
 
 
 class Pinned:
-    """A thread that pins itself, then waits to be told to widen or exit."""
+    """A thread that pins itself, then widens or exits when told to."""
 
     def __init__(self, cpus: set[int]) -> None:
         self.cpus = cpus
         self.tid = 0
         self.ready = threading.Event()
-        self.go = threading.Event()
-        self.widen = False
+        self.widened = threading.Event()
+        self.commands: queue.Queue[str] = queue.Queue()
         self.thread = threading.Thread(target=self._run)
         self.thread.start()
-        self.ready.wait(5)
+        assert self.ready.wait(5)
 
     def _run(self) -> None:
         self.tid = threading.get_native_id()
         os.sched_setaffinity(0, self.cpus)
         self.ready.set()
-        self.go.wait(10)
-        if self.widen:
+        while self.commands.get(timeout=20) == "widen":
             os.sched_setaffinity(0, set(ONLINE))
-            self.ready.clear()
-            self.ready.set()
+            self.widened.set()
 
-    def release(self, *, widen: bool = False) -> None:
-        self.widen = widen
-        self.go.set()
-        if not widen:
-            self.thread.join()
+    def widen(self) -> None:
+        self.commands.put("widen")
+        assert self.widened.wait(5)
+
+    def release(self) -> None:
+        """Let the thread exit."""
+        self.commands.put("exit")
+        self.thread.join()
 
 
 @pytest.mark.parametrize("kind", ["bpf-object", "bcc-source"], ids=["libbpf", "bcc"])
@@ -108,19 +120,19 @@ def test_signed_program_reports_pins_and_releases(keys: tuple[Path, Path], kind:
         verdict = await host.expect(ProgramLoaded, timeout=20)
         assert (verdict.ok, verdict.request_id, verdict.reason) == (True, 4, "")
         first = Pinned({ONLINE[-1]})
-        await until(host, [ONLINE[-1]], tid=first.tid)
+        await until(host, {first.tid: [ONLINE[-1]]})
         second = Pinned({ONLINE[0]})
-        await until(host, sorted({ONLINE[0], ONLINE[-1]}))
-        second.release(widen=True)  # widening back to every CPU releases its vCPU
-        await until(host, [ONLINE[-1]])
-        second.thread.join()
+        await until(host, {first.tid: [ONLINE[-1]], second.tid: [ONLINE[0]]})
+        second.widen()  # widening back to every CPU releases its vCPU (thread still alive)
+        await until(host, {first.tid: [ONLINE[-1]]}, {second.tid})
+        second.release()
         # Host restart: a new connection gets Hello and the whole state again.
         host.close()
         await task
         host, task = await connect(agent)
         assert host is not None
         # connect() consumed the AffinityUpdate sent after Hello: check the tracker's state.
-        assert agent.tracker.wanted() == {ONLINE[-1]}
+        assert agent.tracker.threads[first.tid] == {ONLINE[-1]}
         # The host re-sends the same program on reconnect: kept, state intact.
         host.send(
             LoadProgram.for_payload(
@@ -128,8 +140,8 @@ def test_signed_program_reports_pins_and_releases(keys: tuple[Path, Path], kind:
             )
         )
         assert (await host.expect(ProgramLoaded, timeout=20)).ok
-        first.release()  # thread exit releases the last vCPU
-        await until(host, [])
+        first.release()  # thread exit releases its vCPU
+        await until(host, lacks={first.tid})
         host.close()
         await task
 
@@ -147,15 +159,15 @@ def test_replacement_carries_pins_over(keys: tuple[Path, Path]) -> None:
         )
         assert (await host.expect(ProgramLoaded)).ok
         pinned = Pinned({ONLINE[-1]})
-        await until(host, [ONLINE[-1]], tid=pinned.tid)
+        await until(host, {pinned.tid: [ONLINE[-1]]})
         # A different program replaces it; the pin must survive and its exit still count.
         host.send(
             LoadProgram.for_payload("affinity", "bcc-source", src, signing.sign(src, private))
         )
         assert (await host.expect(ProgramLoaded, timeout=20)).ok
-        assert agent.tracker.wanted() == {ONLINE[-1]}
+        assert agent.tracker.threads[pinned.tid] == {ONLINE[-1]}
         pinned.release()
-        await until(host, [])
+        await until(host, lacks={pinned.tid})
         host.close()
         await task
 
@@ -181,6 +193,29 @@ def test_load_failures_return_the_log() -> None:
         verdict = await host.expect(ProgramLoaded, timeout=20)
         assert not verdict.ok and verdict.request_id == 2 and verdict.log
         assert agent.programs == {}
+        host.close()
+        await task
+
+    with_agent(TrustPolicy(mode="any"), body)
+
+
+def test_resync_rebuilds_the_state_from_the_kernel_table() -> None:
+    """After lost events the agent re-reads pv_tracked; here the loss is simulated by
+    wiping the tracker's table (a ring buffer that overflows cannot be forced cheaply)."""
+    obj = bpfobj.read("affinity.bpf.o")
+
+    async def body(agent: Agent) -> None:
+        host, task = await connect(agent)
+        host.send(LoadProgram.for_payload("affinity", "bpf-object", obj))
+        assert (await host.expect(ProgramLoaded)).ok
+        pinned = Pinned({ONLINE[-1]})
+        await until(host, {pinned.tid: [ONLINE[-1]]})
+        agent.tracker.replace_all({})
+        await until(host, lacks={pinned.tid})
+        agent.resync(agent.programs["affinity"].program)
+        await until(host, {pinned.tid: [ONLINE[-1]]})  # back, from the kernel's table
+        pinned.release()
+        await until(host, lacks={pinned.tid})
         host.close()
         await task
 
