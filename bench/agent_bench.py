@@ -80,9 +80,14 @@ def pct(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, round(q / 100 * (len(ordered) - 1)))]
 
 
-def cpu_seconds(pid: int) -> float:
+def cpu_split(pid: int) -> tuple[float, float]:
+    """(user, system) CPU seconds of ``pid``."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / CLK_TCK
+    return int(fields[11]) / CLK_TCK, int(fields[12]) / CLK_TCK
+
+
+def cpu_seconds(pid: int) -> float:
+    return sum(cpu_split(pid))
 
 
 def rss_kib(pid: int) -> int:
@@ -225,12 +230,15 @@ async def bench_agent(
             assert gen.stdout is not None and gen.stdin is not None
             await gen.stdout.readline()
             cpu0, t0 = cpu_seconds(agent.pid), time.monotonic()
+            split0 = cpu_split(agent.pid)
             updates_before = len(host.updates)
             line_task = asyncio.ensure_future(gen.stdout.readline())
             while not line_task.done():
                 with contextlib.suppress(TimeoutError):
                     await host.next_message(reader, type(None), 0.2)
             storm_cpu = (cpu_seconds(agent.pid) - cpu0) / (time.monotonic() - t0)
+            split1 = cpu_split(agent.pid)
+            storm_sys_share = (split1[1] - split0[1]) / max(1e-9, sum(split1) - sum(split0))
             _pid, gen_tid, calls, last_call_ns = map(int, line_task.result().split())
             final_cpu = sorted(os.sched_getaffinity(0))[-1]
             final_latency_ms = None
@@ -252,6 +260,7 @@ async def bench_agent(
                 "storm_calls": calls,
                 "storm_calls_per_s": calls / storm_s,
                 "storm_cpu_percent": storm_cpu * 100,
+                "storm_cpu_system_share": storm_sys_share,
                 "storm_updates_received": len(host.updates) - updates_before,
                 "final_state_after_last_call_ms": final_latency_ms,
                 "rss_kib_before_storm": rss_before,
@@ -277,6 +286,7 @@ def write_results(results: dict[str, object]) -> None:
         "| RSS before → after |",
         "|---|---|---|---|---|---|---|---|",
     ]
+    lines[2] += f" Load average when it started: {results['loadavg_at_start']:.2f}."
     for name in KINDS:
         r = results[name]
         assert isinstance(r, dict)
@@ -285,7 +295,8 @@ def write_results(results: dict[str, object]) -> None:
             f"| {name} | {r['load']['median_ms']:.1f} ms | {lat['event_p50_us']:.0f} / "
             f"{lat['event_p99_us']:.0f} µs | {lat['update_p50_us']:.0f} / "
             f"{lat['update_p99_us']:.0f} µs | {agent['idle_cpu_percent']:.2f} % "
-            f"| {agent['storm_cpu_percent']:.1f} % ({agent['storm_calls_per_s']:.0f} calls/s) "
+            f"| {agent['storm_cpu_percent']:.1f} % ({agent['storm_cpu_system_share']:.0%} in the "
+            f"kernel; {agent['storm_calls_per_s']:.0f} calls/s) "
             f"| {agent['final_state_after_last_call_ms']:.1f} ms "
             f"| {agent['rss_kib_before_storm']} → {agent['rss_kib_after_storm']} KiB |"
         )
@@ -309,6 +320,7 @@ async def main_async(quick: bool) -> dict[str, object]:
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
         "machine": f"{os.cpu_count()} CPUs, {platform.machine()}",
         "kernel": platform.release(),
+        "loadavg_at_start": os.getloadavg()[0],
     }
     for name, kind in KINDS.items():
         print(f"[{name}] load times", file=sys.stderr)
