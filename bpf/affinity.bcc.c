@@ -8,7 +8,7 @@
 #include "affinity.h"
 
 BPF_RINGBUF_OUTPUT(pv_affinity, PV_AFFINITY_RINGBUF_BYTES / 4096);
-BPF_TABLE("lru_hash", u32, struct pv_affinity_event, pv_pending, 1024);
+BPF_HASH(pv_pending, u32, struct pv_affinity_event, 1024);
 BPF_HASH(pv_tracked, u32, struct pv_affinity_tracked, PV_AFFINITY_MAX_TRACKED);
 BPF_PERCPU_ARRAY(pv_scratch, struct pv_affinity_event, 1);
 BPF_ARRAY(pv_state, u64, PV_STATE_SLOTS);
@@ -101,6 +101,7 @@ TRACEPOINT_PROBE(sched, sched_process_exit)
 	struct pv_affinity_event *ev;
 	u64 *overflow;
 
+	pv_pending.delete(&tid);
 	if (pv_tracked.delete(&tid) != 0) {
 		overflow = pv_state.lookup(&slot);
 		if (!overflow || !*overflow)

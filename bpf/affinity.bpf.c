@@ -45,10 +45,11 @@ struct {
 	__uint(max_entries, PV_AFFINITY_RINGBUF_BYTES);
 } pv_affinity SEC(".maps");
 
-/* Calls between sys_enter and sys_exit, keyed by caller tid. LRU: a thread killed inside
- * the syscall cannot leak an entry. */
+/* Calls between sys_enter and sys_exit, keyed by caller tid. A plain hash, not an LRU
+ * (which may evict a live entry and so lose a call); sys_exit always runs, and thread exit
+ * removes the entry as well. */
 struct {
-	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(type, BPF_MAP_TYPE_HASH);
 	__uint(max_entries, 1024);
 	__type(key, __u32);
 	__type(value, struct pv_affinity_event);
@@ -172,6 +173,7 @@ int pv_affinity_thread_exit(void *ctx)
 	struct pv_affinity_event *ev;
 	__u64 *overflow;
 
+	bpf_map_delete_elem(&pv_pending, &tid);
 	if (bpf_map_delete_elem(&pv_tracked, &tid) != 0) {
 		/* Not tracked: report it only if the table ever overflowed. */
 		overflow = bpf_map_lookup_elem(&pv_state, &slot);

@@ -10,7 +10,8 @@ import pytest
 from pvagent import bpfobj
 from pvagent.affinity_event import EVENT_SIZE, EventError, EventKind, decode
 from pvagent.config import AgentConfig, load_config
-from pvagent.errors import AgentError, ConfigError, ObjectMissing
+from pvagent.errors import AgentError, ConfigError, LoadFailed, ObjectMissing
+from pvagent.loaders import bcc as bcc_loader
 from pvagent.topology import read_topology
 
 
@@ -70,3 +71,22 @@ def test_missing_object_has_a_hint() -> None:
     with pytest.raises(ObjectMissing, match="make -C bpf"):
         bpfobj.read("nonexistent.bpf.o")
     assert bpfobj.path("affinity.bpf.o").is_file()
+
+
+def test_bcc_header_tree_is_merged_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Debian splits a kernel's headers in two packages; bcc needs them as one tree."""
+    monkeypatch.delenv("BCC_KERNEL_SOURCE", raising=False)
+    monkeypatch.setattr(bcc_loader.platform, "release", lambda: "0.0-no-such-kernel")
+    src = tmp_path / "src"
+    for name, rel in [("common", "include/linux/x.h"), ("amd64", "include/generated/y.h")]:
+        path = src / f"linux-headers-6.1.0-9-{name}" / rel
+        path.parent.mkdir(parents=True)
+        path.write_text(name)
+    (src / "linux-headers-5.10.0-1-common").mkdir()  # incomplete pair: ignored
+    tree = bcc_loader.kernel_source(tmp_path / "cache", src=src)
+    assert tree is not None
+    assert (tree / "include/linux/x.h").read_text() == "common"
+    assert (tree / "include/generated/y.h").is_symlink()
+    assert bcc_loader.kernel_source(tmp_path / "cache", src=src) == tree  # cached
+    with pytest.raises(LoadFailed, match="linux-headers"):
+        bcc_loader.kernel_source(tmp_path / "cache2", src=tmp_path / "empty")
