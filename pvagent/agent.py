@@ -13,6 +13,7 @@ forwarded verbatim as ``ProgramEvent{data: {"raw": <hex>}}``.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import importlib.util
 import logging
 import os
@@ -154,7 +155,11 @@ class Agent:
         finally:
             if self._conn is conn:
                 self._conn = None
-            writer.close()
+            # Give queued replies (an Error before closing) a moment, then drop the rest:
+            # a vanished host would never read it, and a virtio port would block on it.
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(writer.drain(), 1.0)
+            writer.transport.abort()
 
     async def _handle(self, conn: _Connection, message: BaseMessage) -> bool:
         """Act on one message; return False to close the connection."""

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import fcntl
 import logging
 import os
@@ -39,17 +40,22 @@ log = logging.getLogger(__name__)
 _SUBSYSTEM = "virtio-ports"
 
 
-async def open_stream(fd: int) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
-    """Asyncio streams over a character device / FIFO fd. Duplicates ``fd`` for each
-    direction, so closing the streams (EOF) leaves ``fd`` itself open."""
+async def open_stream(
+    fd: int,
+) -> tuple[asyncio.StreamReader, asyncio.StreamWriter, asyncio.BaseTransport]:
+    """Asyncio streams over a character device / FIFO fd, and the read side's transport
+    (close it when done). Each direction gets its own duplicate of ``fd``, so closing the
+    streams leaves ``fd`` itself open."""
     loop = asyncio.get_running_loop()
     reader = asyncio.StreamReader(limit=2**20)
     rfile = os.fdopen(os.dup(fd), "rb", buffering=0)
     wfile = os.fdopen(os.dup(fd), "wb", buffering=0)
-    await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), rfile)
+    rtransport, _ = await loop.connect_read_pipe(
+        lambda: asyncio.StreamReaderProtocol(reader), rfile
+    )
     transport, protocol = await loop.connect_write_pipe(asyncio.streams.FlowControlMixin, wfile)
     writer = asyncio.StreamWriter(transport, protocol, reader, loop)
-    return reader, writer
+    return reader, writer, rtransport
 
 
 def _open_port(node: str) -> int:
@@ -68,9 +74,11 @@ async def _serve_fd(agent: Agent, fd: int, host_changed: asyncio.Event) -> None:
     while True:
         host_changed.clear()
         if not _host_absent(fd):
-            reader, writer = await open_stream(fd)
-            await agent.serve(reader, writer)
-            writer.transport.abort()  # drop what a vanished host will never read
+            reader, writer, rtransport = await open_stream(fd)
+            try:
+                await agent.serve(reader, writer)
+            finally:
+                rtransport.close()
         if not host_changed.is_set():
             # The host left (or the session ended): sleep until it opens the port again.
             log.info("waiting for the host to (re)open the port (SIGIO)")
@@ -82,6 +90,15 @@ def _host_absent(fd: int) -> bool:
     poller = select.poll()
     poller.register(fd, select.POLLIN)
     return any(ev & select.POLLHUP for _, ev in poller.poll(0))
+
+
+def _quiet_unplug(loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
+    """An unplugged port fails reads with ENODEV: expected, so one line, not a traceback."""
+    exc = context.get("exception")
+    if isinstance(exc, OSError) and exc.errno in (errno.ENODEV, errno.EIO):
+        log.info("port gone: %s", exc.strerror)
+        return
+    loop.default_exception_handler(context)
 
 
 def find_port(context: Any, name: str) -> str | None:
@@ -117,6 +134,7 @@ async def run_port(agent: Agent, name: str) -> None:
                 udev_events.put_nowait(item)
 
     host_changed = asyncio.Event()
+    loop.set_exception_handler(_quiet_unplug)
     loop.add_reader(monitor.fileno(), on_udev)
     loop.add_signal_handler(signal.SIGIO, host_changed.set)
     try:
@@ -164,6 +182,7 @@ async def run_device(agent: Agent, path: Path) -> None:
     host_changed = asyncio.Event()
     # The handler first: SIGIO's default action would end the process.
     loop.add_signal_handler(signal.SIGIO, host_changed.set)
+    loop.set_exception_handler(_quiet_unplug)
     try:
         fd = _open_port(str(path))
     except BaseException:

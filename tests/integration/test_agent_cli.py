@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 
 from pvagent import bpfobj
+from pvagent.port import open_stream
 from pvproto import AffinityUpdate, Hello, LoadProgram, Ping, Pong, ProgramLoaded
 from tests.agent_host import HostEnd
 
@@ -60,6 +61,9 @@ def test_trace_json_prints_one_line_per_successful_call(_ebpf_ready: None) -> No
     finally:
         trace.send_signal(signal.SIGINT)
         assert trace.wait(10) == 0
+        for pipe in (trace.stdout, trace.stderr):
+            if pipe is not None:
+                pipe.close()
 
 
 def test_run_unix_serves_a_restarting_host(tmp_path: Path, _ebpf_ready: None) -> None:
@@ -135,13 +139,8 @@ def test_run_device_speaks_over_a_character_device(tmp_path: Path) -> None:
             sys.executable, "-m", "pvagent", "run", "--device", os.ttyname(slave),
             "--config", str(config), cwd=ROOT, stderr=subprocess.DEVNULL,
         )  # fmt: skip
-        loop = asyncio.get_running_loop()
-        reader = asyncio.StreamReader()
-        rfile = os.fdopen(os.dup(master), "rb", buffering=0)
-        wfile = os.fdopen(os.dup(master), "wb", buffering=0)
-        await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), rfile)
-        transport, protocol = await loop.connect_write_pipe(asyncio.streams.FlowControlMixin, wfile)
-        host = HostEnd(reader, asyncio.StreamWriter(transport, protocol, reader, loop))
+        reader, writer, rtransport = await open_stream(master)  # the host end of the pty
+        host = HostEnd(reader, writer)
         try:
             assert (await host.expect(Hello, timeout=20)).role == "guest"
             host.hello()
@@ -151,7 +150,8 @@ def test_run_device_speaks_over_a_character_device(tmp_path: Path) -> None:
         finally:
             agent.send_signal(signal.SIGTERM)
             assert await asyncio.wait_for(agent.wait(), 10) == 0
-            transport.close()
+            writer.transport.abort()
+            rtransport.close()
 
     try:
         asyncio.run(asyncio.wait_for(body(), 40))
