@@ -33,9 +33,11 @@ from pvproto import AffinityUpdate, Hello, LoadProgram, ProgramLoaded
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results"
 PACKAGES = ",".join(
-    ["linux-image-amd64", "udev", "kmod", "libbpf1", "python3", "python3-pydantic"]
-    + ["python3-pyudev", "python3-cryptography"]
-)
+    (
+        "linux-image-amd64", "udev", "kmod", "libbpf1",
+        "python3", "python3-pydantic", "python3-pyudev", "python3-cryptography",
+    )
+)  # fmt: skip
 MIRROR = "http://deb.debian.org/debian"
 
 # PID 1 of the guest: udev, the shares, a guest application, and the agent.
