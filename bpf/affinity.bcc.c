@@ -94,6 +94,40 @@ done:
 	return 0;
 }
 
+TRACEPOINT_PROBE(sched, sched_process_fork)
+{
+	u64 id = bpf_get_current_pid_tgid();
+	u32 parent = (u32)id, child = (u32)args->child_pid;
+	struct pv_affinity_tracked *mask = pv_tracked.lookup(&parent);
+	struct pv_affinity_event *ev;
+	u32 flags = PV_AFFINITY_F_INHERITED;
+
+	if (!mask)
+		return 0;
+	if (pv_tracked.update(&child, mask) != 0) {
+		u32 slot = PV_STATE_OVERFLOW;
+		u64 one = 1;
+
+		pv_state.update(&slot, &one);
+		flags |= PV_AFFINITY_F_OVERFLOW;
+	}
+	ev = pv_affinity.ringbuf_reserve(sizeof(struct pv_affinity_event));
+	if (!ev) {
+		count(PV_STATE_LOST);
+		return 0;
+	}
+	ev->kind = PV_AFFINITY_SET;
+	ev->tgid = id >> 32;
+	ev->tid = parent;
+	ev->target = child;
+	ev->mask_bytes = mask->mask_bytes;
+	ev->flags = flags;
+	ev->ktime_ns = bpf_ktime_get_ns();
+	__builtin_memcpy(ev->mask, mask->mask, sizeof(ev->mask));
+	pv_affinity.ringbuf_submit(ev, 0);
+	return 0;
+}
+
 TRACEPOINT_PROBE(sched, sched_process_exit)
 {
 	u64 id = bpf_get_current_pid_tgid();

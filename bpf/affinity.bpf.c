@@ -3,7 +3,8 @@
  * Affinity tracker, CO-RE flavour (libbpf). Reports successful sched_setaffinity()
  * calls with the whole user mask, and the exit of threads whose mask was reported.
  *
- * Only stable tracepoints: syscalls/sys_{enter,exit}_sched_setaffinity and
+ * Only stable tracepoints: syscalls/sys_{enter,exit}_sched_setaffinity,
+ * sched/sched_process_fork (a tracked mask is inherited by new threads) and
  * sched/sched_process_exit, so one object runs on every kernel with BTF (no kprobes,
  * no fentry). The user mask is read at sys_enter (the pointer is only valid then),
  * stashed per caller tid, and reported at sys_exit only if the call returned 0.
@@ -37,6 +38,12 @@ struct trace_event_raw_sys_exit {
 	struct trace_entry ent;
 	long id;
 	long ret;
+} __attribute__((preserve_access_index));
+
+struct trace_event_raw_sched_process_fork {
+	struct trace_entry ent;
+	int child_pid; /* only the fields used: CO-RE finds them by name (the comm fields
+			* changed from char[16] to __data_loc between kernel versions) */
 } __attribute__((preserve_access_index));
 
 /* The service map: the agent routes a ringbuf named pv_affinity to its affinity tracker. */
@@ -161,6 +168,42 @@ int pv_affinity_exit(struct trace_event_raw_sys_exit *ctx)
 		count(PV_STATE_LOST);
 done:
 	bpf_map_delete_elem(&pv_pending, &tid);
+	return 0;
+}
+
+SEC("tracepoint/sched/sched_process_fork")
+int pv_affinity_fork(struct trace_event_raw_sched_process_fork *ctx)
+{
+	/* Fires in the creator; the kernel has copied its affinity to the new task. */
+	__u64 id = bpf_get_current_pid_tgid();
+	__u32 parent = (__u32)id, child = (__u32)ctx->child_pid;
+	struct pv_affinity_tracked *mask = bpf_map_lookup_elem(&pv_tracked, &parent);
+	struct pv_affinity_event *ev;
+	__u32 flags = PV_AFFINITY_F_INHERITED;
+
+	if (!mask)
+		return 0; /* untracked creator: the common case costs one lookup */
+	if (bpf_map_update_elem(&pv_tracked, &child, mask, BPF_ANY) != 0) {
+		__u32 slot = PV_STATE_OVERFLOW;
+		__u64 one = 1;
+
+		bpf_map_update_elem(&pv_state, &slot, &one, BPF_ANY);
+		flags |= PV_AFFINITY_F_OVERFLOW;
+	}
+	ev = bpf_ringbuf_reserve(&pv_affinity, sizeof(*ev), 0);
+	if (!ev) {
+		count(PV_STATE_LOST);
+		return 0;
+	}
+	ev->kind = PV_AFFINITY_SET;
+	ev->tgid = id >> 32;
+	ev->tid = parent;
+	ev->target = child;
+	ev->mask_bytes = mask->mask_bytes;
+	ev->flags = flags;
+	ev->ktime_ns = bpf_ktime_get_ns();
+	__builtin_memcpy(ev->mask, mask->mask, sizeof(ev->mask));
+	bpf_ringbuf_submit(ev, 0);
 	return 0;
 }
 

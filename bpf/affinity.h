@@ -35,6 +35,9 @@ enum pv_affinity_flags {
 	PV_AFFINITY_F_TRUNCATED = 1,
 	/* The tracked-tid table was full: exits of untracked tids may be reported too. */
 	PV_AFFINITY_F_OVERFLOW = 2,
+	/* Not a call: a new thread/process (target) inherited its creator's (tid) tracked mask
+	 * at clone/fork, as the kernel copies affinity; kept across exec, so `taskset` works. */
+	PV_AFFINITY_F_INHERITED = 4,
 };
 
 struct pv_affinity_event {

@@ -36,6 +36,7 @@ class EventKind(IntEnum):
 class EventFlag(IntFlag):
     TRUNCATED = 1  # the user mask was longer than MASK_BYTES
     OVERFLOW = 2  # the kernel's tracked-tid table was full
+    INHERITED = 4  # not a call: a new thread inherited its creator's mask
 
 
 class EventError(ValueError):
@@ -71,7 +72,7 @@ def mask_cpus(mask: bytes) -> frozenset[int]:
 
 
 _KINDS = {int(k): k for k in EventKind}
-_FLAGS = tuple(EventFlag(v) for v in range(4))
+_FLAGS = tuple(EventFlag(v) for v in range(8))
 _NO_CPUS: frozenset[int] = frozenset()
 #: mask bytes → CPU set, for the few distinct masks a workload uses (bounded, reset when full)
 _mask_cache: dict[bytes, frozenset[int]] = {}
@@ -95,4 +96,4 @@ def decode(record: bytes) -> AffinityEvent:
                 _mask_cache.clear()
             found = _mask_cache[mask] = mask_cpus(mask)
         cpus = found
-    return AffinityEvent(event_kind, tgid, tid, target, cpus, _FLAGS[flags & 3], ktime)
+    return AffinityEvent(event_kind, tgid, tid, target, cpus, _FLAGS[flags & 7], ktime)

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import NoReturn
 
 from pvagent import bpfobj
-from pvagent.affinity_event import AffinityEvent, EventError, EventKind, decode
+from pvagent.affinity_event import AffinityEvent, EventError, EventFlag, EventKind, decode
 from pvagent.agent import AFFINITY_RINGBUF, Agent
 from pvagent.config import load_config
 from pvagent.errors import AgentError
@@ -131,22 +131,24 @@ async def _run(args: argparse.Namespace) -> None:
 
 
 def _format(event: AffinityEvent, as_json: bool) -> str:
+    inherited = EventFlag.INHERITED in event.flags
+    name = "exit" if event.kind is EventKind.EXIT else "inherit" if inherited else "setaffinity"
     if as_json:
         record: dict[str, object] = {
-            "event": "setaffinity" if event.kind is EventKind.SET else "exit",
+            "event": name,
             "tgid": event.tgid,
             "tid": event.tid,
             "ktime_ns": event.ktime_ns,
         }
         if event.kind is EventKind.SET:
             record |= {"target_tid": event.target_tid, "cpus": sorted(event.cpus)}
-        if event.flags:
-            record["flags"] = str(event.flags)
+        if event.flags & ~EventFlag.INHERITED:
+            record["flags"] = str(event.flags & ~EventFlag.INHERITED)
         return json.dumps(record)
     if event.kind is EventKind.EXIT:
         return f"EXIT        tgid={event.tgid} tid={event.tid}"
     return (
-        f"SETAFFINITY tgid={event.tgid} tid={event.tid} target={event.target_tid} "
+        f"{name.upper():<11} tgid={event.tgid} tid={event.tid} target={event.target_tid} "
         f"cpus={format_cpulist(event.cpus)}"
     )
 

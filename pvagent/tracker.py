@@ -2,8 +2,10 @@
 
 Semantics (also in README, "Guest agent"):
 
-* A thread's **request** is the CPU set of its last *successful* ``sched_setaffinity``,
-  intersected with the online vCPUs — but only when that intersection is a *strict
+* A thread's **request** is the CPU set of its last *successful* ``sched_setaffinity``
+  (or, for a thread created by a tracked thread, the mask it inherited at clone/fork — the
+  kernel copies it, and exec keeps it, so ``taskset -c 1 app`` is seen), intersected with
+  the online vCPUs — but only when that intersection is a *strict
   subset* of the online vCPUs. A mask covering every online vCPU (the default, or a
   widening back to it) is no request, and clears the thread's earlier one.
 * A vCPU is **wanted pinned** while at least one live thread requests it:
@@ -17,9 +19,8 @@ Semantics (also in README, "Guest agent"):
   at most one window after the last call. Each update carries the *whole* state
   (idempotent), with a new ``seq``; a state equal to the last published is not resent.
 
-Known limits: children inherit their creator's mask on clone without any
-``sched_setaffinity`` call, and cpuset/hotplug changes alter effective masks; neither
-is observed (only explicit requests are). Explicit tids from a caller in a non-initial
+Known limits: cpuset and CPU-hotplug changes alter effective masks without a call and
+are not observed; the online set is read at start. Explicit tids from a caller in a non-initial
 PID namespace are that namespace's numbers.
 """
 

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 import pytest
 
 from pvagent import bpfobj
-from pvagent.affinity_event import AffinityEvent, EventKind, decode
+from pvagent.affinity_event import AffinityEvent, EventFlag, EventKind, decode
 from pvagent.loaders import load
 from pvagent.program import LoadedProgram
 
@@ -148,3 +148,19 @@ def test_repeated_identical_calls_are_reported_once(traced: Traced) -> None:
         [1],
         [0],
     ]
+
+
+def test_new_threads_inherit_a_tracked_mask(traced: Traced) -> None:
+    """clone() copies affinity: a pinned thread's children are reported as pinned too."""
+    child: list[int] = []
+
+    def parent() -> None:
+        os.sched_setaffinity(0, {1})
+        child.append(in_thread(lambda: None))
+
+    tid = in_thread(parent)
+    events = traced.wait_for(lambda ev: bool(child) and sets(ev).get(child[0]) == {1})
+    inherited = [e for e in events if e.kind is EventKind.SET and e.target == child[0]]
+    assert inherited[0].tid == tid and EventFlag.INHERITED in inherited[0].flags
+    # ... and the child's exit is reported, as for any tracked thread.
+    traced.wait_for(lambda ev: any(e.kind is EventKind.EXIT and e.tid == child[0] for e in ev))

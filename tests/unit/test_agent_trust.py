@@ -38,6 +38,7 @@ def test_signed_object_is_accepted(keys: tuple[Path, Path, Path]) -> None:
     assert points == [
         "tracepoint/syscalls/sys_enter_sched_setaffinity",
         "tracepoint/syscalls/sys_exit_sched_setaffinity",
+        "tracepoint/sched/sched_process_fork",
         "tracepoint/sched/sched_process_exit",
     ]
     assert policy.check("bcc-source", BCC, signing.sign(BCC, private)) == points
