@@ -59,6 +59,8 @@ _TRACKED_MAP = "pv_tracked"
 _STATE_MAP = "pv_state"
 _STATE_LOST = 1
 _MAX_RAW_EVENT = 4096  # bytes of a forwarded record (hex doubles it)
+#: Delay of the ring-buffer loss check after events arrive (one map read per interval).
+_LOST_CHECK_S = 0.010
 #: Forwarded ProgramEvents are dropped while this much is waiting for a slow host.
 _MAX_BACKLOG = 1 << 20
 _U32 = struct.Struct("<I")
@@ -71,6 +73,7 @@ class _Running:
     program: LoadedProgram
     sha256: str
     lost_seen: int = 0
+    lost_check_due: bool = False
 
 
 class _Connection:
@@ -304,11 +307,16 @@ class Agent:
             running.program.consume()
         except Exception:
             log.exception("program %s: event handling failed", pid)
-        if AFFINITY_RINGBUF in running.program.ringbufs:
-            self._check_lost(running)
+        if AFFINITY_RINGBUF in running.program.ringbufs and not running.lost_check_due:
+            # At most one loss check per interval, however many wake-ups a storm causes.
+            running.lost_check_due = True
+            asyncio.get_running_loop().call_later(_LOST_CHECK_S, self._check_lost, running)
 
     def _check_lost(self, running: _Running) -> None:
         """If the ring buffer overflowed, rebuild the tracker from the kernel's own table."""
+        running.lost_check_due = False
+        if all(r is not running for r in self.programs.values()):
+            return  # unloaded meanwhile
         fd = running.program.map_fd(_STATE_MAP)
         if fd is None:
             return
