@@ -61,6 +61,9 @@ _STATE_LOST = 1
 _MAX_RAW_EVENT = 4096  # bytes of a forwarded record (hex doubles it)
 #: Delay of the ring-buffer loss check after events arrive (one map read per interval).
 _LOST_CHECK_S = 0.010
+#: Records in one wake-up that mean "storm": the reader then pauses _STORM_PAUSE_S.
+_STORM_BATCH = 32
+_STORM_PAUSE_S = 0.002
 #: Forwarded ProgramEvents are dropped while this much is waiting for a slow host.
 _MAX_BACKLOG = 1 << 20
 _U32 = struct.Struct("<I")
@@ -117,6 +120,7 @@ class Agent:
         self._load_lock = asyncio.Lock()
         self._event_seq = 0
         self.bad_events = 0
+        self._records = 0  # ring-buffer records received, all programs
         #: ProgramEvents not forwarded (no host connected, or the host lagging).
         self.dropped_events = 0
 
@@ -279,6 +283,7 @@ class Agent:
 
     def _sink_for(self, pid: str) -> EventSink:
         def sink(ringbuf: str, record: bytes) -> None:
+            self._records += 1
             if ringbuf == AFFINITY_RINGBUF:
                 try:
                     self.tracker.handle(decode(record))
@@ -303,14 +308,27 @@ class Agent:
         running = self.programs.get(pid)
         if running is None:
             return
+        before = self._records
         try:
             running.program.consume()
         except Exception:
             log.exception("program %s: event handling failed", pid)
+        if self._records - before >= _STORM_BATCH:
+            # A storm: stop waking up per record; let them gather for a moment (the ring
+            # buffer holds seconds of them), then take them in one batch. Bounded delay.
+            loop = asyncio.get_running_loop()
+            loop.remove_reader(running.program.fileno())
+            loop.call_later(_STORM_PAUSE_S, self._resume, pid, running)
         if AFFINITY_RINGBUF in running.program.ringbufs and not running.lost_check_due:
             # At most one loss check per interval, however many wake-ups a storm causes.
             running.lost_check_due = True
             asyncio.get_running_loop().call_later(_LOST_CHECK_S, self._check_lost, running)
+
+    def _resume(self, pid: str, running: _Running) -> None:
+        if self.programs.get(pid) is not running:
+            return  # unloaded or replaced meanwhile
+        asyncio.get_running_loop().add_reader(running.program.fileno(), self._drain, pid)
+        self._drain(pid)
 
     def _check_lost(self, running: _Running) -> None:
         """If the ring buffer overflowed, rebuild the tracker from the kernel's own table."""
