@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 
 from pvagent import bpfobj
 from pvagent.agent import Agent
@@ -27,7 +28,8 @@ TOPOLOGY = GuestTopology(online_vcpus=[0, 1, 2, 3], sibling_groups=[[0, 1], [2, 
 
 def with_agent(body: Callable[[Agent], Awaitable[None]], policy: TrustPolicy | None = None) -> None:
     async def main() -> None:
-        agent = Agent(TOPOLOGY, policy or TrustPolicy.from_config(), coalesce_s=0.0)
+        no_keys = TrustPolicy.from_config(Path("/nonexistent/trusted.d"))  # refuses everything
+        agent = Agent(TOPOLOGY, policy or no_keys, coalesce_s=0.0)
         try:
             await asyncio.wait_for(body(agent), 20)
         finally:
