@@ -6,9 +6,12 @@ import asyncio
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
+import pytest
+
 from pvagent import bpfobj
 from pvagent.agent import Agent
 from pvagent.trust import TrustPolicy
+from pvhost import signing
 from pvproto import (
     AffinityUpdate,
     Error,
@@ -131,3 +134,42 @@ def test_reconnect_rehello_and_resend_state() -> None:
         await task2
 
     with_agent(body)
+
+
+@pytest.mark.parametrize("case", ["unsigned", "unknown key", "tampered", "disallowed attach point"])
+def test_untrusted_programs_are_refused_over_the_protocol(tmp_path: Path, case: str) -> None:
+    private, public = signing.generate_keypair(tmp_path / "host")
+    stranger, _ = signing.generate_keypair(tmp_path / "stranger")
+    trusted = tmp_path / "trusted.d"
+    trusted.mkdir()
+    (trusted / "host.pem").write_bytes(public.read_bytes())
+    payload = bpfobj.read("affinity.bpf.o")
+    signature = signing.sign(payload, private)
+    expected = "does not verify"
+    if case == "unsigned":
+        signature, expected = b"", "unsigned"
+    elif case == "unknown key":
+        signature = signing.sign(payload, stranger)
+    elif case == "tampered":  # the digest is recomputed, as an attacker would
+        payload = payload.replace(b"Dual BSD/GPL", b"Dual BSD/GPX")
+    else:  # correctly signed by the trusted key, but a kprobe
+        old = b"tracepoint/sched/sched_process_exit"
+        payload = payload.replace(old + b"\0", b"kprobe/do_exit".ljust(len(old) + 1, b"\0"))
+        signature, expected = signing.sign(payload, private), "'kprobe/do_exit' is not allowed"
+
+    async def body(agent: Agent) -> None:
+        host, task = await connect(agent)
+        await host.expect(Hello)
+        host.hello()
+        await host.expect(AffinityUpdate)
+        host.send(
+            LoadProgram.for_payload("affinity", "bpf-object", payload, signature, request_id=21)
+        )
+        verdict = await host.expect(ProgramLoaded)
+        assert (verdict.ok, verdict.request_id) == (False, 21)
+        assert verdict.reason.startswith("untrusted:") and expected in verdict.reason
+        assert agent.programs == {}
+        host.close()
+        await task
+
+    with_agent(body, TrustPolicy.from_config(trusted))
