@@ -111,8 +111,8 @@ class QmpMonitor:
     async def wait_closed(self) -> None:
         """Return when QEMU closes the monitor (the VM went away)."""
         if self._events is not None:
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._events
+            # asyncio.wait: a cancellation of the caller propagates, the watcher is not cancelled.
+            await asyncio.wait({self._events})
 
     async def _watch(self) -> None:
         with self._client.listener(HOTPLUG_EVENTS) as listener:

@@ -1,0 +1,96 @@
+"""End to end on this host: real QEMU (TCG), real QMP, real cgroup v1 cpusets, the guest
+played on the channel socket. An AffinityUpdate for vCPU 1 must end with QEMU's vCPU-1
+thread restricted to the planned pCPU, and an empty update must restore it exactly."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import pytest
+
+from pvhost.config import Config
+from pvhost.placement import thread_allowed_cpus
+from pvhost.service import Service
+from pvproto import LoadProgram
+from tests.integration.conftest import Qemu
+from tests.integration.guest import FakeGuestChannel
+
+pytestmark = [pytest.mark.root, pytest.mark.vm]
+
+CPUSET = Path("/sys/fs/cgroup/cpuset")
+
+
+def make_config(tmp_path: Path, qemu: Qemu, group: str, **placement: object) -> Config:
+    program = tmp_path / "affinity.bpf.o"
+    program.write_bytes(b"\x7fELF test payload: the guest is played by the test")
+    return Config.model_validate(
+        {
+            "service": {
+                "runtime_dir": str(tmp_path / "runtime"),
+                "state_dir": str(tmp_path / "state"),
+                "control_socket": str(tmp_path / "pvhost.sock"),
+                "signing_key": str(tmp_path / "no-key"),
+                "affinity_program": str(program),
+                "max_backoff": 0.5,
+            },
+            "placement": {
+                "backend": "cgroup1",
+                "group": group,
+                "housekeeping": "",
+                "policy": "identity",
+                "quota": 2,
+                **placement,
+            },
+            "vms": {"t": {"qmp": str(qemu.qmp), "agent": str(qemu.dir / "agent.sock")}},
+        }
+    )
+
+
+def thread_cpuset(tid: int) -> str:
+    return Path(f"/proc/{tid}/cpuset").read_text().strip()
+
+
+def test_update_pins_vcpu_thread_and_empty_update_restores(
+    tmp_path: Path, qemu: Qemu, cpuset_group: str
+) -> None:
+    tid = qemu.vcpu_tids()[1]
+    before = (thread_allowed_cpus(tid), thread_cpuset(tid))
+
+    async def scenario() -> None:
+        guest = FakeGuestChannel(qemu.dir / "agent.sock")
+        await guest.start()
+        service = Service(make_config(tmp_path, qemu, cpuset_group))
+        await service.start()
+        try:
+            await guest.connected()
+            load = await guest.expect(LoadProgram)
+            assert isinstance(load, LoadProgram) and load.program_id == "affinity"
+
+            result = await guest.update(1, [1])
+            assert result.placements[0].pcpu == 1, result
+            assert result.backend == "cgroup1" and result.policy == "identity"
+            vcpu_dir = CPUSET / cpuset_group / "vm-t" / "vcpu1"
+            assert thread_allowed_cpus(tid) == {1}
+            assert (vcpu_dir / "cpuset.cpus").read_text().strip() == "1"
+            assert str(tid) in (vcpu_dir / "tasks").read_text().split()
+            # The other vCPU threads are untouched.
+            for other, other_tid in qemu.vcpu_tids().items():
+                if other != 1:
+                    assert thread_allowed_cpus(other_tid) == before[0]
+
+            status = service.status()
+            assert status["vms"]["t"]["vcpus"]["1"]["tid"] == tid
+            assert status["vms"]["t"]["placements"]["1"]["pcpu"] == 1
+
+            empty = await guest.update(2, [])
+            assert empty.placements == []
+            assert (thread_allowed_cpus(tid), thread_cpuset(tid)) == before
+            assert not vcpu_dir.exists()
+        finally:
+            await service.stop()
+            await guest.close()
+
+    asyncio.run(scenario())
+    assert (thread_allowed_cpus(tid), thread_cpuset(tid)) == before
+    assert not (CPUSET / cpuset_group).exists()
