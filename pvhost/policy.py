@@ -189,12 +189,22 @@ def _sticky(
     keep = {v: current[v] for v in known if v in current and current[v] in eligible}
     keep = {v: p for v, p in keep.items() if p not in others}
     if vm.policy == "ht-aware":
-        # A guest sibling group stays only if all its placed members share one host core.
+        # A guest sibling group stays where it is when all its wanted members fit on the one
+        # host core it occupies; otherwise it is re-placed whole, but only if some host core
+        # can hold it (else moving it would just churn).
+        wanted = set(known)
         for group in vm.guest_siblings:
-            cores = {host.topology.siblings(keep[v]) for v in group if v in keep}
-            if len(cores) > 1:
-                for v in group:
-                    keep.pop(v, None)
+            members = group & wanted
+            kept = [v for v in members if v in keep]
+            if not kept:
+                continue
+            usable = eligible - set(others) - {p for v, p in keep.items() if v not in group}
+            cores = {host.topology.siblings(keep[v]) for v in kept}
+            if len(cores) == 1 and len(next(iter(cores)) & usable) >= len(members):
+                continue
+            if any(len(core & usable) >= len(members) for core in host.topology.cores):
+                for v in kept:
+                    del keep[v]
     return dict(sorted(keep.items())[: vm.quota])
 
 
@@ -241,8 +251,19 @@ def _ht_aware(
     notes: list[str] = []
     available = set(free)
     todo_set = set(todo)
+    # New members of a group whose other members stay: onto their core's free siblings.
+    for group in vm.guest_siblings:
+        held = [keep[v] for v in group if v in keep]
+        if not held:
+            continue
+        spare = sorted(topology.siblings(held[0]) & available)
+        for vcpu in sorted(group & todo_set):
+            if spare:
+                placed[vcpu] = spare.pop(0)
+                available.discard(placed[vcpu])
+    todo_set -= set(placed)
     groups = [sorted(g & todo_set) for g in vm.guest_siblings if len(g & todo_set) > 1]
-    grouped = {v for g in groups for v in g}
+    grouped = {v for g in groups for v in g} | set(placed)
     for group in sorted(groups, key=lambda g: (-len(g), g[0])):
         # Exact fits first (no core left half-used), then the smallest core that holds the group.
         fits = [core & available for core in topology.cores if len(core & available) >= len(group)]

@@ -12,7 +12,7 @@ import pytest
 from pvhost.config import Config
 from pvhost.placement import thread_allowed_cpus
 from pvhost.service import Service
-from pvproto import LoadProgram
+from pvproto import AffinityResult, AffinityUpdate, LoadProgram
 from tests.integration.conftest import Qemu
 from tests.integration.guest import FakeGuestChannel
 
@@ -94,3 +94,46 @@ def test_update_pins_vcpu_thread_and_empty_update_restores(
     asyncio.run(scenario())
     assert (thread_allowed_cpus(tid), thread_cpuset(tid)) == before
     assert not (CPUSET / cpuset_group).exists()
+
+
+def test_update_storm_is_rate_limited_coalesced_and_all_answered(
+    tmp_path: Path, qemu: Qemu, cpuset_group: str
+) -> None:
+    tids = qemu.vcpu_tids()
+    before = {v: thread_allowed_cpus(t) for v, t in tids.items()}
+
+    async def scenario() -> None:
+        guest = FakeGuestChannel(qemu.dir / "agent.sock")
+        await guest.start()
+        config = make_config(tmp_path, qemu, cpuset_group, rate=4.0, burst=1)
+        service = Service(config)
+        await service.start()
+        try:
+            await guest.connected()
+            # A hostile guest: garbage on the channel, an unknown vCPU, then a storm.
+            assert guest._writer is not None
+            guest._writer.write(b"\xe5PVF garbage \xff" * 100)
+            bogus = await guest.update(1, [7])
+            assert "unknown vCPU 7" in (bogus.placements[0].refused or "")
+            storm = 60
+            for seq in range(2, 2 + storm):
+                guest.send(AffinityUpdate(seq=seq, wanted=[1] if seq % 2 else [0]))
+            answered: dict[int, AffinityResult] = {}
+            async with asyncio.timeout(10):
+                while len(answered) < storm:
+                    result = await guest.expect(AffinityResult)
+                    assert isinstance(result, AffinityResult)
+                    answered[result.seq] = result
+            assert set(answered) == set(range(2, 2 + storm))
+            last = answered[1 + storm].placements
+            assert [(p.vcpu, p.pcpu) for p in last] == [(1, 1)]
+            # Coalesced: far fewer placements applied than updates received.
+            assert service.metrics.requests["t"] <= 5
+            assert thread_allowed_cpus(tids[1]) == {1}
+            assert thread_allowed_cpus(tids[0]) == before[0]
+        finally:
+            await service.stop()
+            await guest.close()
+
+    asyncio.run(scenario())
+    assert {v: thread_allowed_cpus(t) for v, t in tids.items()} == before
