@@ -264,15 +264,15 @@ def _ht_aware(
     todo_set -= set(placed)
     groups = [sorted(g & todo_set) for g in vm.guest_siblings if len(g & todo_set) > 1]
     grouped = {v for g in groups for v in g} | set(placed)
-    for group in sorted(groups, key=lambda g: (-len(g), g[0])):
-        # Exact fits first (no core left half-used), then the smallest core that holds the group.
-        fits = [core & available for core in topology.cores if len(core & available) >= len(group)]
+    for members in sorted(groups, key=lambda g: (-len(g), g[0])):
+        # Exact fits first (no core left half-used), then the smallest core that holds them.
+        fits = [c & available for c in topology.cores if len(c & available) >= len(members)]
         if not fits:
-            notes.append(f"no free host core holds guest siblings {group}: placed one by one")
-            grouped -= set(group)
+            notes.append(f"no free host core holds guest siblings {members}: placed one by one")
+            grouped -= set(members)
             continue
-        core = min(fits, key=lambda c: (len(c) - len(group), min(c)))
-        for vcpu, cpu in zip(group, sorted(core), strict=False):
+        core = min(fits, key=lambda c: (len(c) - len(members), min(c)))
+        for vcpu, cpu in zip(members, sorted(core), strict=False):
             placed[vcpu] = cpu
             available.discard(cpu)
     rest = [v for v in todo if v not in grouped]

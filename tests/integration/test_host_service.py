@@ -87,6 +87,7 @@ def test_update_pins_vcpu_thread_and_empty_update_restores(
             assert empty.placements == []
             assert (thread_allowed_cpus(tid), thread_cpuset(tid)) == before
             assert not vcpu_dir.exists()
+            assert guest.bad_frames == []
         finally:
             await service.stop()
             await guest.close()

@@ -41,7 +41,7 @@ def vms(draw: st.DrawFn, name: str) -> VmView:
 wanted_sets = st.frozensets(st.integers(0, 12), max_size=12)
 
 
-def check_plan(result: Plan, wanted: frozenset[int], vm: VmView, host: HostPool,
+def check_plan(result: Plan, wanted: frozenset[int], vm: VmView, host: HostPool, *,
                others: dict[int, tuple[str, int]]) -> None:  # fmt: skip
     # Every wanted vCPU is answered exactly once: a pCPU or a reason.
     assert set(result.mapping) | set(result.refused) == set(wanted)
@@ -61,19 +61,19 @@ def check_plan(result: Plan, wanted: frozenset[int], vm: VmView, host: HostPool,
 @settings(max_examples=300, deadline=None)
 @given(host=hosts(), a=vms("a"), b=vms("b"), wa=wanted_sets, wb=wanted_sets, wb2=wanted_sets)
 def test_plans_respect_invariants_and_undo_restores(
-    host: HostPool, a: VmView, b: VmView, wa: frozenset[int], wb: frozenset[int],
+    *, host: HostPool, a: VmView, b: VmView, wa: frozenset[int], wb: frozenset[int],
     wb2: frozenset[int],
 ) -> None:  # fmt: skip
     first = plan(wa, a, host, {})
-    check_plan(first, wa, a, host, {})
+    check_plan(first, wa, a, host, others={})
     alloc_a = apply_plan({}, first)
     pb = plan(wb, b, host, alloc_a)
-    check_plan(pb, wb, b, host, alloc_a)
+    check_plan(pb, wb, b, host, others=alloc_a)
     both = apply_plan(alloc_a, pb)
     assert Counter(owner for owner in both.values()).most_common(1)[0][1] == 1 if both else True
     # A changed request of b still keeps every invariant against a.
     pb2 = plan(wb2, b, host, both)
-    check_plan(pb2, wb2, b, host, both)
+    check_plan(pb2, wb2, b, host, others=both)
     after = apply_plan(both, pb2)
     # The same request again changes nothing (no churn).
     again = plan(wb2, b, host, after)

@@ -66,7 +66,7 @@ def test_config_errors_name_file_and_key(tmp_path: Path) -> None:
 def test_config_rejects_unknown_keys_and_bad_toml(tmp_path: Path) -> None:
     path = tmp_path / "pvhost.toml"
     path.write_text("[service]\ncontrol = 1\n")
-    with pytest.raises(ConfigError, match="service.control"):
+    with pytest.raises(ConfigError, match=r"service\.control"):
         load_config(path)
     path.write_text("[service\n")
     with pytest.raises(ConfigError, match="not valid TOML"):
@@ -94,5 +94,5 @@ def test_partition_reason_parses_the_kernels_words() -> None:
 
 def test_detect_refuses_a_tree_without_cpuset(tmp_path: Path) -> None:
     (tmp_path / "cgroup.controllers").write_text("cpu io memory pids\n")
-    with pytest.raises(BackendUnavailable, match="no cpuset placement backend"):
+    with pytest.raises(BackendUnavailable, match=r"no cpuset placement backend"):
         detect_backend(tmp_path, tmp_path / "state")
