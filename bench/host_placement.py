@@ -20,7 +20,6 @@ import os
 import platform
 import resource
 import statistics
-import subprocess
 import sys
 import tempfile
 import threading
@@ -225,7 +224,7 @@ def bench_memory(vms: int, tmp: Path) -> dict[str, object]:
             stderr=None if os.environ.get("BENCH_DEBUG") else asyncio.subprocess.DEVNULL,
         )  # fmt: skip
         try:
-            async with asyncio.timeout(float(os.environ.get("BENCH_TIMEOUT", 120))):
+            async with asyncio.timeout(float(os.environ.get("BENCH_TIMEOUT", "120"))):
                 for _ in range(vms):
                     await done.get()
             ready_s = time.perf_counter() - t0
