@@ -8,13 +8,15 @@ Layout (under the unified hierarchy, default ``/sys/fs/cgroup``)::
         emulator/  threaded   QEMU's other threads; never holds pinned CPUs (an isolated
                               sibling's CPUs leave its effective set automatically)
         vcpu<N>/   threaded   vCPU thread N, moved once at attach
-                              pin:   cpuset.cpus = cpuset.cpus.exclusive = <p>, partition isolated
-                              unpin: partition member, exclusive cleared, cpus restored
+                              pin:   cpuset.cpus.exclusive = <p>, partition isolated
+                              unpin: partition member, cpuset.cpus.exclusive cleared
+                              (cpuset.cpus is never written: see _apply_pin)
 
 Thread migration takes a global rwsem (tens of ms), so threads move only at attach; the
 pin/unpin path only rewrites cpuset files. Remote partitions need ``cpuset.cpus.exclusive``
 (kernel ≥ 6.7). On older kernels the fallback pins with ``cpuset.cpus`` alone (the thread is
-restricted, the pCPU is not isolated) and ``describe()`` says so. After every partition write
+restricted, the pCPU is not isolated; unpin writes the parent's CPUs back, since a populated
+cgroup's ``cpuset.cpus`` cannot be emptied) and ``describe()`` says so. After every partition write
 the state is read back: ``isolated invalid (<reason>)`` is undone at once and raised as
 :class:`PartitionInvalid` carrying the kernel's reason.
 """
@@ -175,10 +177,12 @@ class Cgroup2Backend:
 
     def _apply_pin(self, vm: str, vcpu: int, tid: int, pcpu: int, path: Path) -> None:
         if self.remote:
+            # Only the exclusive CPUs and the partition change: cpuset.cpus stays empty. A
+            # populated cgroup's cpuset.cpus can never be emptied again (ENOSPC), and an
+            # explicit cpuset.cpus overlapping a sibling partition invalidates that partition
+            # (both measured on 6.12), so a remote partition is made from cpus.exclusive alone.
             held = set(self.pins().get(vm, {}).values()) | {pcpu}
             write_text(self._vm_dir(vm) / "cpuset.cpus.exclusive", format_cpulist(held))
-        write_text(path / "cpuset.cpus", str(pcpu))
-        if self.remote:
             write_text(path / "cpuset.cpus.exclusive", str(pcpu))
             write_text(path / "cpuset.cpus.partition", "isolated")
             # Read back: the kernel may accept the write yet leave the partition invalid.
@@ -189,6 +193,8 @@ class Cgroup2Backend:
                     f"VM {vm} vCPU {vcpu} → pCPU {pcpu}: partition is {state!r}",
                     reason or state,
                 )
+        else:
+            write_text(path / "cpuset.cpus", str(pcpu))
         allowed = thread_allowed_cpus(tid)
         if allowed != {pcpu}:
             raise PlacementError(
@@ -200,11 +206,14 @@ class Cgroup2Backend:
         record = self.state.vcpu(vm, vcpu)
         path = self._vcpu_dir(vm, vcpu)
         if path.is_dir():
-            if (path / "cpuset.cpus.partition").exists():
+            if self.remote:
                 write_text(path / "cpuset.cpus.partition", "member")
-            if (path / "cpuset.cpus.exclusive").exists():
                 write_text(path / "cpuset.cpus.exclusive", "")
-            write_text(path / "cpuset.cpus", (record or {}).get("prev_cpus", ""))
+            elif record is not None and read_text(path / "cpuset.cpus") != record["prev_cpus"]:
+                # No partitions (kernel < 6.7): cpuset.cpus was the pin. It cannot be emptied
+                # while the thread is inside, so it goes back to the parent's whole set.
+                prev = record["prev_cpus"] or read_text(path.parent / "cpuset.cpus.effective")
+                write_text(path / "cpuset.cpus", prev)
         self.state.set_vcpu(vm, vcpu, None)
         vm_dir = self._vm_dir(vm)
         if self.remote and (vm_dir / "cpuset.cpus.exclusive").exists():
