@@ -138,6 +138,19 @@ def test_kill9_restart_adopts_then_sigterm_restores(
             assert [(p.vcpu, p.pcpu) for p in result.placements] == [(2, 1)]
             assert thread_allowed_cpus(tid) == {1}
 
+            rc, out = await pvctl(tmp_path, "remap", "on", "t")
+            assert rc == 0 and "policy ht-aware" in out, out
+            rc, out = await pvctl(tmp_path, "remap", "off", "t")
+            assert rc == 0 and "policy pool" in out, out
+            program = tmp_path / "extra.bpf.o"
+            program.write_bytes(b"\x7fELF another program")
+            rc, out = await pvctl(tmp_path, "program", "load", "t", str(program))
+            assert rc == 0 and "program extra loaded" in out, out
+            assert guest.programs[-1].program_id == "extra"
+            assert guest.programs[-1].payload == program.read_bytes()
+            rc, out = await pvctl(tmp_path, "release", "nosuchvm")
+            assert rc == 1 and "no VM named 'nosuchvm'" in out, out
+
             rc, out = await pvctl(tmp_path, "release", "t")
             assert rc == 0 and "released" in out, out
             assert thread_allowed_cpus(tid) == before

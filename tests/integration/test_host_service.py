@@ -138,3 +138,38 @@ def test_update_storm_is_rate_limited_coalesced_and_all_answered(
 
     asyncio.run(scenario())
     assert {v: thread_allowed_cpus(t) for v, t in tids.items()} == before
+
+
+def test_vm_found_in_runtime_dir_and_undone_when_it_goes(
+    tmp_path: Path, qemu: Qemu, cpuset_group: str
+) -> None:
+    tid = qemu.vcpu_tids()[1]
+    before = (thread_allowed_cpus(tid), thread_cpuset(tid))
+    config = make_config(tmp_path, qemu, cpuset_group)
+    config = config.model_copy(update={"vms": {}})
+    runtime = config.service.runtime_dir
+
+    async def scenario() -> None:
+        guest = FakeGuestChannel(qemu.dir / "agent.sock")
+        await guest.start()
+        service = Service(config)
+        await service.start()
+        try:
+            assert service.sessions == {}
+            # The launcher's layout: /run/extpv/vms/<name>/{qmp.sock,agent.sock}.
+            (runtime / "t").symlink_to(qemu.dir, target_is_directory=True)
+            await guest.connected()
+            result = await guest.update(1, [1])
+            assert result.placements[0].pcpu == 1
+            assert thread_allowed_cpus(tid) == {1}
+            (runtime / "t").unlink()  # the VM's directory goes away: everything is undone
+            async with asyncio.timeout(5):
+                while "t" in service.sessions or thread_allowed_cpus(tid) != before[0]:
+                    await asyncio.sleep(0.02)
+            assert (thread_allowed_cpus(tid), thread_cpuset(tid)) == before
+            assert not (CPUSET / cpuset_group / "vm-t").exists()
+        finally:
+            await service.stop()
+            await guest.close()
+
+    asyncio.run(scenario())
