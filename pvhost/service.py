@@ -53,6 +53,7 @@ class Service:
         self._attached: dict[str, tuple[int, tuple[tuple[int, int], ...]]] = {}
         self._lock = asyncio.Lock()
         self._watcher: DirWatcher | None = None
+        self._background: set[asyncio.Task[None]] = set()
         self.adopted: dict[str, dict[int, int]] = {}
 
     # -- start / stop ----------------------------------------------------------------------
@@ -104,7 +105,9 @@ class Service:
     def rescan(self) -> None:
         specs = scan_vms(self.config)
         for name in set(self._tasks) - set(specs):
-            asyncio.get_running_loop().create_task(self._stop_session(name))
+            task = asyncio.get_running_loop().create_task(self._stop_session(name))
+            self._background.add(task)  # keep a reference until it is done
+            task.add_done_callback(self._background.discard)
         for name, spec in specs.items():
             if name not in self._tasks:
                 self._start_session(spec, None)
@@ -169,7 +172,14 @@ class Service:
         """Plan and enact ``wanted`` for ``session``'s VM; every wanted vCPU gets an answer."""
         self.metrics.requests[session.name] += 1
         async with self._lock:
-            placements = await self._apply_locked(session, wanted)
+            try:
+                placements = await self._apply_locked(session, wanted)
+            except (HostError, OSError) as err:
+                # Whatever failed (a vCPU thread gone, an undo that could not complete) is
+                # reported for every wanted vCPU; the session and the service go on.
+                _log.error("%s: applying %s failed: %s", session.name, wanted, err)
+                reason = f"placement failed: {err}"[:1024]
+                placements = [VcpuPlacement(vcpu=v, refused=reason) for v in wanted]
         for p in placements:
             if p.refused is not None:
                 self.metrics.refusals[reason_code(p.refused)] += 1
@@ -183,6 +193,11 @@ class Service:
 
     async def _apply_locked(self, session: VmSession, wanted: list[int]) -> list[VcpuPlacement]:
         monitor = session.monitor
+        if monitor is not None and set(wanted) - set(monitor.vcpus):
+            # A vCPU we do not know may have been hot-plugged (QEMU emits no event for an add
+            # until the guest acknowledges it): ask QEMU again before refusing it.
+            with contextlib.suppress(QmpError):
+                await monitor.refresh()
         if monitor is None or not monitor.vcpus:
             return [
                 VcpuPlacement(vcpu=v, refused="the VM's QMP monitor is not connected")

@@ -39,6 +39,7 @@ from pvproto import (
     ProgramLoaded,
     ProtocolError,
     UnloadProgram,
+    VcpuPlacement,
     VersionMismatch,
     encode,
     negotiate,
@@ -302,7 +303,18 @@ class VmSession:
                 continue
             self.status.wanted = list(update.wanted)
             self.status.last_seq = update.seq
-            result = await self._applier(self, list(update.wanted))
+            try:
+                result = await self._applier(self, list(update.wanted))
+            except Exception as err:
+                # Last resort: a bug must not silence the session; the guest still gets answers.
+                _log.exception("%s: applying update %d failed", self.name, update.seq)
+                result = AffinityResult(
+                    seq=update.seq,
+                    placements=[
+                        VcpuPlacement(vcpu=v, refused=f"internal error: {err}"[:1024])
+                        for v in update.wanted
+                    ],
+                )
             for seq in [*superseded, update.seq]:
                 with contextlib.suppress(ChannelError, OSError):
                     self.send(result.model_copy(update={"seq": seq}))

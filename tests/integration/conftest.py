@@ -43,13 +43,17 @@ class Qemu:
             self.process.wait(timeout=10)
 
 
-def start_qemu(directory: Path, name: str, smp: int = 3) -> Qemu:
+def start_qemu(directory: Path, name: str, smp: int = 3, maxcpus: int | None = None) -> Qemu:
+    """QEMU with ``smp`` vCPUs (``maxcpus`` allows hot-plug) and a second QMP monitor
+    ``launcher-qmp.sock`` for the test itself (QEMU allows one client per monitor)."""
     directory.mkdir(parents=True, exist_ok=True)
     qmp = directory / "qmp.sock"
     cmd = [
-        "qemu-system-x86_64", "-S", "-accel", "tcg,thread=multi", "-smp", str(smp),
+        "qemu-system-x86_64", "-S", "-accel", "tcg,thread=multi",
+        "-smp", f"{smp},maxcpus={maxcpus}" if maxcpus else str(smp),
         "-m", "64", "-nodefaults", "-display", "none", "-name", f"{name},debug-threads=on",
         "-qmp", f"unix:{qmp},server=on,wait=off",
+        "-qmp", f"unix:{directory / 'launcher-qmp.sock'},server=on,wait=off",
         # QEMU's own end of the agent channel; the tests play the guest on agent.sock instead
         # (with no guest OS, nothing could answer on the virtio-serial side).
         "-chardev", f"socket,id=pv0,path={directory / 'qemu-agent.sock'},server=on,wait=off",

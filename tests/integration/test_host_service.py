@@ -8,12 +8,13 @@ import asyncio
 from pathlib import Path
 
 import pytest
+from qemu.qmp import QMPClient
 
 from pvhost.config import Config
 from pvhost.placement import thread_allowed_cpus
 from pvhost.service import Service
 from pvproto import AffinityResult, AffinityUpdate, LoadProgram
-from tests.integration.conftest import Qemu
+from tests.integration.conftest import Qemu, start_qemu
 from tests.integration.guest import FakeGuestChannel
 
 pytestmark = [pytest.mark.root, pytest.mark.vm]
@@ -173,3 +174,41 @@ def test_vm_found_in_runtime_dir_and_undone_when_it_goes(
             await guest.close()
 
     asyncio.run(scenario())
+
+
+def test_hot_plugged_vcpu_is_found_and_pinned(tmp_path: Path, cpuset_group: str) -> None:
+    qemu = start_qemu(tmp_path / "vm", "hp", smp=1, maxcpus=3)
+    try:
+
+        async def scenario() -> None:
+            guest = FakeGuestChannel(qemu.dir / "agent.sock", vcpus=1)
+            await guest.start()
+            service = Service(make_config(tmp_path, qemu, cpuset_group))
+            await service.start()
+            launcher = QMPClient("test")
+            await launcher.connect(str(qemu.dir / "launcher-qmp.sock"))
+            try:
+                await guest.connected()
+                result = await guest.update(1, [1])
+                assert "unknown vCPU 1" in (result.placements[0].refused or "")
+                await launcher.execute(
+                    "device_add",
+                    {"driver": "qemu64-x86_64-cpu", "id": "cpu1", "socket-id": 0,
+                     "core-id": 1, "thread-id": 0},
+                )  # fmt: skip
+                tid = qemu.vcpu_tids()[1]
+                before = thread_allowed_cpus(tid)
+                result = await guest.update(2, [1])
+                assert [(p.vcpu, p.pcpu) for p in result.placements] == [(1, 1)]
+                assert thread_allowed_cpus(tid) == {1}
+                assert service.status()["vms"]["t"]["vcpus"]["1"]["tid"] == tid
+                await guest.update(3, [])
+                assert thread_allowed_cpus(tid) == before
+            finally:
+                await launcher.disconnect()
+                await service.stop()
+                await guest.close()
+
+        asyncio.run(scenario())
+    finally:
+        qemu.kill()
