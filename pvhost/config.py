@@ -140,7 +140,8 @@ def load_config(path: Path | None) -> Config:
         return Config.model_validate(data)
     except pydantic.ValidationError as err:
         lines = [
-            f"{path}: {'.'.join(str(p) for p in e['loc']) or '(top)'}: {e['msg']}"
+            f"{path}: {'.'.join(str(p) for p in e['loc']) or '(top)'}: "
+            f"{e['msg'].removeprefix('Value error, ')}"
             for e in err.errors(include_url=False)
         ]
         raise ConfigError("\n".join(lines)) from err
