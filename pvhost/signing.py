@@ -17,6 +17,8 @@ from pathlib import Path
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
+from pvhost.errors import HostError
+
 __all__ = [
     "DEFAULT_KEY",
     "PRIVATE_NAME",
@@ -33,7 +35,7 @@ PRIVATE_NAME = "signing.key"
 PUBLIC_NAME = "signing.pem"
 
 
-class SigningError(Exception):
+class SigningError(HostError):
     """A key that cannot be created or used."""
 
 

@@ -1,0 +1,147 @@
+"""Host service configuration: ``/etc/extpv/pvhost.toml`` (TOML), validated by pydantic.
+
+Every error names the file and the key, e.g.
+``/etc/extpv/pvhost.toml: placement.pool: malformed CPU list '1-x'``.
+
+Example::
+
+    [service]
+    runtime_dir = "/run/extpv/vms"
+    state_dir = "/run/extpv/state"
+    control_socket = "/run/extpv/pvhost.sock"
+    metrics = "127.0.0.1:9464"          # "" disables /metrics
+
+    [placement]
+    backend = "auto"                    # auto | cgroup2 | cgroup1
+    housekeeping = "0"                  # never handed out
+    pool = ""                           # "" = every online CPU that is not housekeeping
+    policy = "identity"                 # identity | pool | ht-aware (default for every VM)
+    quota = 4                           # pinned vCPUs per VM
+    rate = 20.0                         # AffinityUpdates applied per second per VM
+    burst = 5
+
+    [vms.db1]                           # VMs besides those found in runtime_dir
+    qmp = "/run/db1/qmp.sock"
+    agent = "/run/db1/agent.sock"
+    policy = "ht-aware"
+"""
+
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+from typing import Annotated, Literal
+
+import pydantic
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from pvhost.errors import ConfigError
+from pvproto import CpuListError, parse_cpulist
+
+__all__ = [
+    "DEFAULT_CONFIG_PATH",
+    "Config",
+    "PlacementConfig",
+    "PolicyName",
+    "ServiceConfig",
+    "VmConfig",
+    "load_config",
+]
+
+DEFAULT_CONFIG_PATH = Path("/etc/extpv/pvhost.toml")
+
+PolicyName = Literal["identity", "pool", "ht-aware"]
+VmName = Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+def _cpulist(value: str) -> str:
+    try:
+        parse_cpulist(value)
+    except CpuListError as err:
+        raise ValueError(str(err)) from None
+    return value
+
+
+class ServiceConfig(_Strict):
+    runtime_dir: Path = Path("/run/extpv/vms")
+    state_dir: Path = Path("/run/extpv/state")
+    control_socket: Path = Path("/run/extpv/pvhost.sock")
+    #: ``host:port`` for Prometheus ``/metrics``; empty disables it.
+    metrics: str = "127.0.0.1:9464"
+    signing_key: Path = Path("/etc/extpv/signing.key")
+    #: The affinity program to inject; unset: the agent's compiled ``affinity`` object.
+    affinity_program: Path | None = None
+    #: Seconds between reconnection attempts grow up to this.
+    max_backoff: Annotated[float, Field(gt=0, le=300)] = 10.0
+
+    @field_validator("metrics")
+    @classmethod
+    def _listen(cls, value: str) -> str:
+        if value:
+            host, sep, port = value.rpartition(":")
+            if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+                raise ValueError(f"{value!r} is not host:port")
+        return value
+
+
+class PlacementConfig(_Strict):
+    backend: Literal["auto", "cgroup2", "cgroup1"] = "auto"
+    #: cgroupfs mount point (the in-VM tests point this elsewhere).
+    cgroup_root: Path = Path("/sys/fs/cgroup")
+    #: Name of extpv's own cgroup: ``extpv.slice`` (v2) / ``extpv`` (v1) when empty.
+    group: str = ""
+    housekeeping: str = "0"
+    pool: str = ""
+    policy: PolicyName = "identity"
+    quota: Annotated[int, Field(ge=0, le=8192)] = 4
+    rate: Annotated[float, Field(gt=0, le=10_000)] = 20.0
+    burst: Annotated[int, Field(ge=1, le=10_000)] = 5
+
+    _lists = field_validator("housekeeping", "pool")(_cpulist)
+
+    def housekeeping_cpus(self) -> frozenset[int]:
+        return parse_cpulist(self.housekeeping)
+
+    def pool_cpus(self) -> frozenset[int] | None:
+        """The configured pool, or None for "every online CPU that is not housekeeping"."""
+        return parse_cpulist(self.pool) if self.pool.strip() else None
+
+
+class VmConfig(_Strict):
+    qmp: Path
+    agent: Path
+    policy: PolicyName | None = None
+    quota: Annotated[int, Field(ge=0, le=8192)] | None = None
+
+
+class Config(_Strict):
+    service: ServiceConfig = ServiceConfig()
+    placement: PlacementConfig = PlacementConfig()
+    vms: dict[VmName, VmConfig] = {}
+
+
+def load_config(path: Path | None) -> Config:
+    """Load and validate ``path``; None (or a missing default file) gives the defaults."""
+    if path is None:
+        if not DEFAULT_CONFIG_PATH.exists():
+            return Config()
+        path = DEFAULT_CONFIG_PATH
+    try:
+        data = tomllib.loads(path.read_text())
+    except OSError as err:
+        raise ConfigError(f"{path}: cannot read: {err.strerror}") from err
+    except tomllib.TOMLDecodeError as err:
+        raise ConfigError(f"{path}: not valid TOML: {err}") from err
+    try:
+        return Config.model_validate(data)
+    except pydantic.ValidationError as err:
+        lines = [
+            f"{path}: {'.'.join(str(p) for p in e['loc']) or '(top)'}: "
+            f"{e['msg'].removeprefix('Value error, ')}"
+            for e in err.errors(include_url=False)
+        ]
+        raise ConfigError("\n".join(lines)) from err

@@ -1,0 +1,141 @@
+"""``pvctl``: the operator's command line for the running host service."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from pvhost import signing
+from pvhost.control import request
+from pvhost.errors import HostError
+
+__all__ = ["main"]
+
+DEFAULT_SOCKET = Path("/run/extpv/pvhost.sock")
+
+
+def die(message: str, hint: str | None = None) -> int:
+    print(f"pvctl: {message}", file=sys.stderr)
+    if hint:
+        print(f"hint: {hint}", file=sys.stderr)
+    return 1
+
+
+def format_status(status: dict[str, Any]) -> str:
+    host = status["host"]
+    lines = [
+        f"backend: {status['backend']}  "
+        + " ".join(f"{k}={v}" for k, v in status.get("backend_detail", {}).items()),
+        f"host: online {host['online']}  housekeeping {host['housekeeping']}  "
+        f"eligible {host['eligible']}",
+    ]
+    for name, vm in status["vms"].items():
+        lines.append(
+            f"VM {name}: qmp {vm['qmp']}, channel {vm['channel']}, policy {vm['policy']}"
+            f" (remap {'on' if vm['remap'] else 'off'}), quota {vm['quota']},"
+            f" wanted {vm['wanted']} (seq {vm['last_seq']})"
+        )
+        for prog, state in vm["programs"].items():
+            lines.append(f"  program {prog}: {state}")
+        for vcpu, info in vm["vcpus"].items():
+            placed = vm["placements"].get(vcpu)
+            where = (
+                f"→ pCPU {placed['pcpu']}  partition {placed['partition']}  {placed['cgroup']}"
+                if placed
+                else "unpinned"
+            )
+            lines.append(f"  vCPU {vcpu}: tid {info['tid']}  {where}")
+        refused = [r for r in vm["result"] if r.get("refused")]
+        for r in refused:
+            lines.append(f"  vCPU {r['vcpu']} refused: {r['refused']}")
+    for name in status.get("orphans", {}):
+        lines.append(f"placements of VM {name} without a session (will be reconciled)")
+    return "\n".join(lines)
+
+
+def _build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="pvctl", description="Operate the extpv host service (pvhost) and its VMs."
+    )
+    parser.add_argument(
+        "--socket",
+        type=Path,
+        default=DEFAULT_SOCKET,
+        help=f"pvhost control socket (default {DEFAULT_SOCKET})",
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+    status = sub.add_parser("status", help="VMs, vCPU threads, guest requests, placements")
+    status.add_argument("--json", action="store_true", help="machine-readable output")
+    remap = sub.add_parser("remap", help="switch HT-aware remapping for a VM (the paper's switch)")
+    remap.add_argument("state", choices=["on", "off"])
+    remap.add_argument("vm")
+    release = sub.add_parser("release", help="undo every placement of a VM now")
+    release.add_argument("vm")
+    program = sub.add_parser("program", help="inject or remove an eBPF program in a guest")
+    program.add_argument("action", choices=["load", "unload"])
+    program.add_argument("vm")
+    program.add_argument(
+        "file",
+        help="compiled object (*.bpf.o) or bcc source (*.c); "
+        "for unload, the file or the program id",
+    )
+    keygen = sub.add_parser("keygen", help="create an Ed25519 signing key pair in DIR")
+    keygen.add_argument("dir", type=Path)
+    sign = sub.add_parser("sign", help="print the hex Ed25519 signature of FILE")
+    sign.add_argument("file", type=Path)
+    sign.add_argument("--key", type=Path, default=Path("/etc/extpv/signing.key"))
+    # VM launcher commands (`pvctl vm …`) live in pvhost/launcher.py (the VM part).
+    # LEAD: after merging the launcher, replace this line with:
+    #     importlib.import_module("pvhost.launcher").register_cli(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _build_parser().parse_args(argv)
+    try:
+        if args.command == "status":
+            result = request(args.socket, {"cmd": "status"})
+            print(json.dumps(result, indent=2) if args.json else format_status(result))
+        elif args.command == "remap":
+            result = request(args.socket, {"cmd": "remap", "vm": args.vm, "on": args.state == "on"})
+            print(f"VM {result['vm']}: remap {args.state}, policy {result['policy']}")
+        elif args.command == "release":
+            result = request(args.socket, {"cmd": "release", "vm": args.vm})
+            print(f"VM {result['vm']}: released {result['released'] or 'nothing'}")
+        elif args.command == "program":
+            if args.action == "load":
+                path = Path(args.file).resolve()
+                result = request(
+                    args.socket, {"cmd": "program-load", "vm": args.vm, "path": str(path)}
+                )
+                if not result["ok"]:
+                    return die(
+                        f"guest refused {result['program_id']}: {result['reason']}",
+                        hint=result.get("log") or None,
+                    )
+                print(f"VM {args.vm}: program {result['program_id']} loaded")
+            else:
+                result = request(
+                    args.socket, {"cmd": "program-unload", "vm": args.vm, "program": args.file}
+                )
+                print(f"VM {args.vm}: program {result['unloaded']} unloaded")
+        elif args.command in ("keygen", "sign"):
+            if args.command == "keygen":
+                print(signing.generate_keypair(args.dir))
+            else:
+                print(signing.sign(args.file.read_bytes(), args.key).hex())
+        elif hasattr(args, "func"):
+            rc: int = args.func(args)
+            return rc
+    except HostError as err:
+        return die(str(err))
+    except OSError as err:
+        return die(f"{err.filename or ''}: {err.strerror}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

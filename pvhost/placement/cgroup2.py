@@ -1,0 +1,338 @@
+"""cgroup v2 backend: per-vCPU threaded cgroups that become isolated partitions while pinned.
+
+Layout (under the unified hierarchy, default ``/sys/fs/cgroup``)::
+
+    extpv.slice/              cpuset.cpus.exclusive = every CPU that may be pinned
+      vm-<name>/              QEMU process moved here once at attach (becomes a threaded domain)
+                              cpuset.cpus.exclusive = the pCPUs this VM holds now
+        emulator/  threaded   QEMU's other threads; never holds pinned CPUs (an isolated
+                              sibling's CPUs leave its effective set automatically)
+        vcpu<N>/   threaded   vCPU thread N, moved once at attach
+                              pin:   cpuset.cpus.exclusive = <p>, partition isolated
+                              unpin: partition member, cpuset.cpus.exclusive cleared
+                              (cpuset.cpus is never written: see _apply_pin)
+
+Thread migration takes a global rwsem (tens of ms), so threads move only at attach; the
+pin/unpin path only rewrites cpuset files. Remote partitions need ``cpuset.cpus.exclusive``
+(kernel ≥ 6.7). On older kernels the fallback pins with ``cpuset.cpus`` alone (the thread is
+restricted, the pCPU is not isolated; unpin writes the parent's CPUs back, since a populated
+cgroup's ``cpuset.cpus`` cannot be emptied) and ``describe()`` says so. After every partition write
+the state is read back: ``isolated invalid (<reason>)`` is undone at once and raised as
+:class:`PartitionInvalid` carrying the kernel's reason.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from pvhost.errors import BackendUnavailable, PartitionInvalid, PlacementError
+from pvhost.placement.base import (
+    read_cpus,
+    read_text,
+    thread_alive,
+    thread_allowed_cpus,
+    write_text,
+)
+from pvhost.state import StateStore
+from pvproto import format_cpulist
+
+__all__ = ["Cgroup2Backend", "partition_reason", "thread_cgroup2"]
+
+_VCPU_DIR = re.compile(r"^vcpu(\d+)$")
+_INVALID = re.compile(r"^(\w+) invalid(?: \((.*)\))?$")
+
+
+def partition_reason(state: str) -> str | None:
+    """The kernel's reason from ``isolated invalid (<reason>)``, or None for a valid state."""
+    m = _INVALID.match(state.strip())
+    if m is None:
+        return None
+    return m.group(2) or "invalid (no reason given)"
+
+
+def thread_cgroup2(tid: int) -> str:
+    """The unified-hierarchy cgroup of ``tid`` (the ``0::`` line of /proc/<tid>/cgroup)."""
+    try:
+        for line in Path(f"/proc/{tid}/cgroup").read_text().splitlines():
+            if line.startswith("0::"):
+                return line[3:]
+    except OSError as err:
+        raise PlacementError(f"cannot read /proc/{tid}/cgroup: {err.strerror}") from err
+    raise PlacementError(f"thread {tid} is in no cgroup v2 hierarchy")
+
+
+class Cgroup2Backend:
+    name = "cgroup2"
+
+    def __init__(self, root: Path, state: StateStore, group: str = "extpv.slice") -> None:
+        controllers = root / "cgroup.controllers"
+        if not controllers.exists() or "cpuset" not in read_text(controllers).split():
+            raise BackendUnavailable(
+                f"{root} is not a cgroup v2 hierarchy with the cpuset controller "
+                "(on hybrid hosts cpuset lives in v1: use the cgroup1 backend)"
+            )
+        self.root = root
+        self.base = root / group
+        self.state = state
+        self.remote = False
+
+    # -- paths -------------------------------------------------------------------------------
+    def _vm_dir(self, vm: str) -> Path:
+        return self.base / f"vm-{vm}"
+
+    def _vcpu_dir(self, vm: str, vcpu: int) -> Path:
+        return self._vm_dir(vm) / f"vcpu{vcpu}"
+
+    def _rel(self, path: Path) -> str:
+        return "/" + str(path.relative_to(self.root))
+
+    @staticmethod
+    def _enable_cpuset(path: Path) -> None:
+        if "cpuset" not in read_text(path / "cgroup.subtree_control").split():
+            write_text(path / "cgroup.subtree_control", "+cpuset")
+
+    @staticmethod
+    def _mkdir(path: Path) -> None:
+        try:
+            path.mkdir(exist_ok=True)
+        except OSError as err:
+            raise PlacementError(f"cannot create cgroup {path}: {err.strerror}") from err
+
+    def _threaded_child(self, path: Path) -> None:
+        self._mkdir(path)
+        if read_text(path / "cgroup.type") != "threaded":
+            write_text(path / "cgroup.type", "threaded")
+
+    # -- protocol ----------------------------------------------------------------------------
+    def setup(self, eligible: frozenset[int]) -> None:
+        if not eligible:
+            raise PlacementError("no eligible CPU to pin: the pool minus housekeeping is empty")
+        self._enable_cpuset(self.root)
+        self._mkdir(self.base)
+        self._enable_cpuset(self.base)
+        self.remote = (self.base / "cpuset.cpus.exclusive").exists()
+        if self.remote:
+            held = {p for pins in self.pins().values() for p in pins.values()}
+            write_text(self.base / "cpuset.cpus.exclusive", format_cpulist(eligible | held))
+
+    def attach(self, vm: str, qemu_pid: int, vcpu_tids: Mapping[int, int]) -> None:
+        entry = self.state.vm(vm)
+        attach = entry.get("attach")
+        if attach and attach.get("pid") == qemu_pid and self._attached(vm, vcpu_tids):
+            return  # adopted after a restart: the threads are where we put them
+        if attach and attach.get("pid") != qemu_pid:
+            self.detach(vm)
+        record = {"pid": qemu_pid, "prev_cgroup": thread_cgroup2(qemu_pid)}
+        self.state.set_attach(vm, record)
+        try:
+            vm_dir = self._vm_dir(vm)
+            self._mkdir(vm_dir)
+            self._enable_cpuset(vm_dir)
+            self._threaded_child(vm_dir / "emulator")
+            for vcpu in vcpu_tids:
+                self._threaded_child(self._vcpu_dir(vm, vcpu))
+            # The one migration of this VM's life: process in, then each thread to its place.
+            write_text(vm_dir / "cgroup.procs", str(qemu_pid))
+            vcpu_set = set(vcpu_tids.values())
+            for task in sorted(Path(f"/proc/{qemu_pid}/task").iterdir()):
+                tid = int(task.name)
+                if tid not in vcpu_set:
+                    with contextlib.suppress(PlacementError):  # threads come and go
+                        write_text(vm_dir / "emulator" / "cgroup.threads", str(tid))
+            for vcpu, tid in vcpu_tids.items():
+                write_text(self._vcpu_dir(vm, vcpu) / "cgroup.threads", str(tid))
+        except (PlacementError, OSError) as err:
+            self.detach(vm)
+            raise PlacementError(f"attaching VM {vm} (QEMU pid {qemu_pid}) failed: {err}") from err
+
+    def _attached(self, vm: str, vcpu_tids: Mapping[int, int]) -> bool:
+        return all(
+            thread_alive(tid) and thread_cgroup2(tid) == self._rel(self._vcpu_dir(vm, vcpu))
+            for vcpu, tid in vcpu_tids.items()
+        )
+
+    def pin(self, vm: str, vcpu: int, tid: int, pcpu: int) -> None:
+        if self.state.vcpu(vm, vcpu) is not None:
+            self.unpin(vm, vcpu)
+        path = self._vcpu_dir(vm, vcpu)
+        if not path.is_dir() or thread_cgroup2(tid) != self._rel(path):
+            raise PlacementError(f"VM {vm} vCPU {vcpu} (thread {tid}) is not attached in {path}")
+        record = {
+            "tid": tid,
+            "pcpu": pcpu,
+            "prev_cpus": read_text(path / "cpuset.cpus"),
+            "prev_affinity": sorted(os.sched_getaffinity(tid)),
+        }
+        self.state.set_vcpu(vm, vcpu, record)
+        try:
+            self._apply_pin(vm, vcpu, tid, pcpu, path)
+        except PlacementError:
+            self.unpin(vm, vcpu)
+            raise
+
+    def _apply_pin(self, vm: str, vcpu: int, tid: int, pcpu: int, path: Path) -> None:
+        if self.remote:
+            # Only the exclusive CPUs and the partition change: cpuset.cpus stays empty. A
+            # populated cgroup's cpuset.cpus can never be emptied again (ENOSPC), and an
+            # explicit cpuset.cpus overlapping a sibling partition invalidates that partition
+            # (both measured on 6.12), so a remote partition is made from cpus.exclusive alone.
+            held = set(self.pins().get(vm, {}).values()) | {pcpu}
+            write_text(self._vm_dir(vm) / "cpuset.cpus.exclusive", format_cpulist(held))
+            write_text(path / "cpuset.cpus.exclusive", str(pcpu))
+            write_text(path / "cpuset.cpus.partition", "isolated")
+            # Read back: the kernel may accept the write yet leave the partition invalid.
+            state = read_text(path / "cpuset.cpus.partition")
+            reason = partition_reason(state)
+            if reason is not None or state != "isolated":
+                raise PartitionInvalid(
+                    f"VM {vm} vCPU {vcpu} → pCPU {pcpu}: partition is {state!r}",
+                    reason or state,
+                )
+        else:
+            write_text(path / "cpuset.cpus", str(pcpu))
+        allowed = thread_allowed_cpus(tid)
+        if allowed != {pcpu}:
+            raise PlacementError(
+                f"verify failed for VM {vm} vCPU {vcpu} (thread {tid}): allowed "
+                f"{format_cpulist(allowed)}, expected {pcpu}"
+            )
+
+    def unpin(self, vm: str, vcpu: int) -> None:
+        record = self.state.vcpu(vm, vcpu)
+        path = self._vcpu_dir(vm, vcpu)
+        if path.is_dir():
+            if self.remote:
+                write_text(path / "cpuset.cpus.partition", "member")
+                write_text(path / "cpuset.cpus.exclusive", "")
+            elif record is not None and read_text(path / "cpuset.cpus") != record["prev_cpus"]:
+                # No partitions (kernel < 6.7): cpuset.cpus was the pin. It cannot be emptied
+                # while the thread is inside, so it goes back to the parent's whole set.
+                prev = record["prev_cpus"] or read_text(path.parent / "cpuset.cpus.effective")
+                write_text(path / "cpuset.cpus", prev)
+        self.state.set_vcpu(vm, vcpu, None)
+        vm_dir = self._vm_dir(vm)
+        if self.remote and (vm_dir / "cpuset.cpus.exclusive").exists():
+            rest = set(self.pins().get(vm, {}).values())
+            write_text(vm_dir / "cpuset.cpus.exclusive", format_cpulist(rest))
+        if record is not None and thread_alive(int(record["tid"])):
+            tid = int(record["tid"])
+            effective = read_cpus(path / "cpuset.cpus.effective") if path.is_dir() else None
+            wanted = set(record["prev_affinity"])
+            if effective is not None:
+                wanted &= effective
+            with contextlib.suppress(ProcessLookupError, OSError):
+                os.sched_setaffinity(tid, wanted or (effective or set(record["prev_affinity"])))
+
+    def detach(self, vm: str) -> None:
+        for vcpu in sorted(self.pins().get(vm, {})):
+            self.unpin(vm, vcpu)
+        attach = self.state.vm(vm).get("attach") or {}
+        vm_dir = self._vm_dir(vm)
+        pid = attach.get("pid")
+        if pid and thread_alive(int(pid)) and vm_dir.is_dir():
+            prev = self.root / str(attach.get("prev_cgroup", "/")).lstrip("/")
+            if not (prev / "cgroup.procs").exists():
+                prev = self.root
+            with contextlib.suppress(PlacementError):
+                write_text(prev / "cgroup.procs", str(pid))
+        if vm_dir.is_dir():
+            for child in sorted(vm_dir.iterdir()):
+                if child.is_dir():
+                    self._rmdir(child)
+            self._rmdir(vm_dir)
+        self.state.drop_vm(vm)
+
+    @staticmethod
+    def _rmdir(path: Path) -> None:
+        try:
+            path.rmdir()
+        except FileNotFoundError:
+            pass
+        except OSError as err:
+            raise PlacementError(f"cannot remove cgroup {path}: {err.strerror}") from err
+
+    def pins(self) -> dict[str, dict[int, int]]:
+        return {
+            vm: {int(v): int(rec["pcpu"]) for v, rec in entry.get("vcpus", {}).items()}
+            for vm, entry in self.state.vms().items()
+            if entry.get("vcpus")
+        }
+
+    def reconcile(self, live: Mapping[str, Mapping[int, int]]) -> dict[str, dict[int, int]]:
+        adopted: dict[str, dict[int, int]] = {}
+        for vm, entry in list(self.state.vms().items()):
+            if vm not in live:
+                self.detach(vm)
+                continue
+            for vcpu_text, record in list(entry.get("vcpus", {}).items()):
+                vcpu, tid = int(vcpu_text), int(record["tid"])
+                path = self._vcpu_dir(vm, vcpu)
+                intact = (
+                    live[vm].get(vcpu) == tid
+                    and thread_alive(tid)
+                    and path.is_dir()
+                    and thread_cgroup2(tid) == self._rel(path)
+                    and thread_allowed_cpus(tid) == {int(record["pcpu"])}
+                    and (not self.remote or read_text(path / "cpuset.cpus.partition") == "isolated")
+                )
+                if intact:
+                    adopted.setdefault(vm, {})[vcpu] = int(record["pcpu"])
+                else:
+                    self.unpin(vm, vcpu)
+        if self.base.is_dir():
+            for vm_dir in self.base.iterdir():
+                if vm_dir.is_dir() and vm_dir.name.startswith("vm-"):
+                    vm = vm_dir.name[3:]
+                    if vm not in self.state.vms() and vm not in live:
+                        self._orphan(vm_dir)
+        return adopted
+
+    def _orphan(self, vm_dir: Path) -> None:
+        """A VM cgroup with no record (state lost): hand its processes to the root, remove it."""
+        for child in [*sorted(p for p in vm_dir.iterdir() if p.is_dir()), vm_dir]:
+            if (child / "cpuset.cpus.partition").exists() and child != vm_dir:
+                with contextlib.suppress(PlacementError):
+                    write_text(child / "cpuset.cpus.partition", "member")
+        for pid in read_text(vm_dir / "cgroup.procs").split():
+            with contextlib.suppress(PlacementError):
+                write_text(self.root / "cgroup.procs", pid)
+        for child in sorted(p for p in vm_dir.iterdir() if p.is_dir()):
+            self._rmdir(child)
+        self._rmdir(vm_dir)
+
+    def describe(self) -> dict[str, Any]:
+        vms: dict[str, Any] = {}
+        for vm, entry in self.state.vms().items():
+            out: dict[str, Any] = {}
+            for vcpu_text, record in sorted(entry.get("vcpus", {}).items()):
+                path = self._vcpu_dir(vm, int(vcpu_text))
+                part = path / "cpuset.cpus.partition"
+                out[vcpu_text] = {
+                    "pcpu": record.get("pcpu"),
+                    "tid": record.get("tid"),
+                    "cgroup": str(path),
+                    "cpus": read_text(path / "cpuset.cpus") if path.is_dir() else None,
+                    "partition": read_text(part)
+                    if part.exists()
+                    else "member (kernel has no cpuset partitions)",
+                    "isolated": self.remote,
+                }
+            vms[vm] = out
+        return {
+            "backend": self.name,
+            "base": str(self.base),
+            "remote_partitions": self.remote,
+            "vms": vms,
+        }
+
+    def teardown(self) -> None:
+        if self.base.is_dir() and not any(p.is_dir() for p in self.base.iterdir()):
+            if (self.base / "cpuset.cpus.exclusive").exists():
+                with contextlib.suppress(PlacementError):
+                    write_text(self.base / "cpuset.cpus.exclusive", "")
+            self._rmdir(self.base)

@@ -1,0 +1,148 @@
+"""QEMU's monitor through ``qemu.qmp``: vCPU index → host thread id and guest topology.
+
+``query-cpus-fast`` gives, per vCPU, the top-level ``thread-id`` (the host tid of the vCPU
+thread) and ``props`` (socket/die/core/thread ids in the guest). The map is refreshed when
+QEMU reports a CPU hot(un)plug (``DEVICE_DELETED``, ``ACPI_DEVICE_OST``) and on demand.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from qemu.qmp import QMPClient, QMPError
+
+from pvhost.errors import QmpError
+
+__all__ = ["QmpMonitor", "VcpuThread", "qemu_pid_of"]
+
+_log = logging.getLogger(__name__)
+
+#: QMP events after which the vCPU map may have changed.
+HOTPLUG_EVENTS = ("DEVICE_DELETED", "ACPI_DEVICE_OST", "CPU_ADDED")
+
+
+@dataclass(frozen=True)
+class VcpuThread:
+    index: int
+    tid: int
+    socket: int
+    die: int
+    core: int
+    thread: int
+    qom_path: str
+
+    @property
+    def core_key(self) -> tuple[int, int, int]:
+        """Guest vCPUs with the same key are SMT siblings."""
+        return (self.socket, self.die, self.core)
+
+
+def qemu_pid_of(tid: int) -> int:
+    """The QEMU process owning vCPU thread ``tid`` (its ``Tgid``)."""
+    try:
+        for line in Path(f"/proc/{tid}/status").read_text().splitlines():
+            if line.startswith("Tgid:"):
+                return int(line.split()[1])
+    except OSError as err:
+        raise QmpError(f"vCPU thread {tid} is gone: {err.strerror}") from err
+    raise QmpError(f"/proc/{tid}/status has no Tgid")
+
+
+def _parse_cpus(reply: object) -> dict[int, VcpuThread]:
+    if not isinstance(reply, list):
+        raise QmpError(f"query-cpus-fast returned {type(reply).__name__}, expected a list")
+    out: dict[int, VcpuThread] = {}
+    for item in reply:
+        try:
+            props: dict[str, Any] = item.get("props", {})
+            index = int(item["cpu-index"])
+            out[index] = VcpuThread(
+                index=index,
+                tid=int(item["thread-id"]),
+                socket=int(props.get("socket-id", 0)),
+                die=int(props.get("die-id", 0)),
+                core=int(props.get("core-id", index)),
+                thread=int(props.get("thread-id", 0)),
+                qom_path=str(item.get("qom-path", "")),
+            )
+        except (KeyError, TypeError, ValueError, AttributeError) as err:
+            raise QmpError(f"unexpected query-cpus-fast entry {item!r}: {err}") from err
+    return out
+
+
+class QmpMonitor:
+    """One QMP connection to one QEMU; ``vcpus`` is the current vCPU map."""
+
+    def __init__(self, socket_path: Path, name: str) -> None:
+        self.path = socket_path
+        self._client = QMPClient(f"pvhost-{name}")
+        self.vcpus: dict[int, VcpuThread] = {}
+        self._events: asyncio.Task[None] | None = None
+        self.on_change: Callable[[], None] | None = None
+
+    async def connect(self, timeout: float = 5.0) -> None:
+        try:
+            async with asyncio.timeout(timeout):
+                await self._client.connect(str(self.path))
+        except (QMPError, OSError, TimeoutError) as err:
+            raise QmpError(f"cannot connect to QMP at {self.path}: {err or 'timed out'}") from err
+        self._events = asyncio.create_task(self._watch(), name=f"qmp-events-{self.path}")
+        await self.refresh()
+
+    async def refresh(self, timeout: float = 5.0) -> dict[int, VcpuThread]:
+        try:
+            async with asyncio.timeout(timeout):
+                reply = await self._client.execute("query-cpus-fast")
+        except (QMPError, OSError, TimeoutError) as err:
+            raise QmpError(f"query-cpus-fast on {self.path} failed: {err or 'timed out'}") from err
+        self.vcpus = _parse_cpus(reply)
+        return self.vcpus
+
+    @property
+    def connected(self) -> bool:
+        return self._client.runstate.name == "RUNNING"
+
+    async def wait_closed(self) -> None:
+        """Return when QEMU closes the monitor (the VM went away)."""
+        if self._events is not None:
+            # asyncio.wait: a cancellation of the caller propagates, the watcher is not cancelled.
+            await asyncio.wait({self._events})
+
+    async def _watch(self) -> None:
+        with self._client.listener(HOTPLUG_EVENTS) as listener:
+            waiter = asyncio.ensure_future(self._client.runstate_changed())
+            try:
+                while self.connected:
+                    getter = asyncio.ensure_future(listener.get())
+                    done, _ = await asyncio.wait(
+                        {getter, waiter}, return_when=asyncio.FIRST_COMPLETED
+                    )
+                    if getter in done:
+                        _log.info(
+                            "%s: %s, refreshing vCPU map", self.path, getter.result()["event"]
+                        )
+                        with contextlib.suppress(QmpError):
+                            await self.refresh()
+                        if self.on_change is not None:
+                            self.on_change()
+                    else:
+                        getter.cancel()
+                        if not self.connected:
+                            return
+                        waiter = asyncio.ensure_future(self._client.runstate_changed())
+            finally:
+                waiter.cancel()
+
+    async def close(self) -> None:
+        if self._events is not None:
+            self._events.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._events
+        with contextlib.suppress(QMPError, OSError):
+            await self._client.disconnect()

@@ -1,0 +1,214 @@
+"""End to end on this host: real QEMU (TCG), real QMP, real cgroup v1 cpusets, the guest
+played on the channel socket. An AffinityUpdate for vCPU 1 must end with QEMU's vCPU-1
+thread restricted to the planned pCPU, and an empty update must restore it exactly."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import pytest
+from qemu.qmp import QMPClient
+
+from pvhost.config import Config
+from pvhost.placement import thread_allowed_cpus
+from pvhost.service import Service
+from pvproto import AffinityResult, AffinityUpdate, LoadProgram
+from tests.integration.conftest import Qemu, start_qemu
+from tests.integration.guest import FakeGuestChannel
+
+pytestmark = [pytest.mark.root, pytest.mark.vm]
+
+CPUSET = Path("/sys/fs/cgroup/cpuset")
+
+
+def make_config(tmp_path: Path, qemu: Qemu, group: str, **placement: object) -> Config:
+    program = tmp_path / "affinity.bpf.o"
+    program.write_bytes(b"\x7fELF test payload: the guest is played by the test")
+    return Config.model_validate(
+        {
+            "service": {
+                "runtime_dir": str(tmp_path / "runtime"),
+                "state_dir": str(tmp_path / "state"),
+                "control_socket": str(tmp_path / "pvhost.sock"),
+                "signing_key": str(tmp_path / "no-key"),
+                "affinity_program": str(program),
+                "max_backoff": 0.5,
+            },
+            "placement": {
+                "backend": "cgroup1",
+                "group": group,
+                "housekeeping": "",
+                "policy": "identity",
+                "quota": 2,
+                **placement,
+            },
+            "vms": {"t": {"qmp": str(qemu.qmp), "agent": str(qemu.dir / "agent.sock")}},
+        }
+    )
+
+
+def thread_cpuset(tid: int) -> str:
+    return Path(f"/proc/{tid}/cpuset").read_text().strip()
+
+
+def test_update_pins_vcpu_thread_and_empty_update_restores(
+    tmp_path: Path, qemu: Qemu, cpuset_group: str
+) -> None:
+    tid = qemu.vcpu_tids()[1]
+    before = (thread_allowed_cpus(tid), thread_cpuset(tid))
+
+    async def scenario() -> None:
+        guest = FakeGuestChannel(qemu.dir / "agent.sock")
+        await guest.start()
+        service = Service(make_config(tmp_path, qemu, cpuset_group))
+        await service.start()
+        try:
+            await guest.connected()
+            load = await guest.expect(LoadProgram)
+            assert isinstance(load, LoadProgram) and load.program_id == "affinity"
+
+            result = await guest.update(1, [1])
+            assert result.placements[0].pcpu == 1, result
+            assert result.backend == "cgroup1" and result.policy == "identity"
+            vcpu_dir = CPUSET / cpuset_group / "vm-t" / "vcpu1"
+            assert thread_allowed_cpus(tid) == {1}
+            assert (vcpu_dir / "cpuset.cpus").read_text().strip() == "1"
+            assert str(tid) in (vcpu_dir / "tasks").read_text().split()
+            # The other vCPU threads are untouched.
+            for other, other_tid in qemu.vcpu_tids().items():
+                if other != 1:
+                    assert thread_allowed_cpus(other_tid) == before[0]
+
+            status = service.status()
+            assert status["vms"]["t"]["vcpus"]["1"]["tid"] == tid
+            assert status["vms"]["t"]["placements"]["1"]["pcpu"] == 1
+
+            empty = await guest.update(2, [])
+            assert empty.placements == []
+            assert (thread_allowed_cpus(tid), thread_cpuset(tid)) == before
+            assert not vcpu_dir.exists()
+            assert guest.bad_frames == []
+        finally:
+            await service.stop()
+            await guest.close()
+
+    asyncio.run(scenario())
+    assert (thread_allowed_cpus(tid), thread_cpuset(tid)) == before
+    assert not (CPUSET / cpuset_group).exists()
+
+
+def test_update_storm_is_rate_limited_coalesced_and_all_answered(
+    tmp_path: Path, qemu: Qemu, cpuset_group: str
+) -> None:
+    tids = qemu.vcpu_tids()
+    before = {v: thread_allowed_cpus(t) for v, t in tids.items()}
+
+    async def scenario() -> None:
+        guest = FakeGuestChannel(qemu.dir / "agent.sock")
+        await guest.start()
+        config = make_config(tmp_path, qemu, cpuset_group, rate=4.0, burst=1)
+        service = Service(config)
+        await service.start()
+        try:
+            await guest.connected()
+            # A hostile guest: garbage on the channel, an unknown vCPU, then a storm.
+            assert guest._writer is not None
+            guest._writer.write(b"\xe5PVF garbage \xff" * 100)
+            bogus = await guest.update(1, [7])
+            assert "unknown vCPU 7" in (bogus.placements[0].refused or "")
+            storm = 60
+            for seq in range(2, 2 + storm):
+                guest.send(AffinityUpdate(seq=seq, wanted=[1] if seq % 2 else [0]))
+            answered: dict[int, AffinityResult] = {}
+            async with asyncio.timeout(10):
+                while len(answered) < storm:
+                    result = await guest.expect(AffinityResult)
+                    assert isinstance(result, AffinityResult)
+                    answered[result.seq] = result
+            assert set(answered) == set(range(2, 2 + storm))
+            last = answered[1 + storm].placements
+            assert [(p.vcpu, p.pcpu) for p in last] == [(1, 1)]
+            # Coalesced: far fewer placements applied than updates received.
+            assert service.metrics.requests["t"] <= 5
+            assert thread_allowed_cpus(tids[1]) == {1}
+            assert thread_allowed_cpus(tids[0]) == before[0]
+        finally:
+            await service.stop()
+            await guest.close()
+
+    asyncio.run(scenario())
+    assert {v: thread_allowed_cpus(t) for v, t in tids.items()} == before
+
+
+def test_vm_found_in_runtime_dir_and_undone_when_it_goes(
+    tmp_path: Path, qemu: Qemu, cpuset_group: str
+) -> None:
+    tid = qemu.vcpu_tids()[1]
+    before = (thread_allowed_cpus(tid), thread_cpuset(tid))
+    config = make_config(tmp_path, qemu, cpuset_group)
+    config = config.model_copy(update={"vms": {}})
+    runtime = config.service.runtime_dir
+
+    async def scenario() -> None:
+        guest = FakeGuestChannel(qemu.dir / "agent.sock")
+        await guest.start()
+        service = Service(config)
+        await service.start()
+        try:
+            assert service.sessions == {}
+            # The launcher's layout: /run/extpv/vms/<name>/{qmp.sock,agent.sock}.
+            (runtime / "t").symlink_to(qemu.dir, target_is_directory=True)
+            await guest.connected()
+            result = await guest.update(1, [1])
+            assert result.placements[0].pcpu == 1
+            assert thread_allowed_cpus(tid) == {1}
+            (runtime / "t").unlink()  # the VM's directory goes away: everything is undone
+            async with asyncio.timeout(5):
+                while "t" in service.sessions or thread_allowed_cpus(tid) != before[0]:
+                    await asyncio.sleep(0.02)
+            assert (thread_allowed_cpus(tid), thread_cpuset(tid)) == before
+            assert not (CPUSET / cpuset_group / "vm-t").exists()
+        finally:
+            await service.stop()
+            await guest.close()
+
+    asyncio.run(scenario())
+
+
+def test_hot_plugged_vcpu_is_found_and_pinned(tmp_path: Path, cpuset_group: str) -> None:
+    qemu = start_qemu(tmp_path / "vm", "hp", smp=1, maxcpus=3)
+    try:
+
+        async def scenario() -> None:
+            guest = FakeGuestChannel(qemu.dir / "agent.sock", vcpus=1)
+            await guest.start()
+            service = Service(make_config(tmp_path, qemu, cpuset_group))
+            await service.start()
+            launcher = QMPClient("test")
+            await launcher.connect(str(qemu.dir / "launcher-qmp.sock"))
+            try:
+                await guest.connected()
+                result = await guest.update(1, [1])
+                assert "unknown vCPU 1" in (result.placements[0].refused or "")
+                await launcher.execute(
+                    "device_add",
+                    {"driver": "qemu64-x86_64-cpu", "id": "cpu1", "socket-id": 0,
+                     "core-id": 1, "thread-id": 0},
+                )  # fmt: skip
+                tid = qemu.vcpu_tids()[1]
+                before = thread_allowed_cpus(tid)
+                result = await guest.update(2, [1])
+                assert [(p.vcpu, p.pcpu) for p in result.placements] == [(1, 1)]
+                assert thread_allowed_cpus(tid) == {1}
+                assert service.status()["vms"]["t"]["vcpus"]["1"]["tid"] == tid
+                await guest.update(3, [])
+                assert thread_allowed_cpus(tid) == before
+            finally:
+                await launcher.disconnect()
+                await service.stop()
+                await guest.close()
+
+        asyncio.run(scenario())
+    finally:
+        qemu.kill()
