@@ -1,0 +1,150 @@
+"""Session fixtures for the end-to-end tests: one guest image, as few VMs as possible.
+
+The image (``images/build-image --with-tests``, small variant, trusted test key) is built once
+per checkout state: ``images/out/test/small/inputs.sha256`` records a digest of everything that
+goes into it, so a rerun with nothing changed reuses it and CI (no caches) builds it once.
+``EXTPV_TEST_IMAGE=DIR`` uses a prebuilt image directory instead (its key must be
+``DIR/../keys/signing.key``).
+
+One VM (``-smp 4``, so it can also act as a cgroup v2 host for test (d)) is booted per session
+and shared by every test in this directory; the repository is shared into it over 9p
+(mount tag ``extpv``) so the guest runs this checkout's host code for (d).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from pvhost import launcher
+
+REPO = Path(__file__).resolve().parents[2]
+IMAGE_INPUTS = (
+    "images",
+    "bench/spscq.c",
+    "bench/Makefile",
+    "pvagent",
+    "pvproto",
+    "bpf",
+    "pyproject.toml",
+)
+BUILD_DEADLINE_S = 1200
+BOOT_DEADLINE_S = 300
+
+
+def _inputs_digest(extra: bytes) -> str:
+    """Digest of the tracked and untracked (not ignored) files the image is built from."""
+    listed = subprocess.run(
+        ["git", "-C", str(REPO), "ls-files", "-co", "--exclude-standard", "--", *IMAGE_INPUTS],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=30,
+    ).stdout.split()
+    h = hashlib.sha256(extra)
+    for rel in sorted(listed):
+        p = REPO / rel
+        if p.is_file():
+            h.update(rel.encode() + b"\0" + p.read_bytes() + b"\0")
+    return h.hexdigest()
+
+
+def _make_keys(keydir: Path) -> tuple[Path, Path]:
+    from cryptography.hazmat.primitives import serialization as ser
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    key, pub = keydir / "signing.key", keydir / "signing.pub.pem"
+    if not key.exists() or not pub.exists():
+        keydir.mkdir(parents=True, exist_ok=True)
+        k = Ed25519PrivateKey.generate()
+        key.write_bytes(
+            k.private_bytes(ser.Encoding.PEM, ser.PrivateFormat.PKCS8, ser.NoEncryption())
+        )
+        key.chmod(0o600)
+        pub.write_bytes(
+            k.public_key().public_bytes(ser.Encoding.PEM, ser.PublicFormat.SubjectPublicKeyInfo)
+        )
+    return key, pub
+
+
+class GuestImage:
+    def __init__(self, path: Path, signing_key: Path) -> None:
+        self.path, self.signing_key = path, signing_key
+
+
+@pytest.fixture(scope="session")
+def guest_image() -> GuestImage:
+    """The test image, built if missing or stale (build output shown on failure)."""
+    if os.environ.get("EXTPV_TEST_IMAGE"):
+        path = Path(os.environ["EXTPV_TEST_IMAGE"]).resolve()
+        return GuestImage(path, path.parent / "keys" / "signing.key")
+    out = REPO / "images" / "out" / "test"
+    key, pub = _make_keys(out / "keys")
+    digest = _inputs_digest(pub.read_bytes())
+    stamp = out / "small" / "inputs.sha256"
+    if not (stamp.exists() and stamp.read_text().strip() == digest):
+        stamp.unlink(missing_ok=True)
+        t0 = time.monotonic()
+        proc = subprocess.run(
+            [
+                str(REPO / "images" / "build-image"),
+                "--variant",
+                "small",
+                "--with-tests",
+                "--trusted-key",
+                str(pub),
+                "--out",
+                str(out),
+            ],
+            capture_output=True,
+            text=True,
+            timeout=BUILD_DEADLINE_S,
+            check=False,
+        )
+        if proc.returncode != 0:
+            pytest.fail(
+                f"images/build-image failed (rc {proc.returncode}):\n{proc.stderr[-4000:]}",
+                pytrace=False,
+            )
+        stamp.write_text(digest + "\n")
+        print(f"\n[vm] built the test image in {time.monotonic() - t0:.0f} s", file=sys.stderr)
+    return GuestImage(out / "small", key)
+
+
+@pytest.fixture(scope="session")
+def runtime_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A private VM runtime directory: our pvhost watches it, nobody else's does."""
+    d = Path("/run/extpv-test") / f"{os.getpid()}" / "vms"
+    d.mkdir(parents=True, exist_ok=True)
+    return d
+
+
+@pytest.fixture(scope="session")
+def guest_vm(guest_image: GuestImage, runtime_dir: Path) -> Iterator[launcher.VirtualMachine]:
+    """The shared VM: -smp 4, test hook on, this checkout at /mnt/extpv (9p) in the guest."""
+    spec = launcher.VMSpec(
+        name="e2e",
+        image=guest_image.path,
+        smp=4,
+        memory_mib=1536,
+        runtime_dir=runtime_dir,
+        virtfs=((REPO, "extpv"),),
+        test_hook=True,
+    )
+    t0 = time.monotonic()
+    vm = launcher.start(spec, deadline_s=BOOT_DEADLINE_S, retries=2)
+    print(f"\n[vm] booted {vm} in {time.monotonic() - t0:.1f} s", file=sys.stderr)
+    vm.guest(
+        "mkdir -p /mnt/extpv && (mountpoint -q /mnt/extpv || "
+        "mount -t 9p -o trans=virtio,version=9p2000.L,ro extpv /mnt/extpv)",
+        timeout_s=60,
+    ).check()
+    yield vm
+    vm.stop()
