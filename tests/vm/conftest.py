@@ -14,12 +14,15 @@ and shared by every test in this directory; the repository is shared into it ove
 from __future__ import annotations
 
 import hashlib
+import json
 import os
+import signal
 import subprocess
 import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -148,3 +151,97 @@ def guest_vm(guest_image: GuestImage, runtime_dir: Path) -> Iterator[launcher.Vi
     ).check()
     yield vm
     vm.stop()
+
+
+class PvhostDaemon:
+    """``pvhost run`` on this host, watching the session's runtime directory (v1 cpusets here).
+
+    A test may kill it (-9) and start it again: its state directory survives, as on a real
+    host. Every wait names what it waits for and has a deadline.
+    """
+
+    def __init__(self, workdir: Path, runtime_dir: Path, signing_key: Path) -> None:
+        self.workdir = workdir
+        self.socket = workdir / "pvhost.sock"
+        self.log = workdir / "pvhost.log"
+        self.group = f"extpv-e2e-{os.getpid()}"
+        self.config = workdir / "pvhost.toml"
+        self.config.write_text(
+            f'[service]\nruntime_dir = "{runtime_dir}"\nstate_dir = "{workdir / "state"}"\n'
+            f'control_socket = "{self.socket}"\nmetrics = ""\nsigning_key = "{signing_key}"\n'
+            "max_backoff = 0.5\n\n"
+            f'[placement]\nbackend = "auto"\ngroup = "{self.group}"\nhousekeeping = ""\n'
+            'policy = "identity"\nquota = 4\nrate = 1000.0\nburst = 1000\n'
+        )
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self, deadline_s: float = 30.0) -> None:
+        self.socket.unlink(missing_ok=True)
+        with open(self.log, "ab") as log:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "pvhost.cli", "run", "--config", str(self.config)],
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=log,
+                cwd=REPO,
+            )
+        end = time.monotonic() + deadline_s
+        while not self.socket.exists():
+            if self.proc.poll() is not None:
+                pytest.fail(f"pvhost exited at start (rc {self.proc.returncode}):\n{self.tail()}")
+            if time.monotonic() > end:
+                pytest.fail(f"pvhost made no control socket within {deadline_s} s:\n{self.tail()}")
+            time.sleep(0.05)
+
+    def kill(self, sig: int) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(sig)
+        self.proc.wait(timeout=30)
+
+    def tail(self, lines: int = 40) -> str:
+        try:
+            return "\n".join(self.log.read_text(errors="replace").splitlines()[-lines:])
+        except FileNotFoundError:
+            return ""
+
+    def status(self) -> dict[str, Any]:
+        proc = subprocess.run(
+            [sys.executable, "-m", "pvhost.ctl", "--socket", str(self.socket), "status", "--json"],
+            capture_output=True,
+            text=True,
+            timeout=30,
+            cwd=REPO,
+            check=False,
+        )
+        if proc.returncode != 0:
+            pytest.fail(f"pvctl status failed: {proc.stdout}{proc.stderr}\n{self.tail()}")
+        result: dict[str, Any] = json.loads(proc.stdout)
+        return result
+
+    def wait_status(self, what: str, pred: Any, deadline_s: float = 120.0) -> dict[str, Any]:
+        """Poll ``pvctl status --json`` until ``pred(status)``; fail naming ``what``."""
+        end = time.monotonic() + deadline_s
+        while True:
+            st = self.status()
+            try:
+                if pred(st):
+                    return st
+            except (KeyError, TypeError, IndexError):
+                pass
+            if time.monotonic() > end:
+                pytest.fail(
+                    f"pvhost: no {what} within {deadline_s:.0f} s; status:\n"
+                    f"{json.dumps(st, indent=1)[-3000:]}\npvhost log:\n{self.tail()}"
+                )
+            time.sleep(0.2)
+
+
+@pytest.fixture(scope="session")
+def pvhost_daemon(
+    tmp_path_factory: pytest.TempPathFactory, runtime_dir: Path, guest_image: GuestImage
+) -> Iterator[PvhostDaemon]:
+    daemon = PvhostDaemon(tmp_path_factory.mktemp("pvhost"), runtime_dir, guest_image.signing_key)
+    daemon.start()
+    yield daemon
+    if daemon.proc is not None and daemon.proc.poll() is None:
+        daemon.kill(signal.SIGTERM)

@@ -3,7 +3,7 @@
 Drives this checkout's ``pvhost.placement`` cgroup v2 backend against the guest's real
 ``/sys/fs/cgroup``, with a nested ``qemu-system-x86_64 -S`` whose vCPU threads are real QEMU
 vCPU threads (they run no guest code). Prints one JSON object of observations; the host-side
-test (test_cgroup2_in_guest.py) asserts on them, so a failure shows everything that was seen.
+test (test_2_cgroup2_in_guest.py) asserts on them, so a failure shows everything that was seen.
 Every step is recorded even if an earlier one failed, and cleanup always runs.
 """
 
