@@ -416,6 +416,14 @@ class VirtualMachine:
         """Start a command in the guest without waiting for it; returns its guest pid."""
         return self._test_hook().background(argv, log_path, timeout_s)
 
+    def clock_offset(self, samples: int = 30) -> tuple[float, float]:
+        """Guest CLOCK_REALTIME minus host's, and its error bound (half the best round trip).
+
+        NTP-style over the test hook: of ``samples`` probes the one with the shortest round
+        trip wins. Lets host-side timings be compared with guest timestamps.
+        """
+        return self._test_hook().clock_offset(samples)
+
     def wait_guest_ready(self, deadline_s: float = 180.0) -> None:
         """Wait until the guest's test hook answers (userspace up, udev ran)."""
         self._test_hook().wait_ready(deadline_s, self)
@@ -559,6 +567,20 @@ class _TestHook:
         if "error" in msg:
             raise GuestCommandError(f"{self.vm}: guest could not start {argv!r}: {msg['error']}")
         return int(msg["pid"])
+
+    def clock_offset(self, samples: int) -> tuple[float, float]:
+        best: tuple[float, float] | None = None
+        for _ in range(samples):
+            t0 = time.time()
+            msg = self._request({"clock": True}, 10.0)
+            t1 = time.time()
+            if "time" not in msg:
+                raise GuestCommandError(f"{self.vm}: the guest test hook has no clock request")
+            rtt = t1 - t0
+            if best is None or rtt < 2 * best[1]:
+                best = (float(msg["time"]) - (t0 + t1) / 2, rtt / 2)
+        assert best is not None
+        return best
 
     def wait_ready(self, deadline_s: float, vm: VirtualMachine) -> None:
         end = time.monotonic() + deadline_s

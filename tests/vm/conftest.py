@@ -38,6 +38,7 @@ IMAGE_INPUTS = (
     "bpf",
     "pyproject.toml",
 )
+AFFINITY_OBJECT = REPO / "pvagent" / "bpfobj" / "affinity.bpf.o"
 BUILD_DEADLINE_S = 1200
 BOOT_DEADLINE_S = 300
 
@@ -82,8 +83,7 @@ class GuestImage:
         self.path, self.signing_key = path, signing_key
 
 
-@pytest.fixture(scope="session")
-def guest_image() -> GuestImage:
+def ensure_test_image() -> GuestImage:
     """The test image, built if missing or stale (build output shown on failure)."""
     if os.environ.get("EXTPV_TEST_IMAGE"):
         path = Path(os.environ["EXTPV_TEST_IMAGE"]).resolve()
@@ -96,21 +96,10 @@ def guest_image() -> GuestImage:
         stamp.unlink(missing_ok=True)
         t0 = time.monotonic()
         proc = subprocess.run(
-            [
-                str(REPO / "images" / "build-image"),
-                "--variant",
-                "small",
-                "--with-tests",
-                "--trusted-key",
-                str(pub),
-                "--out",
-                str(out),
-            ],
-            capture_output=True,
-            text=True,
-            timeout=BUILD_DEADLINE_S,
-            check=False,
-        )
+            [str(REPO / "images" / "build-image"), "--variant", "small", "--with-tests",
+             "--trusted-key", str(pub), "--out", str(out)],
+            capture_output=True, text=True, timeout=BUILD_DEADLINE_S, check=False,
+        )  # fmt: skip
         if proc.returncode != 0:
             pytest.fail(
                 f"images/build-image failed (rc {proc.returncode}):\n{proc.stderr[-4000:]}",
@@ -119,6 +108,11 @@ def guest_image() -> GuestImage:
         stamp.write_text(digest + "\n")
         print(f"\n[vm] built the test image in {time.monotonic() - t0:.0f} s", file=sys.stderr)
     return GuestImage(out / "small", key)
+
+
+@pytest.fixture(scope="session")
+def guest_image() -> GuestImage:
+    return ensure_test_image()
 
 
 @pytest.fixture(scope="session")
@@ -169,7 +163,11 @@ class PvhostDaemon:
         self.config.write_text(
             f'[service]\nruntime_dir = "{runtime_dir}"\nstate_dir = "{workdir / "state"}"\n'
             f'control_socket = "{self.socket}"\nmetrics = ""\nsigning_key = "{signing_key}"\n'
-            "max_backoff = 0.5\n\n"
+            "max_backoff = 0.5\n"
+            # The object this checkout's guest agent was built with (named explicitly: the
+            # image carries the same wheel).
+            + (f'affinity_program = "{AFFINITY_OBJECT}"\n' if AFFINITY_OBJECT.exists() else "")
+            + "\n"
             f'[placement]\nbackend = "auto"\ngroup = "{self.group}"\nhousekeeping = ""\n'
             'policy = "identity"\nquota = 4\nrate = 1000.0\nburst = 1000\n'
         )
