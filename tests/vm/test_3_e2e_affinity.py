@@ -139,5 +139,10 @@ def test_c_vm_shutdown_leaves_no_cgroup_behind(
     while vm_cgroup.exists():
         assert time.monotonic() < end, f"{vm_cgroup} still exists 30 s after the VM ended"
         time.sleep(0.2)
+
+
+def test_c_pvhost_exit_removes_its_own_cgroup(pvhost_daemon: PvhostDaemon) -> None:
+    base = CPUSET / pvhost_daemon.group
+    assert base.is_dir(), "pvhost made its cgroup at start"
     pvhost_daemon.kill(signal.SIGTERM)
-    assert not (CPUSET / pvhost_daemon.group).exists(), "pvhost left its cgroup behind at exit"
+    assert not base.exists(), f"pvhost left {base} behind at exit (SIGTERM)"
