@@ -78,14 +78,14 @@ def start_nested_qemu() -> tuple[subprocess.Popen[bytes], dict[int, int]]:
             comm = read(task / "comm") or ""
             if comm.startswith("CPU ") and comm.endswith("/TCG"):
                 tids[int(comm.split()[1].split("/")[0])] = int(task.name)
-        if len(tids) == 3:
+        if len(tids) == 4:
             return proc, tids
         if proc.poll() is not None:
             err = proc.stderr.read().decode() if proc.stderr else ""
             raise RuntimeError(f"nested QEMU exited: {err}")
         time.sleep(0.1)
     proc.kill()
-    raise RuntimeError("nested QEMU showed no 3 vCPU threads within 60 s")
+    raise RuntimeError("nested QEMU showed no 4 vCPU threads within 60 s")
 
 
 def snapshot(pid: int, tids: dict[int, int]) -> dict[str, Any]:
@@ -127,32 +127,32 @@ def main() -> None:
         obs["before"] = snapshot(proc.pid, tids)
         with tempfile.TemporaryDirectory() as tmp:
             b = Cgroup2Backend(ROOT, StateStore(Path(tmp) / "state.json"))
-            step("setup", lambda: b.setup(frozenset({1, 2, 3})))
+            step("setup", lambda: b.setup(frozenset({0, 1, 2, 3})))
             obs["remote_partitions"] = b.remote
             step("attach", lambda: b.attach(VM, proc.pid, tids))
             obs["attached"] = snapshot(proc.pid, tids)
-            step("pin0", lambda: b.pin(VM, 0, tids[0], 1))
-            obs["pin0"] = vcpu_view(b, 0, tids[0])
-            step("pin1", lambda: b.pin(VM, 1, tids[1], 2))
-            obs["pin1"] = vcpu_view(b, 1, tids[1])
-            # vCPU 2 onto pCPU 2, which vCPU 1's isolated partition holds: the kernel makes
-            # that partition invalid; the backend must report why and undo only this pin.
+            for vcpu in (0, 1, 2):
+                step(f"pin{vcpu}", lambda v=vcpu: b.pin(VM, v, tids[v], v + 1))
+                obs[f"pin{vcpu}"] = vcpu_view(b, vcpu, tids[vcpu])
+            # vCPU 3 onto pCPU 0, the root's last CPU: the kernel accepts the writes but leaves
+            # the partition invalid (the root cannot be left without CPUs). The backend must
+            # report the kernel's reason and undo only this pin.
             try:
-                b.pin(VM, 2, tids[2], 2)
-                obs["overlap"] = {"raised": None}
+                b.pin(VM, 3, tids[3], 0)
+                obs["invalid"] = {"raised": None}
             except PartitionInvalid as err:
-                obs["overlap"] = {
+                obs["invalid"] = {
                     "raised": "PartitionInvalid",
                     "reason": err.reason,
                     "message": str(err),
                 }
             except Exception as err:
-                obs["overlap"] = {"raised": type(err).__name__, "message": str(err)}
-            obs["after_overlap"] = {str(v): vcpu_view(b, v, tids[v]) for v in (1, 2)}
+                obs["invalid"] = {"raised": type(err).__name__, "message": str(err)}
+            obs["after_invalid"] = {str(v): vcpu_view(b, v, tids[v]) for v in range(4)}
             obs["describe"] = step("describe", b.describe)
-            step("unpin0", lambda: b.unpin(VM, 0))
-            step("unpin1", lambda: b.unpin(VM, 1))
-            obs["unpinned"] = {str(v): vcpu_view(b, v, tids[v]) for v in (0, 1)}
+            for vcpu in (0, 1, 2):
+                step(f"unpin{vcpu}", lambda v=vcpu: b.unpin(VM, v))
+            obs["unpinned"] = {str(v): vcpu_view(b, v, tids[v]) for v in range(4)}
             step("detach", lambda: b.detach(VM))
             step("teardown", b.teardown)
         obs["after"] = snapshot(proc.pid, tids)

@@ -43,29 +43,30 @@ def test_vcpu_threads_move_into_their_threaded_cgroups(observed: dict) -> None:
 
 
 def test_pin_makes_a_valid_isolated_partition(observed: dict) -> None:
-    for name, pcpu in (("pin0", "1"), ("pin1", "2")):
-        assert observed["errors"].get(name) is None, observed["errors"][name]
-        view = observed[name]
+    for vcpu in (0, 1, 2):
+        assert observed["errors"].get(f"pin{vcpu}") is None, observed["errors"][f"pin{vcpu}"]
+        view = observed[f"pin{vcpu}"]
         assert view["partition"] == "isolated", view
-        assert view["allowed"] == pcpu, view
-    # While pinned, pCPUs 1 and 2 leave the root's effective set: isolated from host load.
-    assert observed["pin1"]["root_isolated"] == "1-2"
-    assert observed["pin1"]["root_effective"] == "0,3"
+        assert view["allowed"] == str(vcpu + 1), view
+    # While pinned, pCPUs 1-3 leave the root's effective set: isolated from other host load.
+    assert observed["pin2"]["root_isolated"] == "1-3"
+    assert observed["pin2"]["root_effective"] == "0"
 
 
 def test_invalid_partition_is_reported_with_the_kernels_reason_and_undone(observed: dict) -> None:
-    overlap = observed["overlap"]
-    assert overlap["raised"] == "PartitionInvalid", overlap
-    assert overlap["reason"], overlap
-    after = observed["after_overlap"]
-    assert after["1"]["partition"] == "isolated", "the valid pin of vCPU 1 must survive"
-    assert after["1"]["allowed"] == "2"
-    assert after["2"]["partition"] == "member", "the refused pin must be undone"
-    assert after["2"]["allowed"] != "2"
+    invalid = observed["invalid"]
+    assert invalid["raised"] == "PartitionInvalid", invalid
+    assert invalid["reason"], invalid
+    after = observed["after_invalid"]
+    for vcpu in (0, 1, 2):
+        assert after[str(vcpu)]["partition"] == "isolated", f"valid pin of vCPU {vcpu} must survive"
+        assert after[str(vcpu)]["allowed"] == str(vcpu + 1)
+    assert after["3"]["partition"] == "member", "the refused pin must be undone"
+    assert after["3"]["root_effective"] == "0", "the root keeps its last CPU"
 
 
 def test_unpin_and_detach_undo_exactly(observed: dict) -> None:
-    for name in ("unpin0", "unpin1", "detach", "teardown"):
+    for name in ("unpin0", "unpin1", "unpin2", "detach", "teardown"):
         assert observed["errors"].get(name) is None, observed["errors"][name]
     for view in observed["unpinned"].values():
         assert view["partition"] == "member", view
