@@ -58,7 +58,7 @@ def start_nested_qemu() -> tuple[subprocess.Popen[bytes], dict[int, int]]:
             "-accel",
             "tcg",
             "-smp",
-            "3",
+            "4",
             "-m",
             "64",
             "-nodefaults",
