@@ -13,6 +13,7 @@ and shared by every test in this directory; the repository is shared into it ove
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -45,13 +46,18 @@ BOOT_DEADLINE_S = 300
 
 def _inputs_digest(extra: bytes) -> str:
     """Digest of the tracked and untracked (not ignored) files the image is built from."""
-    listed = subprocess.run(
+    proc = subprocess.run(
         ["git", "-C", str(REPO), "ls-files", "-co", "--exclude-standard", "--", *IMAGE_INPUTS],
         capture_output=True,
         text=True,
-        check=True,
+        check=False,
         timeout=30,
-    ).stdout.split()
+    )
+    if proc.returncode == 0:
+        listed = proc.stdout.split()
+    else:  # not a git checkout (e.g. an unpacked tarball): every file counts
+        listed = [str(p.relative_to(REPO)) for i in IMAGE_INPUTS for p in (REPO / i).rglob("*")]
+        listed += [i for i in IMAGE_INPUTS if (REPO / i).is_file()]
     h = hashlib.sha256(extra)
     for rel in sorted(listed):
         p = REPO / rel
@@ -116,11 +122,14 @@ def guest_image() -> GuestImage:
 
 
 @pytest.fixture(scope="session")
-def runtime_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def runtime_dir() -> Iterator[Path]:
     """A private VM runtime directory: our pvhost watches it, nobody else's does."""
     d = Path("/run/extpv-test") / f"{os.getpid()}" / "vms"
     d.mkdir(parents=True, exist_ok=True)
-    return d
+    yield d
+    for p in (d, d.parent):
+        with contextlib.suppress(OSError):
+            p.rmdir()
 
 
 @pytest.fixture(scope="session")
