@@ -16,6 +16,7 @@ import argparse
 import json
 import os
 import platform
+import shutil
 import signal
 import statistics
 import subprocess
@@ -122,6 +123,10 @@ def main() -> int:
         vm.stop()
         if daemon.proc is not None and daemon.proc.poll() is None:
             daemon.kill(signal.SIGTERM)
+        leftover = Path("/sys/fs/cgroup/cpuset") / daemon.group
+        if leftover.is_dir() and not any(p.is_dir() for p in leftover.iterdir()):
+            leftover.rmdir()
+        shutil.rmtree(run, ignore_errors=True)
     events = json.loads(r.stdout)
     offset = (off0 + off1) / 2
     error = max(err0, err1) + abs(off1 - off0) / 2
