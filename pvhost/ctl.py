@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from pvhost import signing
+from pvhost import launcher, signing
 from pvhost.control import request
 from pvhost.errors import HostError
 
@@ -87,9 +87,8 @@ def _build_parser() -> argparse.ArgumentParser:
     sign = sub.add_parser("sign", help="print the hex Ed25519 signature of FILE")
     sign.add_argument("file", type=Path)
     sign.add_argument("--key", type=Path, default=Path("/etc/extpv/signing.key"))
-    # VM launcher commands (`pvctl vm …`) live in pvhost/launcher.py (the VM part).
-    # LEAD: after merging the launcher, replace this line with:
-    #     importlib.import_module("pvhost.launcher").register_cli(sub)
+    # `pvctl vm …` lives with the launcher: pvctl itself holds no VM code.
+    launcher.register_cli(sub)
     return parser
 
 

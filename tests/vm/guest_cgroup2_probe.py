@@ -1,0 +1,166 @@
+"""Runs INSIDE the test guest (-smp 4, kernel 6.12, cgroup v2 with cpuset) acting as a host.
+
+Drives this checkout's ``pvhost.placement`` cgroup v2 backend against the guest's real
+``/sys/fs/cgroup``, with a nested ``qemu-system-x86_64 -S`` whose vCPU threads are real QEMU
+vCPU threads (they run no guest code). Prints one JSON object of observations; the host-side
+test (test_2_cgroup2_in_guest.py) asserts on them, so a failure shows everything that was seen.
+Every step is recorded even if an earlier one failed, and cleanup always runs.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, os.environ.get("EXTPV_SRC", "/mnt/extpv"))
+
+from pvhost.errors import PartitionInvalid
+from pvhost.placement.cgroup2 import Cgroup2Backend
+from pvhost.state import StateStore
+
+ROOT = Path("/sys/fs/cgroup")
+VM = "inner"
+
+
+def read(path: Path) -> str | None:
+    try:
+        return path.read_text().strip()
+    except OSError:
+        return None
+
+
+def allowed(tid: int) -> str | None:
+    for line in (read(Path(f"/proc/{tid}/status")) or "").splitlines():
+        if line.startswith("Cpus_allowed_list:"):
+            return line.split(":", 1)[1].strip()
+    return None
+
+
+def cgroup_of(tid: int) -> str | None:
+    for line in (read(Path(f"/proc/{tid}/cgroup")) or "").splitlines():
+        if line.startswith("0::"):
+            return line[3:]
+    return None
+
+
+def start_nested_qemu() -> tuple[subprocess.Popen[bytes], dict[int, int]]:
+    proc = subprocess.Popen(
+        [
+            "qemu-system-x86_64",
+            "-S",
+            "-accel",
+            "tcg",
+            "-smp",
+            "4",
+            "-m",
+            "64",
+            "-nodefaults",
+            "-display",
+            "none",
+            "-name",
+            f"{VM},debug-threads=on",
+        ],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+    end = time.monotonic() + 60
+    while time.monotonic() < end:
+        tids = {}
+        for task in Path(f"/proc/{proc.pid}/task").glob("*"):
+            comm = read(task / "comm") or ""
+            if comm.startswith("CPU ") and comm.endswith("/TCG"):
+                tids[int(comm.split()[1].split("/")[0])] = int(task.name)
+        if len(tids) == 4:
+            return proc, tids
+        if proc.poll() is not None:
+            err = proc.stderr.read().decode() if proc.stderr else ""
+            raise RuntimeError(f"nested QEMU exited: {err}")
+        time.sleep(0.1)
+    proc.kill()
+    raise RuntimeError("nested QEMU showed no 4 vCPU threads within 60 s")
+
+
+def snapshot(pid: int, tids: dict[int, int]) -> dict[str, Any]:
+    return {
+        "root_effective": read(ROOT / "cpuset.cpus.effective"),
+        "root_isolated": read(ROOT / "cpuset.cpus.isolated"),
+        "root_children": sorted(p.name for p in ROOT.iterdir() if p.is_dir()),
+        "qemu_cgroup": cgroup_of(pid),
+        "allowed": {str(v): allowed(t) for v, t in tids.items()},
+        "thread_cgroups": {str(v): cgroup_of(t) for v, t in tids.items()},
+    }
+
+
+def vcpu_view(backend: Cgroup2Backend, vcpu: int, tid: int) -> dict[str, Any]:
+    d = backend.base / f"vm-{VM}" / f"vcpu{vcpu}"
+    return {
+        "partition": read(d / "cpuset.cpus.partition"),
+        "cpus": read(d / "cpuset.cpus"),
+        "allowed": allowed(tid),
+        "cgroup": cgroup_of(tid),
+        "root_isolated": read(ROOT / "cpuset.cpus.isolated"),
+        "root_effective": read(ROOT / "cpuset.cpus.effective"),
+    }
+
+
+def main() -> None:
+    obs: dict[str, Any] = {"errors": {}}
+
+    def step(name: str, fn: Any) -> Any:
+        try:
+            return fn()
+        except Exception as err:
+            obs["errors"][name] = f"{type(err).__name__}: {err}\n{traceback.format_exc()[-1500:]}"
+            return None
+
+    proc, tids = start_nested_qemu()
+    obs["tids"] = {str(k): v for k, v in tids.items()}
+    try:
+        obs["before"] = snapshot(proc.pid, tids)
+        with tempfile.TemporaryDirectory() as tmp:
+            b = Cgroup2Backend(ROOT, StateStore(Path(tmp) / "state.json"))
+            step("setup", lambda: b.setup(frozenset({0, 1, 2, 3})))
+            obs["remote_partitions"] = b.remote
+            step("attach", lambda: b.attach(VM, proc.pid, tids))
+            obs["attached"] = snapshot(proc.pid, tids)
+            for vcpu in (0, 1, 2):
+                step(f"pin{vcpu}", lambda v=vcpu: b.pin(VM, v, tids[v], v + 1))
+                obs[f"pin{vcpu}"] = vcpu_view(b, vcpu, tids[vcpu])
+            # vCPU 3 onto pCPU 0, the root's last CPU: the kernel accepts the writes but leaves
+            # the partition invalid (the root cannot be left without CPUs). The backend must
+            # report the kernel's reason and undo only this pin.
+            try:
+                b.pin(VM, 3, tids[3], 0)
+                obs["invalid"] = {"raised": None}
+            except PartitionInvalid as err:
+                obs["invalid"] = {
+                    "raised": "PartitionInvalid",
+                    "reason": err.reason,
+                    "message": str(err),
+                }
+            except Exception as err:
+                obs["invalid"] = {"raised": type(err).__name__, "message": str(err)}
+            obs["after_invalid"] = {str(v): vcpu_view(b, v, tids[v]) for v in range(4)}
+            obs["describe"] = step("describe", b.describe)
+            for vcpu in (0, 1, 2):
+                step(f"unpin{vcpu}", lambda v=vcpu: b.unpin(VM, v))
+            obs["unpinned"] = {str(v): vcpu_view(b, v, tids[v]) for v in range(4)}
+            step("detach", lambda: b.detach(VM))
+            step("teardown", b.teardown)
+        obs["after"] = snapshot(proc.pid, tids)
+    finally:
+        proc.kill()
+        proc.wait(timeout=30)
+    print(json.dumps(obs))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,66 @@
+"""The guest image and the launcher: what every end-to-end test stands on.
+
+Runs on the shared VM: the guest kernel sees the agent's virtio-serial port under its contract
+name, the agent and its trusted key are installed, and the paper's workload pins its threads.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from pvhost import launcher
+from tests.vm.conftest import GuestImage
+
+pytestmark = [pytest.mark.vm, pytest.mark.slow]
+
+
+def test_manifest_records_what_was_built(guest_image: GuestImage) -> None:
+    manifest = json.loads((guest_image.path / "manifest.json").read_text())
+    assert manifest["suite"] == "trixie"
+    assert manifest["build_seconds"] > 0
+    for name in ("rootfs.img", "vmlinuz", "initrd.img"):
+        assert manifest["files"][name]["bytes"] == (guest_image.path / name).stat().st_size
+    for pkg in ("linux-image-amd64", "systemd", "udev", "python3-pydantic", "libbpf1"):
+        assert any(p.startswith(pkg) for p in manifest["installed_packages"]), pkg
+
+
+def test_vm_runtime_directory_is_where_pvhost_looks(guest_vm: launcher.VirtualMachine) -> None:
+    for name in ("qmp.sock", "launcher-qmp.sock", "agent.sock", "console.log", "qemu.pid"):
+        assert (guest_vm.dir / name).exists(), name
+    assert int((guest_vm.dir / "qemu.pid").read_text()) == guest_vm.pid
+    # debug-threads=on: the vCPU threads carry their index in their name, for pvhost and humans.
+    names = {
+        p.joinpath("comm").read_text().strip() for p in Path(f"/proc/{guest_vm.pid}/task").iterdir()
+    }
+    assert {f"CPU {i}/{guest_vm.accel.upper()}" for i in range(4)} <= names
+    listed = launcher.list_vms(guest_vm.spec.runtime_dir)
+    assert [v["name"] for v in listed if v["alive"]] == ["e2e"]
+
+
+def test_console_log_has_the_whole_boot(guest_vm: launcher.VirtualMachine) -> None:
+    text = guest_vm.console_text()
+    assert "Linux version" in text, "the first kernel lines must be logged even with no reader"
+    assert launcher.CRASH_PATTERN.search(text) is None
+
+
+def test_agent_port_trusted_key_and_agent_are_installed(guest_vm: launcher.VirtualMachine) -> None:
+    r = guest_vm.guest("readlink /dev/virtio-ports/org.extpv.agent.0; ls /etc/pvagent/trusted.d")
+    r.check()
+    port, key = r.stdout.split()
+    assert port.startswith("../vport")
+    assert key.endswith(".pem")
+    guest_vm.guest(["python3", "-c", "import pvagent, pvproto"]).check()
+
+
+def test_spscq_pins_its_threads_and_reports_mpps(guest_vm: launcher.VirtualMachine) -> None:
+    r = guest_vm.guest(["spscq", "--duration", "1", "--json", "--producer-cpu", "2",
+                        "--consumer-cpu", "3"]).check()  # fmt: skip
+    result = json.loads(r.stdout)
+    assert result["mpps"] > 0
+    assert (result["producer_ran_on"], result["consumer_ran_on"]) == (2, 3)
+    bad = guest_vm.guest(["spscq", "--producer-cpu", "9", "--duration", "1"])
+    assert bad.returncode != 0
+    assert "pthread_setaffinity_np(cpu 9)" in bad.stderr

@@ -1,0 +1,74 @@
+"""(d) The cgroup v2 placement backend on a real cgroup v2 kernel: a guest acting as a host.
+
+This machine's cpuset is cgroup v1 only, so the shared -smp 4 guest (Debian trixie, 6.12,
+cpuset in the unified hierarchy, remote partitions) runs this checkout's backend (over 9p)
+against its own /sys/fs/cgroup, with a nested QEMU providing real vCPU threads.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from pvhost import launcher
+
+pytestmark = [pytest.mark.vm, pytest.mark.slow]
+
+
+@pytest.fixture(scope="module")
+def observed(guest_vm: launcher.VirtualMachine) -> dict:
+    r = guest_vm.guest(
+        [
+            "env",
+            "PYTHONDONTWRITEBYTECODE=1",
+            "python3",
+            "/mnt/extpv/tests/vm/guest_cgroup2_probe.py",
+        ],
+        timeout_s=240,
+    )
+    assert r.returncode == 0, f"the in-guest probe failed:\n{r.stderr[-3000:]}"
+    return json.loads(r.stdout)
+
+
+def test_kernel_offers_remote_partitions(observed: dict) -> None:
+    assert observed["errors"].get("setup") is None, observed["errors"]["setup"]
+    assert observed["remote_partitions"] is True
+
+
+def test_vcpu_threads_move_into_their_threaded_cgroups(observed: dict) -> None:
+    assert observed["errors"].get("attach") is None, observed["errors"]["attach"]
+    for vcpu, cgroup in observed["attached"]["thread_cgroups"].items():
+        assert cgroup == f"/extpv.slice/vm-inner/vcpu{vcpu}"
+
+
+def test_pin_makes_a_valid_isolated_partition(observed: dict) -> None:
+    for vcpu in (0, 1, 2):
+        assert observed["errors"].get(f"pin{vcpu}") is None, observed["errors"][f"pin{vcpu}"]
+        view = observed[f"pin{vcpu}"]
+        assert view["partition"] == "isolated", view
+        assert view["allowed"] == str(vcpu + 1), view
+    # While pinned, pCPUs 1-3 leave the root's effective set: isolated from other host load.
+    assert observed["pin2"]["root_isolated"] == "1-3"
+    assert observed["pin2"]["root_effective"] == "0"
+
+
+def test_invalid_partition_is_reported_with_the_kernels_reason_and_undone(observed: dict) -> None:
+    invalid = observed["invalid"]
+    assert invalid["raised"] == "PartitionInvalid", invalid
+    assert invalid["reason"], invalid
+    after = observed["after_invalid"]
+    for vcpu in (0, 1, 2):
+        assert after[str(vcpu)]["partition"] == "isolated", f"valid pin of vCPU {vcpu} must survive"
+        assert after[str(vcpu)]["allowed"] == str(vcpu + 1)
+    assert after["3"]["partition"] == "member", "the refused pin must be undone"
+    assert after["3"]["root_effective"] == "0", "the root keeps its last CPU"
+
+
+def test_unpin_and_detach_undo_exactly(observed: dict) -> None:
+    for name in ("unpin0", "unpin1", "unpin2", "detach", "teardown"):
+        assert observed["errors"].get(name) is None, observed["errors"][name]
+    for view in observed["unpinned"].values():
+        assert view["partition"] == "member", view
+    before, after = observed["before"], observed["after"]
+    assert after == before, f"state differs after undo:\nbefore {before}\nafter  {after}"
