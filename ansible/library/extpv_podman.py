@@ -1,6 +1,9 @@
 #!/usr/bin/python
 # Copyright extpv developers. Licensed under the Apache License, Version 2.0.
-"""Ansible module: ensure a podman image is built and its container runs as specified (podman-py)."""
+"""Ansible module: a podman image built from a context, its container running as specified."""
+
+# Ansible's module layout puts DOCUMENTATION/EXAMPLES/RETURN above the imports.
+# ruff: noqa: E402
 
 from __future__ import annotations
 
@@ -47,13 +50,13 @@ options:
     type: bool
     default: true
   name:
-    description: Container name.
+    description: Container name; required unless I(state=built).
     type: str
-    required: true
   state:
-    description: C(running) (built, created, started and healthy) or C(absent) (container removed).
+    description: C(running) (built, created, started and healthy), C(built) (only the image) or
+      C(absent) (container removed).
     type: str
-    choices: [running, absent]
+    choices: [running, built, absent]
     default: running
   command:
     description: Command (argv) overriding the image's C(CMD).
@@ -120,7 +123,7 @@ RETURN = r"""
 image_id:
   description: ID of the image the container runs.
   type: str
-  returned: state=running
+  returned: state=running or state=built
 container_id:
   description: ID of the container.
   type: str
@@ -174,7 +177,7 @@ def ping(socket):
     try:
         with client_for(socket) as client:
             return bool(client.ping())
-    except Exception:  # noqa: BLE001 - any failure means "not answering"
+    except Exception:
         return False
 
 
@@ -194,7 +197,7 @@ def ensure_service(params, check_mode, actions):
     log_path = Path("/var/log/extpv-podman-service.log")
     with open(log_path, "ab") as log:
         # A daemon of its own: a new session, no pipes to this short-lived module.
-        subprocess.Popen(  # noqa: S603
+        subprocess.Popen(
             ["podman", "system", "service", "--time=0", f"unix://{socket}"],
             stdin=subprocess.DEVNULL,
             stdout=log,
@@ -271,13 +274,19 @@ def ensure_image(client, params, check_mode, actions):
 def build_lines(chunks):
     """The text of podman's build log, whose chunks are JSON objects (bytes) with a stream."""
     for chunk in chunks or []:
-        for line in (chunk.decode(errors="replace") if isinstance(chunk, bytes) else str(chunk)).splitlines():
+        for line in (
+            chunk.decode(errors="replace") if isinstance(chunk, bytes) else str(chunk)
+        ).splitlines():
             try:
                 record = json.loads(line)
             except ValueError:
                 yield line + "\n"
                 continue
-            yield record.get("stream") or record.get("error", "") if isinstance(record, dict) else line
+            yield (
+                record.get("stream") or record.get("error", "")
+                if isinstance(record, dict)
+                else line
+            )
 
 
 def volume_map(volumes):
@@ -438,8 +447,12 @@ def main():
             "containerfile": {"type": "str", "default": "Containerfile"},
             "build_args": {"type": "dict", "default": {}},
             "build": {"type": "bool", "default": True},
-            "name": {"type": "str", "required": True},
-            "state": {"type": "str", "choices": ["running", "absent"], "default": "running"},
+            "name": {"type": "str"},
+            "state": {
+                "type": "str",
+                "choices": ["running", "built", "absent"],
+                "default": "running",
+            },
             "command": {"type": "list", "elements": "str"},
             "user": {"type": "str"},
             "privileged": {"type": "bool", "default": False},
@@ -452,7 +465,11 @@ def main():
             "ready_timeout": {"type": "float", "default": 60.0},
             "config_digest": {"type": "str", "default": ""},
         },
-        required_if=[("build", True, ("context",))],
+        required_if=[
+            ("build", True, ("context",)),
+            ("state", "running", ("name",)),
+            ("state", "absent", ("name",)),
+        ],
         supports_check_mode=True,
     )
     if not HAS_PODMAN:
@@ -466,6 +483,9 @@ def main():
         with client_for(params["socket"]) as client:
             if params["state"] == "absent":
                 result = ensure_absent(client, params, module.check_mode, actions)
+            elif params["state"] == "built":
+                image = ensure_image(client, params, module.check_mode, actions)
+                result = {"image_id": image.id} if image is not None else {}
             else:
                 result = ensure_running(client, params, module.check_mode, actions)
     except Failure as err:
