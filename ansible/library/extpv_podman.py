@@ -45,6 +45,10 @@ options:
     description: Build arguments (C(ARG)s).
     type: dict
     default: {}
+  build_timeout:
+    description: Seconds the image build may take before it is abandoned.
+    type: float
+    default: 900
   build:
     description: Build the image; with C(false) the image must exist already.
     type: bool
@@ -146,6 +150,7 @@ from ansible.module_utils.basic import AnsibleModule, missing_required_lib
 
 try:
     import podman
+    import requests
     from podman import api as podman_api
     from podman.errors import APIError, BuildError
 
@@ -264,7 +269,13 @@ def ensure_image(client, params, check_mode, actions):
             rm=True,
             forcerm=True,
             layers=True,
+            timeout=params["build_timeout"],
         )
+    except requests.exceptions.Timeout as err:
+        raise Failure(
+            f"building {ref} took longer than {params['build_timeout']:.0f} s (build_timeout)",
+            hint="a RUN step of the Containerfile hangs; try `podman build` by hand",
+        ) from err
     except BuildError as err:
         log = "".join(build_lines(err.build_log))
         raise Failure(f"building {ref} failed: {err}", build_log=log[-8000:]) from err
@@ -447,6 +458,7 @@ def main():
             "containerfile": {"type": "str", "default": "Containerfile"},
             "build_args": {"type": "dict", "default": {}},
             "build": {"type": "bool", "default": True},
+            "build_timeout": {"type": "float", "default": 900.0},
             "name": {"type": "str"},
             "state": {
                 "type": "str",
