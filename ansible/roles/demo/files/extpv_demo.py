@@ -165,6 +165,8 @@ def run_demo(args: argparse.Namespace) -> dict[str, Any]:
 
     placement = {f"vcpu{v}": watch.pinned.get(v, baseline[v]) for v in sorted(threads)}
     mpps = result.get("mpps")
+    status = status_box.get("status") or {}
+    vm_status = status.get("vms", {}).get(args.name, {}) if isinstance(status, dict) else {}
     summary = [
         f"VM {args.name}: {args.smp} vCPUs, {vm.accel}, booted in {boot_s:.0f} s",
         f"guest: spscq producer on vCPU {args.producer_cpu}, consumer on vCPU {args.consumer_cpu}",
@@ -175,6 +177,7 @@ def run_demo(args: argparse.Namespace) -> dict[str, Any]:
         if mpps is not None
         else f"throughput: {result}",
         f"after the workload exited: {', '.join(f'vcpu{k} {v}' for k, v in sorted(after.items()))}",
+        f"pvhost's answer to the guest (pvctl status): {json.dumps(vm_status.get('result'))}",
     ]
     return {
         "summary": summary,
