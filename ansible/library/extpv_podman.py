@@ -96,6 +96,11 @@ options:
     description: Health check argv, set on the container and used to wait for readiness.
     type: list
     elements: str
+  health_interval:
+    description: Seconds between podman's own health checks (systemd timers); 0 creates no
+      timer, for hosts without systemd, where the module's readiness wait is the check.
+    type: int
+    default: 30
   ready_timeout:
     description: Seconds to wait for I(health_cmd) to succeed after a start.
     type: float
@@ -322,6 +327,7 @@ def spec_of(params, image_id):
         "env",
         "restart_policy",
         "health_cmd",
+        "health_interval",
         "config_digest",
     )
     spec = {key: params[key] for key in keys}
@@ -368,7 +374,7 @@ def create_container(client, params, image, digest):
         second = 1_000_000_000
         kwargs["healthcheck"] = {
             "Test": ["CMD", *params["health_cmd"]],
-            "Interval": 30 * second,
+            "Interval": params["health_interval"] * second,
             "Timeout": 10 * second,
             "StartPeriod": 20 * second,
             "Retries": 3,
@@ -474,6 +480,7 @@ def main():
             "env": {"type": "dict", "default": {}},
             "restart_policy": {"type": "str", "default": "always"},
             "health_cmd": {"type": "list", "elements": "str"},
+            "health_interval": {"type": "int", "default": 30},
             "ready_timeout": {"type": "float", "default": 60.0},
             "config_digest": {"type": "str", "default": ""},
         },
