@@ -1,0 +1,219 @@
+#!/usr/bin/env python3
+# Copyright extpv developers. Licensed under the Apache License, Version 2.0.
+"""The appliance's demo: a guest pins its threads, and the host's vCPU threads follow.
+
+Boots one VM wired to pvhost (the launcher behind ``pvctl vm start``, with the test images'
+command hook), runs the SPSC queue workload in the guest with its producer and consumer pinned
+to two vCPUs, and watches the host while it runs: the allowed CPUs of QEMU's vCPU threads
+(``/proc/<qemu>/task/<tid>/status``) and ``pvctl status --json`` from pvhost's container. Prints
+the placement and the throughput; exits 1 when no guest pin reached the host. The VM is stopped
+at the end, whatever happened.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+try:
+    from pvhost import launcher
+except ImportError:  # pragma: no cover - depends on the environment
+    launcher = None
+
+_VCPU_COMM = re.compile(r"^CPU (\d+)/(TCG|KVM)$")
+
+
+def die(msg: str, hint: str = "") -> None:
+    print(f"extpv-demo: {msg}", file=sys.stderr)
+    if hint:
+        print(f"hint: {hint}", file=sys.stderr)
+    raise SystemExit(1)
+
+
+def vcpu_threads(qemu_pid: int) -> dict[int, int]:
+    """vCPU index -> host thread id, from the thread names QEMU sets (debug-threads=on)."""
+    threads = {}
+    for task in Path(f"/proc/{qemu_pid}/task").iterdir():
+        try:
+            match = _VCPU_COMM.match((task / "comm").read_text().strip())
+        except OSError:
+            continue
+        if match:
+            threads[int(match.group(1))] = int(task.name)
+    return threads
+
+
+def allowed_cpus(qemu_pid: int, tid: int) -> str:
+    """The thread's allowed CPU list as the kernel reports it (cpuset and affinity combined)."""
+    try:
+        status = Path(f"/proc/{qemu_pid}/task/{tid}/status").read_text()
+    except OSError:
+        return "?"
+    match = re.search(r"^Cpus_allowed_list:\s*(\S+)", status, re.MULTILINE)
+    return match.group(1) if match else "?"
+
+
+def pvctl_status(container: str) -> Any:
+    res = subprocess.run(
+        ["podman", "exec", container, "pvctl", "status", "--json"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+    if res.returncode != 0:
+        return {"error": res.stderr.strip()[-500:] or f"exit {res.returncode}"}
+    try:
+        return json.loads(res.stdout)
+    except ValueError:
+        return {"error": "pvctl status --json printed no JSON", "output": res.stdout[-500:]}
+
+
+class Watcher(threading.Thread):
+    """Samples the vCPU threads' allowed CPUs until stopped; keeps what differed from baseline."""
+
+    def __init__(self, qemu_pid: int, threads: dict[int, int], baseline: dict[int, str]) -> None:
+        super().__init__(daemon=True)
+        self.qemu_pid, self.threads, self.baseline = qemu_pid, threads, baseline
+        self.pinned: dict[int, str] = {}
+        self.first_pin_s: float | None = None
+        self.started = time.monotonic()
+        self.halt = threading.Event()
+
+    def run(self) -> None:
+        while not self.halt.wait(0.1):
+            for vcpu, tid in self.threads.items():
+                now = allowed_cpus(self.qemu_pid, tid)
+                if now not in ("?", self.baseline[vcpu]):
+                    self.pinned[vcpu] = now
+                    if self.first_pin_s is None:
+                        self.first_pin_s = time.monotonic() - self.started
+
+
+def spscq(vm: Any, args: argparse.Namespace, duration: int, hold: int = 0) -> dict[str, Any]:
+    argv = [
+        "spscq",
+        f"--producer-cpu={args.producer_cpu}",
+        f"--consumer-cpu={args.consumer_cpu}",
+        f"--duration={duration}",
+        f"--hold={hold}",
+        "--json",
+    ]
+    res = vm.guest(argv, timeout_s=duration + hold + 60).check()
+    return json.loads(res.stdout)
+
+
+def run_demo(args: argparse.Namespace) -> dict[str, Any]:
+    spec = launcher.VMSpec(
+        name=args.name,
+        image=Path(args.image),
+        smp=args.smp,
+        memory_mib=args.memory,
+        runtime_dir=Path(args.runtime_dir),
+        test_hook=True,
+    )
+    t0 = time.monotonic()
+    vm = launcher.start(spec, deadline_s=args.boot_timeout)
+    try:
+        boot_s = time.monotonic() - t0
+        threads = vcpu_threads(vm.pid)
+        if len(threads) != args.smp:
+            die(f"found {len(threads)} vCPU threads in QEMU {vm.pid}, expected {args.smp}")
+        baseline = {vcpu: allowed_cpus(vm.pid, tid) for vcpu, tid in threads.items()}
+
+        # pvhost connects, injects the affinity program and the agent loads it: short pinned
+        # runs until the host shows a pin (a run before the program is loaded goes unseen).
+        probe = Watcher(vm.pid, threads, baseline)
+        probe.start()
+        deadline = time.monotonic() + args.pin_timeout
+        while not probe.pinned and time.monotonic() < deadline:
+            spscq(vm, args, duration=1, hold=2)
+        probe.halt.set()
+        probe.join()
+        if not probe.pinned:
+            die(
+                f"no guest pin reached the host within {args.pin_timeout} s "
+                f"(vCPU threads' allowed CPUs stayed {baseline})",
+                f"check `podman logs {args.container}` and `pvctl status` in the container",
+            )
+
+        watch = Watcher(vm.pid, threads, baseline)
+        watch.start()
+        status_box: dict[str, Any] = {}
+
+        def sample_status() -> None:
+            time.sleep(min(args.duration / 2, 5))
+            status_box["status"] = pvctl_status(args.container)
+
+        sampler = threading.Thread(target=sample_status, daemon=True)
+        sampler.start()
+        result = spscq(vm, args, duration=args.duration)
+        sampler.join(timeout=35)
+        watch.halt.set()
+        watch.join()
+        time.sleep(1)
+        after = {vcpu: allowed_cpus(vm.pid, tid) for vcpu, tid in threads.items()}
+    finally:
+        vm.stop()
+
+    placement = {f"vcpu{v}": watch.pinned.get(v, baseline[v]) for v in sorted(threads)}
+    mpps = result.get("mpps")
+    status = status_box.get("status") or {}
+    vm_status = status.get("vms", {}).get(args.name, {}) if isinstance(status, dict) else {}
+    summary = [
+        f"VM {args.name}: {args.smp} vCPUs, {vm.accel}, booted in {boot_s:.0f} s",
+        f"guest: spscq producer on vCPU {args.producer_cpu}, consumer on vCPU {args.consumer_cpu}",
+        "host placement while pinned: "
+        + ", ".join(f"{k} -> pCPU {v}" for k, v in placement.items())
+        + f" (before: {', '.join(f'vcpu{k} {v}' for k, v in sorted(baseline.items()))})",
+        f"throughput: {mpps} Mpps over {args.duration} s"
+        if mpps is not None
+        else f"throughput: {result}",
+        f"after the workload exited: {', '.join(f'vcpu{k} {v}' for k, v in sorted(after.items()))}",
+        f"pvhost's answer to the guest (pvctl status): {json.dumps(vm_status.get('result'))}",
+    ]
+    return {
+        "summary": summary,
+        "boot_s": round(boot_s, 1),
+        "first_pin_s": probe.first_pin_s,
+        "baseline": baseline,
+        "placement": placement,
+        "after": after,
+        "spscq": result,
+        "pvhost_status": status_box.get("status"),
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("--name", default="extpv-demo", help="VM name (default %(default)s)")
+    ap.add_argument("--image", required=True, help="guest image directory (<out>/<variant>)")
+    ap.add_argument("--smp", type=int, default=2, help="vCPUs (default %(default)s)")
+    ap.add_argument("--memory", type=int, default=1024, help="MiB (default %(default)s)")
+    ap.add_argument("--producer-cpu", type=int, default=0, help="guest vCPU of the producer")
+    ap.add_argument("--consumer-cpu", type=int, default=1, help="guest vCPU of the consumer")
+    ap.add_argument("--duration", type=int, default=10, help="workload seconds")
+    ap.add_argument("--boot-timeout", type=float, default=300, help="boot deadline, s")
+    ap.add_argument("--pin-timeout", type=float, default=60, help="deadline for the first pin, s")
+    ap.add_argument("--container", default="pvhost", help="pvhost's container")
+    ap.add_argument("--runtime-dir", default="/run/extpv/vms", help="VM runtime directory")
+    ap.add_argument("--json", action="store_true", help="print one JSON object")
+    args = ap.parse_args()
+    if launcher is None:
+        die("pvhost.launcher is not importable", "run with the extpv virtualenv's python")
+    try:
+        report = run_demo(args)
+    except launcher.LauncherError as err:
+        die(str(err))
+    print(json.dumps(report, indent=2) if args.json else "\n".join(report["summary"]))
+
+
+if __name__ == "__main__":
+    main()

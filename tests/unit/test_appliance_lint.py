@@ -1,0 +1,171 @@
+"""The appliance's Ansible content: ansible-lint (production profile), syntax, templates.
+
+No root needed: these read the playbook and render templates into a temporary directory.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import tomllib
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+BIN = Path(sys.executable).parent
+ROLE = REPO / "ansible" / "roles" / "pvhost"
+
+
+def _tool(name: str) -> str:
+    path = BIN / name
+    if not path.exists():
+        found = shutil.which(name)
+        if found is None:
+            pytest.fail(f"{name} is not installed (the `dev` and `appliance` extras provide it)")
+        return found
+    return str(path)
+
+
+def _run(argv: list[str], cwd: Path = REPO) -> subprocess.CompletedProcess[str]:
+    env = dict(os.environ, ANSIBLE_NOCOLOR="1", NO_COLOR="1", ANSIBLE_LOCAL_TEMP="/tmp")
+    env["PATH"] = f"{BIN}:{env.get('PATH', '')}"
+    return subprocess.run(argv, cwd=cwd, env=env, capture_output=True, text=True, check=False)
+
+
+def test_ansible_lint_production_profile_passes() -> None:
+    res = _run([_tool("ansible-lint"), "--profile", "production", "--nocolor"])
+    assert res.returncode == 0, res.stdout[-4000:] + res.stderr[-4000:]
+
+
+@pytest.mark.parametrize("where", ["root", "ansible"])
+def test_site_yml_passes_syntax_check_from_root_and_from_ansible_dir(where: str) -> None:
+    cwd = REPO if where == "root" else REPO / "ansible"
+    res = _run([_tool("ansible-playbook"), "site.yml", "--syntax-check"], cwd=cwd)
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
+
+
+def test_default_inventory_is_localhost_with_local_connection() -> None:
+    res = _run([_tool("ansible-inventory"), "--list", "--yaml"])
+    assert res.returncode == 0, res.stderr
+    assert "localhost" in res.stdout
+    assert "ansible_connection: local" in res.stdout
+
+
+def _render(tmp_path: Path, template: Path, extra_vars: dict[str, object]) -> str:
+    """Render a role template with the role's defaults and vars, as the role would."""
+    out = tmp_path / template.name.removesuffix(".j2")
+    playbook = tmp_path / "render.yml"
+    playbook.write_text(
+        "- hosts: localhost\n  connection: local\n  gather_facts: false\n"
+        f"  vars_files: [{ROLE}/defaults/main.yml, {ROLE}/vars/main.yml]\n"
+        "  tasks:\n    - ansible.builtin.template:\n"
+        f"        src: {template}\n        dest: {out}\n        mode: '0644'\n"
+    )
+    args = [f"{k}={v}" for k, v in extra_vars.items()]
+    res = _run(
+        [_tool("ansible-playbook"), str(playbook), "-e", "role_path=" + str(ROLE)]
+        + [a for kv in args for a in ("-e", kv)]
+    )
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-2000:]
+    return out.read_text()
+
+
+def test_quadlet_unit_runs_pvhost_privileged_in_host_namespaces(tmp_path: Path) -> None:
+    text = _render(tmp_path, ROLE / "templates" / "pvhost.container.j2", {})
+    entries: list[tuple[str, str, str]] = []
+    section = ""
+    for raw in text.splitlines():
+        line = raw.strip()
+        if not line or line.startswith("#"):
+            continue
+        if line.startswith("["):
+            section = line.strip("[]")
+            continue
+        key, _, value = line.partition("=")
+        entries.append((section, key, value))
+    container = {(k, v) for s, k, v in entries if s == "Container"}
+    assert ("Image", "localhost/pvhost:latest") in container
+    assert ("Exec", "pvhost run --config /etc/extpv/pvhost.toml") in container
+    assert ("HealthCmd", "pvctl status") in container
+    assert {v for k, v in container if k == "Volume"} == {
+        "/sys/fs/cgroup:/sys/fs/cgroup:rw",
+        "/run/extpv:/run/extpv:rw",
+        "/etc/extpv:/etc/extpv:ro",
+    }
+    podman_args = next(v for k, v in container if k == "PodmanArgs").split()
+    assert {"--privileged", "--pid=host", "--cgroupns=host"} <= set(podman_args)
+    assert ("Service", "Restart", "always") in entries
+    assert ("Install", "WantedBy", "multi-user.target default.target") in entries
+    quadlet = shutil.which("quadlet") or "/usr/libexec/podman/quadlet"
+    if Path(quadlet).exists():  # podman >= 4.4: let the generator itself read the unit
+        unit_dir = tmp_path / "units"
+        unit_dir.mkdir()
+        (unit_dir / "pvhost.container").write_text(text)
+        res = subprocess.run(
+            [quadlet, "-dryrun"],
+            env=dict(os.environ, QUADLET_UNIT_DIRS=str(unit_dir)),
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+        assert res.returncode == 0, res.stderr
+        assert "--pid=host" in res.stdout
+
+
+def test_rendered_pvhost_toml_is_what_the_role_variables_say(tmp_path: Path) -> None:
+    text = _render(
+        tmp_path,
+        ROLE / "templates" / "pvhost.toml.j2",
+        {"pvhost_pool_cpus": "2-5", "pvhost_policy": "ht-aware", "pvhost_quota": 3},
+    )
+    data = tomllib.loads(text)
+    assert data["placement"] == {
+        "backend": "auto",
+        "housekeeping": "0",
+        "pool": "2-5",
+        "policy": "ht-aware",
+        "quota": 3,
+        "rate": 20.0,
+        "burst": 5,
+    }
+    assert data["service"]["control_socket"] == "/run/extpv/pvhost.sock"
+    assert data["service"]["affinity_program"] == "/opt/extpv/share/affinity.bpf.o"
+    try:
+        from pvhost.config import load_config
+    except ImportError:
+        return  # pvhost's config model is not in this checkout: the TOML shape is checked above
+    config = load_config(tmp_path / "pvhost.toml")
+    assert config.placement.policy == "ht-aware"
+    assert config.placement.quota == 3
+
+
+@pytest.mark.parametrize(
+    ("var", "value", "message"),
+    [
+        ("pvhost_housekeeping_cpus", "0-x", "must be kernel cpulists"),
+        ("pvhost_quota", "9000", "pvhost_quota must be 0-8192"),
+        ("pvhost_policy", "fastest", "pvhost_policy"),
+        ("pvhost_metrics_listen", "9464", 'must be "host:port"'),
+    ],
+)
+def test_bad_role_variables_fail_before_any_change_with_a_clear_message(
+    var: str, value: str, message: str
+) -> None:
+    res = _run(
+        [
+            _tool("ansible-playbook"),
+            "site.yml",
+            "--tags",
+            "pvhost",
+            "-e",
+            f"{var}={value}",
+            "--check",
+        ]
+    )
+    assert res.returncode != 0
+    out = res.stdout + res.stderr
+    assert message in out, out[-3000:]
+    assert "changed=0" in out
