@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import importlib.util
+import json
 import logging
 import os
 import struct
@@ -100,6 +101,13 @@ class _Connection:
         return True
 
 
+def _write_atomically(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    tmp.replace(path)
+
+
 class Agent:
     """Loads trusted programs, tracks affinity, talks to the host (see module docstring)."""
 
@@ -110,8 +118,10 @@ class Agent:
         *,
         coalesce_s: float = 0.020,
         bcc_cache_dir: Path | None = None,
+        placement_file: Path | None = None,
     ) -> None:
         self.topology = topology
+        self.placement_file = placement_file
         self.policy = policy
         self.bcc_cache_dir = bcc_cache_dir
         self.tracker = AffinityTracker(topology.online_vcpus, self._publish, window=coalesce_s)
@@ -136,6 +146,21 @@ class Agent:
             capabilities=caps,
             topology=self.topology,
         )
+
+    def _record_placement(self, result: AffinityResult) -> None:
+        """Make the host's answer visible in the guest: the log, and ``placement_file``."""
+        for p in result.placements:
+            if p.refused:
+                log.warning("host refused vCPU %d: %s", p.vcpu, p.refused)
+            else:
+                log.info("host placed vCPU %d on pCPU %s (%s)", p.vcpu, p.pcpu, result.policy)
+        if self.placement_file is None:
+            return
+        doc = result.model_dump(mode="json", exclude={"type"})
+        try:
+            _write_atomically(self.placement_file, json.dumps(doc, indent=1) + "\n")
+        except OSError as err:
+            log.warning("cannot write %s: %s", self.placement_file, err)
 
     async def serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         """Run one host connection until it closes. Never raises for bad peer input."""
@@ -191,9 +216,7 @@ class Agent:
         elif isinstance(message, Pong):
             pass
         elif isinstance(message, AffinityResult):
-            refused = [p for p in message.placements if p.refused]
-            for placement in refused:
-                log.warning("host refused vCPU %d: %s", placement.vcpu, placement.refused)
+            self._record_placement(message)
         elif isinstance(message, Error):
             log.warning(
                 "host reports an error (request %d): %s: %s", rid, message.code, message.message

@@ -117,6 +117,7 @@ async def _run(args: argparse.Namespace) -> None:
         policy,
         coalesce_s=config.coalesce_ms / 1000,
         bcc_cache_dir=config.bcc_cache_dir,
+        placement_file=config.placement_file,
     )
     if args.unix:
         work = run_unix(agent, args.unix)

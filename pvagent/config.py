@@ -8,6 +8,7 @@
     allow_attach = ["tracepoint/*", "tp/*", "raw_tracepoint/*", "raw_tp/*", "tp_btf/*"]
     coalesce_ms = 20                  # AffinityUpdate coalescing window
     bcc_cache_dir = "/var/cache/pvagent"
+    placement_file = "/run/pvagent/placement.json"   # the host's latest answer; "" = off
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import tomllib
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from pvagent.errors import ConfigError
 from pvagent.trust import DEFAULT_ALLOW, DEFAULT_TRUSTED_DIR
@@ -38,6 +39,14 @@ class AgentConfig(BaseModel):
     ] = DEFAULT_ALLOW
     coalesce_ms: Annotated[float, Field(ge=0, le=10_000)] = 20.0
     bcc_cache_dir: Path = Path("/var/cache/pvagent")
+    #: The host's latest AffinityResult, as JSON, for guest admins and applications
+    #: ("" disables it).
+    placement_file: Path | None = Path("/run/pvagent/placement.json")
+
+    @field_validator("placement_file", mode="before")
+    @classmethod
+    def _empty_disables(cls, value: object) -> object:
+        return None if value == "" else value
 
 
 def load_config(path: Path | None = None) -> AgentConfig:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
@@ -13,6 +14,7 @@ from pvagent.agent import Agent
 from pvagent.trust import TrustPolicy
 from pvhost import signing
 from pvproto import (
+    AffinityResult,
     AffinityUpdate,
     Error,
     GuestTopology,
@@ -22,6 +24,7 @@ from pvproto import (
     Pong,
     ProgramLoaded,
     UnloadProgram,
+    VcpuPlacement,
     encode,
 )
 from tests.agent_host import HostEnd
@@ -173,3 +176,42 @@ def test_untrusted_programs_are_refused_over_the_protocol(tmp_path: Path, case: 
         await task
 
     with_agent(body, TrustPolicy.from_config(trusted))
+
+
+def test_host_answer_is_visible_in_the_guest(tmp_path: Path) -> None:
+    """The host's AffinityResult lands in the placement file, refusals included."""
+    status = tmp_path / "run" / "placement.json"
+
+    async def main() -> None:
+        no_keys = TrustPolicy.from_config(Path("/nonexistent/trusted.d"))
+        agent = Agent(TOPOLOGY, no_keys, coalesce_s=0.0, placement_file=status)
+        try:
+            host, task = await connect(agent)
+            await host.expect(Hello)
+            host.hello()
+            await host.expect(AffinityUpdate)
+            host.send(
+                AffinityResult(
+                    seq=4,
+                    policy="identity",
+                    backend="cgroup1",
+                    placements=[
+                        VcpuPlacement(vcpu=0, pcpu=2),
+                        VcpuPlacement(vcpu=3, refused="pool exhausted"),
+                    ],
+                )
+            )
+            host.send(Ping(nonce=1))
+            await host.expect(Pong)  # the result before it has been handled
+            host.close()
+            await asyncio.wait_for(task, 5)
+        finally:
+            agent.close()
+
+    asyncio.run(main())
+    doc = json.loads(status.read_text())
+    assert doc["seq"] == 4 and doc["backend"] == "cgroup1"
+    assert doc["placements"] == [
+        {"vcpu": 0, "pcpu": 2, "refused": None},
+        {"vcpu": 3, "pcpu": None, "refused": "pool exhausted"},
+    ]

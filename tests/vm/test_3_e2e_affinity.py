@@ -9,6 +9,7 @@ last one shuts it down.
 
 from __future__ import annotations
 
+import json
 import signal
 import time
 from pathlib import Path
@@ -93,11 +94,18 @@ def test_b_guest_pins_place_the_vcpu_threads(
         assert str(tids[v]) in (cg / "tasks").read_text().split()
         assert (cg / "cpuset.cpus").read_text().strip() == str(v)
         assert vm["vcpus"][str(v)]["tid"] == tids[v]
-    # The guest got the AffinityResult: its agent reports the refusal it carried.
+    # The guest got the AffinityResult: its agent publishes the placement and the refusal.
     end = time.monotonic() + 60
-    while "host refused vCPU 3" not in (text := journal(guest_vm)):
-        assert time.monotonic() < end, f"no refusal of vCPU 3 in the guest's journal:\n{text}"
+    while True:
+        text = guest_vm.guest(["cat", "/run/pvagent/placement.json"]).stdout
+        got = {p["vcpu"]: p for p in json.loads(text)["placements"]} if text.strip() else {}
+        if {0, 1, 3} <= set(got):
+            break
+        assert time.monotonic() < end, f"no placement of vCPUs 0, 1, 3 in the guest:\n{text}"
         time.sleep(0.5)
+    assert (got[0]["pcpu"], got[1]["pcpu"], got[3]["pcpu"]) == (0, 1, None)
+    assert got[3]["refused"], got[3]
+    assert "host refused vCPU 3" in journal(guest_vm)
     # (c) Thread exit releases both: spscq's threads end after 20 s.
     pvhost_daemon.wait_status("release after the workload's threads exited", released, 120)
     assert {v: allowed(tids[v]) for v in (0, 1)} == before
