@@ -67,7 +67,7 @@ def test_unpinned_thread_follows_its_cpuset_and_keeps_its_own_mask(
         (outer / "cpuset.cpus").write_text("0")
         for tid in threads:
             (outer / "tasks").write_text(str(tid))
-        assert {t: thread_allowed_cpus(t) for t in threads} == dict.fromkeys(threads, {0})
+        assert {t: thread_allowed_cpus(t) for t in threads} == {t: {0} for t in threads}
 
         backend = Cgroup1Backend(CPUSET, StateStore(tmp_path / "cgroup1.json"), cpuset_group)
         backend.setup(frozenset({1}))
@@ -77,7 +77,7 @@ def test_unpinned_thread_follows_its_cpuset_and_keeps_its_own_mask(
         backend.pin("vm", 1, chooser, 1)
         assert thread_allowed_cpus(chooser) == {1}
         backend.unpin("vm", 1)
-        assert {t: thread_allowed_cpus(t) for t in threads} == dict.fromkeys(threads, {0})
+        assert {t: thread_allowed_cpus(t) for t in threads} == {t: {0} for t in threads}
         assert all(str(t) in (outer / "tasks").read_text().split() for t in threads)
         backend.detach("vm")
         backend.teardown()
