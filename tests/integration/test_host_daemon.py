@@ -231,7 +231,7 @@ def test_vm_exit_while_watched_is_undone_and_sigterm_removes_everything(
             rc, out = await pvctl(tmp_path, "status", "--json")
             assert rc == 0, out
             vm = json.loads(out)["vms"]["t"]
-            assert vm["placements"] == {} and vm["qmp"].startswith("unreachable"), vm
+            assert vm["placements"] == {} and vm["qmp"] != "connected", vm
             await stop(daemon, signal.SIGTERM)
             log = (tmp_path / "pvhost.log").read_text()
             assert daemon.returncode == 0, log
