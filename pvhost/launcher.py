@@ -526,7 +526,11 @@ class _TestHook:
             rid = self._next_id
             self._next_id += 1
             s = self._connect()
-            s.sendall(json.dumps({"id": rid, **req}).encode() + b"\n")
+            try:
+                s.sendall(json.dumps({"id": rid, **req}).encode() + b"\n")
+            except OSError as err:
+                self.close()
+                raise GuestCommandError(f"{self.vm}: test hook socket: {err}") from err
             end = time.monotonic() + deadline_s
             while True:
                 while b"\n" in self._buf:
@@ -545,7 +549,13 @@ class _TestHook:
                     )
                 ready, _, _ = select.select([s], [], [], min(left, 1.0))
                 if ready:
-                    chunk = s.recv(65536)
+                    try:
+                        chunk = s.recv(65536)
+                    except OSError as err:
+                        # QEMU resets the chardev connection while the guest opens its port
+                        # (seen during boot): the same as a close, the caller reconnects.
+                        self.close()
+                        raise GuestCommandError(f"{self.vm}: test hook socket: {err}") from err
                     if not chunk:
                         self.close()
                         raise GuestCommandError(f"{self.vm}: test hook socket closed by QEMU")

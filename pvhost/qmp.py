@@ -144,5 +144,8 @@ class QmpMonitor:
             self._events.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._events
-        with contextlib.suppress(QMPError, OSError):
+        # disconnect() re-raises whatever ended the connection: EOFError when QEMU hung up
+        # (the VM exited), OSError or a QMPError otherwise. Closing is the answer to all of
+        # them; letting one escape would end the session's task instead of undoing the VM.
+        with contextlib.suppress(QMPError, OSError, EOFError):
             await self._client.disconnect()

@@ -142,8 +142,14 @@ class Service:
         self._specs.pop(name, None)
         if task is not None:
             task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
+            try:
                 await task
+            except asyncio.CancelledError:
+                pass
+            except Exception:
+                # A session that died of an error must not stop the undo of its VM, of the
+                # other VMs, or of extpv's own cgroup (stop() runs this for every VM).
+                _log.exception("%s: the VM's session had ended with an error", name)
         if session is not None:
             await self.vm_gone(session)
         self.metrics.vms = len(self.sessions)

@@ -7,8 +7,10 @@ and verified, or undoes what it changed and raises :class:`PlacementError`.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
+import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Protocol
@@ -20,6 +22,7 @@ __all__ = [
     "PlacementBackend",
     "read_cpus",
     "read_text",
+    "restore_own_affinity",
     "thread_alive",
     "thread_allowed_cpus",
     "write_text",
@@ -104,3 +107,39 @@ def thread_allowed_cpus(tid: int) -> frozenset[int]:
     except (OSError, CpuListError) as err:
         raise PlacementError(f"cannot read the affinity of thread {tid}: {err}") from err
     raise PlacementError(f"/proc/{tid}/status has no Cpus_allowed_list")
+
+
+def _kernel_keeps_user_mask(release: str) -> bool:
+    m = re.match(r"(\d+)\.(\d+)", release)
+    return m is not None and (int(m.group(1)), int(m.group(2))) >= (6, 2)
+
+
+#: Since Linux 6.2 the kernel remembers the mask a thread asked for with sched_setaffinity
+#: (its user mask) and derives its affinity on every cpuset change as cpuset ∩ user mask.
+KERNEL_KEEPS_USER_MASK = _kernel_keeps_user_mask(os.uname().release)
+
+
+def possible_cpus() -> frozenset[int]:
+    try:
+        return parse_cpulist(Path("/sys/devices/system/cpu/possible").read_text())
+    except (OSError, CpuListError):
+        return frozenset(range(os.cpu_count() or 1))
+
+
+def restore_own_affinity(tid: int, prev_affinity: set[int], prev_cpuset: frozenset[int]) -> None:
+    """Give ``tid`` back the affinity it chose itself, after the cgroup side of an undo.
+
+    ``prev_affinity`` and ``prev_cpuset`` (its cpuset's effective CPUs) are from before the pin.
+    On kernels that keep the user mask the cgroup undo is already exact, and calling
+    sched_setaffinity would be wrong: the mask passed becomes the new user mask, so a mask
+    narrowed by the cpusets of the moment (other vCPUs isolated) would stay narrowed when
+    those CPUs come back (measured on 6.12: vCPU threads left on ``0-1``, ``0,2`` … after a full
+    undo). Older kernels reset the affinity to the cpuset on every change: there the thread's own
+    choice is put back, counting the CPUs its cpuset hid at pin time as allowed (unknowable).
+    """
+    if KERNEL_KEEPS_USER_MASK:
+        return
+    own = set(prev_affinity) | (possible_cpus() - prev_cpuset)
+    # EINVAL: none of its CPUs is in its cpuset now (the kernel keeps the cpuset's); ESRCH: gone.
+    with contextlib.suppress(OSError):
+        os.sched_setaffinity(tid, own)

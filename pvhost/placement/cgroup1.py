@@ -13,8 +13,10 @@ root cpuset, and this backend never moves a task it did not place: pinning here 
 vCPU thread, it does not isolate the pCPU.
 
 Pin moves the thread into ``vcpu<N>`` (the kernel then sets its affinity to the cpuset);
-unpin moves it back into the cpuset it came from and restores its saved affinity, so undo is
-exact. The previous cgroup and affinity are saved in the state file before anything changes.
+unpin moves it back into the cpuset it came from, where the kernel (≥ 6.2) derives its
+affinity again from that cpuset and the mask the thread chose itself, so undo is exact (older
+kernels: see :func:`~pvhost.placement.base.restore_own_affinity`). The previous cgroup and
+affinity are saved in the state file before anything changes.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from pvhost.errors import BackendUnavailable, PlacementError
 from pvhost.placement.base import (
     read_cpus,
     read_text,
+    restore_own_affinity,
     thread_alive,
     thread_allowed_cpus,
     write_text,
@@ -115,11 +118,15 @@ class Cgroup1Backend:
     def pin(self, vm: str, vcpu: int, tid: int, pcpu: int) -> None:
         if self.state.vcpu(vm, vcpu) is not None:
             self.unpin(vm, vcpu)
+        prev_cpuset = self._thread_cpuset(tid)
         record = {
             "tid": tid,
             "pcpu": pcpu,
-            "prev_cpuset": self._thread_cpuset(tid),
+            "prev_cpuset": prev_cpuset,
             "prev_affinity": sorted(os.sched_getaffinity(tid)),
+            "prev_effective": sorted(
+                read_cpus(self.hierarchy / prev_cpuset.lstrip("/") / "cpuset.effective_cpus")
+            ),
         }
         # Saved before the first change: a crash from here on is undone by reconcile.
         self.state.set_vcpu(vm, vcpu, record)
@@ -175,10 +182,11 @@ class Cgroup1Backend:
             prev = self.hierarchy  # its old cpuset is gone: the root is the only safe home
         with contextlib.suppress(PlacementError):  # the thread may exit meanwhile
             write_text(prev / "tasks", str(tid))
-        prev_cpus = read_cpus(prev / "cpuset.effective_cpus")
-        wanted = set(record["prev_affinity"]) & prev_cpus
-        with contextlib.suppress(ProcessLookupError):
-            os.sched_setaffinity(tid, wanted or prev_cpus)
+        # Moving it back made the kernel derive its affinity again (cpuset ∩ its own mask).
+        prev_affinity = record["prev_affinity"]
+        restore_own_affinity(
+            tid, set(prev_affinity), frozenset(record.get("prev_effective", prev_affinity))
+        )
 
     def _evacuate(self, path: Path) -> None:
         """Move tasks still in one of our cpusets (placed by us) up to the root."""

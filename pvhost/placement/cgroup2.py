@@ -34,6 +34,7 @@ from pvhost.errors import BackendUnavailable, PartitionInvalid, PlacementError
 from pvhost.placement.base import (
     read_cpus,
     read_text,
+    restore_own_affinity,
     thread_alive,
     thread_allowed_cpus,
     write_text,
@@ -167,6 +168,7 @@ class Cgroup2Backend:
             "pcpu": pcpu,
             "prev_cpus": read_text(path / "cpuset.cpus"),
             "prev_affinity": sorted(os.sched_getaffinity(tid)),
+            "prev_effective": sorted(read_cpus(path / "cpuset.cpus.effective")),
         }
         self.state.set_vcpu(vm, vcpu, record)
         try:
@@ -220,13 +222,14 @@ class Cgroup2Backend:
             rest = set(self.pins().get(vm, {}).values())
             write_text(vm_dir / "cpuset.cpus.exclusive", format_cpulist(rest))
         if record is not None and thread_alive(int(record["tid"])):
-            tid = int(record["tid"])
-            effective = read_cpus(path / "cpuset.cpus.effective") if path.is_dir() else None
-            wanted = set(record["prev_affinity"])
-            if effective is not None:
-                wanted &= effective
-            with contextlib.suppress(ProcessLookupError, OSError):
-                os.sched_setaffinity(tid, wanted or (effective or set(record["prev_affinity"])))
+            # The partition (or cpuset.cpus) change made the kernel derive the thread's
+            # affinity again; on kernels ≥ 6.2 that is already the exact undo.
+            prev_affinity = record["prev_affinity"]
+            restore_own_affinity(
+                int(record["tid"]),
+                set(prev_affinity),
+                frozenset(record.get("prev_effective", prev_affinity)),
+            )
 
     def detach(self, vm: str) -> None:
         for vcpu in sorted(self.pins().get(vm, {})):

@@ -144,5 +144,29 @@ def test_conflicting_pin_is_undone_and_reported(
     assert thread_allowed_cpus(tids[0]) == {pcpu}
 
 
+def test_undo_is_exact_after_overlapping_pins(
+    backend: Cgroup2Backend, fake_qemu: tuple[int, list[int]]
+) -> None:
+    """Two vCPUs pinned, so each was pinned while the other's pCPU was isolated; one of them
+    had chosen its own affinity. After unpin of both (and detach) every thread's affinity is
+    what it was, both while the VM lives on and after. Regression: unpin called
+    sched_setaffinity with the affinity of the moment, which the kernel (≥ 6.2) keeps as the
+    thread's own mask, so the threads stayed narrowed (0-1, 0,2 … instead of 0-3)."""
+    pid, tids = fake_qemu
+    cpus = sorted(os.sched_getaffinity(0))
+    first, second = cpus[-2], cpus[-1]
+    os.sched_setaffinity(tids[1], {cpus[0], first, second})  # its own choice, narrower
+    before = {t: thread_allowed_cpus(t) for t in tids}
+    backend.attach("a", pid, {0: tids[0], 1: tids[1]})
+    backend.pin("a", 0, tids[0], first)
+    backend.pin("a", 1, tids[1], second)
+    assert (thread_allowed_cpus(tids[0]), thread_allowed_cpus(tids[1])) == ({first}, {second})
+    backend.unpin("a", 0)
+    backend.unpin("a", 1)
+    assert {t: thread_allowed_cpus(t) for t in tids} == before, "after unpin"
+    backend.detach("a")
+    assert {t: thread_allowed_cpus(t) for t in tids} == before, "after detach"
+
+
 def _cpus(path: Path) -> list[str]:
     return [str(c) for c in parse_cpulist(path.read_text())] if path.exists() else []

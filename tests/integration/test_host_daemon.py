@@ -200,3 +200,47 @@ def test_kill9_then_vm_dies_restart_undoes_everything(
             await guest.close()
 
     asyncio.run(scenario())
+
+
+def test_vm_exit_while_watched_is_undone_and_sigterm_removes_everything(
+    tmp_path: Path, qemu: Qemu, cpuset_group: str
+) -> None:
+    """QEMU exits while pvhost watches it (QMP hangs up): its pins are undone at once, the
+    session waits for the VM to come back, and SIGTERM still removes extpv's own cgroup.
+
+    Regression: qemu.qmp reports the hang-up as EOFError from disconnect(); it escaped the
+    monitor's close(), ended the VM's session without undoing it, and then aborted
+    Service.stop() at SIGTERM before the backend's teardown.
+    """
+    config = write_config(tmp_path, qemu, cpuset_group, free_port())
+
+    async def scenario() -> None:
+        guest = FakeGuestChannel(qemu.dir / "agent.sock")
+        await guest.start()
+        daemon = await start_pvhost(config, tmp_path)
+        try:
+            await guest.connected()
+            result = await guest.update(1, [1])
+            assert result.placements[0].pcpu == 1
+            vm_cgroup = CPUSET / cpuset_group / "vm-t"
+            assert vm_cgroup.is_dir()
+            qemu.kill()
+            async with asyncio.timeout(10):
+                while vm_cgroup.exists():
+                    await asyncio.sleep(0.05)
+            rc, out = await pvctl(tmp_path, "status", "--json")
+            assert rc == 0, out
+            vm = json.loads(out)["vms"]["t"]
+            assert vm["placements"] == {} and vm["qmp"] != "connected", vm
+            await stop(daemon, signal.SIGTERM)
+            log = (tmp_path / "pvhost.log").read_text()
+            assert daemon.returncode == 0, log
+            assert "session had ended with an error" not in log, log
+            assert not (CPUSET / cpuset_group).exists(), log
+        finally:
+            if daemon.returncode is None:
+                daemon.kill()
+                await daemon.wait()
+            await guest.close()
+
+    asyncio.run(scenario())
