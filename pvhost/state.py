@@ -39,6 +39,14 @@ class StateStore:
         entry: dict[str, Any] = self.vms().setdefault(name, {"attach": None, "vcpus": {}})
         return entry
 
+    def pins(self) -> dict[str, dict[int, int]]:
+        """VM → {vCPU → pCPU} for every saved pin."""
+        return {
+            vm: {int(v): int(rec["pcpu"]) for v, rec in entry.get("vcpus", {}).items()}
+            for vm, entry in self.vms().items()
+            if entry.get("vcpus")
+        }
+
     def vcpu(self, name: str, vcpu: int) -> dict[str, Any] | None:
         record: dict[str, Any] | None = self.vms().get(name, {}).get("vcpus", {}).get(str(vcpu))
         return record

@@ -22,6 +22,7 @@ __all__ = [
     "PlacementBackend",
     "read_cpus",
     "read_text",
+    "remove_cgroup",
     "restore_own_affinity",
     "thread_alive",
     "thread_allowed_cpus",
@@ -143,3 +144,13 @@ def restore_own_affinity(tid: int, prev_affinity: set[int], prev_cpuset: frozens
     # EINVAL: none of its CPUs is in its cpuset now (the kernel keeps the cpuset's); ESRCH: gone.
     with contextlib.suppress(OSError):
         os.sched_setaffinity(tid, own)
+
+
+def remove_cgroup(path: Path) -> None:
+    """rmdir a cgroup of ours; one already gone is fine, any other failure is reported."""
+    try:
+        path.rmdir()
+    except FileNotFoundError:
+        pass
+    except OSError as err:
+        raise PlacementError(f"cannot remove cgroup {path}: {err.strerror}") from err

@@ -32,6 +32,7 @@ from pvhost.errors import BackendUnavailable, PlacementError
 from pvhost.placement.base import (
     read_cpus,
     read_text,
+    remove_cgroup,
     restore_own_affinity,
     thread_alive,
     thread_allowed_cpus,
@@ -163,7 +164,7 @@ class Cgroup1Backend:
         if record is not None and thread_alive(record["tid"]):
             self._restore_thread(record)
         self._evacuate(path)
-        self._rmdir(path)
+        remove_cgroup(path)
         self.state.set_vcpu(vm, vcpu, None)
         vm_dir = self._vm_dir(vm)
         if vm_dir.is_dir():
@@ -173,7 +174,7 @@ class Cgroup1Backend:
             elif not any(p.is_dir() for p in vm_dir.iterdir()):
                 # An exclusive cpuset left holding a pCPU would block other VMs from it.
                 self._evacuate(vm_dir)
-                self._rmdir(vm_dir)
+                remove_cgroup(vm_dir)
 
     def _restore_thread(self, record: Mapping[str, Any]) -> None:
         tid = int(record["tid"])
@@ -196,15 +197,6 @@ class Cgroup1Backend:
             with contextlib.suppress(PlacementError):
                 write_text(self.hierarchy / "tasks", line)
 
-    @staticmethod
-    def _rmdir(path: Path) -> None:
-        try:
-            path.rmdir()
-        except FileNotFoundError:
-            pass
-        except OSError as err:
-            raise PlacementError(f"cannot remove cpuset {path}: {err.strerror}") from err
-
     def detach(self, vm: str) -> None:
         for vcpu in sorted(self.pins().get(vm, {})):
             self.unpin(vm, vcpu)
@@ -213,17 +205,13 @@ class Cgroup1Backend:
             for child in vm_dir.iterdir():
                 if child.is_dir() and _VCPU_DIR.match(child.name):
                     self._evacuate(child)
-                    self._rmdir(child)
+                    remove_cgroup(child)
             self._evacuate(vm_dir)
-            self._rmdir(vm_dir)
+            remove_cgroup(vm_dir)
         self.state.drop_vm(vm)
 
     def pins(self) -> dict[str, dict[int, int]]:
-        return {
-            vm: {int(v): int(rec["pcpu"]) for v, rec in entry.get("vcpus", {}).items()}
-            for vm, entry in self.state.vms().items()
-            if entry.get("vcpus")
-        }
+        return self.state.pins()
 
     def reconcile(self, live: Mapping[str, Mapping[int, int]]) -> dict[str, dict[int, int]]:
         adopted: dict[str, dict[int, int]] = {}
@@ -255,10 +243,10 @@ class Cgroup1Backend:
                     m = _VCPU_DIR.match(child.name)
                     if child.is_dir() and m and int(m.group(1)) not in adopted.get(vm, {}):
                         self._evacuate(child)
-                        self._rmdir(child)
+                        remove_cgroup(child)
                 if vm not in adopted:
                     self._evacuate(vm_dir)
-                    self._rmdir(vm_dir)
+                    remove_cgroup(vm_dir)
         return adopted
 
     def describe(self) -> dict[str, Any]:
@@ -282,4 +270,4 @@ class Cgroup1Backend:
     def teardown(self) -> None:
         if self.base.is_dir() and not any(p.is_dir() for p in self.base.iterdir()):
             self._evacuate(self.base)
-            self._rmdir(self.base)
+            remove_cgroup(self.base)

@@ -34,6 +34,7 @@ from pvhost.errors import BackendUnavailable, PartitionInvalid, PlacementError
 from pvhost.placement.base import (
     read_cpus,
     read_text,
+    remove_cgroup,
     restore_own_affinity,
     thread_alive,
     thread_allowed_cpus,
@@ -246,25 +247,12 @@ class Cgroup2Backend:
         if vm_dir.is_dir():
             for child in sorted(vm_dir.iterdir()):
                 if child.is_dir():
-                    self._rmdir(child)
-            self._rmdir(vm_dir)
+                    remove_cgroup(child)
+            remove_cgroup(vm_dir)
         self.state.drop_vm(vm)
 
-    @staticmethod
-    def _rmdir(path: Path) -> None:
-        try:
-            path.rmdir()
-        except FileNotFoundError:
-            pass
-        except OSError as err:
-            raise PlacementError(f"cannot remove cgroup {path}: {err.strerror}") from err
-
     def pins(self) -> dict[str, dict[int, int]]:
-        return {
-            vm: {int(v): int(rec["pcpu"]) for v, rec in entry.get("vcpus", {}).items()}
-            for vm, entry in self.state.vms().items()
-            if entry.get("vcpus")
-        }
+        return self.state.pins()
 
     def reconcile(self, live: Mapping[str, Mapping[int, int]]) -> dict[str, dict[int, int]]:
         adopted: dict[str, dict[int, int]] = {}
@@ -305,8 +293,8 @@ class Cgroup2Backend:
             with contextlib.suppress(PlacementError):
                 write_text(self.root / "cgroup.procs", pid)
         for child in sorted(p for p in vm_dir.iterdir() if p.is_dir()):
-            self._rmdir(child)
-        self._rmdir(vm_dir)
+            remove_cgroup(child)
+        remove_cgroup(vm_dir)
 
     def describe(self) -> dict[str, Any]:
         vms: dict[str, Any] = {}
@@ -338,4 +326,4 @@ class Cgroup2Backend:
             if (self.base / "cpuset.cpus.exclusive").exists():
                 with contextlib.suppress(PlacementError):
                     write_text(self.base / "cpuset.cpus.exclusive", "")
-            self._rmdir(self.base)
+            remove_cgroup(self.base)
