@@ -39,6 +39,7 @@ import logging
 import os
 import re
 import select
+import shlex
 import shutil
 import signal
 import socket
@@ -409,6 +410,20 @@ class VirtualMachine:
     ) -> GuestResult:
         """Run a command in the guest (a list: argv; a string: ``sh -c``); needs ``test_hook``."""
         return self._test_hook().run(argv, timeout_s, input_text)
+
+    def mount_virtfs(self, tag: str, where: str, *, timeout_s: float = 60.0) -> None:
+        """Mount the host directory shared as ``tag`` (``VMSpec.virtfs``) read-only at ``where``.
+
+        Loads the 9p transport first: right after boot udev may not have loaded it yet, and
+        the tag only exists once the virtio device is bound (a race seen under TCG).
+        """
+        self.guest(
+            f"modprobe -a 9pnet_virtio 9p && udevadm settle --timeout={int(timeout_s)} && "
+            f"mkdir -p {shlex.quote(where)} && (mountpoint -q {shlex.quote(where)} || "
+            f"mount -t 9p -o trans=virtio,version=9p2000.L,ro {shlex.quote(tag)} "
+            f"{shlex.quote(where)})",
+            timeout_s=timeout_s,
+        ).check()
 
     def guest_background(
         self, argv: Sequence[str], log_path: str = "/dev/null", timeout_s: float = 30.0

@@ -147,11 +147,7 @@ def guest_vm(guest_image: GuestImage, runtime_dir: Path) -> Iterator[launcher.Vi
     t0 = time.monotonic()
     vm = launcher.start(spec, deadline_s=BOOT_DEADLINE_S, retries=2)
     print(f"\n[vm] booted {vm} in {time.monotonic() - t0:.1f} s", file=sys.stderr)
-    vm.guest(
-        "mkdir -p /mnt/extpv && (mountpoint -q /mnt/extpv || "
-        "mount -t 9p -o trans=virtio,version=9p2000.L,ro extpv /mnt/extpv)",
-        timeout_s=60,
-    ).check()
+    vm.mount_virtfs("extpv", "/mnt/extpv")
     yield vm
     vm.stop()
 
