@@ -11,6 +11,7 @@ import os
 import shutil
 import subprocess
 from pathlib import Path
+from typing import NoReturn
 
 import pytest
 
@@ -45,6 +46,13 @@ def _missing(marker: str) -> str | None:
     if marker == "vm" and shutil.which("qemu-system-x86_64") is None:
         return "qemu-system-x86_64 is not installed"
     return None
+
+
+def absent(reason: str) -> NoReturn:
+    """A capability a test needs is missing: skip with the reason, or fail in CI."""
+    if REQUIRE:
+        pytest.fail(f"capability required in CI but absent: {reason}")
+    pytest.skip(reason)
 
 
 _cache: dict[str, str | None] = {}

@@ -13,6 +13,7 @@ import pytest
 
 from pvhost.placement import Cgroup1Backend, thread_allowed_cpus
 from pvhost.state import StateStore
+from tests.conftest import absent
 
 pytestmark = pytest.mark.root
 
@@ -57,7 +58,7 @@ def test_unpinned_thread_follows_its_cpuset_and_keeps_its_own_mask(
     Regression: unpin passed the affinity of the moment to sched_setaffinity, which the kernel
     (≥ 6.2) keeps as the thread's own mask, so neither followed the cpuset any more."""
     if not {0, 1} <= os.sched_getaffinity(0) or not (CPUSET / "cpuset.cpus").exists():
-        pytest.skip("needs a cgroup v1 cpuset hierarchy and CPUs 0 and 1")
+        absent("needs a cgroup v1 cpuset hierarchy and CPUs 0 and 1")
     plain, chooser, control = threads
     os.sched_setaffinity(chooser, {1})
     outer = CPUSET / f"{cpuset_group}-outer"

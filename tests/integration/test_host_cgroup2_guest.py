@@ -24,6 +24,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.conftest import absent
+
 pytestmark = [pytest.mark.root, pytest.mark.vm, pytest.mark.slow]
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -159,7 +161,7 @@ def build_initramfs(out: Path) -> Path:
 def test_cgroup2_backend_in_a_guest_kernel(tmp_path: Path) -> None:
     kernel = find_kernel()
     if kernel is None:
-        pytest.skip("no guest kernel ≥ 6.7: set EXTPV_GUEST_KERNEL or build images/ first")
+        absent("no guest kernel ≥ 6.7: set EXTPV_GUEST_KERNEL or build images/ first")
     initrd = build_initramfs(tmp_path)
     cmd = [
         "qemu-system-x86_64", "-accel", "tcg,thread=multi", "-cpu", "max", "-smp", "4",

@@ -76,6 +76,8 @@ def test_missing_object_has_a_hint() -> None:
 def test_bcc_header_tree_is_merged_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Debian splits a kernel's headers in two packages; bcc needs them as one tree."""
     monkeypatch.delenv("BCC_KERNEL_SOURCE", raising=False)
+    # Fake, named as such: a running kernel with no header package of its own cannot be
+    # produced at will, so the loader is told it runs a release nothing is installed for.
     monkeypatch.setattr(bcc_loader.platform, "release", lambda: "0.0-no-such-kernel")
     src = tmp_path / "src"
     for name, rel in [("common", "include/linux/x.h"), ("amd64", "include/generated/y.h")]:
