@@ -146,10 +146,12 @@ def guest_vm(guest_image: GuestImage, runtime_dir: Path) -> Iterator[launcher.Vi
     )
     t0 = time.monotonic()
     vm = launcher.start(spec, deadline_s=BOOT_DEADLINE_S, retries=2)
-    print(f"\n[vm] booted {vm} in {time.monotonic() - t0:.1f} s", file=sys.stderr)
-    vm.mount_virtfs("extpv", "/mnt/extpv")
-    yield vm
-    vm.stop()
+    try:
+        print(f"\n[vm] booted {vm} in {time.monotonic() - t0:.1f} s", file=sys.stderr)
+        vm.mount_virtfs("extpv", "/mnt/extpv")
+        yield vm
+    finally:  # also when the setup above fails: never leave a QEMU running
+        vm.stop()
 
 
 class PvhostDaemon:
