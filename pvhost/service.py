@@ -58,6 +58,15 @@ class Service:
 
     # -- start / stop ----------------------------------------------------------------------
     async def start(self) -> None:
+        key = self.config.service.signing_key
+        if not key.exists():
+            # Not an error (a lab guest may run trust = "any"), but never silent.
+            _log.warning(
+                "no signing key at %s: programs go unsigned and guests with trust = "
+                '"signed" will refuse them; create one with `pvctl keygen %s`',
+                key,
+                key.parent,
+            )
         eligible = eligible_cpus(self.pool)
         await asyncio.to_thread(self.backend.setup, eligible)
         specs = scan_vms(self.config)
