@@ -23,10 +23,9 @@ from pvagent.config import load_config
 from pvagent.errors import AgentError
 from pvagent.loaders import load
 from pvagent.mounts import ensure_tracing_mounts
-from pvagent.program import ProgramKind
 from pvagent.topology import read_topology
 from pvagent.trust import TrustPolicy
-from pvproto import format_cpulist
+from pvproto import ProgramKind, format_cpulist
 
 __all__ = ["main"]
 

@@ -10,13 +10,14 @@ records, so the asyncio loop waits on it (``loop.add_reader``) with no polling, 
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Literal, Protocol
+from typing import Protocol
 
-__all__ = ["EventSink", "LoadedProgram", "ProgramKind"]
+from pvproto import ProgramKind
+
+__all__ = ["EventSink", "LoadedProgram"]
 
 #: Called once per ring-buffer record: (ring buffer map name, record bytes).
 EventSink = Callable[[str, bytes], None]
-ProgramKind = Literal["bpf-object", "bcc-source"]
 
 
 class LoadedProgram(Protocol):

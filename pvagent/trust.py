@@ -38,7 +38,7 @@ from cryptography.hazmat.primitives.serialization import load_pem_public_key
 
 from pvagent.elf import ElfError, helper_calls, program_sections
 from pvagent.errors import TrustRefused
-from pvagent.program import ProgramKind
+from pvproto import ProgramKind
 
 __all__ = ["DEFAULT_ALLOW", "DEFAULT_TRUSTED_DIR", "DENIED_HELPERS", "TrustPolicy", "attach_points"]
 

@@ -10,16 +10,14 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Literal
 
 from pvagent import bpfobj
 from pvagent.errors import ObjectMissing
 from pvhost import signing
 from pvhost.errors import ChannelError
+from pvproto import ProgramKind
 
-__all__ = ["ProgramKind", "affinity_program", "program_from_file", "sign_payload"]
-
-ProgramKind = Literal["bpf-object", "bcc-source"]
+__all__ = ["affinity_program", "program_from_file", "sign_payload"]
 
 
 def sign_payload(payload: bytes, key_path: Path) -> bytes:

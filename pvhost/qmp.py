@@ -11,12 +11,11 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from qemu.qmp import QMPClient, QMPError
 
+from extpv.vcpus import VcpuThread, parse_query_cpus_fast, process_of_thread
 from pvhost.errors import QmpError
 
 __all__ = ["QmpMonitor", "VcpuThread", "qemu_pid_of"]
@@ -27,53 +26,12 @@ _log = logging.getLogger(__name__)
 HOTPLUG_EVENTS = ("DEVICE_DELETED", "ACPI_DEVICE_OST", "CPU_ADDED")
 
 
-@dataclass(frozen=True)
-class VcpuThread:
-    index: int
-    tid: int
-    socket: int
-    die: int
-    core: int
-    thread: int
-    qom_path: str
-
-    @property
-    def core_key(self) -> tuple[int, int, int]:
-        """Guest vCPUs with the same key are SMT siblings."""
-        return (self.socket, self.die, self.core)
-
-
 def qemu_pid_of(tid: int) -> int:
     """The QEMU process owning vCPU thread ``tid`` (its ``Tgid``)."""
     try:
-        for line in Path(f"/proc/{tid}/status").read_text().splitlines():
-            if line.startswith("Tgid:"):
-                return int(line.split()[1])
-    except OSError as err:
-        raise QmpError(f"vCPU thread {tid} is gone: {err.strerror}") from err
-    raise QmpError(f"/proc/{tid}/status has no Tgid")
-
-
-def _parse_cpus(reply: object) -> dict[int, VcpuThread]:
-    if not isinstance(reply, list):
-        raise QmpError(f"query-cpus-fast returned {type(reply).__name__}, expected a list")
-    out: dict[int, VcpuThread] = {}
-    for item in reply:
-        try:
-            props: dict[str, Any] = item.get("props", {})
-            index = int(item["cpu-index"])
-            out[index] = VcpuThread(
-                index=index,
-                tid=int(item["thread-id"]),
-                socket=int(props.get("socket-id", 0)),
-                die=int(props.get("die-id", 0)),
-                core=int(props.get("core-id", index)),
-                thread=int(props.get("thread-id", 0)),
-                qom_path=str(item.get("qom-path", "")),
-            )
-        except (KeyError, TypeError, ValueError, AttributeError) as err:
-            raise QmpError(f"unexpected query-cpus-fast entry {item!r}: {err}") from err
-    return out
+        return process_of_thread(tid)
+    except ProcessLookupError as err:
+        raise QmpError(str(err)) from err
 
 
 class QmpMonitor:
@@ -101,7 +59,10 @@ class QmpMonitor:
                 reply = await self._client.execute("query-cpus-fast")
         except (QMPError, OSError, TimeoutError) as err:
             raise QmpError(f"query-cpus-fast on {self.path} failed: {err or 'timed out'}") from err
-        self.vcpus = _parse_cpus(reply)
+        try:
+            self.vcpus = parse_query_cpus_fast(reply)
+        except ValueError as err:
+            raise QmpError(f"{self.path}: {err}") from err
         return self.vcpus
 
     @property

@@ -20,7 +20,6 @@ from pathlib import Path
 from typing import Any
 
 from pvhost.errors import ChannelError, QmpError
-from pvhost.programs import ProgramKind
 from pvhost.qmp import QmpMonitor, VcpuThread
 from pvhost.ratelimit import TokenBucket
 from pvproto import (
@@ -36,6 +35,7 @@ from pvproto import (
     Ping,
     Pong,
     ProgramEvent,
+    ProgramKind,
     ProgramLoaded,
     ProtocolError,
     UnloadProgram,

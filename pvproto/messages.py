@@ -33,6 +33,7 @@ __all__ = [
     "Ping",
     "Pong",
     "ProgramEvent",
+    "ProgramKind",
     "ProgramLoaded",
     "ThreadRequest",
     "UnloadProgram",
@@ -47,6 +48,8 @@ Tid = Annotated[int, Field(ge=0, le=2**32 - 1)]
 ShortText = Annotated[str, Field(max_length=256)]
 ProgramId = Annotated[str, Field(pattern=r"^[a-z0-9][a-z0-9._-]{0,63}$")]
 CpuSet = Annotated[list[Cpu], Field(max_length=MAX_CPUS)]
+#: What a LoadProgram payload is: a compiled CO-RE object, or a bcc C source.
+ProgramKind = Literal["bpf-object", "bcc-source"]
 
 
 def _sorted_unique(values: list[int], what: str) -> None:
@@ -144,7 +147,7 @@ class LoadProgram(BaseMessage):
     TYPE_CODE: ClassVar[int] = 16
     type: Literal["load-program"] = "load-program"
     program_id: ProgramId
-    kind: Literal["bpf-object", "bcc-source"]
+    kind: ProgramKind
     payload: Annotated[bytes, Field(max_length=MAX_PAYLOAD_BYTES)]
     #: Hex SHA-256 of ``payload``; checked on decode, so corruption is an InvalidBody.
     sha256: Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")]
@@ -161,7 +164,7 @@ class LoadProgram(BaseMessage):
     def for_payload(
         cls,
         program_id: str,
-        kind: Literal["bpf-object", "bcc-source"],
+        kind: ProgramKind,
         payload: bytes,
         signature: bytes = b"",
         request_id: int = 0,

@@ -16,7 +16,8 @@ from pathlib import Path
 
 from pvagent.loaders.bcc import load_source
 from pvagent.loaders.libbpf import load_object
-from pvagent.program import EventSink, LoadedProgram, ProgramKind
+from pvagent.program import EventSink, LoadedProgram
+from pvproto import ProgramKind
 
 __all__ = ["load"]
 

@@ -30,7 +30,8 @@ from pathlib import Path
 from typing import Any
 
 from pvagent.errors import LoadFailed
-from pvagent.program import EventSink, ProgramKind
+from pvagent.program import EventSink
+from pvproto import ProgramKind
 
 __all__ = ["DEFAULT_CACHE_DIR", "BccProgram", "kernel_source", "load_source"]
 

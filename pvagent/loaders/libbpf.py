@@ -14,7 +14,8 @@ import time
 
 from pvagent import libbpf_ctypes as bpf
 from pvagent.errors import LoadFailed
-from pvagent.program import EventSink, ProgramKind
+from pvagent.program import EventSink
+from pvproto import ProgramKind
 
 __all__ = ["LibbpfProgram", "load_object"]
 
