@@ -35,21 +35,15 @@ from pvproto import (
     AffinityUpdate,
     BaseMessage,
     Error,
-    FrameDecoder,
-    FrameTooLarge,
     GuestTopology,
     Hello,
     LoadProgram,
-    Ping,
-    Pong,
     ProgramEvent,
     ProgramLoaded,
     ProtocolError,
     UnloadProgram,
-    VersionMismatch,
-    encode,
-    negotiate,
 )
+from pvproto.session import PeerSession, SessionClosed, SessionState
 
 __all__ = ["AFFINITY_RINGBUF", "Agent"]
 
@@ -65,8 +59,6 @@ _LOST_CHECK_S = 0.010
 #: Records in one wake-up that mean "storm": the reader then pauses _STORM_PAUSE_S.
 _STORM_BATCH = 32
 _STORM_PAUSE_S = 0.002
-#: Forwarded ProgramEvents are dropped while this much is waiting for a slow host.
-_MAX_BACKLOG = 1 << 20
 _U32 = struct.Struct("<I")
 _U64 = struct.Struct("<Q")
 _SOFTWARE_VERSION = "pvagent 0.1.0"
@@ -80,25 +72,45 @@ class _Running:
     lost_check_due: bool = False
 
 
-class _Connection:
-    """One host connection: its writer and whether the host's Hello arrived."""
+class _HostSession(PeerSession):
+    """The protocol session of one host connection; the agent acts on what it carries."""
 
-    def __init__(self, writer: asyncio.StreamWriter) -> None:
-        self.writer = writer
-        self.ready = False  # host Hello received and a version agreed
+    ROLE = "guest"
 
-    def send(self, message: BaseMessage, *, droppable: bool = False) -> bool:
-        """Queue ``message``; a droppable one is dropped (False) while the host lags."""
-        if self.writer.is_closing():
-            return False
-        if droppable and self.writer.transport.get_write_buffer_size() > _MAX_BACKLOG:
-            return False
-        try:
-            self.writer.write(encode(message))
-        except (FrameTooLarge, OSError) as err:
-            log.warning("cannot send %s: %s", type(message).__name__, err)
-            return False
-        return True
+    def __init__(self, agent: Agent) -> None:
+        super().__init__()
+        self.agent = agent
+
+    def hello(self) -> Hello:
+        return self.agent.hello()
+
+    @property
+    def ready(self) -> bool:
+        return self.state is SessionState.READY
+
+    async def on_ready(self, peer: Hello, *, restarted: bool) -> None:
+        log.info(
+            "host said hello (%s, protocol %s%s)",
+            peer.software_version,
+            self.version,
+            ", again" if restarted else "",
+        )
+        self.agent._conn = self
+        self.send(self.agent.tracker.update())  # the whole state, after every host Hello
+
+    async def on_message(self, message: BaseMessage) -> None:
+        await self.agent.handle(self, message)
+
+    def on_peer_error(self, error: Error) -> None:
+        log.warning(
+            "host reports an error (request %d): %s: %s",
+            error.request_id,
+            error.code,
+            error.message,
+        )
+
+    def on_bad_frame(self, error: ProtocolError) -> None:
+        log.warning("bad frame from the host: %s", error)
 
 
 def _write_atomically(path: Path, text: str) -> None:
@@ -126,7 +138,7 @@ class Agent:
         self.bcc_cache_dir = bcc_cache_dir
         self.tracker = AffinityTracker(topology.online_vcpus, self._publish, window=coalesce_s)
         self.programs: dict[str, _Running] = {}
-        self._conn: _Connection | None = None
+        self._conn: _HostSession | None = None
         self._load_lock = asyncio.Lock()
         self._event_seq = 0
         self.bad_events = 0
@@ -164,28 +176,15 @@ class Agent:
 
     async def serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         """Run one host connection until it closes. Never raises for bad peer input."""
-        conn = _Connection(writer)
-        conn.send(self.hello())
-        decoder = FrameDecoder()
+        session = _HostSession(self)
         try:
-            while chunk := await reader.read(65536):
-                for item in decoder.feed(chunk):
-                    if isinstance(item, ProtocolError):
-                        log.warning("bad frame from the host: %s", item)
-                        conn.send(
-                            Error(
-                                code="bad-frame",
-                                message=str(item)[:4096],
-                                request_id=item.request_id or 0,
-                            )
-                        )
-                    elif not await self._handle(conn, item):
-                        return
-                await writer.drain()
+            await session.run(reader, writer)
+        except SessionClosed as err:
+            log.warning("host session closed: %s", err)
         except (ConnectionError, OSError) as err:
             log.info("host connection lost: %s", err)
         finally:
-            if self._conn is conn:
+            if self._conn is session:
                 self._conn = None
             # Give queued replies (an Error before closing) a moment, then drop the rest:
             # a vanished host would never read it, and a virtio port would block on it.
@@ -193,59 +192,25 @@ class Agent:
                 await asyncio.wait_for(writer.drain(), 1.0)
             writer.transport.abort()
 
-    async def _handle(self, conn: _Connection, message: BaseMessage) -> bool:
-        """Act on one message; return False to close the connection."""
+    async def handle(self, session: PeerSession, message: BaseMessage) -> None:
+        """Act on one message of a ready session (Hello, Ping and Error are the session's)."""
         rid = message.request_id
-        if isinstance(message, Hello):
-            if message.role != "host":
-                conn.send(
-                    Error(code="bad-request", message="a guest talks to a host", request_id=rid)
-                )
-                return True
-            try:
-                negotiate(SUPPORTED_VERSIONS, message.protocol_versions)
-            except VersionMismatch as err:
-                conn.send(Error(code="unsupported", message=str(err), request_id=rid))
-                return False
-            log.info("host said hello (%s)", message.software_version)
-            conn.ready = True
-            self._conn = conn
-            conn.send(self.tracker.update())  # the whole state, after every host Hello
-        elif isinstance(message, Ping):
-            conn.send(Pong(nonce=message.nonce, request_id=rid))
-        elif isinstance(message, Pong):
-            pass
-        elif isinstance(message, AffinityResult):
+        if isinstance(message, AffinityResult):
             self._record_placement(message)
-        elif isinstance(message, Error):
-            log.warning(
-                "host reports an error (request %d): %s: %s", rid, message.code, message.message
-            )
-        elif not conn.ready:
-            conn.send(Error(code="bad-request", message="send Hello first", request_id=rid))
         elif isinstance(message, LoadProgram):
             reply = await self.load_program(message)
-            conn.send(reply.model_copy(update={"request_id": rid}))
+            session.send(reply.model_copy(update={"request_id": rid}))
         elif isinstance(message, UnloadProgram):
             if message.program_id not in self.programs:
-                conn.send(
-                    Error(
-                        code="bad-request",
-                        message=f"no program {message.program_id!r} is loaded",
-                        request_id=rid,
-                    )
+                session.reply_error(
+                    message, "bad-request", f"no program {message.program_id!r} is loaded"
                 )
             else:
                 self.unload(message.program_id)
         else:
-            conn.send(
-                Error(
-                    code="bad-request",
-                    message=f"{type(message).__name__} is not sent to a guest",
-                    request_id=rid,
-                )
+            session.reply_error(
+                message, "bad-request", f"{type(message).__name__} is not sent to a guest"
             )
-        return True
 
     def _publish(self, update: AffinityUpdate) -> None:
         if self._conn is not None and self._conn.ready:
@@ -295,10 +260,6 @@ class Agent:
                 self._seed(program, keep)
         log.info("program %s attached at %s", pid, ", ".join(points))
         return ProgramLoaded(program_id=pid, ok=True)
-
-    def load_local(self, program_id: str, program: LoadedProgram, sha256: str = "") -> None:
-        """Adopt a program loaded outside the protocol (the built-in one, tests)."""
-        self._start(program_id, program, sha256)
 
     def _start(self, pid: str, program: LoadedProgram, sha256: str) -> None:
         self.programs[pid] = _Running(program, sha256)

@@ -1,85 +1,79 @@
-"""Prometheus text exposition of the service's counters, over a tiny asyncio HTTP server."""
+"""Prometheus metrics of the host service, exposed with ``prometheus_client``.
+
+Each :class:`Metrics` has its own registry (a test may run several services in one process).
+Besides extpv's own series the exposition carries the standard process and platform
+collectors (CPU seconds, resident memory, open fds) and ``extpv_build_info``.
+"""
 
 from __future__ import annotations
 
 import asyncio
-import bisect
 import contextlib
-from collections import Counter
 
-__all__ = ["Metrics", "reason_code", "serve_metrics"]
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    Info,
+    PlatformCollector,
+    ProcessCollector,
+    generate_latest,
+)
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+from pvhost.refusal import RefusalCode
+
+__all__ = ["Metrics", "serve_metrics"]
 
 #: Apply-latency histogram buckets, seconds.
 BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0)
-
-
-def reason_code(reason: str) -> str:
-    """A short, bounded label for a refusal reason (labels must not be guest-controlled)."""
-    for prefix, code in (
-        ("unknown vCPU", "unknown-vcpu"),
-        ("quota", "quota"),
-        ("pool exhausted", "pool-exhausted"),
-        ("identity:", "identity-unavailable"),
-        ("partition", "partition-invalid"),
-        ("released", "released"),
-    ):
-        if reason.startswith(prefix):
-            return code
-    return "placement-failed"
+VERSION = "0.1.0"
 
 
 class Metrics:
     def __init__(self) -> None:
-        self.requests: Counter[str] = Counter()
-        self.refusals: Counter[str] = Counter()
-        self.pinned = 0
-        self.vms = 0
-        self._buckets = [0] * (len(BUCKETS) + 1)
-        self._sum = 0.0
-        self._count = 0
+        self.registry = CollectorRegistry()
+        ProcessCollector(registry=self.registry)
+        PlatformCollector(registry=self.registry)
+        Info("extpv_build", "extpv version.", registry=self.registry).info({"version": VERSION})
+        self.requests = Counter(
+            "extpv_affinity_requests",
+            "AffinityUpdates received, per VM.",
+            ["vm"],
+            registry=self.registry,
+        )
+        self.refusals = Counter(
+            "extpv_refusals",
+            "vCPU placements refused, by refusal code.",
+            ["code"],
+            registry=self.registry,
+        )
+        for code in RefusalCode:  # every code is exposed from the start, at 0
+            self.refusals.labels(code=code.value)
+        self.pinned = Gauge("extpv_pinned_vcpus", "vCPUs pinned now.", registry=self.registry)
+        self.vms = Gauge("extpv_vms", "VMs with a live session.", registry=self.registry)
+        self.apply_seconds = Histogram(
+            "extpv_apply_seconds",
+            "Time to apply one placement change.",
+            buckets=BUCKETS,
+            registry=self.registry,
+        )
 
-    def observe_apply(self, seconds: float) -> None:
-        self._buckets[bisect.bisect_left(BUCKETS, seconds)] += 1
-        self._sum += seconds
-        self._count += 1
+    def requests_of(self, vm: str) -> float:
+        """AffinityUpdates received from ``vm`` so far."""
+        return self.registry.get_sample_value("extpv_affinity_requests_total", {"vm": vm}) or 0.0
 
-    def render(self) -> str:
-        out = [
-            "# HELP extpv_affinity_requests_total AffinityUpdates received, per VM.",
-            "# TYPE extpv_affinity_requests_total counter",
-        ]
-        out += [
-            f'extpv_affinity_requests_total{{vm="{vm}"}} {n}'
-            for vm, n in sorted(self.requests.items())
-        ]
-        out += [
-            "# HELP extpv_refusals_total vCPU placements refused, by reason.",
-            "# TYPE extpv_refusals_total counter",
-        ]
-        out += [
-            f'extpv_refusals_total{{reason="{r}"}} {n}' for r, n in sorted(self.refusals.items())
-        ]
-        out += [
-            "# HELP extpv_pinned_vcpus vCPUs pinned now.",
-            "# TYPE extpv_pinned_vcpus gauge",
-            f"extpv_pinned_vcpus {self.pinned}",
-            "# HELP extpv_vms VMs with a live session.",
-            "# TYPE extpv_vms gauge",
-            f"extpv_vms {self.vms}",
-            "# HELP extpv_apply_seconds Time to apply one placement change.",
-            "# TYPE extpv_apply_seconds histogram",
-        ]
-        total = 0
-        for bound, n in zip((*BUCKETS, float("inf")), self._buckets, strict=True):
-            total += n
-            le = "+Inf" if bound == float("inf") else repr(bound)
-            out.append(f'extpv_apply_seconds_bucket{{le="{le}"}} {total}')
-        out += [f"extpv_apply_seconds_sum {self._sum}", f"extpv_apply_seconds_count {self._count}"]
-        return "\n".join(out) + "\n"
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
 
 
 async def serve_metrics(metrics: Metrics, host: str, port: int) -> asyncio.Server:
-    """Serve ``GET /metrics``; anything else is a 404. Reads at most one small request."""
+    """Serve ``GET /metrics``; anything else is a 404. Reads at most one small request.
+
+    An asyncio server (not prometheus_client's thread) so a scrape never races the loop's
+    updates and a taken port is an ``OSError`` at start, not in a background thread.
+    """
 
     async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
@@ -87,8 +81,8 @@ async def serve_metrics(metrics: Metrics, host: str, port: int) -> asyncio.Serve
                 request = await reader.readuntil(b"\r\n\r\n")
             path = request.split(b" ", 2)[1] if request.count(b" ") >= 2 else b""
             if path == b"/metrics":
-                body = metrics.render().encode()
-                head = b"HTTP/1.0 200 OK\r\nContent-Type: text/plain; version=0.0.4\r\n"
+                body = metrics.render()
+                head = b"HTTP/1.0 200 OK\r\nContent-Type: " + CONTENT_TYPE_LATEST.encode() + b"\r\n"
             else:
                 body, head = b"not found\n", b"HTTP/1.0 404 Not Found\r\n"
             writer.write(head + b"Content-Length: %d\r\n\r\n" % len(body) + body)

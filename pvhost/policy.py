@@ -27,6 +27,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
 from pvhost.config import PolicyName
+from pvhost.refusal import Refusal, RefusalCode
 from pvhost.topology import HostTopology
 from pvproto import format_cpulist
 
@@ -75,7 +76,7 @@ class Plan:
     vm: str
     policy: PolicyName
     mapping: Mapping[int, int] = field(default_factory=dict)
-    refused: Mapping[int, str] = field(default_factory=dict)
+    refused: Mapping[int, Refusal] = field(default_factory=dict)
     notes: tuple[str, ...] = ()
 
 
@@ -104,9 +105,11 @@ def apply_plan(allocations: Allocations, result: Plan) -> dict[int, tuple[str, i
 def plan(wanted: Iterable[int], vm: VmView, host: HostPool, allocations: Allocations) -> Plan:
     """Decide where each wanted vCPU of ``vm`` goes. Pure: no I/O, no state."""
     wanted_set = frozenset(wanted)
-    refused: dict[int, str] = {}
+    refused: dict[int, Refusal] = {}
     for vcpu in sorted(wanted_set - vm.vcpus):
-        refused[vcpu] = f"unknown vCPU {vcpu}: the VM has vCPUs {_fmt(vm.vcpus)}"
+        refused[vcpu] = Refusal(
+            RefusalCode.UNKNOWN_VCPU, f"unknown vCPU {vcpu}: the VM has vCPUs {_fmt(vm.vcpus)}"
+        )
     known = sorted(wanted_set & vm.vcpus)
     eligible = eligible_cpus(host)
     others = {p: owner for p, owner in allocations.items() if owner[0] != vm.name}
@@ -121,7 +124,7 @@ def plan(wanted: Iterable[int], vm: VmView, host: HostPool, allocations: Allocat
     # Quota first: never plan more than the VM may hold (kept vCPUs count first).
     room = max(vm.quota - len(keep), 0)
     for vcpu in todo[room:]:
-        refused[vcpu] = f"quota of {vm.quota} pinned vCPUs reached"
+        refused[vcpu] = Refusal(RefusalCode.QUOTA, f"quota of {vm.quota} pinned vCPUs reached")
     todo = todo[:room]
     notes: tuple[str, ...] = ()
     if vm.policy == "ht-aware":
@@ -130,9 +133,10 @@ def plan(wanted: Iterable[int], vm: VmView, host: HostPool, allocations: Allocat
         placed = _fill(todo, host.topology, free, owned=set(keep.values()))
     for vcpu in todo:
         if vcpu not in placed:
-            refused[vcpu] = (
+            refused[vcpu] = Refusal(
+                RefusalCode.POOL_EXHAUSTED,
                 f"pool exhausted: no free pCPU among {_fmt(eligible)} "
-                f"({len(others)} held by other VMs)"
+                f"({len(others)} held by other VMs)",
             )
     return Plan(vm.name, vm.policy, {**keep, **placed}, refused, notes)
 
@@ -143,19 +147,29 @@ def _identity(
     *,
     eligible: frozenset[int],
     others: Allocations,
-    refused: dict[int, str],
+    refused: dict[int, Refusal],
 ) -> dict[int, int]:
     mapping: dict[int, int] = {}
     for vcpu in known:
         if vcpu not in host.topology.online:
-            refused[vcpu] = f"identity: pCPU {vcpu} is not an online host CPU"
+            refused[vcpu] = Refusal(
+                RefusalCode.IDENTITY_UNAVAILABLE, f"identity: pCPU {vcpu} is not an online host CPU"
+            )
         elif vcpu in host.housekeeping:
-            refused[vcpu] = f"identity: pCPU {vcpu} is a housekeeping CPU"
+            refused[vcpu] = Refusal(
+                RefusalCode.IDENTITY_UNAVAILABLE, f"identity: pCPU {vcpu} is a housekeeping CPU"
+            )
         elif vcpu not in eligible:
-            refused[vcpu] = f"identity: pCPU {vcpu} is outside the pool {_fmt(eligible)}"
+            refused[vcpu] = Refusal(
+                RefusalCode.IDENTITY_UNAVAILABLE,
+                f"identity: pCPU {vcpu} is outside the pool {_fmt(eligible)}",
+            )
         elif vcpu in others:
             name, other = others[vcpu]
-            refused[vcpu] = f"identity: pCPU {vcpu} is held by VM {name} vCPU {other}"
+            refused[vcpu] = Refusal(
+                RefusalCode.IDENTITY_UNAVAILABLE,
+                f"identity: pCPU {vcpu} is held by VM {name} vCPU {other}",
+            )
         else:
             mapping[vcpu] = vcpu
     return mapping
@@ -166,13 +180,13 @@ def _with_quota(
     mapping: dict[int, int],
     *,
     current: Mapping[int, int],
-    refused: dict[int, str],
+    refused: dict[int, Refusal],
 ) -> Plan:
     # Already-held vCPUs win the quota, then the lowest indices.
     order = sorted(mapping, key=lambda v: (v not in current, v))
     kept = order[: vm.quota]
     for vcpu in order[vm.quota :]:
-        refused[vcpu] = f"quota of {vm.quota} pinned vCPUs reached"
+        refused[vcpu] = Refusal(RefusalCode.QUOTA, f"quota of {vm.quota} pinned vCPUs reached")
     return Plan(vm.name, vm.policy, {v: mapping[v] for v in sorted(kept)}, refused)
 
 

@@ -10,10 +10,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
-from qemu.qmp import QMPClient, QMPError
+from qemu.qmp import EventListener, QMPClient, QMPError
+from qemu.qmp.message import Message
 
 from extpv.vcpus import VcpuThread, parse_query_cpus_fast, process_of_thread
 from pvhost.errors import QmpError
@@ -34,15 +35,52 @@ def qemu_pid_of(tid: int) -> int:
         raise QmpError(str(err)) from err
 
 
+def _accept_none(_event: Message) -> bool:
+    return False
+
+
+class _HotplugFlag(EventListener):
+    """Remembers *that* a hot-plug event came, not each one: bounded whatever QEMU emits.
+
+    qemu.qmp's own listener queues every event and keeps a history of them all; a guest
+    looping on the CPU-hotplug port would grow both without end.
+    """
+
+    def __init__(self) -> None:
+        super().__init__(HOTPLUG_EVENTS)
+        self._flag = asyncio.Event()
+        self._last = ""
+
+    async def put(self, event: Message) -> None:
+        if self.accept(event):
+            self._last = str(event.get("event", ""))
+            self._flag.set()
+
+    async def wait(self) -> str:
+        """Wait for the next hot-plug event (those that came meanwhile count as one)."""
+        await self._flag.wait()
+        self._flag.clear()
+        return self._last
+
+
 class QmpMonitor:
     """One QMP connection to one QEMU; ``vcpus`` is the current vCPU map."""
 
-    def __init__(self, socket_path: Path, name: str) -> None:
+    def __init__(
+        self,
+        socket_path: Path,
+        name: str,
+        on_change: Callable[[], Awaitable[None]] | None = None,
+    ) -> None:
         self.path = socket_path
         self._client = QMPClient(f"pvhost-{name}")
+        # qemu.qmp's default listener queues (and records in its history) every event QEMU
+        # emits, for ever, and a guest can make QEMU emit thousands a second: it accepts none.
+        self._client.events.event_filter = _accept_none
         self.vcpus: dict[int, VcpuThread] = {}
         self._events: asyncio.Task[None] | None = None
-        self.on_change: Callable[[], None] | None = None
+        #: Awaited after the vCPU map was refreshed because QEMU reported a hot(un)plug.
+        self.on_change = on_change
 
     async def connect(self, timeout: float = 5.0) -> None:
         try:
@@ -76,29 +114,27 @@ class QmpMonitor:
             await asyncio.wait({self._events})
 
     async def _watch(self) -> None:
-        with self._client.listener(HOTPLUG_EVENTS) as listener:
-            waiter = asyncio.ensure_future(self._client.runstate_changed())
-            try:
-                while self.connected:
-                    getter = asyncio.ensure_future(listener.get())
-                    done, _ = await asyncio.wait(
-                        {getter, waiter}, return_when=asyncio.FIRST_COMPLETED
-                    )
-                    if getter in done:
-                        _log.info(
-                            "%s: %s, refreshing vCPU map", self.path, getter.result()["event"]
-                        )
-                        with contextlib.suppress(QmpError):
-                            await self.refresh()
-                        if self.on_change is not None:
-                            self.on_change()
-                    else:
-                        getter.cancel()
-                        if not self.connected:
-                            return
-                        waiter = asyncio.ensure_future(self._client.runstate_changed())
-            finally:
-                waiter.cancel()
+        listener = _HotplugFlag()
+        self._client.register_listener(listener)
+        waiter = asyncio.ensure_future(self._client.runstate_changed())
+        try:
+            while self.connected:
+                getter = asyncio.ensure_future(listener.wait())
+                done, _ = await asyncio.wait({getter, waiter}, return_when=asyncio.FIRST_COMPLETED)
+                if getter in done:
+                    _log.info("%s: %s, refreshing vCPU map", self.path, getter.result())
+                    with contextlib.suppress(QmpError):
+                        await self.refresh()
+                    if self.on_change is not None:
+                        await self.on_change()
+                else:
+                    getter.cancel()
+                    if not self.connected:
+                        return
+                    waiter = asyncio.ensure_future(self._client.runstate_changed())
+        finally:
+            waiter.cancel()
+            self._client.remove_listener(listener)
 
     async def close(self) -> None:
         if self._events is not None:

@@ -2,33 +2,64 @@
 
 Placement is global (a pCPU is never given to two vCPUs of any VM), so every plan + apply
 runs under one lock; backend calls run in a worker thread so cgroupfs writes never stall
-the other VMs' channels.
+the other VMs' channels, and nothing that waits on a VM (QMP round trips, the guest
+channel) ever runs under the lock, so one VM cannot slow another's placements.
+
+The service owns each VM's :class:`VmRecord` (policy, quota, remap switch, the guest's
+latest wish and the answer it got); the VM's :class:`~pvhost.session.VmSession` owns its
+connections and is driven only through the operations it exposes.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
-import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from pvhost.config import Config, PolicyName
-from pvhost.errors import ChannelError, HostError, PartitionInvalid, PlacementError, QmpError
-from pvhost.metrics import Metrics, reason_code
+from pvhost.errors import HostError, PartitionInvalid, PlacementError, QmpError
+from pvhost.metrics import Metrics
 from pvhost.placement import PlacementBackend, detect_backend
 from pvhost.policy import HostPool, Plan, VmView, eligible_cpus, guest_sibling_groups, plan
 from pvhost.programs import affinity_program, program_from_file, sign_payload
 from pvhost.qmp import QmpMonitor, qemu_pid_of
+from pvhost.refusal import Refusal, RefusalCode
 from pvhost.registry import DirWatcher, VmSpec, scan_vms
 from pvhost.session import VmSession
 from pvhost.topology import HostTopology, read_host_topology
-from pvproto import AffinityResult, VcpuPlacement
+from pvproto import AffinityResult, AffinityUpdate, VcpuPlacement
 
-__all__ = ["Service"]
+__all__ = ["Service", "VmRecord"]
 
 _log = logging.getLogger(__name__)
+
+
+@dataclass
+class VmRecord:
+    """What the service keeps for one VM: its settings and the guest's latest wish."""
+
+    spec: VmSpec
+    session: VmSession
+    task: asyncio.Task[None]
+    #: The configured policy; ``remap`` switches ht-aware on and off at runtime.
+    policy: PolicyName
+    quota: int
+    remap: bool
+    #: The guest's latest request (the whole wanted set) and its sequence number.
+    wanted: list[int] = field(default_factory=list)
+    last_seq: int | None = None
+    #: The placements answered to it.
+    last_result: list[VcpuPlacement] = field(default_factory=list)
+    #: (QEMU pid, sorted (vCPU, tid) pairs) the backend was last attached with.
+    attached: tuple[int, tuple[tuple[int, int], ...]] | None = None
+
+    @property
+    def effective_policy(self) -> PolicyName:
+        if self.remap:
+            return "ht-aware"
+        return "pool" if self.policy == "ht-aware" else self.policy
 
 
 class Service:
@@ -47,14 +78,17 @@ class Service:
             placement.cgroup_root, config.service.state_dir, placement.backend, placement.group
         )
         self.metrics = Metrics()
-        self.sessions: dict[str, VmSession] = {}
-        self._tasks: dict[str, asyncio.Task[None]] = {}
-        self._specs: dict[str, VmSpec] = {}
-        self._attached: dict[str, tuple[int, tuple[tuple[int, int], ...]]] = {}
+        self.vms: dict[str, VmRecord] = {}
         self._lock = asyncio.Lock()
         self._watcher: DirWatcher | None = None
         self._background: set[asyncio.Task[None]] = set()
+        #: Attachments adopted at start (VM → QEMU pid and vCPU tids), used once per VM.
+        self._adopted_attach: dict[str, tuple[int, tuple[tuple[int, int], ...]]] = {}
         self.adopted: dict[str, dict[int, int]] = {}
+
+    @property
+    def sessions(self) -> dict[str, VmSession]:
+        return {name: vm.session for name, vm in self.vms.items()}
 
     # -- start / stop ----------------------------------------------------------------------
     async def start(self) -> None:
@@ -74,10 +108,9 @@ class Service:
         live = {name: {i: v.tid for i, v in m.vcpus.items()} for name, m in monitors.items()}
         self.adopted = await asyncio.to_thread(self.backend.reconcile, live)
         for name, monitor in monitors.items():
-            pins = self.adopted.get(name)
-            if pins is not None:
+            if name in self.adopted:
                 first = next(iter(monitor.vcpus.values()))
-                self._attached[name] = (qemu_pid_of(first.tid), self._tids(monitor))
+                self._adopted_attach[name] = (qemu_pid_of(first.tid), _tids(monitor.vcpus))
         for name, spec in specs.items():
             self._start_session(spec, monitors.get(name))
         runtime = self.config.service.runtime_dir
@@ -107,18 +140,18 @@ class Service:
     async def stop(self) -> None:
         if self._watcher is not None:
             self._watcher.close()
-        for name in list(self._tasks):
+        for name in list(self.vms):
             await self._stop_session(name)
         await asyncio.to_thread(self.backend.teardown)
 
     def rescan(self) -> None:
         specs = scan_vms(self.config)
-        for name in set(self._tasks) - set(specs):
+        for name in set(self.vms) - set(specs):
             task = asyncio.get_running_loop().create_task(self._stop_session(name))
             self._background.add(task)  # keep a reference until it is done
             task.add_done_callback(self._background.discard)
         for name, spec in specs.items():
-            if name not in self._tasks:
+            if name not in self.vms:
                 self._start_session(spec, None)
 
     def _start_session(self, spec: VmSpec, monitor: QmpMonitor | None) -> None:
@@ -129,219 +162,235 @@ class Service:
             spec.agent,
             applier=self.apply,
             on_gone=self.vm_gone,
+            on_vcpus_changed=self.vcpus_changed,
             program=lambda: affinity_program(
                 self.config.service.affinity_program, self.config.service.signing_key
             ),
             rate=placement.rate,
             burst=placement.burst,
             max_backoff=self.config.service.max_backoff,
-            policy=spec.policy or placement.policy,
+        )
+        policy = spec.policy or placement.policy
+        task = asyncio.get_running_loop().create_task(session.run(monitor), name=f"vm-{spec.name}")
+        self.vms[spec.name] = VmRecord(
+            spec=spec,
+            session=session,
+            task=task,
+            policy=policy,  # type: ignore[arg-type]  # validated by the config model
             quota=spec.quota if spec.quota is not None else placement.quota,
+            remap=policy == "ht-aware",
+            attached=self._adopted_attach.pop(spec.name, None),
         )
-        self._specs[spec.name] = spec
-        self.sessions[spec.name] = session
-        self._tasks[spec.name] = asyncio.get_running_loop().create_task(
-            session.run(monitor), name=f"vm-{spec.name}"
-        )
-        self.metrics.vms = len(self.sessions)
+        self.metrics.vms.set(len(self.vms))
 
     async def _stop_session(self, name: str) -> None:
-        task = self._tasks.pop(name, None)
-        session = self.sessions.pop(name, None)
-        self._specs.pop(name, None)
-        if task is not None:
-            task.cancel()
-            try:
-                await task
-            except asyncio.CancelledError:
-                pass
-            except Exception:
-                # A session that died of an error must not stop the undo of its VM, of the
-                # other VMs, or of extpv's own cgroup (stop() runs this for every VM).
-                _log.exception("%s: the VM's session had ended with an error", name)
-        if session is not None:
-            await self.vm_gone(session)
-        self.metrics.vms = len(self.sessions)
+        vm = self.vms.pop(name, None)
+        if vm is None:
+            return
+        vm.task.cancel()
+        try:
+            await vm.task
+        except asyncio.CancelledError:
+            pass
+        except Exception:
+            # A session that died of an error must not stop the undo of its VM, of the
+            # other VMs, or of extpv's own cgroup (stop() runs this for every VM).
+            _log.exception("%s: the VM's session had ended with an error", name)
+        await self._undo(name, vm)
+        self.metrics.vms.set(len(self.vms))
 
-    async def vm_gone(self, session: VmSession) -> None:
-        """The VM went away (QMP closed or its directory vanished): undo all its placements."""
+    async def vm_gone(self, name: str) -> None:
+        """The VM's QEMU went away (QMP closed): undo all its placements."""
+        await self._undo(name, self.vms.get(name))
+
+    async def _undo(self, name: str, vm: VmRecord | None) -> None:
         async with self._lock:
-            self._attached.pop(session.name, None)
+            if vm is not None:
+                vm.attached = None
             try:
-                await asyncio.to_thread(self.backend.detach, session.name)
+                await asyncio.to_thread(self.backend.detach, name)
             except PlacementError as err:
-                _log.error("%s: undo failed: %s", session.name, err)
+                _log.error("%s: undo failed: %s", name, err)
             self._count_pinned()
 
+    async def vcpus_changed(self, name: str) -> None:
+        """QEMU reported a vCPU hot(un)plug: plan the guest's current wish against the new map."""
+        vm = self.vms.get(name)
+        if vm is not None and vm.last_seq is not None:
+            await self.reapply(vm)
+
     # -- placement -----------------------------------------------------------------------------
-    @staticmethod
-    def _tids(monitor: QmpMonitor) -> tuple[tuple[int, int], ...]:
-        return tuple(sorted((i, v.tid) for i, v in monitor.vcpus.items()))
+    def _vm(self, name: str) -> VmRecord:
+        try:
+            return self.vms[name]
+        except KeyError:
+            raise HostError(
+                f"no VM named {name!r} (known: {', '.join(sorted(self.vms)) or 'none'})"
+            ) from None
 
-    def effective_policy(self, session: VmSession) -> PolicyName:
-        if session.remap:
-            return "ht-aware"
-        return "pool" if session.policy == "ht-aware" else session.policy  # type: ignore[return-value]
+    async def apply(self, name: str, update: AffinityUpdate) -> AffinityResult:
+        """Plan and enact a guest's request; every wanted vCPU gets an answer of its seq."""
+        self.metrics.requests.labels(vm=name).inc()
+        vm = self._vm(name)
+        vm.wanted, vm.last_seq = list(update.wanted), update.seq
+        return await self._place(vm, update.seq)
 
-    async def apply(self, session: VmSession, wanted: list[int]) -> AffinityResult:
-        """Plan and enact ``wanted`` for ``session``'s VM; every wanted vCPU gets an answer."""
-        self.metrics.requests[session.name] += 1
-        async with self._lock:
-            try:
-                placements = await self._apply_locked(session, wanted)
-            except (HostError, OSError) as err:
-                # Whatever failed (a vCPU thread gone, an undo that could not complete) is
-                # reported for every wanted vCPU; the session and the service go on.
-                _log.error("%s: applying %s failed: %s", session.name, wanted, err)
-                reason = f"placement failed: {err}"[:1024]
-                placements = [VcpuPlacement(vcpu=v, refused=reason) for v in wanted]
-        for p in placements:
-            if p.refused is not None:
-                self.metrics.refusals[reason_code(p.refused)] += 1
-        session.status.last_result = [p.model_dump() for p in placements]
+    async def reapply(self, vm: VmRecord) -> None:
+        """Re-plan the current wish (after a remap switch or a hot-plug); tell the guest."""
+        seq = vm.last_seq if vm.last_seq is not None else 0
+        result = await self._place(vm, seq)
+        if vm.last_seq is not None:
+            vm.session.send_result(result)
+
+    async def _place(self, vm: VmRecord, seq: int) -> AffinityResult:
+        wanted = list(vm.wanted)
+        if set(wanted) - set(vm.session.vcpus):
+            # A vCPU we do not know may have been hot-plugged (QEMU emits no event for an add
+            # until the guest acknowledges it): ask QEMU again, before taking the lock.
+            await vm.session.refresh_vcpus()
+        try:
+            async with self._lock:
+                placements = await self._apply_locked(vm, wanted)
+        except (HostError, OSError) as err:
+            # Whatever failed (a vCPU thread gone, an undo that could not complete) is
+            # reported for every wanted vCPU; the session and the service go on.
+            _log.error("%s: applying %s failed: %s", vm.spec.name, wanted, err)
+            refusal = Refusal(RefusalCode.PLACEMENT_FAILED, f"placement failed: {err}")
+            placements = [(v, refusal) for v in wanted]
+        except Exception as err:
+            # Last resort: a bug must not silence the session; the guest still gets answers.
+            _log.exception("%s: applying %s failed", vm.spec.name, wanted)
+            refusal = Refusal(RefusalCode.INTERNAL, f"internal error: {err}")
+            placements = [(v, refusal) for v in wanted]
+        answer = []
+        for vcpu, outcome in placements:
+            if isinstance(outcome, Refusal):
+                self.metrics.refusals.labels(code=outcome.code.value).inc()
+                answer.append(outcome.placement(vcpu))
+            else:
+                answer.append(VcpuPlacement(vcpu=vcpu, pcpu=outcome))
+        vm.last_result = answer
         return AffinityResult(
-            seq=0,
-            placements=placements,
-            policy=self.effective_policy(session),
-            backend=self.backend.name,
+            seq=seq, placements=answer, policy=vm.effective_policy, backend=self.backend.name
         )
 
-    async def _apply_locked(self, session: VmSession, wanted: list[int]) -> list[VcpuPlacement]:
-        monitor = session.monitor
-        if monitor is not None and set(wanted) - set(monitor.vcpus):
-            # A vCPU we do not know may have been hot-plugged (QEMU emits no event for an add
-            # until the guest acknowledges it): ask QEMU again before refusing it.
-            with contextlib.suppress(QmpError):
-                await monitor.refresh()
-        if monitor is None or not monitor.vcpus:
-            return [
-                VcpuPlacement(vcpu=v, refused="the VM's QMP monitor is not connected")
-                for v in wanted
-            ]
-        vm = VmView(
-            name=session.name,
-            vcpus=frozenset(monitor.vcpus),
-            quota=session.quota,
-            policy=self.effective_policy(session),
-            guest_siblings=guest_sibling_groups({i: v.core_key for i, v in monitor.vcpus.items()}),
+    async def _apply_locked(
+        self, vm: VmRecord, wanted: list[int]
+    ) -> list[tuple[int, int | Refusal]]:
+        vcpus = vm.session.vcpus
+        if not vcpus:
+            refusal = Refusal(RefusalCode.NO_MONITOR, "the VM's QMP monitor is not connected")
+            return [(v, refusal) for v in wanted]
+        view = VmView(
+            name=vm.spec.name,
+            vcpus=frozenset(vcpus),
+            quota=vm.quota,
+            policy=vm.effective_policy,
+            guest_siblings=guest_sibling_groups({i: v.core_key for i, v in vcpus.items()}),
         )
         allocations = {
             p: (name, v) for name, pins in self.backend.pins().items() for v, p in pins.items()
         }
-        result = plan(wanted, vm, self.pool, allocations)
-        tids = {i: v.tid for i, v in monitor.vcpus.items()}
-        started = time.perf_counter()
-        failures = await asyncio.to_thread(self._enact, session, result, tids)
-        self.metrics.observe_apply(time.perf_counter() - started)
+        result = plan(wanted, view, self.pool, allocations)
+        tids = {i: v.tid for i, v in vcpus.items()}
+        with self.metrics.apply_seconds.time():
+            failures = await asyncio.to_thread(self._enact, vm, result, tids)
         self._count_pinned()
-        out = []
+        out: list[tuple[int, int | Refusal]] = []
         for vcpu in wanted:
             if vcpu in failures:
-                out.append(VcpuPlacement(vcpu=vcpu, refused=failures[vcpu]))
+                out.append((vcpu, failures[vcpu]))
             elif vcpu in result.mapping:
-                out.append(VcpuPlacement(vcpu=vcpu, pcpu=result.mapping[vcpu]))
+                out.append((vcpu, result.mapping[vcpu]))
             else:
-                out.append(VcpuPlacement(vcpu=vcpu, refused=result.refused.get(vcpu, "refused")))
+                out.append((vcpu, result.refused[vcpu]))
         return out
 
-    def _enact(self, session: VmSession, result: Plan, tids: dict[int, int]) -> dict[int, str]:
+    def _enact(self, vm: VmRecord, result: Plan, tids: dict[int, int]) -> dict[int, Refusal]:
         """Make the backend match the plan: unpin what changed, then pin. Runs in a thread."""
-        name = session.name
+        name = vm.spec.name
         key = tuple(sorted(tids.items()))
-        if self._attached.get(name, (0, ()))[1] != key:
+        if vm.attached is None or vm.attached[1] != key:
             pid = qemu_pid_of(next(iter(tids.values())))
             self.backend.attach(name, pid, tids)
-            self._attached[name] = (pid, key)
+            vm.attached = (pid, key)
         current = self.backend.pins().get(name, {})
         for vcpu, pcpu in current.items():
             if result.mapping.get(vcpu) != pcpu:
                 self.backend.unpin(name, vcpu)
-        failures: dict[int, str] = {}
+        failures: dict[int, Refusal] = {}
         for vcpu, pcpu in sorted(result.mapping.items()):
             if current.get(vcpu) == pcpu:
                 continue
             try:
                 self.backend.pin(name, vcpu, tids[vcpu], pcpu)
             except PartitionInvalid as err:
-                failures[vcpu] = f"partition invalid ({err.reason}); undone"
+                failures[vcpu] = Refusal(
+                    RefusalCode.PARTITION_INVALID, f"partition invalid ({err.reason}); undone"
+                )
             except PlacementError as err:
-                failures[vcpu] = f"placement failed: {err}"[:1024]
+                failures[vcpu] = Refusal(RefusalCode.PLACEMENT_FAILED, f"placement failed: {err}")
         return failures
 
     # -- operator actions ------------------------------------------------------------------------
-    def _session(self, name: str) -> VmSession:
-        try:
-            return self.sessions[name]
-        except KeyError:
-            raise HostError(
-                f"no VM named {name!r} (known: {', '.join(sorted(self.sessions)) or 'none'})"
-            ) from None
-
     async def set_remap(self, name: str, on: bool) -> dict[str, Any]:
-        session = self._session(name)
-        session.remap = on
-        await session.reapply()
-        return {"vm": name, "remap": on, "policy": self.effective_policy(session)}
+        vm = self._vm(name)
+        vm.remap = on
+        await self.reapply(vm)
+        return {"vm": name, "remap": on, "policy": vm.effective_policy}
 
     async def release(self, name: str) -> dict[str, Any]:
-        session = self._session(name)
+        vm = self._vm(name)
         async with self._lock:
             pins = self.backend.pins().get(name, {})
             await asyncio.to_thread(self.backend.detach, name)
-            self._attached.pop(name, None)
+            vm.attached = None
             self._count_pinned()
-        if session.status.last_seq is not None:
-            result = AffinityResult(
-                seq=session.status.last_seq,
-                placements=[
-                    VcpuPlacement(vcpu=v, refused="released by the host operator")
-                    for v in session.status.wanted
-                ],
-                policy=self.effective_policy(session),
-                backend=self.backend.name,
+        if vm.last_seq is not None:
+            refusal = Refusal(RefusalCode.RELEASED, "released by the host operator")
+            for _ in vm.wanted:
+                self.metrics.refusals.labels(code=refusal.code.value).inc()
+            vm.last_result = [refusal.placement(v) for v in vm.wanted]
+            vm.session.send_result(
+                AffinityResult(
+                    seq=vm.last_seq,
+                    placements=vm.last_result,
+                    policy=vm.effective_policy,
+                    backend=self.backend.name,
+                )
             )
-            with contextlib.suppress(ChannelError, OSError):
-                session.send(result)
         return {"vm": name, "released": {str(v): p for v, p in pins.items()}}
 
     async def load_program(self, name: str, path: Path, timeout: float = 60) -> dict[str, Any]:
-        session = self._session(name)
+        vm = self._vm(name)
         program_id, kind, payload = program_from_file(path)
         signature = sign_payload(payload, self.config.service.signing_key)
-        verdict = await session.load_program(program_id, kind, payload, signature, timeout)
+        verdict = await vm.session.load_program(program_id, kind, payload, signature, timeout)
         return verdict.model_dump(exclude={"request_id"})
 
     async def unload_program(self, name: str, path_or_id: str) -> dict[str, Any]:
-        session = self._session(name)
+        vm = self._vm(name)
         program_id = (
             program_from_file(Path(path_or_id))[0] if Path(path_or_id).exists() else path_or_id
         )
-        session.unload_program(program_id)
+        vm.session.unload_program(program_id)
         return {"vm": name, "unloaded": program_id}
 
     def _count_pinned(self) -> None:
-        self.metrics.pinned = sum(len(p) for p in self.backend.pins().values())
+        self.metrics.pinned.set(sum(len(p) for p in self.backend.pins().values()))
 
     def status(self) -> dict[str, Any]:
         placed = self.backend.describe()
         vms = {}
-        for name, session in sorted(self.sessions.items()):
-            st = session.status
+        for name, vm in sorted(self.vms.items()):
             vms[name] = {
-                "qmp": st.qmp,
-                "channel": st.channel,
-                "guest": st.guest_version,
-                "policy": self.effective_policy(session),
-                "remap": session.remap,
-                "quota": session.quota,
-                "vcpus": {
-                    str(i): {"tid": v.tid, "socket": v.socket, "core": v.core, "thread": v.thread}
-                    for i, v in sorted(session.vcpus.items())
-                },
-                "wanted": st.wanted,
-                "last_seq": st.last_seq,
-                "result": st.last_result,
-                "programs": st.programs,
+                **vm.session.describe(),
+                "policy": vm.effective_policy,
+                "remap": vm.remap,
+                "quota": vm.quota,
+                "wanted": vm.wanted,
+                "last_seq": vm.last_seq,
+                "result": [p.model_dump() for p in vm.last_result],
                 "placements": placed["vms"].get(name, {}),
             }
         return {
@@ -353,5 +402,9 @@ class Service:
                 "eligible": sorted(eligible_cpus(self.pool)),
             },
             "vms": vms,
-            "orphans": {k: v for k, v in placed["vms"].items() if k not in self.sessions},
+            "orphans": {k: v for k, v in placed["vms"].items() if k not in self.vms},
         }
+
+
+def _tids(vcpus: dict[int, Any]) -> tuple[tuple[int, int], ...]:
+    return tuple(sorted((i, v.tid) for i, v in vcpus.items()))

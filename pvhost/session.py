@@ -1,26 +1,32 @@
 """One VM's session: QMP for its vCPU threads, and the guest channel over the chardev socket.
 
-Channel protocol (docs/interfaces.md): on every connection the host sends ``Hello`` and
-negotiates against the guest's; then injects the affinity program (``LoadProgram``) and
-answers every ``AffinityUpdate`` with an ``AffinityResult`` of the same ``seq``. Updates are
-applied at most ``rate`` per second (token bucket); updates that arrive meanwhile coalesce
-to the newest, and each superseded one is answered with the newest one's result, so a
-hostile guest can neither make the host spin nor go unanswered.
+The session owns the VM's connections and their I/O, and nothing of placement: it tells the
+service what the guest wants (``applier``), when the vCPU map changed (``on_vcpus_changed``)
+and when the VM went away (``on_gone``), and offers the operations the service needs
+(``vcpus``, ``refresh_vcpus``, ``send_result``, program load/unload, ``describe``).
+
+Channel protocol (docs/interfaces.md, docs/session.md): the shared
+:class:`pvproto.session.PeerSession` does Hello, negotiation, liveness and error replies;
+on every guest Hello the host injects the affinity program (``LoadProgram``), and answers
+every ``AffinityUpdate`` with an ``AffinityResult`` of the same ``seq``. Updates are applied
+at most ``rate`` per second (token bucket); updates that arrive meanwhile coalesce to the
+newest, and each superseded one is answered with the newest one's result, so a hostile
+guest can neither make the host spin nor go unanswered.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import itertools
 import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from extpv.vcpus import VcpuThread
 from pvhost.errors import ChannelError, QmpError
-from pvhost.qmp import QmpMonitor, VcpuThread
+from pvhost.qmp import QmpMonitor
 from pvhost.ratelimit import TokenBucket
 from pvproto import (
     SUPPORTED_VERSIONS,
@@ -28,22 +34,16 @@ from pvproto import (
     AffinityUpdate,
     BaseMessage,
     Error,
-    FrameDecoder,
     GuestTopology,
     Hello,
     LoadProgram,
-    Ping,
-    Pong,
     ProgramEvent,
     ProgramKind,
     ProgramLoaded,
     ProtocolError,
     UnloadProgram,
-    VcpuPlacement,
-    VersionMismatch,
-    encode,
-    negotiate,
 )
+from pvproto.session import PeerSession, SessionClosed
 
 __all__ = ["Backoff", "ProgramSource", "VmSession"]
 
@@ -52,8 +52,10 @@ _log = logging.getLogger(__name__)
 SOFTWARE_VERSION = "pvhost 0.1.0"
 #: A program to inject: (program id, kind, payload, signature).
 ProgramSource = Callable[[], tuple[str, ProgramKind, bytes, bytes]]
-#: Applies the whole wanted set of one VM; returns the AffinityResult placements.
-Applier = Callable[["VmSession", list[int]], Awaitable[AffinityResult]]
+#: Plans and enacts one guest request for the named VM; returns the answer (same seq).
+Applier = Callable[[str, AffinityUpdate], Awaitable[AffinityResult]]
+#: Told the VM's name when its vCPU map changed or when it went away.
+VmCallback = Callable[[str], Awaitable[None]]
 
 
 class Backoff:
@@ -72,19 +74,52 @@ class Backoff:
 
 
 @dataclass
-class SessionStatus:
+class ChannelStatus:
+    """What the session knows of its connections, for ``pvctl status``."""
+
     qmp: str = "connecting"
     channel: str = "connecting"
     guest_version: str = ""
     guest_topology: GuestTopology | None = None
-    wanted: list[int] = field(default_factory=list)
-    last_seq: int | None = None
+    protocol_version: int | None = None
     programs: dict[str, str] = field(default_factory=dict)
-    last_result: list[dict[str, Any]] = field(default_factory=list)
+
+
+class _GuestChannel(PeerSession):
+    """The protocol session of one connection to the guest agent."""
+
+    ROLE = "host"
+
+    def __init__(self, vm: VmSession) -> None:
+        super().__init__()
+        self.vm = vm
+
+    def hello(self) -> Hello:
+        return Hello(
+            role="host",
+            protocol_versions=list(SUPPORTED_VERSIONS),
+            software_version=SOFTWARE_VERSION,
+            capabilities=["affinity"],
+            request_id=self.next_id(),
+        )
+
+    async def on_ready(self, peer: Hello, *, restarted: bool) -> None:
+        if restarted:
+            _log.info("%s: the guest agent restarted (new Hello)", self.vm.name)
+        self.vm.guest_ready(peer, self.version)
+
+    async def on_message(self, message: BaseMessage) -> None:
+        self.vm.guest_message(self, message)
+
+    def on_peer_error(self, error: Error) -> None:
+        _log.warning("%s: guest error %s: %s", self.vm.name, error.code, error.message)
+
+    def on_bad_frame(self, error: ProtocolError) -> None:
+        _log.warning("%s: bad frame from guest: %s", self.vm.name, error)
 
 
 class VmSession:
-    """Owns one VM's connections. The service drives placement through ``applier``."""
+    """Owns one VM's connections. The service drives placement through its callbacks."""
 
     def __init__(
         self,
@@ -93,38 +128,65 @@ class VmSession:
         agent_path: Path,
         *,
         applier: Applier,
-        on_gone: Callable[[VmSession], Awaitable[None]],
+        on_gone: VmCallback,
+        on_vcpus_changed: VmCallback,
         program: ProgramSource | None,
         rate: float,
         burst: int,
         max_backoff: float,
-        policy: str,
-        quota: int,
     ) -> None:
         self.name = name
         self.qmp_path = qmp_path
         self.agent_path = agent_path
-        self.policy = policy
-        self.quota = quota
-        self.remap = policy == "ht-aware"
-        self.status = SessionStatus()
-        self.monitor: QmpMonitor | None = None
-        self.qemu_pid: int | None = None
+        self.status = ChannelStatus()
+        self._monitor: QmpMonitor | None = None
         self._applier = applier
         self._on_gone = on_gone
+        self._on_vcpus_changed = on_vcpus_changed
         self._program = program
         self._bucket = TokenBucket(rate, burst)
         self._max_backoff = max_backoff
-        self._writer: asyncio.StreamWriter | None = None
+        self._channel: _GuestChannel | None = None
         self._pending: AffinityUpdate | None = None
         self._superseded: list[int] = []
         self._wake = asyncio.Event()
-        self._ids = itertools.count(1)
         self._waiters: dict[int, asyncio.Future[ProgramLoaded]] = {}
 
+    # -- what the service uses ------------------------------------------------------------
     @property
     def vcpus(self) -> dict[int, VcpuThread]:
-        return self.monitor.vcpus if self.monitor is not None else {}
+        """The VM's vCPU map as last read from QEMU (empty while QMP is down)."""
+        return self._monitor.vcpus if self._monitor is not None else {}
+
+    async def refresh_vcpus(self) -> dict[int, VcpuThread]:
+        """Ask QEMU again (a vCPU may have been hot-plugged); the map is unchanged on error."""
+        if self._monitor is not None:
+            with contextlib.suppress(QmpError):
+                await self._monitor.refresh()
+        return self.vcpus
+
+    def send(self, message: BaseMessage) -> None:
+        if self._channel is None or not self._channel.send(message):
+            raise ChannelError(f"VM {self.name}: the guest channel is not connected")
+
+    def send_result(self, result: AffinityResult) -> None:
+        """Send an answer if the guest is there to read it; a guest gone will ask again."""
+        with contextlib.suppress(ChannelError):
+            self.send(result)
+
+    def describe(self) -> dict[str, Any]:
+        st = self.status
+        return {
+            "qmp": st.qmp,
+            "channel": st.channel,
+            "guest": st.guest_version,
+            "protocol_version": st.protocol_version,
+            "vcpus": {
+                str(i): {"tid": v.tid, "socket": v.socket, "core": v.core, "thread": v.thread}
+                for i, v in sorted(self.vcpus.items())
+            },
+            "programs": dict(st.programs),
+        }
 
     # -- lifecycle ---------------------------------------------------------------------------
     async def run(self, monitor: QmpMonitor | None = None) -> None:
@@ -134,7 +196,7 @@ class VmSession:
         try:
             while True:
                 if monitor is None:
-                    monitor = QmpMonitor(self.qmp_path, self.name)
+                    monitor = QmpMonitor(self.qmp_path, self.name, on_change=self._vcpus_changed)
                     try:
                         await monitor.connect()
                     except QmpError as err:
@@ -142,8 +204,10 @@ class VmSession:
                         monitor = None
                         await backoff.wait()
                         continue
+                else:
+                    monitor.on_change = self._vcpus_changed
                 backoff.reset()
-                self.monitor = monitor
+                self._monitor = monitor
                 self.status.qmp = "connected"
                 channel = asyncio.create_task(self._channel_loop(), name=f"channel-{self.name}")
                 try:
@@ -155,17 +219,20 @@ class VmSession:
                     await monitor.close()
                 # QEMU closed its monitor: the VM is gone (or restarting). Undo its placements.
                 self.status.qmp = "closed"
-                self.monitor = None
+                self._monitor = None
                 monitor = None
-                await self._on_gone(self)
+                await self._on_gone(self.name)
                 await backoff.wait()
         finally:
             worker.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await worker
-            if self.monitor is not None:
-                await self.monitor.close()
-                self.monitor = None
+            if self._monitor is not None:
+                await self._monitor.close()
+                self._monitor = None
+
+    async def _vcpus_changed(self) -> None:
+        await self._on_vcpus_changed(self.name)
 
     async def _channel_loop(self) -> None:
         backoff = Backoff(self._max_backoff)
@@ -178,94 +245,49 @@ class VmSession:
                 self.status.channel = f"unreachable: {err}"
                 await backoff.wait()
                 continue
-            self._writer = writer
+            channel = _GuestChannel(self)
+            self._channel = channel
             self.status.channel = "connected"
             try:
-                await self._converse(reader, writer)
-                backoff.reset()
-            except (ChannelError, OSError) as err:
-                self.status.channel = f"closed: {err}"
-                _log.info("%s: channel: %s", self.name, err)
+                await channel.run(reader, writer)
+                ended = "the guest closed the channel"
+            except (ChannelError, SessionClosed, OSError) as err:
+                ended = str(err)
             finally:
-                self._writer = None
+                self._channel = None
                 for waiter in self._waiters.values():
                     waiter.cancel()
                 self._waiters.clear()
                 writer.close()
                 with contextlib.suppress(OSError):
                     await writer.wait_closed()
+            self.status.channel = f"closed: {ended}"
+            _log.info("%s: channel: %s", self.name, ended)
+            if channel.peer is not None:
+                backoff.reset()  # it was a healthy conversation: reconnect quickly
             await backoff.wait()
 
-    def send(self, message: BaseMessage) -> None:
-        if self._writer is None:
-            raise ChannelError(f"VM {self.name}: the guest channel is not connected")
-        self._writer.write(encode(message))
-
-    async def _converse(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        self.send(
-            Hello(
-                role="host",
-                protocol_versions=list(SUPPORTED_VERSIONS),
-                software_version=SOFTWARE_VERSION,
-                capabilities=["affinity"],
-                request_id=next(self._ids),
-            )
-        )
-        await writer.drain()
-        decoder = FrameDecoder()
-        greeted = False
-        while chunk := await reader.read(65536):
-            for item in decoder.feed(chunk):
-                if isinstance(item, ProtocolError):
-                    _log.warning("%s: bad frame from guest: %s", self.name, item)
-                    self.send(
-                        Error(
-                            code="bad-frame",
-                            message=str(item)[:4096],
-                            request_id=item.request_id or 0,
-                        )
-                    )
-                    continue
-                if isinstance(item, Hello):
-                    greeted = self._on_hello(item)
-                elif not greeted:
-                    self.send(
-                        Error(code="bad-request", message="Hello first", request_id=item.request_id)
-                    )
-                else:
-                    self._dispatch(item)
-            await writer.drain()
-        raise ChannelError("the guest closed the channel")
-
-    def _on_hello(self, hello: Hello) -> bool:
-        try:
-            negotiate(SUPPORTED_VERSIONS, hello.protocol_versions)
-        except VersionMismatch as err:
-            self.send(Error(code="unsupported", message=str(err), request_id=hello.request_id))
-            raise ChannelError(str(err)) from err
-        if hello.role != "guest":
-            raise ChannelError("the peer on the guest channel says it is a host")
+    # -- what the guest says ---------------------------------------------------------------
+    def guest_ready(self, hello: Hello, version: int | None) -> None:
         self.status.guest_version = hello.software_version
         self.status.guest_topology = hello.topology
-        if self._program is not None:
-            try:
-                program_id, kind, payload, signature = self._program()
-            except Exception as err:
-                self.status.programs["affinity"] = f"not injected: {err}"
-            else:
-                self.status.programs[program_id] = "loading"
-                self.send(
-                    LoadProgram.for_payload(
-                        program_id,
-                        kind,
-                        payload,
-                        signature,
-                        request_id=next(self._ids),
-                    )
+        self.status.protocol_version = version
+        if self._program is None:
+            return
+        try:
+            program_id, kind, payload, signature = self._program()
+        except Exception as err:
+            self.status.programs["affinity"] = f"not injected: {err}"
+            return
+        self.status.programs[program_id] = "loading"
+        with contextlib.suppress(ChannelError):
+            self.send(
+                LoadProgram.for_payload(
+                    program_id, kind, payload, signature, request_id=self._next_id()
                 )
-        return True
+            )
 
-    def _dispatch(self, message: BaseMessage) -> None:
+    def guest_message(self, channel: _GuestChannel, message: BaseMessage) -> None:
         if isinstance(message, AffinityUpdate):
             if self._pending is not None:
                 self._superseded.append(self._pending.seq)
@@ -277,20 +299,17 @@ class VmSession:
             waiter = self._waiters.pop(message.request_id, None)
             if waiter is not None and not waiter.done():
                 waiter.set_result(message)
-        elif isinstance(message, Ping):
-            self.send(Pong(nonce=message.nonce, request_id=message.request_id))
-        elif isinstance(message, (Pong, ProgramEvent)):
-            pass
-        elif isinstance(message, Error):
-            _log.warning("%s: guest error %s: %s", self.name, message.code, message.message)
+        elif isinstance(message, ProgramEvent):
+            pass  # no host-side consumer for generic program events yet
         else:
-            self.send(
-                Error(
-                    code="bad-request",
-                    message=f"{type(message).__name__} is not for the host",
-                    request_id=message.request_id,
-                )
+            channel.reply_error(
+                message, "bad-request", f"{type(message).__name__} is not for the host"
             )
+
+    def _next_id(self) -> int:
+        if self._channel is None:
+            raise ChannelError(f"VM {self.name}: the guest channel is not connected")
+        return self._channel.next_id()
 
     async def _apply_loop(self) -> None:
         while True:
@@ -301,46 +320,21 @@ class VmSession:
             superseded, self._superseded = self._superseded, []
             if update is None:
                 continue
-            self.status.wanted = list(update.wanted)
-            self.status.last_seq = update.seq
-            try:
-                result = await self._applier(self, list(update.wanted))
-            except Exception as err:
-                # Last resort: a bug must not silence the session; the guest still gets answers.
-                _log.exception("%s: applying update %d failed", self.name, update.seq)
-                result = AffinityResult(
-                    seq=update.seq,
-                    placements=[
-                        VcpuPlacement(vcpu=v, refused=f"internal error: {err}"[:1024])
-                        for v in update.wanted
-                    ],
-                )
-            for seq in [*superseded, update.seq]:
-                with contextlib.suppress(ChannelError, OSError):
-                    self.send(result.model_copy(update={"seq": seq}))
+            result = await self._applier(self.name, update)
+            for seq in superseded:
+                self.send_result(result.model_copy(update={"seq": seq}))
+            self.send_result(result)
 
-    async def reapply(self) -> None:
-        """Re-plan the current wanted set (after a remap switch or a release)."""
-        result = await self._applier(self, list(self.status.wanted))
-        if self.status.last_seq is not None:
-            with contextlib.suppress(ChannelError, OSError):
-                self.send(result.model_copy(update={"seq": self.status.last_seq}))
-
+    # -- programs ----------------------------------------------------------------------------
     async def load_program(
         self, program_id: str, kind: ProgramKind, payload: bytes, signature: bytes, timeout: float
     ) -> ProgramLoaded:
-        request_id = next(self._ids)
+        request_id = self._next_id()
         waiter: asyncio.Future[ProgramLoaded] = asyncio.get_running_loop().create_future()
         self._waiters[request_id] = waiter
         self.status.programs[program_id] = "loading"
         self.send(
-            LoadProgram.for_payload(
-                program_id,
-                kind,
-                payload,
-                signature,
-                request_id=request_id,
-            )
+            LoadProgram.for_payload(program_id, kind, payload, signature, request_id=request_id)
         )
         try:
             async with asyncio.timeout(timeout):
@@ -355,5 +349,5 @@ class VmSession:
             self._waiters.pop(request_id, None)
 
     def unload_program(self, program_id: str) -> None:
-        self.send(UnloadProgram(program_id=program_id, request_id=next(self._ids)))
+        self.send(UnloadProgram(program_id=program_id, request_id=self._next_id()))
         self.status.programs.pop(program_id, None)

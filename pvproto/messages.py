@@ -26,6 +26,7 @@ __all__ = [
     "AffinityUpdate",
     "BaseMessage",
     "Error",
+    "ErrorCode",
     "GuestTopology",
     "Hello",
     "LoadProgram",
@@ -48,6 +49,8 @@ Tid = Annotated[int, Field(ge=0, le=2**32 - 1)]
 ShortText = Annotated[str, Field(max_length=256)]
 ProgramId = Annotated[str, Field(pattern=r"^[a-z0-9][a-z0-9._-]{0,63}$")]
 CpuSet = Annotated[list[Cpu], Field(max_length=MAX_CPUS)]
+#: Why a peer could not act on a frame (``Error.code``).
+ErrorCode = Literal["bad-frame", "bad-request", "unsupported", "rate-limited", "internal"]
 #: What a LoadProgram payload is: a compiled CO-RE object, or a bcc C source.
 ProgramKind = Literal["bpf-object", "bcc-source"]
 
@@ -137,7 +140,7 @@ class Error(BaseMessage):
 
     TYPE_CODE: ClassVar[int] = 4
     type: Literal["error"] = "error"
-    code: Literal["bad-frame", "bad-request", "unsupported", "rate-limited", "internal"]
+    code: ErrorCode
     message: Annotated[str, Field(max_length=4096)]
 
 

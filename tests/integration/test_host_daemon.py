@@ -121,9 +121,9 @@ def test_kill9_restart_adopts_then_sigterm_restores(
                 lambda: urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5)
                 .read().decode()
             )  # fmt: skip
-            assert 'extpv_refusals_total{reason="quota"} 1' in metrics
-            assert "extpv_pinned_vcpus 1" in metrics
-            assert 'extpv_affinity_requests_total{vm="t"} 2' in metrics
+            assert 'extpv_refusals_total{code="quota"} 1.0' in metrics
+            assert "extpv_pinned_vcpus 1.0" in metrics
+            assert 'extpv_affinity_requests_total{vm="t"} 2.0' in metrics
 
             # kill -9: the pin survives the crash ...
             await stop(daemon, signal.SIGKILL)

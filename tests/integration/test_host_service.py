@@ -130,7 +130,7 @@ def test_update_storm_is_rate_limited_coalesced_and_all_answered(
             last = answered[1 + storm].placements
             assert [(p.vcpu, p.pcpu) for p in last] == [(1, 1)]
             # Coalesced: far fewer placements applied than updates received.
-            assert service.metrics.requests["t"] <= 5
+            assert service.metrics.requests_of("t") <= 5
             assert thread_allowed_cpus(tids[1]) == {1}
             assert thread_allowed_cpus(tids[0]) == before[0]
         finally:

@@ -1,37 +1,44 @@
-"""Metrics exposition and refusal labels; the token bucket's pacing."""
+"""Metrics exposition and refusal codes; the token bucket's pacing."""
 
 from __future__ import annotations
 
 import asyncio
 import time
 
-from pvhost.metrics import Metrics, reason_code
+from pvhost.metrics import Metrics
 from pvhost.ratelimit import TokenBucket
+from pvhost.refusal import Refusal, RefusalCode
 
 
-def test_refusal_labels_are_bounded_codes() -> None:
-    assert reason_code("quota of 2 pinned vCPUs reached") == "quota"
-    assert reason_code("pool exhausted: no free pCPU among 1-3") == "pool-exhausted"
-    assert reason_code("unknown vCPU 9: the VM has vCPUs 0-2") == "unknown-vcpu"
-    assert reason_code("identity: pCPU 0 is a housekeeping CPU") == "identity-unavailable"
-    assert reason_code("partition invalid (cpuset.cpus is empty); undone") == "partition-invalid"
-    assert reason_code("anything a guest could make up \n{}") == "placement-failed"
-
-
-def test_render_is_prometheus_text() -> None:
+def test_refusals_are_counted_by_code_never_by_message() -> None:
+    """Rewording a message never moves a metric; every code is exposed from the start."""
     m = Metrics()
-    m.requests["vm1"] += 3
-    m.refusals["quota"] += 1
-    m.pinned = 2
-    m.observe_apply(0.002)
-    m.observe_apply(3.0)
-    text = m.render()
-    assert 'extpv_affinity_requests_total{vm="vm1"} 3' in text
-    assert 'extpv_refusals_total{reason="quota"} 1' in text
-    assert "extpv_pinned_vcpus 2" in text
-    assert 'extpv_apply_seconds_bucket{le="0.0025"} 1' in text
-    assert 'extpv_apply_seconds_bucket{le="+Inf"} 2' in text
-    assert "extpv_apply_seconds_count 2" in text
+    for message in ("quota of 2 pinned vCPUs reached", "quota: reworded entirely"):
+        refusal = Refusal(RefusalCode.QUOTA, message)
+        m.refusals.labels(code=refusal.code.value).inc()
+    text = m.render().decode()
+    assert 'extpv_refusals_total{code="quota"} 2.0' in text
+    for code in RefusalCode:
+        assert f'extpv_refusals_total{{code="{code.value}"}}' in text
+    assert "reworded" not in text
+
+
+def test_exposition_is_prometheus_text_with_process_metrics() -> None:
+    m = Metrics()
+    for _ in range(3):
+        m.requests.labels(vm="vm1").inc()
+    m.pinned.set(2)
+    m.apply_seconds.observe(0.002)
+    m.apply_seconds.observe(3.0)
+    text = m.render().decode()
+    assert m.requests_of("vm1") == 3
+    assert 'extpv_affinity_requests_total{vm="vm1"} 3.0' in text
+    assert "extpv_pinned_vcpus 2.0" in text
+    assert 'extpv_apply_seconds_bucket{le="0.0025"} 1.0' in text
+    assert 'extpv_apply_seconds_bucket{le="+Inf"} 2.0' in text
+    assert "extpv_apply_seconds_count 2.0" in text
+    assert 'extpv_build_info{version="' in text
+    assert "process_resident_memory_bytes" in text
 
 
 def test_token_bucket_paces_to_rate_after_burst() -> None:

@@ -8,6 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from pvhost.policy import HostPool, Plan, VmView, apply_plan, eligible_cpus, plan
+from pvhost.refusal import RefusalCode
 from pvhost.topology import HostTopology
 
 POLICIES = ("identity", "pool", "ht-aware")
@@ -89,10 +90,11 @@ def test_identity_is_the_papers_mapping_and_explains_refusals() -> None:
     other = {2: ("b", 0)}
     result = plan([0, 1, 2, 5, 9], vm, host, other)
     assert result.mapping == {1: 1}
-    assert "housekeeping" in result.refused[0]
-    assert "held by VM b vCPU 0" in result.refused[2]
-    assert "not an online host CPU" in result.refused[5]
-    assert "unknown vCPU 9" in result.refused[9]
+    assert "housekeeping" in result.refused[0].message
+    assert result.refused[0].code == RefusalCode.IDENTITY_UNAVAILABLE
+    assert "held by VM b vCPU 0" in result.refused[2].message
+    assert "not an online host CPU" in result.refused[5].message
+    assert "unknown vCPU 9" in result.refused[9].message
 
 
 def test_pool_takes_whole_free_cores_first() -> None:
@@ -124,7 +126,7 @@ def test_quota_refusal_names_the_quota_and_keeps_held_vcpus() -> None:
     held = apply_plan({}, first)
     result = plan([0, 3], vm, host, held)
     assert result.mapping == first.mapping
-    assert "quota of 1" in result.refused[0]
+    assert "quota of 1" in result.refused[0].message
 
 
 def test_pool_exhausted_is_a_reason() -> None:
@@ -132,4 +134,5 @@ def test_pool_exhausted_is_a_reason() -> None:
     vm = VmView("a", frozenset(range(2)), quota=2, policy="pool")
     result = plan([0, 1], vm, host, {1: ("b", 0)})
     assert result.mapping == {}
-    assert all(r.startswith("pool exhausted") for r in result.refused.values())
+    assert all(r.code == RefusalCode.POOL_EXHAUSTED for r in result.refused.values())
+    assert all(r.message.startswith("pool exhausted") for r in result.refused.values())

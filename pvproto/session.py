@@ -1,0 +1,228 @@
+"""The protocol session both daemons run on a channel: Hello, negotiation, liveness, errors.
+
+One :class:`PeerSession` lives as long as one byte-stream connection. It knows nothing of
+programs or placements; the host service and the guest agent extend it with what they do
+once the peer is known (:meth:`PeerSession.on_ready`) and with every other message
+(:meth:`PeerSession.on_message`).
+
+States and what moves between them (``docs/session.md`` draws them)::
+
+    awaiting-hello ──peer Hello, a version in common──► ready
+          │                                              │ peer Hello again (it restarted):
+          │                                              │ answer with our Hello, stay ready
+          └──────── peer speaks no common version ───────┴──► closed (Error "unsupported")
+
+* Our Hello goes out first, encoded in the lowest version we speak, so a peer of any
+  version can read it. After the peer's Hello every frame is written in the *negotiated*
+  version: the highest both sides speak.
+* A Hello in any state restarts the handshake: a peer that restarted while the byte
+  stream stayed up (a virtio-serial port reopened behind QEMU's socket chardev) announces
+  itself with a Hello, and the side that was already ``ready`` answers with its own, so
+  both sides agree a Hello has happened. Only a ``ready`` side answers, so two Hellos can
+  never answer each other forever.
+* Before the peer's Hello only Hello, Ping, Pong and Error are acted on; anything else is
+  answered with ``Error{bad-request}`` and dropped.
+* A frame that does not decode is answered with ``Error{bad-frame}`` and the session goes
+  on with the next frame.
+* Liveness: :meth:`PeerSession.keepalive` pings and raises :class:`PeerSilent` when the
+  peer has sent nothing for a deadline.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import itertools
+import time
+from collections.abc import Iterable
+from typing import ClassVar, Literal
+
+from pvproto.errors import FrameTooLarge, ProtocolError, VersionMismatch
+from pvproto.framing import FrameDecoder, encode
+from pvproto.messages import BaseMessage, Error, ErrorCode, Hello, Ping, Pong
+from pvproto.version import SUPPORTED_VERSIONS, negotiate
+
+__all__ = ["PeerSession", "PeerSilent", "SessionClosed", "SessionState"]
+
+#: Bytes read from the stream at a time.
+_CHUNK = 65536
+#: Longest message text copied into an Error frame.
+_MAX_ERROR_TEXT = 4096
+
+
+class SessionState(enum.Enum):
+    AWAITING_HELLO = "awaiting-hello"
+    READY = "ready"
+    CLOSED = "closed"
+
+
+class SessionClosed(ProtocolError):
+    """The session cannot go on (the two sides share no protocol version)."""
+
+
+class PeerSilent(ProtocolError):
+    """The peer sent nothing, not even a Pong, within the liveness deadline."""
+
+
+class PeerSession:
+    """One connection's protocol session; subclasses add what their daemon does.
+
+    ``run(reader, writer)`` sends our Hello, then reads until the stream ends; a subclass
+    overrides :meth:`hello` (capabilities, topology), :meth:`on_ready`, :meth:`on_message`
+    and, to log them, :meth:`on_peer_error` and :meth:`on_bad_frame`.
+    """
+
+    #: Our side of the channel; the peer must be the other one.
+    ROLE: ClassVar[Literal["host", "guest"]]
+    #: A droppable message is dropped while this much is waiting for a slow peer.
+    MAX_BACKLOG: ClassVar[int] = 1 << 20
+
+    def __init__(self, *, versions: Iterable[int] = SUPPORTED_VERSIONS) -> None:
+        self.versions = tuple(sorted(set(versions)))
+        self.state = SessionState.AWAITING_HELLO
+        #: The negotiated protocol version, once the peer's Hello arrived.
+        self.version: int | None = None
+        #: The peer's latest Hello.
+        self.peer: Hello | None = None
+        #: Peer Hellos after the first: restarts of the peer on this connection.
+        self.peer_restarts = 0
+        self._ids = itertools.count(1)
+        self._writer: asyncio.StreamWriter | None = None
+        self._heard = time.monotonic()
+        self._decoder = FrameDecoder(versions=self.versions)
+
+    # -- hooks -------------------------------------------------------------------------------
+    def hello(self) -> Hello:
+        """Our Hello; a subclass adds its software version, capabilities and topology."""
+        raise NotImplementedError
+
+    async def on_ready(self, peer: Hello, *, restarted: bool) -> None:
+        """The peer's Hello was accepted (``restarted``: not its first on this connection)."""
+
+    async def on_message(self, message: BaseMessage) -> None:
+        """Any message other than Hello/Ping/Pong/Error, once the session is ready."""
+        self.reply_error(message, "bad-request", f"{type(message).__name__} is not for this side")
+
+    def on_peer_error(self, error: Error) -> None:
+        """The peer reports it could not act on something we sent."""
+
+    def on_bad_frame(self, error: ProtocolError) -> None:
+        """A frame from the peer did not decode (it has been answered already)."""
+
+    # -- sending -----------------------------------------------------------------------------
+    def next_id(self) -> int:
+        """A request id for a message this side starts (replies echo the peer's)."""
+        return next(self._ids)
+
+    def send(self, message: BaseMessage, *, droppable: bool = False) -> bool:
+        """Queue ``message`` in the negotiated version; False if it was not queued.
+
+        A droppable message is dropped while more than :attr:`MAX_BACKLOG` bytes wait for a
+        peer that does not read; a closed stream drops everything.
+        """
+        writer = self._writer
+        if writer is None or writer.is_closing():
+            return False
+        if droppable and writer.transport.get_write_buffer_size() > self.MAX_BACKLOG:
+            return False
+        try:
+            writer.write(encode(message, version=self.version or self.versions[0]))
+        except (FrameTooLarge, OSError):
+            return False
+        return True
+
+    def reply_error(self, to: BaseMessage | None, code: ErrorCode, text: str) -> None:
+        """Answer the frame ``to`` (None: no request id known) with an Error."""
+        self.send(
+            Error(
+                code=code,
+                message=text[:_MAX_ERROR_TEXT],
+                request_id=to.request_id if to is not None else 0,
+            )
+        )
+
+    @property
+    def connected(self) -> bool:
+        return self._writer is not None and not self._writer.is_closing()
+
+    # -- the loop ----------------------------------------------------------------------------
+    async def run(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        """Greet the peer, then act on every frame until the stream ends.
+
+        Returns at end of stream; raises :class:`SessionClosed` when the session cannot go
+        on, and lets ``OSError`` from the stream through. Never raises for a bad frame.
+        """
+        self._writer = writer
+        self._heard = time.monotonic()
+        self.send(self.hello())
+        try:
+            while chunk := await reader.read(_CHUNK):
+                self._heard = time.monotonic()
+                await self.feed_chunk(chunk)
+                await writer.drain()
+        finally:
+            self.state = SessionState.CLOSED
+
+    async def feed_chunk(self, chunk: bytes) -> None:
+        """Decode ``chunk`` and act on every frame in it, in stream order."""
+        for item in self._decoder.feed(chunk):
+            if isinstance(item, ProtocolError):
+                self.send(
+                    Error(
+                        code="bad-frame",
+                        message=str(item)[:_MAX_ERROR_TEXT],
+                        request_id=item.request_id or 0,
+                    )
+                )
+                self.on_bad_frame(item)
+            else:
+                await self._dispatch(item)
+
+    async def _dispatch(self, message: BaseMessage) -> None:
+        if isinstance(message, Hello):
+            await self._on_hello(message)
+        elif isinstance(message, Ping):
+            self.send(Pong(nonce=message.nonce, request_id=message.request_id))
+        elif isinstance(message, Pong):
+            pass  # hearing anything is liveness enough
+        elif isinstance(message, Error):
+            self.on_peer_error(message)
+        elif self.state is not SessionState.READY:
+            self.reply_error(message, "bad-request", "send Hello first")
+        else:
+            await self.on_message(message)
+
+    async def _on_hello(self, hello: Hello) -> None:
+        if hello.role == self.ROLE:
+            # A confused peer (or a loop-back): say so and ignore it; the session goes on.
+            other = "guest" if self.ROLE == "host" else "host"
+            self.reply_error(hello, "bad-request", f"a {self.ROLE} talks to a {other}")
+            return
+        try:
+            version = negotiate(self.versions, hello.protocol_versions)
+        except VersionMismatch as err:
+            self.reply_error(hello, "unsupported", str(err))
+            self.state = SessionState.CLOSED
+            raise SessionClosed(str(err)) from err
+        restarted = self.state is SessionState.READY
+        if restarted:
+            # The peer restarted behind a stream that stayed up: it is waiting for our Hello.
+            self.peer_restarts += 1
+            self.send(self.hello())
+        self.version = version
+        self.peer = hello
+        self.state = SessionState.READY
+        await self.on_ready(hello, restarted=restarted)
+
+    async def keepalive(self, interval: float, deadline: float) -> None:
+        """Ping every ``interval`` s; raise :class:`PeerSilent` after ``deadline`` s of silence.
+
+        Runs beside :meth:`run` (the caller cancels it when the stream ends).
+        """
+        nonce = itertools.count(1)
+        while True:
+            await asyncio.sleep(interval)
+            silent = time.monotonic() - self._heard
+            if silent > deadline:
+                raise PeerSilent(f"the peer sent nothing for {silent:.1f} s")
+            self.send(Ping(nonce=next(nonce), request_id=self.next_id()))

@@ -1,0 +1,74 @@
+"""The host side of the channel session with a real pvhost service and a real QEMU: an agent
+that restarts while QEMU's chardev stays connected is greeted again and served again."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import pytest
+
+from pvhost.config import Config
+from pvhost.service import Service
+from pvproto import GuestTopology, Hello, LoadProgram
+from tests.integration.conftest import Qemu
+from tests.integration.guest import FakeGuestChannel
+
+pytestmark = [pytest.mark.root, pytest.mark.vm]
+
+
+def _config(tmp_path: Path, qemu: Qemu, group: str) -> Config:
+    program = tmp_path / "affinity.bpf.o"
+    program.write_bytes(b"\x7fELF test payload: the guest is played by the test")
+    return Config.model_validate(
+        {
+            "service": {
+                "runtime_dir": str(tmp_path / "runtime"),
+                "state_dir": str(tmp_path / "state"),
+                "control_socket": str(tmp_path / "pvhost.sock"),
+                "signing_key": str(tmp_path / "no-key"),
+                "affinity_program": str(program),
+                "max_backoff": 0.5,
+            },
+            "placement": {"backend": "cgroup1", "group": group, "housekeeping": ""},
+            "vms": {"t": {"qmp": str(qemu.qmp), "agent": str(qemu.dir / "agent.sock")}},
+        }
+    )
+
+
+def test_agent_restart_behind_a_live_chardev_is_greeted_and_served_again(
+    tmp_path: Path, qemu: Qemu, cpuset_group: str
+) -> None:
+    async def scenario() -> None:
+        guest = FakeGuestChannel(qemu.dir / "agent.sock")
+        await guest.start()
+        service = Service(_config(tmp_path, qemu, cpuset_group))
+        await service.start()
+        try:
+            await guest.connected()
+            await guest.expect(Hello)
+            await guest.expect(LoadProgram)
+            assert (await guest.update(1, [1])).placements[0].pcpu == 1
+            # The agent restarts: same byte stream (the socket to QEMU never closed), a new
+            # process that knows nothing of the old Hello and greets first.
+            guest.send(
+                Hello(
+                    role="guest",
+                    protocol_versions=[1],
+                    software_version="test-guest (restarted)",
+                    topology=GuestTopology(online_vcpus=[0, 1, 2]),
+                )
+            )
+            hello = await guest.expect(Hello, timeout=5)  # without it the agent waits for ever
+            assert hello.role == "host"
+            await guest.expect(LoadProgram, timeout=5)  # the program is injected again
+            result = await guest.update(1, [1])  # a fresh agent counts from 1 again
+            assert result.placements[0].pcpu == 1
+            status = service.status()["vms"]["t"]
+            assert status["guest"] == "test-guest (restarted)"
+            assert status["channel"] == "connected"
+        finally:
+            await service.stop()
+            await guest.close()
+
+    asyncio.run(asyncio.wait_for(scenario(), 60))

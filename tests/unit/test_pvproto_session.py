@@ -1,0 +1,185 @@
+"""The shared peer session over a real socketpair: Hello gating, restarts, versions, liveness."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import socket
+import struct
+from collections.abc import Awaitable, Callable
+
+import pytest
+
+from pvproto import (
+    AffinityUpdate,
+    BaseMessage,
+    FrameDecoder,
+    GuestTopology,
+    Hello,
+    Ping,
+    Pong,
+    encode,
+)
+from pvproto.session import PeerSession, PeerSilent, SessionClosed, SessionState
+
+TOPOLOGY = GuestTopology(online_vcpus=[0, 1])
+
+
+class Side(PeerSession):
+    """A session that records what it was told; its role is set per instance."""
+
+    def __init__(self, role: str, versions: tuple[int, ...] = (1,)) -> None:
+        super().__init__(versions=versions)
+        self.role = role
+        self.ready_calls: list[bool] = []
+        self.messages: list[BaseMessage] = []
+        self.hellos_sent = 0
+
+    @property
+    def ROLE(self) -> str:  # type: ignore[override]  # noqa: N802 - per instance in tests
+        return self.role
+
+    def hello(self) -> Hello:
+        self.hellos_sent += 1
+        return Hello(
+            role=self.role,  # type: ignore[arg-type]
+            protocol_versions=list(self.versions),
+            software_version=f"test-{self.role}",
+            topology=TOPOLOGY if self.role == "guest" else None,
+        )
+
+    async def on_ready(self, peer: Hello, *, restarted: bool) -> None:
+        self.ready_calls.append(restarted)
+
+    async def on_message(self, message: BaseMessage) -> None:
+        self.messages.append(message)
+
+
+async def _streams() -> tuple[
+    tuple[asyncio.StreamReader, asyncio.StreamWriter],
+    tuple[asyncio.StreamReader, asyncio.StreamWriter],
+]:
+    a, b = socket.socketpair()
+    return await asyncio.open_connection(sock=a), await asyncio.open_connection(sock=b)
+
+
+async def _until(check: Callable[[], bool], timeout: float = 5.0) -> None:
+    async with asyncio.timeout(timeout):
+        while not check():
+            await asyncio.sleep(0.01)
+
+
+def run(body: Callable[[], Awaitable[None]]) -> None:
+    asyncio.run(asyncio.wait_for(body(), 20))
+
+
+def test_handshake_then_messages_flow_and_early_messages_are_refused() -> None:
+    async def body() -> None:
+        (hr, hw), (gr, gw) = await _streams()
+        host, guest = Side("host"), Side("guest")
+        # A message before any Hello is refused with bad-request, not acted on.
+        gw.write(encode(AffinityUpdate(seq=1, wanted=[1], request_id=4)))
+        tasks = [asyncio.create_task(host.run(hr, hw)), asyncio.create_task(guest.run(gr, gw))]
+        await _until(lambda: host.state is guest.state is SessionState.READY)
+        assert host.messages == [] and host.version == guest.version == 1
+        assert host.ready_calls == guest.ready_calls == [False]
+        guest.send(AffinityUpdate(seq=2, wanted=[1]))
+        await _until(lambda: len(host.messages) == 1)
+        assert isinstance(host.messages[0], AffinityUpdate) and host.messages[0].seq == 2
+        for t in tasks:
+            t.cancel()
+
+    run(body)
+
+
+def test_a_peer_restarting_behind_a_live_stream_gets_a_hello_back_once() -> None:
+    """QEMU's chardev stays connected when the agent restarts: the new agent's Hello must make
+    the host greet again (else the agent waits for a Hello for ever), and the answer must not
+    start a Hello ping-pong."""
+
+    async def body() -> None:
+        (hr, hw), (gr, gw) = await _streams()
+        host, guest = Side("host"), Side("guest")
+        host_task = asyncio.create_task(host.run(hr, hw))
+        guest_task = asyncio.create_task(guest.run(gr, gw))
+        await _until(lambda: host.state is guest.state is SessionState.READY)
+        guest_task.cancel()  # the agent dies; the byte stream stays up
+        with contextlib.suppress(asyncio.CancelledError):
+            await guest_task
+        restarted = Side("guest")
+        new_task = asyncio.create_task(restarted.run(gr, gw))
+        await _until(lambda: restarted.state is SessionState.READY)
+        await asyncio.sleep(0.3)  # room for a ping-pong, if there were one
+        assert host.peer_restarts == 1 and host.ready_calls == [False, True]
+        assert host.hellos_sent == 2 and restarted.hellos_sent == 1
+        assert restarted.ready_calls == [False]
+        for t in (host_task, new_task):
+            t.cancel()
+
+    run(body)
+
+
+def test_frames_after_hello_use_the_highest_common_version() -> None:
+    async def body() -> None:
+        (hr, hw), (gr, gw) = await _streams()
+        host = Side("host", versions=(1, 2, 3))
+        task = asyncio.create_task(host.run(hr, hw))
+        raw = b""
+        gw.write(
+            encode(
+                Hello(
+                    role="guest",
+                    protocol_versions=[1, 2],
+                    software_version="g",
+                    topology=TOPOLOGY,
+                ),
+                version=1,
+            )
+        )
+        gw.write(encode(Ping(nonce=9), version=2))
+        async with asyncio.timeout(5):
+            while raw.count(b"\xe5PVF") < 2:
+                raw += await gr.read(65536)
+        frames = [f for f in raw.split(b"\xe5PVF") if f]
+        # Our Hello goes out in our lowest version (any peer can read it); the Pong in the
+        # negotiated one.
+        assert [struct.unpack_from("B", f)[0] for f in frames[:2]] == [1, 2]
+        decoded = FrameDecoder(versions=(1, 2)).feed(raw)
+        assert isinstance(decoded[1], Pong) and decoded[1].nonce == 9
+        assert host.version == 2
+        task.cancel()
+
+    run(body)
+
+
+def test_no_common_version_closes_the_session() -> None:
+    async def body() -> None:
+        (hr, hw), (_gr, gw) = await _streams()
+        host = Side("host", versions=(1,))
+        gw.write(
+            encode(
+                Hello(
+                    role="guest",
+                    protocol_versions=[7],
+                    software_version="g",
+                    topology=TOPOLOGY,
+                ),
+            )
+        )
+        with pytest.raises(SessionClosed, match="no common protocol version"):
+            await host.run(hr, hw)
+        assert host.state is SessionState.CLOSED
+
+    run(body)
+
+
+def test_keepalive_detects_a_silent_peer() -> None:
+    async def body() -> None:
+        (hr, hw), (_gr, _gw) = await _streams()  # the peer never says anything
+        host = Side("host")
+        task = asyncio.create_task(host.run(hr, hw))
+        with pytest.raises(PeerSilent, match="sent nothing"):
+            await host.keepalive(interval=0.05, deadline=0.2)
+        task.cancel()
+
+    run(body)
