@@ -36,7 +36,7 @@ class Side(PeerSession):
         self.hellos_sent = 0
 
     @property
-    def ROLE(self) -> str:  # type: ignore[override]  # noqa: N802 - per instance in tests
+    def ROLE(self) -> str:  # type: ignore[override]  # per instance in these tests
         return self.role
 
     def hello(self) -> Hello:
