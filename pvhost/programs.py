@@ -17,7 +17,7 @@ from pvhost import signing
 from pvhost.errors import ChannelError
 from pvproto import ProgramKind
 
-__all__ = ["affinity_program", "program_from_file", "sign_payload"]
+__all__ = ["SignedAffinityProgram", "affinity_program", "program_from_file", "sign_payload"]
 
 
 def sign_payload(payload: bytes, key_path: Path) -> bytes:
@@ -38,6 +38,44 @@ def program_from_file(path: Path, program_id: str | None = None) -> tuple[str, P
         stem = path.name.split(".", 1)[0].lower()
         program_id = re.sub(r"[^a-z0-9._-]", "-", stem).strip("-._") or "program"
     return program_id, kind, payload
+
+
+def _stamp(path: Path) -> tuple[int, int, int] | None:
+    try:
+        st = path.stat()
+    except OSError:
+        return None
+    return (st.st_ino, st.st_size, st.st_mtime_ns)
+
+
+class SignedAffinityProgram:
+    """The affinity program, read and signed once per change of its file or of the key.
+
+    Called at every guest Hello: a guest that says Hello in a loop must not make the host
+    re-read and re-sign the program each time.
+    """
+
+    def __init__(self, override: Path | None, key_path: Path) -> None:
+        self.override = override
+        self.key_path = key_path
+        self._stamp: tuple[object, ...] | None = None
+        self._value: tuple[str, ProgramKind, bytes, bytes] | None = None
+
+    def _source(self) -> Path | None:
+        if self.override is not None:
+            return self.override
+        try:
+            return bpfobj.path("affinity.bpf.o")
+        except ObjectMissing:
+            return None
+
+    def __call__(self) -> tuple[str, ProgramKind, bytes, bytes]:
+        source = self._source()
+        stamp = (source, source and _stamp(source), _stamp(self.key_path))
+        if self._value is None or stamp != self._stamp:
+            self._value = affinity_program(self.override, self.key_path)
+            self._stamp = stamp
+        return self._value
 
 
 def affinity_program(

@@ -23,7 +23,7 @@ from pvhost.errors import HostError, PartitionInvalid, PlacementError, QmpError
 from pvhost.metrics import Metrics
 from pvhost.placement import PlacementBackend, detect_backend
 from pvhost.policy import HostPool, Plan, VmView, eligible_cpus, guest_sibling_groups, plan
-from pvhost.programs import affinity_program, program_from_file, sign_payload
+from pvhost.programs import SignedAffinityProgram, program_from_file, sign_payload
 from pvhost.qmp import QmpMonitor, qemu_pid_of
 from pvhost.refusal import Refusal, RefusalCode
 from pvhost.registry import DirWatcher, VmSpec, scan_vms
@@ -78,6 +78,9 @@ class Service:
             placement.cgroup_root, config.service.state_dir, placement.backend, placement.group
         )
         self.metrics = Metrics()
+        self._program = SignedAffinityProgram(
+            config.service.affinity_program, config.service.signing_key
+        )
         self.vms: dict[str, VmRecord] = {}
         self._lock = asyncio.Lock()
         self._watcher: DirWatcher | None = None
@@ -163,9 +166,7 @@ class Service:
             applier=self.apply,
             on_gone=self.vm_gone,
             on_vcpus_changed=self.vcpus_changed,
-            program=lambda: affinity_program(
-                self.config.service.affinity_program, self.config.service.signing_key
-            ),
+            program=self._program,
             rate=placement.rate,
             burst=placement.burst,
             max_backoff=self.config.service.max_backoff,

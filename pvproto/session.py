@@ -24,6 +24,8 @@ States and what moves between them (``docs/session.md`` draws them)::
   answered with ``Error{bad-request}`` and dropped.
 * A frame that does not decode is answered with ``Error{bad-frame}`` and the session goes
   on with the next frame.
+* Peer restarts are acted on at most ``RESTART_BURST`` at once and ``RESTART_RATE`` per
+  second after that; a Hello beyond is answered with ``Error{rate-limited}`` and ignored.
 * Liveness: :meth:`PeerSession.keepalive` pings and raises :class:`PeerSilent` when the
   peer has sent nothing for a deadline.
 """
@@ -76,6 +78,9 @@ class PeerSession:
     ROLE: ClassVar[Literal["host", "guest"]]
     #: A droppable message is dropped while this much is waiting for a slow peer.
     MAX_BACKLOG: ClassVar[int] = 1 << 20
+    #: Peer restarts (a Hello while ready) acted on: this many at once, then this many per s.
+    RESTART_BURST: ClassVar[int] = 5
+    RESTART_RATE: ClassVar[float] = 1.0
 
     def __init__(self, *, versions: Iterable[int] = SUPPORTED_VERSIONS) -> None:
         self.versions = tuple(sorted(set(versions)))
@@ -90,6 +95,8 @@ class PeerSession:
         self._writer: asyncio.StreamWriter | None = None
         self._heard = time.monotonic()
         self._decoder = FrameDecoder(versions=self.versions)
+        self._restart_tokens = float(self.RESTART_BURST)
+        self._restart_stamp = time.monotonic()
 
     # -- hooks -------------------------------------------------------------------------------
     def hello(self) -> Hello:
@@ -205,6 +212,11 @@ class PeerSession:
             self.state = SessionState.CLOSED
             raise SessionClosed(str(err)) from err
         restarted = self.state is SessionState.READY
+        if restarted and not self._restart_allowed():
+            # Each restart costs the other side work (the host re-injects its programs): a
+            # peer that says Hello in a loop is told so and ignored until it slows down.
+            self.reply_error(hello, "rate-limited", "too many Hellos; slow down")
+            return
         if restarted:
             # The peer restarted behind a stream that stayed up: it is waiting for our Hello.
             self.peer_restarts += 1
@@ -213,6 +225,19 @@ class PeerSession:
         self.peer = hello
         self.state = SessionState.READY
         await self.on_ready(hello, restarted=restarted)
+
+    def _restart_allowed(self) -> bool:
+        """Token bucket over peer restarts: ``RESTART_BURST``, refilled ``RESTART_RATE`` per s."""
+        now = time.monotonic()
+        self._restart_tokens = min(
+            self.RESTART_BURST,
+            self._restart_tokens + (now - self._restart_stamp) * self.RESTART_RATE,
+        )
+        self._restart_stamp = now
+        if self._restart_tokens < 1:
+            return False
+        self._restart_tokens -= 1
+        return True
 
     async def keepalive(self, interval: float, deadline: float) -> None:
         """Ping every ``interval`` s; raise :class:`PeerSilent` after ``deadline`` s of silence.

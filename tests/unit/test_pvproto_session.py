@@ -183,3 +183,29 @@ def test_keepalive_detects_a_silent_peer() -> None:
         task.cancel()
 
     run(body)
+
+
+def test_a_peer_saying_hello_in_a_loop_is_rate_limited() -> None:
+    """Each restart makes the host re-inject its programs: a Hello loop must not be served."""
+
+    async def body() -> None:
+        (hr, hw), (gr, gw) = await _streams()
+        host = Side("host")
+        task = asyncio.create_task(host.run(hr, hw))
+        hello = Hello(role="guest", protocol_versions=[1], software_version="g", topology=TOPOLOGY)
+        gw.write(encode(hello) * 200)
+        raw = b""
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(1.0):
+                while True:
+                    raw += await gr.read(65536)
+        replies = FrameDecoder().feed(raw)
+        hellos = [m for m in replies if isinstance(m, Hello)]
+        limited = [m for m in replies if getattr(m, "code", None) == "rate-limited"]
+        # One greeting, then at most RESTART_BURST (+1 refilled) restarts acted on.
+        assert len(hellos) <= 1 + PeerSession.RESTART_BURST + 1
+        assert len(host.ready_calls) == len(hellos)
+        assert len(limited) >= 190
+        task.cancel()
+
+    run(body)
