@@ -17,6 +17,7 @@ from pathlib import Path
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
+from extpv.cli import die
 from pvhost.errors import HostError
 
 __all__ = [
@@ -105,8 +106,7 @@ def main(argv: list[str] | None = None) -> int:
         else:
             print(sign_file(args.file, args.key, args.out))
     except (SigningError, OSError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 1
+        die("pvhost.signing", str(err))
     return 0
 
 
