@@ -14,8 +14,8 @@ import os
 import signal
 import sys
 from pathlib import Path
-from typing import NoReturn
 
+from extpv.cli import die, setup_logging
 from pvagent import bpfobj
 from pvagent.affinity_event import AffinityEvent, EventError, EventFlag, EventKind, decode
 from pvagent.agent import AFFINITY_RINGBUF, Agent
@@ -28,15 +28,6 @@ from pvagent.trust import TrustPolicy
 from pvproto import ProgramKind, format_cpulist
 
 __all__ = ["main"]
-
-log = logging.getLogger("pvagent")
-
-
-def die(message: str, hint: str = "") -> NoReturn:
-    print(f"pvagent: {message}", file=sys.stderr)
-    if hint:
-        print(f"hint: {hint}", file=sys.stderr)
-    sys.exit(1)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -74,12 +65,13 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    level = [logging.WARNING, logging.INFO, logging.DEBUG][
-        min(args.verbose + (args.command == "run"), 2)
-    ]
-    logging.basicConfig(level=level, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    # The daemon logs INFO by default; trace's output is its events on stdout, so it logs only
+    # warnings unless asked (-v: info, -vv: debug).
+    setup_logging(args.verbose - (args.command == "trace"))
+    if args.command == "trace" and not args.verbose:
+        logging.getLogger().setLevel(logging.WARNING)
     if os.geteuid() != 0:
-        die("loading eBPF programs needs root", "run it with sudo")
+        die("pvagent", "loading eBPF programs needs root", hint="run it with sudo")
     try:
         ensure_tracing_mounts()
         if args.command == "run":
@@ -87,7 +79,7 @@ def main(argv: list[str] | None = None) -> int:
         else:
             asyncio.run(_trace(args))
     except AgentError as err:
-        die(str(err))
+        die("pvagent", str(err))
     except KeyboardInterrupt:
         return 130
     return 0

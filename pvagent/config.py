@@ -13,12 +13,12 @@
 
 from __future__ import annotations
 
-import tomllib
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from extpv.tomlconfig import load_toml_model
 from pvagent.errors import ConfigError
 from pvagent.trust import DEFAULT_ALLOW, DEFAULT_TRUSTED_DIR
 
@@ -50,20 +50,8 @@ class AgentConfig(BaseModel):
 
 
 def load_config(path: Path | None = None) -> AgentConfig:
-    """Read ``path`` (default: DEFAULT_CONFIG if it exists, else built-in defaults)."""
-    if path is None:
-        if not DEFAULT_CONFIG.exists():
-            return AgentConfig()
-        path = DEFAULT_CONFIG
-    try:
-        data = tomllib.loads(path.read_text())
-    except OSError as err:
-        raise ConfigError(f"cannot read the agent configuration {path}: {err.strerror}") from err
-    except tomllib.TOMLDecodeError as err:
-        raise ConfigError(f"{path} is not valid TOML: {err}") from err
-    try:
-        return AgentConfig.model_validate(data)
-    except ValidationError as err:
-        first = err.errors(include_url=False)[0]
-        where = ".".join(str(p) for p in first["loc"]) or "file"
-        raise ConfigError(f"{path}: {where}: {first['msg']}") from err
+    """Read ``path`` (default: DEFAULT_CONFIG if it exists, else built-in defaults).
+
+    Raises ConfigError naming the file and every bad key.
+    """
+    return load_toml_model(path, DEFAULT_CONFIG, AgentConfig, ConfigError)

@@ -64,9 +64,6 @@ class AffinityTracker:
             None
         )
         self.seq = 0
-        #: Events seen and publications made (for metrics and benchmarks).
-        self.events = 0
-        self.published = 0
 
     # -- state ------------------------------------------------------------------
     def request_of(self, cpus: Iterable[int]) -> frozenset[int] | None:
@@ -78,7 +75,6 @@ class AffinityTracker:
 
     def handle(self, event: AffinityEvent) -> None:
         """Apply one event from the affinity program."""
-        self.events += 1
         if event.kind is EventKind.SET:
             self.set_mask(event.target_tid, event.cpus)
         else:
@@ -148,14 +144,7 @@ class AffinityTracker:
             return
         self._last_state = state
         self._last_sent = self._clock()
-        self.published += 1
         self._publish(self.update())
-
-    def flush_now(self) -> None:
-        """Publish a pending change immediately (shutdown, tests)."""
-        if self._timer is not None:
-            self._timer.cancel()
-            self._flush()
 
     def close(self) -> None:
         if self._timer is not None:

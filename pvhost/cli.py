@@ -4,23 +4,16 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import logging
 import resource
 import sys
 from pathlib import Path
 
+from extpv.cli import die, setup_logging
 from pvhost.config import DEFAULT_CONFIG_PATH, load_config
 from pvhost.daemon import run_daemon
 from pvhost.errors import HostError
 
 __all__ = ["main"]
-
-
-def die(message: str, hint: str | None = None) -> int:
-    print(f"pvhost: {message}", file=sys.stderr)
-    if hint:
-        print(f"hint: {hint}", file=sys.stderr)
-    return 1
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -38,10 +31,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     run.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
     args = parser.parse_args(argv)
-    logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO,
-        format="%(asctime)s %(name)s %(levelname)s %(message)s",
-    )
+    setup_logging(int(args.verbose))
     # Two sockets per VM: raise the soft descriptor limit to the hard one.
     _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
@@ -49,9 +39,9 @@ def main(argv: list[str] | None = None) -> int:
         config = load_config(args.config)
         asyncio.run(run_daemon(config))
     except HostError as err:
-        return die(str(err), hint="see `pvhost run --help` and docs/interfaces.md")
+        die("pvhost", str(err), hint="see `pvhost run --help` and docs/interfaces.md")
     except PermissionError as err:
-        return die(f"permission denied: {err}", hint="pvhost needs root (cgroupfs, /run/extpv)")
+        die("pvhost", f"permission denied: {err}", hint="pvhost needs root (cgroupfs, /run/extpv)")
     return 0
 
 

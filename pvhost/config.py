@@ -28,13 +28,13 @@ Example::
 
 from __future__ import annotations
 
-import tomllib
 from pathlib import Path
 from typing import Annotated, Literal
 
-import pydantic
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from extpv.names import VmName
+from extpv.tomlconfig import load_toml_model
 from pvhost.errors import ConfigError
 from pvproto import CpuListError, parse_cpulist
 
@@ -51,7 +51,6 @@ __all__ = [
 DEFAULT_CONFIG_PATH = Path("/etc/extpv/pvhost.toml")
 
 PolicyName = Literal["identity", "pool", "ht-aware"]
-VmName = Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")]
 
 
 class _Strict(BaseModel):
@@ -125,23 +124,8 @@ class Config(_Strict):
 
 
 def load_config(path: Path | None) -> Config:
-    """Load and validate ``path``; None (or a missing default file) gives the defaults."""
-    if path is None:
-        if not DEFAULT_CONFIG_PATH.exists():
-            return Config()
-        path = DEFAULT_CONFIG_PATH
-    try:
-        data = tomllib.loads(path.read_text())
-    except OSError as err:
-        raise ConfigError(f"{path}: cannot read: {err.strerror}") from err
-    except tomllib.TOMLDecodeError as err:
-        raise ConfigError(f"{path}: not valid TOML: {err}") from err
-    try:
-        return Config.model_validate(data)
-    except pydantic.ValidationError as err:
-        lines = [
-            f"{path}: {'.'.join(str(p) for p in e['loc']) or '(top)'}: "
-            f"{e['msg'].removeprefix('Value error, ')}"
-            for e in err.errors(include_url=False)
-        ]
-        raise ConfigError("\n".join(lines)) from err
+    """Load and validate ``path``; None (or a missing default file) gives the defaults.
+
+    Raises ConfigError naming the file and every bad key.
+    """
+    return load_toml_model(path, DEFAULT_CONFIG_PATH, Config, ConfigError)

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from extpv.cli import die
 from pvhost import launcher, signing
 from pvhost.control import request
 from pvhost.errors import HostError
@@ -15,13 +16,6 @@ from pvhost.errors import HostError
 __all__ = ["main"]
 
 DEFAULT_SOCKET = Path("/run/extpv/pvhost.sock")
-
-
-def die(message: str, hint: str | None = None) -> int:
-    print(f"pvctl: {message}", file=sys.stderr)
-    if hint:
-        print(f"hint: {hint}", file=sys.stderr)
-    return 1
 
 
 def format_status(status: dict[str, Any]) -> str:
@@ -111,7 +105,8 @@ def main(argv: list[str] | None = None) -> int:
                     args.socket, {"cmd": "program-load", "vm": args.vm, "path": str(path)}
                 )
                 if not result["ok"]:
-                    return die(
+                    die(
+                        "pvctl",
                         f"guest refused {result['program_id']}: {result['reason']}",
                         hint=result.get("log") or None,
                     )
@@ -130,9 +125,9 @@ def main(argv: list[str] | None = None) -> int:
             rc: int = args.func(args)
             return rc
     except HostError as err:
-        return die(str(err))
+        die("pvctl", str(err))
     except OSError as err:
-        return die(f"{err.filename or ''}: {err.strerror}")
+        die("pvctl", f"{err.filename or ''}: {err.strerror}")
     return 0
 
 

@@ -18,7 +18,7 @@ Policies and their mapping:
 ``pool``      exclusive pCPUs from the pool, whole free cores first, filling a core's SMT
               siblings for the same VM before starting another core.
 ``ht-aware``  guest SMT sibling vCPUs land on SMT siblings of one host core; a group that no
-              free core can hold is placed CPU by CPU like ``pool`` (and says so in the plan).
+              free core can hold is placed CPU by CPU like ``pool``.
 """
 
 from __future__ import annotations
@@ -77,7 +77,6 @@ class Plan:
     policy: PolicyName
     mapping: Mapping[int, int] = field(default_factory=dict)
     refused: Mapping[int, Refusal] = field(default_factory=dict)
-    notes: tuple[str, ...] = ()
 
 
 def eligible_cpus(host: HostPool) -> frozenset[int]:
@@ -126,9 +125,8 @@ def plan(wanted: Iterable[int], vm: VmView, host: HostPool, allocations: Allocat
     for vcpu in todo[room:]:
         refused[vcpu] = Refusal(RefusalCode.QUOTA, f"quota of {vm.quota} pinned vCPUs reached")
     todo = todo[:room]
-    notes: tuple[str, ...] = ()
     if vm.policy == "ht-aware":
-        placed, notes = _ht_aware(todo, vm, host.topology, free, keep)
+        placed = _ht_aware(todo, vm, host.topology, free, keep)
     else:
         placed = _fill(todo, host.topology, free, owned=set(keep.values()))
     for vcpu in todo:
@@ -138,7 +136,7 @@ def plan(wanted: Iterable[int], vm: VmView, host: HostPool, allocations: Allocat
                 f"pool exhausted: no free pCPU among {_fmt(eligible)} "
                 f"({len(others)} held by other VMs)",
             )
-    return Plan(vm.name, vm.policy, {**keep, **placed}, refused, notes)
+    return Plan(vm.name, vm.policy, {**keep, **placed}, refused)
 
 
 def _identity(
@@ -260,9 +258,8 @@ def _ht_aware(
     topology: HostTopology,
     free: frozenset[int],
     keep: Mapping[int, int],
-) -> tuple[dict[int, int], tuple[str, ...]]:
+) -> dict[int, int]:
     placed: dict[int, int] = {}
-    notes: list[str] = []
     available = set(free)
     todo_set = set(todo)
     # New members of a group whose other members stay: onto their core's free siblings.
@@ -281,8 +278,7 @@ def _ht_aware(
     for members in sorted(groups, key=lambda g: (-len(g), g[0])):
         # Exact fits first (no core left half-used), then the smallest core that holds them.
         fits = [c & available for c in topology.cores if len(c & available) >= len(members)]
-        if not fits:
-            notes.append(f"no free host core holds guest siblings {members}: placed one by one")
+        if not fits:  # no free host core holds them: placed one by one below
             grouped -= set(members)
             continue
         core = min(fits, key=lambda c: (len(c) - len(members), min(c)))
@@ -292,7 +288,7 @@ def _ht_aware(
     rest = [v for v in todo if v not in grouped]
     owned = set(keep.values()) | set(placed.values())
     placed.update(_fill(rest, topology, frozenset(available), owned))
-    return placed, tuple(notes)
+    return placed
 
 
 def _fmt(cpus: Iterable[int]) -> str:

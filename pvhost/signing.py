@@ -10,13 +10,16 @@ its public half (PEM, SubjectPublicKeyInfo) goes into each guest image as
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
+import tempfile
 from pathlib import Path
 
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
+from extpv.cli import die
 from pvhost.errors import HostError
 
 __all__ = [
@@ -39,11 +42,34 @@ class SigningError(HostError):
     """A key that cannot be created or used."""
 
 
+def _replace_file(path: Path, data: bytes, mode: int) -> None:
+    """Make ``path`` a new file holding ``data`` with ``mode``, whatever ``path`` was before.
+
+    The bytes go to a fresh file next to it (``mkstemp``: O_CREAT|O_EXCL, so never through a
+    symlink, and mode 0600 from the start), which is then renamed over ``path``: an old file's
+    mode is not kept, and a symlink at ``path`` is replaced, not followed.
+    """
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        with os.fdopen(fd, "wb") as out:
+            os.fchmod(out.fileno(), mode)
+            out.write(data)
+            out.flush()
+            os.fsync(out.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
 def generate_keypair(directory: Path, *, overwrite: bool = False) -> tuple[Path, Path]:
-    """Write ``signing.key`` (private, mode 0600) and ``signing.pem`` (public) in ``directory``."""
+    """Write ``signing.key`` (private, mode 0600) and ``signing.pem`` (public, 0644) in
+    ``directory``; with ``overwrite``, each replaces whatever is there (file or symlink)."""
     directory = Path(directory)
     private, public = directory / PRIVATE_NAME, directory / PUBLIC_NAME
-    if not overwrite and (private.exists() or public.exists()):
+    # lexists: a dangling symlink is something there too.
+    if not overwrite and (os.path.lexists(private) or os.path.lexists(public)):
         raise SigningError(f"{private} or {public} exists already; refusing to overwrite a key")
     directory.mkdir(parents=True, exist_ok=True)
     key = Ed25519PrivateKey.generate()
@@ -52,13 +78,13 @@ def generate_keypair(directory: Path, *, overwrite: bool = False) -> tuple[Path,
         serialization.PrivateFormat.PKCS8,
         serialization.NoEncryption(),
     )
-    fd = os.open(private, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "wb") as out:
-        out.write(pem)
-    public.write_bytes(
+    _replace_file(private, pem, 0o600)
+    _replace_file(
+        public,
         key.public_key().public_bytes(
             serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
-        )
+        ),
+        0o644,
     )
     return private, public
 
@@ -105,8 +131,7 @@ def main(argv: list[str] | None = None) -> int:
         else:
             print(sign_file(args.file, args.key, args.out))
     except (SigningError, OSError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 1
+        die("pvhost.signing", str(err))
     return 0
 
 

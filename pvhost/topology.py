@@ -17,13 +17,11 @@ __all__ = ["HostTopology", "read_host_topology"]
 
 @dataclass(frozen=True)
 class HostTopology:
-    """Online CPUs, their SMT sibling groups (one per core) and NUMA nodes."""
+    """Online CPUs and their SMT sibling groups (one per core)."""
 
     online: frozenset[int]
     #: One entry per physical core: the online CPUs sharing it (SMT siblings), sorted by first CPU.
     cores: tuple[frozenset[int], ...]
-    #: NUMA node id → its online CPUs.
-    nodes: dict[int, frozenset[int]]
 
     def siblings(self, cpu: int) -> frozenset[int]:
         """The CPUs sharing ``cpu``'s core (``cpu`` included)."""
@@ -32,18 +30,12 @@ class HostTopology:
                 return core
         return frozenset({cpu})
 
-    def node_of(self, cpu: int) -> int | None:
-        for node, cpus in self.nodes.items():
-            if cpu in cpus:
-                return node
-        return None
-
     @classmethod
     def flat(cls, online: frozenset[int] | set[int], smt: int = 1) -> HostTopology:
-        """A synthetic topology: ``smt`` consecutive CPUs per core, one node (simulations)."""
+        """A synthetic topology: ``smt`` consecutive CPUs per core (simulations)."""
         cpus = sorted(online)
         cores = tuple(frozenset(cpus[i : i + smt]) for i in range(0, len(cpus), smt))
-        return cls(online=frozenset(cpus), cores=cores, nodes={0: frozenset(cpus)})
+        return cls(online=frozenset(cpus), cores=cores)
 
 
 def _read_list(path: Path) -> frozenset[int]:
@@ -58,7 +50,7 @@ def _read_list(path: Path) -> frozenset[int]:
 
 
 def read_host_topology(sysfs: Path = Path("/sys")) -> HostTopology:
-    """Read online CPUs, SMT siblings and NUMA nodes from ``sysfs``."""
+    """Read online CPUs and SMT siblings from ``sysfs``."""
     cpu_dir = sysfs / "devices/system/cpu"
     online = _read_list(cpu_dir / "online")
     if not online:
@@ -71,14 +63,4 @@ def read_host_topology(sysfs: Path = Path("/sys")) -> HostTopology:
             # No topology directory (some VMs, containers): the CPU is its own core.
             siblings = frozenset({cpu})
         cores.setdefault(siblings, None)
-    nodes: dict[int, frozenset[int]] = {}
-    node_dir = sysfs / "devices/system/node"
-    if node_dir.is_dir():
-        for entry in sorted(node_dir.glob("node[0-9]*")):
-            cpus = _read_list(entry / "cpulist") & online
-            if cpus:
-                nodes[int(entry.name[4:])] = cpus
-    if not nodes:
-        nodes = {0: online}
-    ordered = tuple(sorted(cores, key=min))
-    return HostTopology(online=online, cores=ordered, nodes=nodes)
+    return HostTopology(online=online, cores=tuple(sorted(cores, key=min)))

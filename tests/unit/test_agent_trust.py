@@ -127,7 +127,9 @@ def test_malformed_objects_are_refused_cleanly(payload: bytes) -> None:
 def test_signing_cli(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert signing.main(["keygen", str(tmp_path / "k")]) == 0
     assert (tmp_path / "k" / "signing.key").stat().st_mode & 0o777 == 0o600
-    assert signing.main(["keygen", str(tmp_path / "k")]) == 1  # never overwrites a key
+    with pytest.raises(SystemExit, match="1"):
+        signing.main(["keygen", str(tmp_path / "k")])  # never overwrites a key
+    assert "refusing to overwrite a key" in capsys.readouterr().err
     target = tmp_path / "prog.o"
     target.write_bytes(OBJECT)
     assert signing.main(["sign", str(target), "--key", str(tmp_path / "k" / "signing.key")]) == 0
@@ -136,5 +138,6 @@ def test_signing_cli(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None
     (trusted / "k.pem").write_bytes((tmp_path / "k" / "signing.pem").read_bytes())
     signature = (tmp_path / "prog.o.sig").read_bytes()
     assert TrustPolicy.from_config(trusted).check("bpf-object", OBJECT, signature)
-    assert signing.main(["sign", str(target), "--key", str(tmp_path / "nokey")]) == 1
-    assert "cannot read the signing key" in capsys.readouterr().err
+    with pytest.raises(SystemExit, match="1"):
+        signing.main(["sign", str(target), "--key", str(tmp_path / "nokey")])
+    assert "pvhost.signing: cannot read the signing key" in capsys.readouterr().err

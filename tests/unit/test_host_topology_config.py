@@ -12,39 +12,33 @@ from pvhost.placement import detect_backend, partition_reason
 from pvhost.topology import read_host_topology
 
 
-def fake_sysfs(root: Path, online: str, siblings: dict[int, str], nodes: dict[int, str]) -> Path:
+def fake_sysfs(root: Path, online: str, siblings: dict[int, str]) -> Path:
     cpu = root / "devices/system/cpu"
     cpu.mkdir(parents=True)
     (cpu / "online").write_text(online + "\n")
     for n, text in siblings.items():
         (cpu / f"cpu{n}/topology").mkdir(parents=True)
         (cpu / f"cpu{n}/topology/thread_siblings_list").write_text(text + "\n")
-    for n, text in nodes.items():
-        (root / f"devices/system/node/node{n}").mkdir(parents=True)
-        (root / f"devices/system/node/node{n}/cpulist").write_text(text + "\n")
     return root
 
 
-def test_reads_cores_and_nodes(tmp_path: Path) -> None:
-    sysfs = fake_sysfs(
-        tmp_path, "0-3", {0: "0,2", 1: "1,3", 2: "0,2", 3: "1,3"}, {0: "0-1", 1: "2-3"}
-    )
+def test_reads_cores(tmp_path: Path) -> None:
+    sysfs = fake_sysfs(tmp_path, "0-3", {0: "0,2", 1: "1,3", 2: "0,2", 3: "1,3"})
     topo = read_host_topology(sysfs)
     assert topo.online == {0, 1, 2, 3}
     assert topo.cores == (frozenset({0, 2}), frozenset({1, 3}))
     assert topo.siblings(3) == {1, 3}
-    assert topo.nodes == {0: {0, 1}, 1: {2, 3}}
 
 
 def test_malformed_cpu_list_is_an_error_not_an_empty_set(tmp_path: Path) -> None:
-    sysfs = fake_sysfs(tmp_path, "0-1", {0: "0", 1: "1-x"}, {})
+    sysfs = fake_sysfs(tmp_path, "0-1", {0: "0", 1: "1-x"})
     with pytest.raises(TopologyError, match=r"thread_siblings_list.*1-x"):
         read_host_topology(sysfs)
 
 
 def test_empty_online_list_is_an_error(tmp_path: Path) -> None:
     with pytest.raises(TopologyError, match="no online CPU"):
-        read_host_topology(fake_sysfs(tmp_path, "", {}, {}))
+        read_host_topology(fake_sysfs(tmp_path, "", {}))
 
 
 def test_this_hosts_topology() -> None:

@@ -6,6 +6,7 @@ import pydantic
 import pytest
 from hypothesis import given
 
+import pvproto
 from pvproto import (
     MESSAGE_TYPES,
     AffinityUpdate,
@@ -21,6 +22,15 @@ from pvproto import (
     negotiate,
 )
 from tests.unit.pvproto_strategies import BY_TYPE, messages
+
+SUBMODULES = (
+    pvproto.cpulist,
+    pvproto.errors,
+    pvproto.framing,
+    pvproto.messages,
+    pvproto.session,
+    pvproto.version,
+)
 
 
 def test_strategies_cover_every_message_type() -> None:
@@ -79,3 +89,16 @@ def test_negotiation_picks_highest_common_version() -> None:
 def test_invalid_messages_are_refused_with_a_reason(build: object, why: str) -> None:
     with pytest.raises(pydantic.ValidationError, match=why):
         build()  # type: ignore[operator]
+
+
+def test_the_package_exports_every_submodules_names_once() -> None:
+    """``from pvproto import X`` works for each public name of each submodule, and no two
+    submodules export the same name (one would silently shadow the other)."""
+    exported = [name for m in SUBMODULES for name in m.__all__]
+    assert len(exported) == len(set(exported))
+    assert sorted(pvproto.__all__) == sorted(exported)
+    star: dict[str, object] = {}
+    exec("from pvproto import *", star)
+    for module in SUBMODULES:
+        for name in module.__all__:
+            assert star[name] is getattr(module, name), name

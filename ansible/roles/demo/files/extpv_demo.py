@@ -16,11 +16,13 @@ import argparse
 import json
 import re
 import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
+
+# Ansible runs this with ansible_playbook_python: the extpv virtualenv's interpreter (./dev demo).
+from extpv import cli
 
 try:
     from pvhost import launcher
@@ -30,11 +32,8 @@ except ImportError:  # pragma: no cover - depends on the environment
 _VCPU_COMM = re.compile(r"^CPU (\d+)/(TCG|KVM)$")
 
 
-def die(msg: str, hint: str = "") -> None:
-    print(f"extpv-demo: {msg}", file=sys.stderr)
-    if hint:
-        print(f"hint: {hint}", file=sys.stderr)
-    raise SystemExit(1)
+def die(msg: str, hint: str | None = None) -> NoReturn:
+    cli.die("extpv-demo", msg, hint)
 
 
 def vcpu_threads(qemu_pid: int) -> dict[int, int]:
