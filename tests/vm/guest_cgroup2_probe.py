@@ -23,7 +23,6 @@ sys.path.insert(0, os.environ.get("EXTPV_SRC", "/mnt/extpv"))
 
 from pvhost.errors import PartitionInvalid
 from pvhost.placement.cgroup2 import Cgroup2Backend
-from pvhost.state import StateStore
 
 ROOT = Path("/sys/fs/cgroup")
 VM = "inner"
@@ -126,7 +125,7 @@ def main() -> None:
     try:
         obs["before"] = snapshot(proc.pid, tids)
         with tempfile.TemporaryDirectory() as tmp:
-            b = Cgroup2Backend(ROOT, StateStore(Path(tmp) / "state.json"))
+            b = Cgroup2Backend(ROOT, Path(tmp) / "state.json")
             step("setup", lambda: b.setup(frozenset({0, 1, 2, 3})))
             obs["remote_partitions"] = b.remote
             step("attach", lambda: b.attach(VM, proc.pid, tids))
