@@ -355,3 +355,10 @@ class Service:
             "vms": vms,
             "orphans": {k: v for k, v in placed["vms"].items() if k not in self.sessions},
         }
+
+    async def verify(self) -> dict[str, Any]:
+        """``pvctl verify``: re-check every recorded placement against the kernel."""
+        async with self._lock:  # not while a plan is being enacted
+            findings = await asyncio.to_thread(self.backend.verify)
+            count = sum(len(p) for p in self.backend.pins().values())
+        return {"placements": count, "findings": [f.model_dump() for f in findings]}
