@@ -31,6 +31,7 @@ from pvhost.state import PinRecord, StateStore
 from pvproto import CpuListError, format_cpulist, parse_cpulist
 
 __all__ = [
+    "Check",
     "Finding",
     "PlacementBackend",
     "read_cpus",
@@ -208,15 +209,8 @@ class PlacementBackend(ABC):
         cgroup, allowed exactly its pCPU, and the cgroup itself still holds the pin."""
 
         def finding(check: Check, expected: str, found: str) -> Finding:
-            return Finding(
-                vm=vm,
-                vcpu=vcpu,
-                tid=record.tid,
-                pcpu=record.pcpu,
-                check=check,
-                expected=expected,
-                found=found,
-            )
+            return Finding(vm=vm, vcpu=vcpu, tid=record.tid, pcpu=record.pcpu, check=check,
+                           expected=expected, found=found)  # fmt: skip
 
         if not thread_alive(record.tid):
             return [finding("thread", "alive", "gone")]
