@@ -1,7 +1,7 @@
 """Control plane: a root-only unix socket speaking JSON lines, and its client.
 
 Request ``{"cmd": "status"}`` → response ``{"ok": true, "result": {...}}`` or
-``{"ok": false, "error": "...", "hint": "..."}``. Commands: ``status``,
+``{"ok": false, "error": "...", "hint": "..."}``. Commands: ``status``, ``verify``,
 ``remap`` (vm, on), ``release`` (vm), ``program-load`` (vm, path), ``program-unload`` (vm, program).
 The socket is mode 0600 and every peer's uid is checked (SO_PEERCRED) to be 0.
 """
@@ -81,6 +81,8 @@ class ControlServer:
             svc = self.service
             if cmd == "status":
                 result = svc.status()
+            elif cmd == "verify":
+                result = await svc.verify()
             elif cmd == "remap":
                 result = await svc.set_remap(str(req["vm"]), bool(req["on"]))
             elif cmd == "release":

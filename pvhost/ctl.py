@@ -12,6 +12,7 @@ from extpv.cli import die
 from pvhost import launcher, signing
 from pvhost.control import request
 from pvhost.errors import HostError
+from pvhost.placement import Finding
 
 __all__ = ["main"]
 
@@ -50,6 +51,24 @@ def format_status(status: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def report_verify(result: dict[str, Any]) -> None:
+    """Print each drifted placement and exit 1 when any drifted; else say how many were checked."""
+    findings = [Finding.model_validate(f) for f in result["findings"]]
+    total = result["placements"]
+    if not findings:
+        print(f"{total} placement(s) verified")
+        return
+    for finding in findings:
+        print(finding)
+    drifted = len({(f.vm, f.vcpu) for f in findings})
+    die(
+        "pvctl",
+        f"{drifted} of {total} placement(s) drifted from what pvhost applied",
+        hint="`pvctl release VM` undoes what is left of a VM's placements; "
+        "its guest's next request places it again",
+    )
+
+
 def _build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="pvctl", description="Operate the extpv host service (pvhost) and its VMs."
@@ -63,6 +82,14 @@ def _build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     status = sub.add_parser("status", help="VMs, vCPU threads, guest requests, placements")
     status.add_argument("--json", action="store_true", help="machine-readable output")
+    verify = sub.add_parser(
+        "verify",
+        help="re-check every placement against the kernel (exit status 1 when any drifted)",
+        description="For every recorded pin: the vCPU thread is alive and in its cgroup, "
+        "allowed exactly its pCPU, and the cgroup still holds the pin (v2: the partition is "
+        "valid; v1: the cpuset holds the pCPU). Exit status 0 when all hold, 1 otherwise.",
+    )
+    verify.add_argument("--json", action="store_true", help="machine-readable output")
     remap = sub.add_parser("remap", help="switch HT-aware remapping for a VM (the paper's switch)")
     remap.add_argument("state", choices=["on", "off"])
     remap.add_argument("vm")
@@ -92,6 +119,12 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "status":
             result = request(args.socket, {"cmd": "status"})
             print(json.dumps(result, indent=2) if args.json else format_status(result))
+        elif args.command == "verify":
+            result = request(args.socket, {"cmd": "verify"})
+            if args.json:
+                print(json.dumps(result, indent=2))
+                return 1 if result["findings"] else 0
+            report_verify(result)
         elif args.command == "remap":
             result = request(args.socket, {"cmd": "remap", "vm": args.vm, "on": args.state == "on"})
             print(f"VM {result['vm']}: remap {args.state}, policy {result['policy']}")

@@ -406,6 +406,13 @@ class Service:
             "orphans": {k: v for k, v in placed["vms"].items() if k not in self.vms},
         }
 
+    async def verify(self) -> dict[str, Any]:
+        """``pvctl verify``: re-check every recorded placement against the kernel."""
+        async with self._lock:  # not while a plan is being enacted
+            findings = await asyncio.to_thread(self.backend.verify)
+            count = sum(len(p) for p in self.backend.pins().values())
+        return {"placements": count, "findings": [f.model_dump() for f in findings]}
+
 
 def _tids(vcpus: dict[int, Any]) -> tuple[tuple[int, int], ...]:
     return tuple(sorted((i, v.tid) for i, v in vcpus.items()))

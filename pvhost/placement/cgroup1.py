@@ -15,8 +15,10 @@ vCPU thread, it does not isolate the pCPU.
 Pin moves the thread into ``vcpu<N>`` (the kernel then sets its affinity to the cpuset);
 unpin moves it back into the cpuset it came from, where the kernel (≥ 6.2) derives its
 affinity again from that cpuset and the mask the thread chose itself, so undo is exact (older
-kernels: see :func:`~pvhost.placement.base.restore_own_affinity`). The previous cgroup and
-affinity are saved in the state file before anything changes.
+kernels: see :func:`~pvhost.placement.base.restore_own_affinity`). The previous cpuset and
+affinity are saved in the state file before anything changes (:class:`~pvhost.state.Cgroup1Pin`)
+and cleared after the VM's cpuset has shrunk again. A thread found in one of these cpusets with
+no record (the state file was lost) goes back to its process's cpuset.
 """
 
 from __future__ import annotations
@@ -24,21 +26,23 @@ from __future__ import annotations
 import contextlib
 import os
 import re
-from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from extpv.vcpus import process_of_thread
 from pvhost.errors import BackendUnavailable, PlacementError
 from pvhost.placement.base import (
+    Check,
+    PlacementBackend,
     read_cpus,
+    read_setting,
     read_text,
     remove_cgroup,
     restore_own_affinity,
     thread_alive,
-    thread_allowed_cpus,
     write_text,
 )
-from pvhost.state import StateStore
+from pvhost.state import Cgroup1Pin, PinRecord, StateFile, StateStore
 from pvproto import format_cpulist
 
 __all__ = ["Cgroup1Backend"]
@@ -46,26 +50,20 @@ __all__ = ["Cgroup1Backend"]
 _VCPU_DIR = re.compile(r"^vcpu(\d+)$")
 
 
-class Cgroup1Backend:
+class Cgroup1Backend(PlacementBackend):
     name = "cgroup1"
+    state: StateStore[Cgroup1Pin]
 
-    def __init__(self, hierarchy: Path, state: StateStore, group: str = "extpv") -> None:
+    def __init__(self, hierarchy: Path, state: Path, group: str = "extpv") -> None:
+        """``hierarchy``: the v1 cpuset mount; ``state``: this backend's state file."""
         if not (hierarchy / "cpuset.cpus").exists():
             raise BackendUnavailable(
                 f"{hierarchy} is not a cgroup v1 cpuset hierarchy (no cpuset.cpus there)"
             )
-        self.hierarchy = hierarchy
-        self.base = hierarchy / group
-        self.state = state
+        super().__init__(hierarchy, group, StateStore[Cgroup1Pin](state, StateFile[Cgroup1Pin]))
         self.exclusive: dict[str, bool] = {}
 
     # -- helpers -------------------------------------------------------------------------
-    def _vm_dir(self, vm: str) -> Path:
-        return self.base / f"vm-{vm}"
-
-    def _vcpu_dir(self, vm: str, vcpu: int) -> Path:
-        return self._vm_dir(vm) / f"vcpu{vcpu}"
-
     def _mkdir(self, path: Path, cpus: frozenset[int]) -> None:
         if not path.is_dir():
             try:
@@ -85,13 +83,9 @@ class Cgroup1Backend:
                 ok = True
             except PlacementError:
                 ok = False
-        self.exclusive[str(path.relative_to(self.hierarchy))] = ok
+        self.exclusive[str(path.relative_to(self.root))] = ok
 
-    def _rel(self, path: Path) -> str:
-        return "/" + str(path.relative_to(self.hierarchy)) if path != self.hierarchy else "/"
-
-    @staticmethod
-    def _thread_cpuset(tid: int) -> str:
+    def _thread_cgroup(self, tid: int) -> str:
         try:
             return Path(f"/proc/{tid}/cpuset").read_text().strip()
         except OSError as err:
@@ -100,168 +94,119 @@ class Cgroup1Backend:
     def _vm_cpus_set(self, vm: str, cpus: frozenset[int]) -> None:
         write_text(self._vm_dir(vm) / "cpuset.cpus", format_cpulist(cpus))
 
-    # -- protocol ----------------------------------------------------------------------------
+    def _hand_back(self, path: Path) -> None:
+        """Move the tasks still in one of our cpusets out of extpv's: each to the cpuset of its
+        process's main thread (this backend moves vCPU threads only, so that is where they came
+        from unless the record says otherwise) or, where that is ours too, to the root."""
+        if not (path / "tasks").exists():
+            return
+        for tid in read_text(path / "tasks").split():
+            with contextlib.suppress(PlacementError):  # it may exit meanwhile
+                write_text(self._home_of(int(tid)) / "tasks", tid)
+
+    def _home_of(self, tid: int) -> Path:
+        try:
+            home = self.root / self._thread_cgroup(process_of_thread(tid)).lstrip("/")
+        except (PlacementError, ProcessLookupError):
+            return self.root
+        if home == self.base or self.base in home.parents or not (home / "tasks").exists():
+            return self.root
+        return home
+
+    # -- the backend ------------------------------------------------------------------------
     def setup(self, eligible: frozenset[int]) -> None:
         if not eligible:
             raise PlacementError("no eligible CPU to pin: the pool minus housekeeping is empty")
         if self.base.is_dir():
             # Grow first (children must stay inside), never shrink below what is pinned.
-            held = {p for pins in self.pins().values() for p in pins.values()}
-            write_text(self.base / "cpuset.cpus", format_cpulist(eligible | held))
+            write_text(self.base / "cpuset.cpus", format_cpulist(eligible | self._held()))
         else:
             self._mkdir(self.base, eligible)
         self._try_exclusive(self.base)
 
-    def attach(self, vm: str, qemu_pid: int, vcpu_tids: Mapping[int, int]) -> None:
-        # v1 moves threads only when pinning them: nothing to prepare.
-        return
-
-    def pin(self, vm: str, vcpu: int, tid: int, pcpu: int) -> None:
-        if self.state.vcpu(vm, vcpu) is not None:
-            self.unpin(vm, vcpu)
-        prev_cpuset = self._thread_cpuset(tid)
-        record = {
-            "tid": tid,
-            "pcpu": pcpu,
-            "prev_cpuset": prev_cpuset,
-            "prev_affinity": sorted(os.sched_getaffinity(tid)),
-            "prev_effective": sorted(
-                read_cpus(self.hierarchy / prev_cpuset.lstrip("/") / "cpuset.effective_cpus")
-            ),
-        }
-        # Saved before the first change: a crash from here on is undone by reconcile.
-        self.state.set_vcpu(vm, vcpu, record)
-        try:
-            vm_dir = self._vm_dir(vm)
-            held = set(self.pins().get(vm, {}).values()) | {pcpu}
-            if not vm_dir.is_dir():
-                self._mkdir(vm_dir, frozenset(held))
-                self._try_exclusive(vm_dir)
-            else:
-                self._vm_cpus_set(vm, frozenset(held))
-            path = self._vcpu_dir(vm, vcpu)
-            self._mkdir(path, frozenset({pcpu}))
-            self._try_exclusive(path)
-            write_text(path / "tasks", str(tid))
-            self._verify(vm, vcpu, tid, pcpu)
-        except PlacementError:
-            self.unpin(vm, vcpu)
-            raise
-
-    def _verify(self, vm: str, vcpu: int, tid: int, pcpu: int) -> None:
-        allowed = thread_allowed_cpus(tid)
-        where = self._thread_cpuset(tid)
-        want = self._rel(self._vcpu_dir(vm, vcpu))
-        if allowed != {pcpu} or where != want:
-            raise PlacementError(
-                f"verify failed for VM {vm} vCPU {vcpu} (thread {tid}): allowed "
-                f"{format_cpulist(allowed)} in {where}, expected {pcpu} in {want}"
-            )
-
-    def unpin(self, vm: str, vcpu: int) -> None:
-        record = self.state.vcpu(vm, vcpu)
-        path = self._vcpu_dir(vm, vcpu)
-        if record is not None and thread_alive(record["tid"]):
-            self._restore_thread(record)
-        self._evacuate(path)
-        remove_cgroup(path)
-        self.state.set_vcpu(vm, vcpu, None)
-        vm_dir = self._vm_dir(vm)
-        if vm_dir.is_dir():
-            rest = set(self.pins().get(vm, {}).values())
-            if rest:
-                self._vm_cpus_set(vm, frozenset(rest))
-            elif not any(p.is_dir() for p in vm_dir.iterdir()):
-                # An exclusive cpuset left holding a pCPU would block other VMs from it.
-                self._evacuate(vm_dir)
-                remove_cgroup(vm_dir)
-
-    def _restore_thread(self, record: Mapping[str, Any]) -> None:
-        tid = int(record["tid"])
-        prev = self.hierarchy / str(record["prev_cpuset"]).lstrip("/")
-        if not (prev / "tasks").exists():
-            prev = self.hierarchy  # its old cpuset is gone: the root is the only safe home
-        with contextlib.suppress(PlacementError):  # the thread may exit meanwhile
-            write_text(prev / "tasks", str(tid))
-        # Moving it back made the kernel derive its affinity again (cpuset ∩ its own mask).
-        prev_affinity = record["prev_affinity"]
-        restore_own_affinity(
-            tid, set(prev_affinity), frozenset(record.get("prev_effective", prev_affinity))
+    def _record(self, vm: str, vcpu: int, tid: int, pcpu: int) -> Cgroup1Pin:
+        prev_cpuset = self._thread_cgroup(tid)
+        effective = self.root / prev_cpuset.lstrip("/") / "cpuset.effective_cpus"
+        return Cgroup1Pin(
+            tid=tid,
+            pcpu=pcpu,
+            prev_cpuset=prev_cpuset,
+            prev_affinity=tuple(sorted(os.sched_getaffinity(tid))),
+            prev_effective=tuple(sorted(read_cpus(effective))),
         )
 
-    def _evacuate(self, path: Path) -> None:
-        """Move tasks still in one of our cpusets (placed by us) up to the root."""
-        if not (path / "tasks").exists():
-            return
-        for line in read_text(path / "tasks").split():
-            with contextlib.suppress(PlacementError):
-                write_text(self.hierarchy / "tasks", line)
+    def _apply(self, vm: str, vcpu: int, record: PinRecord) -> None:
+        vm_dir = self._vm_dir(vm)
+        held = self._others(vm, vcpu) | {record.pcpu}
+        if not vm_dir.is_dir():
+            self._mkdir(vm_dir, held)
+            self._try_exclusive(vm_dir)
+        else:
+            self._vm_cpus_set(vm, held)
+        path = self._vcpu_dir(vm, vcpu)
+        self._mkdir(path, frozenset({record.pcpu}))
+        self._try_exclusive(path)
+        write_text(path / "tasks", str(record.tid))
 
-    def detach(self, vm: str) -> None:
-        for vcpu in sorted(self.pins().get(vm, {})):
-            self.unpin(vm, vcpu)
+    def _check_cgroup(self, vm: str, vcpu: int, record: PinRecord) -> list[tuple[Check, str, str]]:
+        cpus = read_setting(self._vcpu_dir(vm, vcpu) / "cpuset.cpus")
+        return [] if cpus == str(record.pcpu) else [("cpuset", str(record.pcpu), cpus)]
+
+    def _undo(self, vm: str, vcpu: int) -> None:
+        record = self.state.pin(vm, vcpu)
+        path = self._vcpu_dir(vm, vcpu)
+        if record is not None and thread_alive(record.tid):
+            self._restore_thread(record)
+        self._hand_back(path)
+        remove_cgroup(path)
         vm_dir = self._vm_dir(vm)
         if vm_dir.is_dir():
-            for child in vm_dir.iterdir():
-                if child.is_dir() and _VCPU_DIR.match(child.name):
-                    self._evacuate(child)
-                    remove_cgroup(child)
-            self._evacuate(vm_dir)
-            remove_cgroup(vm_dir)
-        self.state.drop_vm(vm)
+            rest = self._others(vm, vcpu)
+            if rest:
+                self._vm_cpus_set(vm, rest)
+            elif not any(p.is_dir() for p in vm_dir.iterdir()):
+                # An exclusive cpuset left holding a pCPU would block other VMs from it.
+                self._hand_back(vm_dir)
+                remove_cgroup(vm_dir)
 
-    def pins(self) -> dict[str, dict[int, int]]:
-        return self.state.pins()
+    def _restore_thread(self, record: Cgroup1Pin) -> None:
+        prev = self.root / record.prev_cpuset.lstrip("/")
+        if not (prev / "tasks").exists():
+            prev = self.root  # its old cpuset is gone: the root is the only safe home
+        with contextlib.suppress(PlacementError):  # the thread may exit meanwhile
+            write_text(prev / "tasks", str(record.tid))
+        # Moving it back made the kernel derive its affinity again (cpuset ∩ its own mask).
+        restore_own_affinity(record)
 
-    def reconcile(self, live: Mapping[str, Mapping[int, int]]) -> dict[str, dict[int, int]]:
-        adopted: dict[str, dict[int, int]] = {}
-        for vm, entry in list(self.state.vms().items()):
-            for vcpu_text, record in list(entry.get("vcpus", {}).items()):
-                vcpu = int(vcpu_text)
-                tid = int(record["tid"])
-                path = self._vcpu_dir(vm, vcpu)
-                intact = (
-                    live.get(vm, {}).get(vcpu) == tid
-                    and thread_alive(tid)
-                    and path.is_dir()
-                    and self._thread_cpuset(tid) == self._rel(path)
-                    and thread_allowed_cpus(tid) == {int(record["pcpu"])}
-                )
-                if intact:
-                    adopted.setdefault(vm, {})[vcpu] = int(record["pcpu"])
-                else:
-                    self.unpin(vm, vcpu)
-            if vm not in adopted:
-                self.detach(vm)
-        # Cgroups with no record (state lost): undo them too.
-        if self.base.is_dir():
-            for vm_dir in self.base.iterdir():
-                if not (vm_dir.is_dir() and vm_dir.name.startswith("vm-")):
-                    continue
-                vm = vm_dir.name[3:]
-                for child in vm_dir.iterdir():
-                    m = _VCPU_DIR.match(child.name)
-                    if child.is_dir() and m and int(m.group(1)) not in adopted.get(vm, {}):
-                        self._evacuate(child)
-                        remove_cgroup(child)
-                if vm not in adopted:
-                    self._evacuate(vm_dir)
-                    remove_cgroup(vm_dir)
-        return adopted
+    def _release(self, vm: str) -> None:
+        if self._vm_dir(vm).is_dir():
+            self._orphan(self._vm_dir(vm))
+
+    def _orphan(self, vm_dir: Path) -> None:
+        self._prune(vm_dir.name.removeprefix("vm-"), vm_dir)
+        self._hand_back(vm_dir)
+        remove_cgroup(vm_dir)
+
+    def _prune(self, vm: str, vm_dir: Path) -> None:
+        pinned = self.state.pin_records(vm)
+        for child in vm_dir.iterdir():
+            m = _VCPU_DIR.match(child.name)
+            if child.is_dir() and m and int(m.group(1)) not in pinned:
+                self._hand_back(child)
+                remove_cgroup(child)
 
     def describe(self) -> dict[str, Any]:
         vms: dict[str, Any] = {}
-        for vm, pins in self.pins().items():
+        for vm in self.state.vms():
             out = {}
-            for vcpu, pcpu in sorted(pins.items()):
+            for vcpu, record in sorted(self.state.pin_records(vm).items()):
                 path = self._vcpu_dir(vm, vcpu)
-                record = self.state.vcpu(vm, vcpu) or {}
                 out[str(vcpu)] = {
-                    "pcpu": pcpu,
-                    "tid": record.get("tid"),
+                    "pcpu": record.pcpu,
+                    "tid": record.tid,
                     "cgroup": str(path),
                     "cpus": read_text(path / "cpuset.cpus") if path.is_dir() else None,
-                    "exclusive": self.exclusive.get(str(path.relative_to(self.hierarchy))),
+                    "exclusive": self.exclusive.get(str(path.relative_to(self.root))),
                     "partition": "n/a (cgroup v1)",
                 }
             vms[vm] = out
@@ -269,5 +214,5 @@ class Cgroup1Backend:
 
     def teardown(self) -> None:
         if self.base.is_dir() and not any(p.is_dir() for p in self.base.iterdir()):
-            self._evacuate(self.base)
+            self._hand_back(self.base)
             remove_cgroup(self.base)

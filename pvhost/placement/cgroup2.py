@@ -18,7 +18,9 @@ pin/unpin path only rewrites cpuset files. Remote partitions need ``cpuset.cpus.
 restricted, the pCPU is not isolated; unpin writes the parent's CPUs back, since a populated
 cgroup's ``cpuset.cpus`` cannot be emptied) and ``describe()`` says so. After every partition write
 the state is read back: ``isolated invalid (<reason>)`` is undone at once and raised as
-:class:`PartitionInvalid` carrying the kernel's reason.
+:class:`PartitionInvalid` carrying the kernel's reason. The state record of a pin
+(:class:`~pvhost.state.Cgroup2Pin`) is cleared only once the VM's exclusive CPUs have shrunk
+again, and that of a VM (:class:`~pvhost.state.AttachRecord`) once QEMU is back where it was.
 """
 
 from __future__ import annotations
@@ -32,20 +34,21 @@ from typing import Any
 
 from pvhost.errors import BackendUnavailable, PartitionInvalid, PlacementError
 from pvhost.placement.base import (
+    Check,
+    PlacementBackend,
     read_cpus,
+    read_setting,
     read_text,
     remove_cgroup,
     restore_own_affinity,
     thread_alive,
-    thread_allowed_cpus,
     write_text,
 )
-from pvhost.state import StateStore
+from pvhost.state import AttachRecord, Cgroup2Pin, PinRecord, StateFile, StateStore
 from pvproto import format_cpulist
 
 __all__ = ["Cgroup2Backend", "partition_reason", "thread_cgroup2"]
 
-_VCPU_DIR = re.compile(r"^vcpu(\d+)$")
 _INVALID = re.compile(r"^(\w+) invalid(?: \((.*)\))?$")
 
 
@@ -68,30 +71,25 @@ def thread_cgroup2(tid: int) -> str:
     raise PlacementError(f"thread {tid} is in no cgroup v2 hierarchy")
 
 
-class Cgroup2Backend:
+class Cgroup2Backend(PlacementBackend):
     name = "cgroup2"
+    attaches_for_life = True
+    state: StateStore[Cgroup2Pin]
 
-    def __init__(self, root: Path, state: StateStore, group: str = "extpv.slice") -> None:
+    def __init__(self, root: Path, state: Path, group: str = "extpv.slice") -> None:
+        """``root``: the unified hierarchy; ``state``: this backend's state file."""
         controllers = root / "cgroup.controllers"
         if not controllers.exists() or "cpuset" not in read_text(controllers).split():
             raise BackendUnavailable(
                 f"{root} is not a cgroup v2 hierarchy with the cpuset controller "
                 "(on hybrid hosts cpuset lives in v1: use the cgroup1 backend)"
             )
-        self.root = root
-        self.base = root / group
-        self.state = state
+        super().__init__(root, group, StateStore[Cgroup2Pin](state, StateFile[Cgroup2Pin]))
         self.remote = False
 
-    # -- paths -------------------------------------------------------------------------------
-    def _vm_dir(self, vm: str) -> Path:
-        return self.base / f"vm-{vm}"
-
-    def _vcpu_dir(self, vm: str, vcpu: int) -> Path:
-        return self._vm_dir(vm) / f"vcpu{vcpu}"
-
-    def _rel(self, path: Path) -> str:
-        return "/" + str(path.relative_to(self.root))
+    # -- helpers -----------------------------------------------------------------------------
+    def _thread_cgroup(self, tid: int) -> str:
+        return thread_cgroup2(tid)
 
     @staticmethod
     def _enable_cpuset(path: Path) -> None:
@@ -110,7 +108,7 @@ class Cgroup2Backend:
         if read_text(path / "cgroup.type") != "threaded":
             write_text(path / "cgroup.type", "threaded")
 
-    # -- protocol ----------------------------------------------------------------------------
+    # -- the backend ---------------------------------------------------------------------------
     def setup(self, eligible: frozenset[int]) -> None:
         if not eligible:
             raise PlacementError("no eligible CPU to pin: the pool minus housekeeping is empty")
@@ -119,17 +117,15 @@ class Cgroup2Backend:
         self._enable_cpuset(self.base)
         self.remote = (self.base / "cpuset.cpus.exclusive").exists()
         if self.remote:
-            held = {p for pins in self.pins().values() for p in pins.values()}
-            write_text(self.base / "cpuset.cpus.exclusive", format_cpulist(eligible | held))
+            write_text(self.base / "cpuset.cpus.exclusive", format_cpulist(eligible | self._held()))
 
     def attach(self, vm: str, qemu_pid: int, vcpu_tids: Mapping[int, int]) -> None:
-        entry = self.state.vm(vm)
-        attach = entry.get("attach")
-        if attach and attach.get("pid") == qemu_pid and self._attached(vm, vcpu_tids):
+        attach = self.state.attach(vm)
+        if attach is not None and attach.pid == qemu_pid and self._attached(vm, vcpu_tids):
             return  # adopted after a restart: the threads are where we put them
-        if attach and attach.get("pid") != qemu_pid:
+        if attach is not None and attach.pid != qemu_pid:
             self.detach(vm)
-        record = {"pid": qemu_pid, "prev_cgroup": thread_cgroup2(qemu_pid)}
+        record = AttachRecord(pid=qemu_pid, prev_cgroup=thread_cgroup2(qemu_pid))
         self.state.set_attach(vm, record)
         try:
             vm_dir = self._vm_dir(vm)
@@ -158,154 +154,108 @@ class Cgroup2Backend:
             for vcpu, tid in vcpu_tids.items()
         )
 
-    def pin(self, vm: str, vcpu: int, tid: int, pcpu: int) -> None:
-        if self.state.vcpu(vm, vcpu) is not None:
-            self.unpin(vm, vcpu)
+    def _record(self, vm: str, vcpu: int, tid: int, pcpu: int) -> Cgroup2Pin:
         path = self._vcpu_dir(vm, vcpu)
         if not path.is_dir() or thread_cgroup2(tid) != self._rel(path):
             raise PlacementError(f"VM {vm} vCPU {vcpu} (thread {tid}) is not attached in {path}")
-        record = {
-            "tid": tid,
-            "pcpu": pcpu,
-            "prev_cpus": read_text(path / "cpuset.cpus"),
-            "prev_affinity": sorted(os.sched_getaffinity(tid)),
-            "prev_effective": sorted(read_cpus(path / "cpuset.cpus.effective")),
-        }
-        self.state.set_vcpu(vm, vcpu, record)
-        try:
-            self._apply_pin(vm, vcpu, tid, pcpu, path)
-        except PlacementError:
-            self.unpin(vm, vcpu)
-            raise
+        return Cgroup2Pin(
+            tid=tid,
+            pcpu=pcpu,
+            prev_cpus=read_text(path / "cpuset.cpus"),
+            prev_affinity=tuple(sorted(os.sched_getaffinity(tid))),
+            prev_effective=tuple(sorted(read_cpus(path / "cpuset.cpus.effective"))),
+        )
 
-    def _apply_pin(self, vm: str, vcpu: int, tid: int, pcpu: int, path: Path) -> None:
-        if self.remote:
-            # Only the exclusive CPUs and the partition change: cpuset.cpus stays empty. A
-            # populated cgroup's cpuset.cpus can never be emptied again (ENOSPC), and an
-            # explicit cpuset.cpus overlapping a sibling partition invalidates that partition
-            # (both measured on 6.12), so a remote partition is made from cpus.exclusive alone.
-            held = set(self.pins().get(vm, {}).values()) | {pcpu}
-            write_text(self._vm_dir(vm) / "cpuset.cpus.exclusive", format_cpulist(held))
-            write_text(path / "cpuset.cpus.exclusive", str(pcpu))
-            write_text(path / "cpuset.cpus.partition", "isolated")
-            # Read back: the kernel may accept the write yet leave the partition invalid.
-            state = read_text(path / "cpuset.cpus.partition")
-            reason = partition_reason(state)
-            if reason is not None or state != "isolated":
-                raise PartitionInvalid(
-                    f"VM {vm} vCPU {vcpu} → pCPU {pcpu}: partition is {state!r}",
-                    reason or state,
-                )
-        else:
+    def _apply(self, vm: str, vcpu: int, record: PinRecord) -> None:
+        path, pcpu = self._vcpu_dir(vm, vcpu), record.pcpu
+        if not self.remote:
             write_text(path / "cpuset.cpus", str(pcpu))
-        allowed = thread_allowed_cpus(tid)
-        if allowed != {pcpu}:
-            raise PlacementError(
-                f"verify failed for VM {vm} vCPU {vcpu} (thread {tid}): allowed "
-                f"{format_cpulist(allowed)}, expected {pcpu}"
+            return
+        # Only the exclusive CPUs and the partition change: cpuset.cpus stays empty. A
+        # populated cgroup's cpuset.cpus can never be emptied again (ENOSPC), and an
+        # explicit cpuset.cpus overlapping a sibling partition invalidates that partition
+        # (both measured on 6.12), so a remote partition is made from cpus.exclusive alone.
+        held = self._others(vm, vcpu) | {pcpu}
+        write_text(self._vm_dir(vm) / "cpuset.cpus.exclusive", format_cpulist(held))
+        write_text(path / "cpuset.cpus.exclusive", str(pcpu))
+        write_text(path / "cpuset.cpus.partition", "isolated")
+        # Read back: the kernel may accept the write yet leave the partition invalid.
+        state = read_text(path / "cpuset.cpus.partition")
+        reason = partition_reason(state)
+        if reason is not None or state != "isolated":
+            raise PartitionInvalid(
+                f"VM {vm} vCPU {vcpu} → pCPU {pcpu}: partition is {state!r}", reason or state
             )
 
-    def unpin(self, vm: str, vcpu: int) -> None:
-        record = self.state.vcpu(vm, vcpu)
+    def _check_cgroup(self, vm: str, vcpu: int, record: PinRecord) -> list[tuple[Check, str, str]]:
+        path = self._vcpu_dir(vm, vcpu)
+        if self.remote:
+            state = read_setting(path / "cpuset.cpus.partition")
+            return [] if state == "isolated" else [("partition", "isolated", state)]
+        cpus = read_setting(path / "cpuset.cpus")
+        return [] if cpus == str(record.pcpu) else [("cpuset", str(record.pcpu), cpus)]
+
+    def _undo(self, vm: str, vcpu: int) -> None:
+        # Every step here comes before the record is cleared (D11): a kill -9 between the
+        # vCPU's and the VM's exclusive CPUs used to leave the VM holding the pCPU for good.
+        record = self.state.pin(vm, vcpu)
         path = self._vcpu_dir(vm, vcpu)
         if path.is_dir():
             if self.remote:
                 write_text(path / "cpuset.cpus.partition", "member")
                 write_text(path / "cpuset.cpus.exclusive", "")
-            elif record is not None and read_text(path / "cpuset.cpus") != record["prev_cpus"]:
+            elif record is not None and read_text(path / "cpuset.cpus") != record.prev_cpus:
                 # No partitions (kernel < 6.7): cpuset.cpus was the pin. It cannot be emptied
                 # while the thread is inside, so it goes back to the parent's whole set.
-                prev = record["prev_cpus"] or read_text(path.parent / "cpuset.cpus.effective")
+                prev = record.prev_cpus or read_text(path.parent / "cpuset.cpus.effective")
                 write_text(path / "cpuset.cpus", prev)
-        self.state.set_vcpu(vm, vcpu, None)
         vm_dir = self._vm_dir(vm)
         if self.remote and (vm_dir / "cpuset.cpus.exclusive").exists():
-            rest = set(self.pins().get(vm, {}).values())
-            write_text(vm_dir / "cpuset.cpus.exclusive", format_cpulist(rest))
-        if record is not None and thread_alive(int(record["tid"])):
+            write_text(vm_dir / "cpuset.cpus.exclusive", format_cpulist(self._others(vm, vcpu)))
+        if record is not None:
             # The partition (or cpuset.cpus) change made the kernel derive the thread's
             # affinity again; on kernels ≥ 6.2 that is already the exact undo.
-            prev_affinity = record["prev_affinity"]
-            restore_own_affinity(
-                int(record["tid"]),
-                set(prev_affinity),
-                frozenset(record.get("prev_effective", prev_affinity)),
-            )
+            restore_own_affinity(record)
 
-    def detach(self, vm: str) -> None:
-        for vcpu in sorted(self.pins().get(vm, {})):
-            self.unpin(vm, vcpu)
-        attach = self.state.vm(vm).get("attach") or {}
+    def _release(self, vm: str) -> None:
+        attach = self.state.attach(vm)
         vm_dir = self._vm_dir(vm)
-        pid = attach.get("pid")
-        if pid and thread_alive(int(pid)) and vm_dir.is_dir():
-            prev = self.root / str(attach.get("prev_cgroup", "/")).lstrip("/")
+        if attach is not None and thread_alive(attach.pid) and vm_dir.is_dir():
+            prev = self.root / attach.prev_cgroup.lstrip("/")
             if not (prev / "cgroup.procs").exists():
                 prev = self.root
             with contextlib.suppress(PlacementError):
-                write_text(prev / "cgroup.procs", str(pid))
+                write_text(prev / "cgroup.procs", str(attach.pid))
         if vm_dir.is_dir():
-            for child in sorted(vm_dir.iterdir()):
-                if child.is_dir():
-                    remove_cgroup(child)
-            remove_cgroup(vm_dir)
-        self.state.drop_vm(vm)
-
-    def pins(self) -> dict[str, dict[int, int]]:
-        return self.state.pins()
-
-    def reconcile(self, live: Mapping[str, Mapping[int, int]]) -> dict[str, dict[int, int]]:
-        adopted: dict[str, dict[int, int]] = {}
-        for vm, entry in list(self.state.vms().items()):
-            if vm not in live:
-                self.detach(vm)
-                continue
-            for vcpu_text, record in list(entry.get("vcpus", {}).items()):
-                vcpu, tid = int(vcpu_text), int(record["tid"])
-                path = self._vcpu_dir(vm, vcpu)
-                intact = (
-                    live[vm].get(vcpu) == tid
-                    and thread_alive(tid)
-                    and path.is_dir()
-                    and thread_cgroup2(tid) == self._rel(path)
-                    and thread_allowed_cpus(tid) == {int(record["pcpu"])}
-                    and (not self.remote or read_text(path / "cpuset.cpus.partition") == "isolated")
-                )
-                if intact:
-                    adopted.setdefault(vm, {})[vcpu] = int(record["pcpu"])
-                else:
-                    self.unpin(vm, vcpu)
-        if self.base.is_dir():
-            for vm_dir in self.base.iterdir():
-                if vm_dir.is_dir() and vm_dir.name.startswith("vm-"):
-                    vm = vm_dir.name[3:]
-                    if vm not in self.state.vms() and vm not in live:
-                        self._orphan(vm_dir)
-        return adopted
+            self._remove_tree(vm_dir)
 
     def _orphan(self, vm_dir: Path) -> None:
-        """A VM cgroup with no record (state lost): hand its processes to the root, remove it."""
-        for child in [*sorted(p for p in vm_dir.iterdir() if p.is_dir()), vm_dir]:
-            if (child / "cpuset.cpus.partition").exists() and child != vm_dir:
+        # Its QEMU's cgroup before attach is unknown: the root is the only safe home.
+        for child in sorted(p for p in vm_dir.iterdir() if p.is_dir()):
+            if (child / "cpuset.cpus.partition").exists():
                 with contextlib.suppress(PlacementError):
                     write_text(child / "cpuset.cpus.partition", "member")
         for pid in read_text(vm_dir / "cgroup.procs").split():
             with contextlib.suppress(PlacementError):
                 write_text(self.root / "cgroup.procs", pid)
+        self._remove_tree(vm_dir)
+
+    @staticmethod
+    def _remove_tree(vm_dir: Path) -> None:
         for child in sorted(p for p in vm_dir.iterdir() if p.is_dir()):
             remove_cgroup(child)
         remove_cgroup(vm_dir)
 
     def describe(self) -> dict[str, Any]:
         vms: dict[str, Any] = {}
-        for vm, entry in self.state.vms().items():
+        for vm in self.state.vms():
             out: dict[str, Any] = {}
-            for vcpu_text, record in sorted(entry.get("vcpus", {}).items()):
-                path = self._vcpu_dir(vm, int(vcpu_text))
+            for vcpu, record in sorted(self.state.pin_records(vm).items()):
+                path = self._vcpu_dir(vm, vcpu)
                 part = path / "cpuset.cpus.partition"
-                out[vcpu_text] = {
-                    "pcpu": record.get("pcpu"),
-                    "tid": record.get("tid"),
+                out[str(vcpu)] = {
+                    "pcpu": record.pcpu,
+                    "tid": record.tid,
                     "cgroup": str(path),
                     "cpus": read_text(path / "cpuset.cpus") if path.is_dir() else None,
                     "partition": read_text(part)

@@ -9,7 +9,6 @@ from pvhost.errors import BackendUnavailable
 from pvhost.placement.base import PlacementBackend
 from pvhost.placement.cgroup1 import Cgroup1Backend
 from pvhost.placement.cgroup2 import Cgroup2Backend
-from pvhost.state import StateStore
 
 __all__ = ["detect_backend"]
 
@@ -28,15 +27,13 @@ def detect_backend(
     reasons: list[str] = []
     if prefer in ("auto", "cgroup2"):
         try:
-            return Cgroup2Backend(
-                cgroup_root, StateStore(state_dir / "cgroup2.json"), group or "extpv.slice"
-            )
+            return Cgroup2Backend(cgroup_root, state_dir / "cgroup2.json", group or "extpv.slice")
         except BackendUnavailable as err:
             reasons.append(str(err))
     if prefer in ("auto", "cgroup1"):
         try:
             return Cgroup1Backend(
-                cgroup_root / "cpuset", StateStore(state_dir / "cgroup1.json"), group or "extpv"
+                cgroup_root / "cpuset", state_dir / "cgroup1.json", group or "extpv"
             )
         except BackendUnavailable as err:
             reasons.append(str(err))

@@ -19,7 +19,6 @@ import pytest
 from pvhost.errors import PlacementError
 from pvhost.placement import Cgroup2Backend, thread_allowed_cpus
 from pvhost.placement.cgroup2 import thread_cgroup2
-from pvhost.state import StateStore
 from pvproto import parse_cpulist
 
 pytestmark = pytest.mark.root
@@ -79,7 +78,7 @@ def fake_qemu() -> Iterator[tuple[int, list[int]]]:
 @pytest.fixture
 def backend(tmp_path: Path) -> Iterator[Cgroup2Backend]:
     group = f"extpv-test-{os.getpid()}.slice"
-    b = Cgroup2Backend(ROOT, StateStore(tmp_path / "cgroup2.json"), group=group)
+    b = Cgroup2Backend(ROOT, tmp_path / "cgroup2.json", group=group)
     cpus = sorted(os.sched_getaffinity(0))
     b.setup(frozenset(cpus[1:]))
     try:

@@ -120,7 +120,13 @@ def build_initramfs(out: Path) -> Path:
         origin = Path(spec.origin) if spec and spec.origin else None
         if origin is None or not origin.is_absolute() or not origin.exists():
             continue  # built-in or frozen
-        if origin.is_relative_to(stdlib) or name in ("pvhost", "pvproto", "pvagent", "tests"):
+        if origin.is_relative_to(stdlib) or name in (
+            "pvhost",
+            "pvproto",
+            "pvagent",
+            "extpv",
+            "tests",
+        ):
             continue
         src = origin.parent if origin.name == "__init__.py" else origin
         if src.is_dir():
@@ -129,7 +135,7 @@ def build_initramfs(out: Path) -> Path:
             shutil.copy2(src, site / src.name)
     repo = tree / "repo"
     repo.mkdir()
-    for part in ("pvhost", "pvproto", "tests"):
+    for part in ("pvhost", "pvproto", "extpv", "tests"):
         shutil.copytree(ROOT / part, repo / part, ignore=skip)
     shutil.copy2(ROOT / "pyproject.toml", repo / "pyproject.toml")
     # Shared libraries of the interpreter and of every extension module.

@@ -22,8 +22,8 @@ from typing import Any
 sys.path.insert(0, os.environ.get("EXTPV_SRC", "/mnt/extpv"))
 
 from pvhost.errors import PartitionInvalid
+from pvhost.placement import cgroup2
 from pvhost.placement.cgroup2 import Cgroup2Backend
-from pvhost.state import StateStore
 
 ROOT = Path("/sys/fs/cgroup")
 VM = "inner"
@@ -111,6 +111,32 @@ def vcpu_view(backend: Cgroup2Backend, vcpu: int, tid: int) -> dict[str, Any]:
     }
 
 
+def verify(b: Cgroup2Backend) -> list[dict[str, Any]]:
+    return [f.model_dump() for f in b.verify()]
+
+
+def crash_in_unpin(b: Cgroup2Backend, vcpu: int) -> int:
+    """Fork a daemon that runs ``unpin`` and is killed (os._exit, no cleanup) just before it
+    writes the VM's exclusive CPUs; return its exit code (137 when it got that far)."""
+    child = os.fork()
+    if child == 0:
+        real = cgroup2.write_text
+        vm_exclusive = b.base / f"vm-{VM}" / "cpuset.cpus.exclusive"
+
+        def write_or_die(path: Path, value: str) -> None:
+            if path == vm_exclusive:
+                os._exit(137)
+            real(path, value)
+
+        cgroup2.write_text = write_or_die  # type: ignore[assignment]
+        try:
+            b.unpin(VM, vcpu)
+        finally:
+            os._exit(0)
+    _, status = os.waitpid(child, 0)
+    return os.waitstatus_to_exitcode(status)
+
+
 def main() -> None:
     obs: dict[str, Any] = {"errors": {}}
 
@@ -126,7 +152,7 @@ def main() -> None:
     try:
         obs["before"] = snapshot(proc.pid, tids)
         with tempfile.TemporaryDirectory() as tmp:
-            b = Cgroup2Backend(ROOT, StateStore(Path(tmp) / "state.json"))
+            b = Cgroup2Backend(ROOT, Path(tmp) / "state.json")
             step("setup", lambda: b.setup(frozenset({0, 1, 2, 3})))
             obs["remote_partitions"] = b.remote
             step("attach", lambda: b.attach(VM, proc.pid, tids))
@@ -150,6 +176,26 @@ def main() -> None:
                 obs["invalid"] = {"raised": type(err).__name__, "message": str(err)}
             obs["after_invalid"] = {str(v): vcpu_view(b, v, tids[v]) for v in range(4)}
             obs["describe"] = step("describe", b.describe)
+            # pvctl verify: all hold; vCPU 2's thread moved out behind the backend's back is
+            # reported; moved back, all hold again.
+            vm_dir = b.base / f"vm-{VM}"
+            obs["verify_pinned"] = step("verify_pinned", lambda: verify(b))
+            (vm_dir / "emulator" / "cgroup.threads").write_text(str(tids[2]))
+            obs["verify_moved"] = step("verify_moved", lambda: verify(b))
+            (vm_dir / "vcpu2" / "cgroup.threads").write_text(str(tids[2]))
+            obs["verify_back"] = step("verify_back", lambda: verify(b))
+            # D11: killed between the vCPU's undo and the VM's exclusive CPUs, the record must
+            # survive, so that the next start (a new backend on the same file) frees pCPU 3.
+            crash: dict[str, Any] = {"exit": crash_in_unpin(b, 2)}
+            crash["vm_exclusive"] = read(vm_dir / "cpuset.cpus.exclusive")
+            b = Cgroup2Backend(ROOT, Path(tmp) / "state.json")
+            crash["pins_after_restart"] = b.pins()
+            step("setup_again", lambda: b.setup(frozenset({0, 1, 2, 3})))
+            crash["adopted"] = step("reconcile", lambda: b.reconcile({VM: tids}))
+            crash["pins_after_reconcile"] = b.pins()
+            crash["vm_exclusive_after_reconcile"] = read(vm_dir / "cpuset.cpus.exclusive")
+            crash["root_isolated"] = read(ROOT / "cpuset.cpus.isolated")
+            obs["crash"] = crash
             for vcpu in (0, 1, 2):
                 step(f"unpin{vcpu}", lambda v=vcpu: b.unpin(VM, v))
             obs["unpinned"] = {str(v): vcpu_view(b, v, tids[v]) for v in range(4)}

@@ -65,6 +65,37 @@ def test_invalid_partition_is_reported_with_the_kernels_reason_and_undone(observ
     assert after["3"]["root_effective"] == "0", "the root keeps its last CPU"
 
 
+def test_verify_reports_a_vcpu_thread_moved_out_of_its_partition(observed: dict) -> None:
+    for name in ("verify_pinned", "verify_moved", "verify_back"):
+        assert observed["errors"].get(name) is None, observed["errors"][name]
+    assert observed["verify_pinned"] == []
+    moved = observed["verify_moved"]
+    assert {(f["vm"], f["vcpu"]) for f in moved} == {("inner", 2)}, moved
+    checks = {f["check"]: f for f in moved}
+    assert checks["cgroup"]["expected"] == "/extpv.slice/vm-inner/vcpu2"
+    assert checks["cgroup"]["found"] == "/extpv.slice/vm-inner/emulator"
+    assert checks["affinity"]["expected"] == "3", moved
+    assert observed["verify_back"] == []
+
+
+def test_a_crash_in_the_middle_of_unpin_keeps_the_record_and_restart_frees_the_pcpu(
+    observed: dict,
+) -> None:
+    """D11: kill -9 after vCPU 2's partition is undone but before the VM's exclusive CPUs
+    shrink. The record must still be on disk, so the restarted backend gives pCPU 3 back;
+    before the fix it was cleared first and the VM held pCPU 3 exclusively for good."""
+    crash = observed["crash"]
+    assert crash["exit"] == 137, "the unpin never reached the VM's exclusive CPUs"
+    assert crash["vm_exclusive"] == "1-3", "killed before the VM gave pCPU 3 back"
+    assert crash["pins_after_restart"] == {"inner": {"0": 1, "1": 2, "2": 3}}, crash
+    for name in ("setup_again", "reconcile"):
+        assert observed["errors"].get(name) is None, observed["errors"][name]
+    assert crash["adopted"] == {"inner": {"0": 1, "1": 2}}
+    assert crash["pins_after_reconcile"] == {"inner": {"0": 1, "1": 2}}
+    assert crash["vm_exclusive_after_reconcile"] == "1-2"
+    assert crash["root_isolated"] == "1-2"
+
+
 def test_unpin_and_detach_undo_exactly(observed: dict) -> None:
     for name in ("unpin0", "unpin1", "unpin2", "detach", "teardown"):
         assert observed["errors"].get(name) is None, observed["errors"][name]
