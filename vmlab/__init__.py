@@ -10,7 +10,8 @@ same split between ``qemu.qmp`` and ``qemu.machine``). The lab imports pvproto a
 * :mod:`vmlab.testhook` — the test images' command hook (run commands in the guest);
 * :mod:`vmlab.console` — the interactive serial console;
 * :mod:`vmlab.cli` — ``pvctl vm …`` / ``python -m vmlab vm …``;
-* :mod:`vmlab.errors` — the error tree, rooted at :class:`LauncherError`.
+* :mod:`vmlab.errors` — the error tree, rooted at :class:`LauncherError` (the errors of the
+  monitor and of the test daemon are caught as that root, or imported from there).
 
 For tests and benchmarks (imported from their modules, not re-exported here):
 :mod:`vmlab.images` (build or reuse the test image), :mod:`vmlab.daemon` (the real pvhost
@@ -20,12 +21,10 @@ daemon as a subprocess), :mod:`vmlab.guestpeer` (a fake guest peer on a channel 
 
 from vmlab.errors import (
     BootError,
-    DaemonError,
     GuestCommandError,
     GuestCrashed,
     ImageError,
     LauncherError,
-    MonitorError,
     VMExists,
     VMNameError,
     VMNotFound,
@@ -42,13 +41,11 @@ __all__ = [
     "DEFAULT_RUNTIME_DIR",
     "TEST_PORT_NAME",
     "BootError",
-    "DaemonError",
     "GuestCommandError",
     "GuestCrashed",
     "GuestResult",
     "ImageError",
     "LauncherError",
-    "MonitorError",
     "VMExists",
     "VMNameError",
     "VMNotFound",
