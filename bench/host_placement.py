@@ -43,8 +43,8 @@ from pvproto import (  # noqa: E402
     ProgramLoaded,
     encode,
 )
-from tests.integration.conftest import start_qemu  # noqa: E402
-from tests.integration.guest import FakeGuestChannel  # noqa: E402
+from vmlab import VMSpec, start  # noqa: E402
+from vmlab.guestpeer import FakeGuestChannel  # noqa: E402
 
 
 def pct(samples: list[float], q: float) -> float:
@@ -94,7 +94,7 @@ def bench_backend(iterations: int, tmp: Path) -> dict[str, object]:
 
 
 def bench_round_trip(iterations: int, tmp: Path) -> dict[str, object]:
-    qemu = start_qemu(tmp / "vm", "bench")
+    qemu = start(VMSpec.empty("bench", tmp / "vm"))
     program = tmp / "affinity.bpf.o"
     program.write_bytes(b"\x7fELF bench payload")
     config = Config.model_validate({
@@ -102,7 +102,7 @@ def bench_round_trip(iterations: int, tmp: Path) -> dict[str, object]:
                     "signing_key": str(tmp / "none"), "affinity_program": str(program)},
         "placement": {"group": "extpv-bench-rt", "housekeeping": "", "policy": "identity",
                       "rate": 10000, "burst": 10000},
-        "vms": {"bench": {"qmp": str(qemu.qmp), "agent": str(qemu.dir / "agent.sock")}},
+        "vms": {"bench": {"qmp": str(qemu.qmp_socket), "agent": str(qemu.agent_socket)}},
     })  # fmt: skip
 
     async def run() -> tuple[list[float], list[float]]:
@@ -132,7 +132,7 @@ def bench_round_trip(iterations: int, tmp: Path) -> dict[str, object]:
     try:
         pin, unpin = asyncio.run(run())
     finally:
-        qemu.kill()
+        qemu.stop()
     return {"pin_update": summary(pin), "unpin_update": summary(unpin)}
 
 

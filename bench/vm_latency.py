@@ -17,7 +17,6 @@ import json
 import os
 import platform
 import shutil
-import signal
 import statistics
 import subprocess
 import sys
@@ -28,8 +27,9 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from pvhost import launcher  # noqa: E402
-from tests.vm.conftest import PvhostDaemon, ensure_test_image  # noqa: E402
+from vmlab import VMSpec, start  # noqa: E402
+from vmlab.daemon import PvhostDaemon  # noqa: E402
+from vmlab.images import ensure_test_image  # noqa: E402
 
 # Runs in the guest: pin to vCPU 1, hold, widen back, hold; timestamps right after each return.
 CYCLER = """
@@ -88,9 +88,7 @@ def main() -> int:
     runtime = run / "vms"
     runtime.mkdir(parents=True, exist_ok=True)
     t0 = time.monotonic()
-    vm = launcher.start(
-        launcher.VMSpec(name="bench", image=image.path, smp=2, runtime_dir=runtime, test_hook=True)
-    )
+    vm = start(VMSpec(name="bench", image=image.path, smp=2, runtime_dir=runtime, test_hook=True))
     boot_s = time.monotonic() - t0
     daemon = PvhostDaemon(run, runtime, image.signing_key)
     try:
@@ -102,11 +100,7 @@ def main() -> int:
             180,
         )
         inject_s = time.monotonic() - t1
-        tid = next(
-            int(t.name)
-            for t in Path(f"/proc/{vm.pid}/task").iterdir()
-            if (t / "comm").read_text().startswith("CPU 1/")
-        )
+        tid = vm.vcpu_threads()[1].tid
         off0, err0 = vm.clock_offset()
         poller = Poller(tid)
         poller.start()
@@ -121,11 +115,7 @@ def main() -> int:
         status_backend = daemon.status()["backend"]
     finally:
         vm.stop()
-        if daemon.proc is not None and daemon.proc.poll() is None:
-            daemon.kill(signal.SIGTERM)
-        leftover = Path("/sys/fs/cgroup/cpuset") / daemon.group
-        if leftover.is_dir() and not any(p.is_dir() for p in leftover.iterdir()):
-            leftover.rmdir()
+        daemon.close()
         shutil.rmtree(run, ignore_errors=True)
     events = json.loads(r.stdout)
     offset = (off0 + off1) / 2

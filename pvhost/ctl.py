@@ -9,10 +9,11 @@ from pathlib import Path
 from typing import Any
 
 from extpv.cli import die
-from pvhost import launcher, signing
+from pvhost import signing
 from pvhost.control import request
 from pvhost.errors import HostError
 from pvhost.placement import Finding
+from vmlab.cli import register_cli as register_vm_cli
 
 __all__ = ["main"]
 
@@ -108,8 +109,8 @@ def _build_parser() -> argparse.ArgumentParser:
     sign = sub.add_parser("sign", help="print the hex Ed25519 signature of FILE")
     sign.add_argument("file", type=Path)
     sign.add_argument("--key", type=Path, default=Path("/etc/extpv/signing.key"))
-    # `pvctl vm …` lives with the launcher: pvctl itself holds no VM code.
-    launcher.register_cli(sub)
+    # `pvctl vm …` lives in the VM lab (vmlab): pvctl itself holds no VM code.
+    register_vm_cli(sub)
     return parser
 
 

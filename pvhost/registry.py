@@ -11,16 +11,14 @@ import asyncio
 import ctypes
 import ctypes.util
 import os
-import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from extpv.names import is_vm_name
 from pvhost.config import Config
 
 __all__ = ["DirWatcher", "VmSpec", "scan_vms"]
-
-_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
 
 IN_MOVED_FROM = 0x40
 IN_MOVED_TO = 0x80
@@ -48,7 +46,7 @@ def scan_vms(config: Config) -> dict[str, VmSpec]:
     runtime = config.service.runtime_dir
     if runtime.is_dir():
         for entry in sorted(runtime.iterdir()):
-            if entry.is_dir() and _NAME.match(entry.name):
+            if entry.is_dir() and is_vm_name(entry.name):
                 vms[entry.name] = VmSpec(entry.name, entry / "qmp.sock", entry / "agent.sock")
     for name, vm in config.vms.items():
         vms[name] = VmSpec(name, vm.qmp, vm.agent, vm.policy, vm.quota, source="config")

@@ -19,7 +19,7 @@ import pytest
 from pvagent import bpfobj
 from pvagent.port import open_stream
 from pvproto import AffinityUpdate, Hello, LoadProgram, Ping, Pong, ProgramLoaded
-from tests.agent_host import HostEnd
+from vmlab.hostpeer import HostEnd
 
 pytestmark = [pytest.mark.root, pytest.mark.ebpf]
 ROOT = Path(__file__).resolve().parents[2]

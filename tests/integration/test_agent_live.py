@@ -19,7 +19,7 @@ from pvagent.elf import program_sections
 from pvagent.trust import TrustPolicy
 from pvhost import signing
 from pvproto import AffinityUpdate, GuestTopology, Hello, LoadProgram, ProgramLoaded
-from tests.agent_host import HostEnd
+from vmlab.hostpeer import HostEnd
 
 pytestmark = [pytest.mark.root, pytest.mark.ebpf]
 

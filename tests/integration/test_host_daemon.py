@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 
 from pvhost.placement import thread_allowed_cpus
-from tests.integration.conftest import Qemu
-from tests.integration.guest import FakeGuestChannel
+from vmlab import VirtualMachine
+from vmlab.guestpeer import FakeGuestChannel
 
 pytestmark = [pytest.mark.root, pytest.mark.vm]
 
@@ -29,7 +29,7 @@ def free_port() -> int:
         return port
 
 
-def write_config(tmp_path: Path, qemu: Qemu, group: str, port: int) -> Path:
+def write_config(tmp_path: Path, qemu: VirtualMachine, group: str, port: int) -> Path:
     program = tmp_path / "affinity.bpf.o"
     program.write_bytes(b"\x7fELF test payload")
     config = tmp_path / "pvhost.toml"
@@ -51,7 +51,7 @@ policy = "pool"
 quota = 1
 
 [vms.t]
-qmp = "{qemu.qmp}"
+qmp = "{qemu.qmp_socket}"
 agent = "{qemu.dir / "agent.sock"}"
 """)
     return config
@@ -84,9 +84,9 @@ async def stop(proc: asyncio.subprocess.Process, sig: int) -> None:
 
 
 def test_kill9_restart_adopts_then_sigterm_restores(
-    tmp_path: Path, qemu: Qemu, cpuset_group: str
+    tmp_path: Path, qemu: VirtualMachine, cpuset_group: str
 ) -> None:
-    tid = qemu.vcpu_tids()[2]
+    tid = qemu.vcpu_threads()[2].tid
     before = thread_allowed_cpus(tid)
     port = free_port()
     config = write_config(tmp_path, qemu, cpuset_group, port)
@@ -171,7 +171,7 @@ def test_kill9_restart_adopts_then_sigterm_restores(
 
 
 def test_kill9_then_vm_dies_restart_undoes_everything(
-    tmp_path: Path, qemu: Qemu, cpuset_group: str
+    tmp_path: Path, qemu: VirtualMachine, cpuset_group: str
 ) -> None:
     config = write_config(tmp_path, qemu, cpuset_group, free_port())
 
@@ -203,7 +203,7 @@ def test_kill9_then_vm_dies_restart_undoes_everything(
 
 
 def test_vm_exit_while_watched_is_undone_and_sigterm_removes_everything(
-    tmp_path: Path, qemu: Qemu, cpuset_group: str
+    tmp_path: Path, qemu: VirtualMachine, cpuset_group: str
 ) -> None:
     """QEMU exits while pvhost watches it (QMP hangs up): its pins are undone at once, the
     session waits for the VM to come back, and SIGTERM still removes extpv's own cgroup.

@@ -8,21 +8,20 @@ import asyncio
 from pathlib import Path
 
 import pytest
-from qemu.qmp import QMPClient
 
 from pvhost.config import Config
 from pvhost.placement import thread_allowed_cpus
 from pvhost.service import Service
 from pvproto import AffinityResult, AffinityUpdate, LoadProgram
-from tests.integration.conftest import Qemu, start_qemu
-from tests.integration.guest import FakeGuestChannel
+from vmlab import VirtualMachine, VMSpec, start
+from vmlab.guestpeer import FakeGuestChannel
 
 pytestmark = [pytest.mark.root, pytest.mark.vm]
 
 CPUSET = Path("/sys/fs/cgroup/cpuset")
 
 
-def make_config(tmp_path: Path, qemu: Qemu, group: str, **placement: object) -> Config:
+def make_config(tmp_path: Path, qemu: VirtualMachine, group: str, **placement: object) -> Config:
     program = tmp_path / "affinity.bpf.o"
     program.write_bytes(b"\x7fELF test payload: the guest is played by the test")
     return Config.model_validate(
@@ -43,7 +42,7 @@ def make_config(tmp_path: Path, qemu: Qemu, group: str, **placement: object) -> 
                 "quota": 2,
                 **placement,
             },
-            "vms": {"t": {"qmp": str(qemu.qmp), "agent": str(qemu.dir / "agent.sock")}},
+            "vms": {"t": {"qmp": str(qemu.qmp_socket), "agent": str(qemu.dir / "agent.sock")}},
         }
     )
 
@@ -53,9 +52,9 @@ def thread_cpuset(tid: int) -> str:
 
 
 def test_update_pins_vcpu_thread_and_empty_update_restores(
-    tmp_path: Path, qemu: Qemu, cpuset_group: str
+    tmp_path: Path, qemu: VirtualMachine, cpuset_group: str
 ) -> None:
-    tid = qemu.vcpu_tids()[1]
+    tid = qemu.vcpu_threads()[1].tid
     before = (thread_allowed_cpus(tid), thread_cpuset(tid))
 
     async def scenario() -> None:
@@ -76,9 +75,9 @@ def test_update_pins_vcpu_thread_and_empty_update_restores(
             assert (vcpu_dir / "cpuset.cpus").read_text().strip() == "1"
             assert str(tid) in (vcpu_dir / "tasks").read_text().split()
             # The other vCPU threads are untouched.
-            for other, other_tid in qemu.vcpu_tids().items():
+            for other, thread in qemu.vcpu_threads().items():
                 if other != 1:
-                    assert thread_allowed_cpus(other_tid) == before[0]
+                    assert thread_allowed_cpus(thread.tid) == before[0]
 
             status = service.status()
             assert status["vms"]["t"]["vcpus"]["1"]["tid"] == tid
@@ -99,9 +98,9 @@ def test_update_pins_vcpu_thread_and_empty_update_restores(
 
 
 def test_update_storm_is_rate_limited_coalesced_and_all_answered(
-    tmp_path: Path, qemu: Qemu, cpuset_group: str
+    tmp_path: Path, qemu: VirtualMachine, cpuset_group: str
 ) -> None:
-    tids = qemu.vcpu_tids()
+    tids = {v: t.tid for v, t in qemu.vcpu_threads().items()}
     before = {v: thread_allowed_cpus(t) for v, t in tids.items()}
 
     async def scenario() -> None:
@@ -142,9 +141,9 @@ def test_update_storm_is_rate_limited_coalesced_and_all_answered(
 
 
 def test_vm_found_in_runtime_dir_and_undone_when_it_goes(
-    tmp_path: Path, qemu: Qemu, cpuset_group: str
+    tmp_path: Path, qemu: VirtualMachine, cpuset_group: str
 ) -> None:
-    tid = qemu.vcpu_tids()[1]
+    tid = qemu.vcpu_threads()[1].tid
     before = (thread_allowed_cpus(tid), thread_cpuset(tid))
     config = make_config(tmp_path, qemu, cpuset_group)
     config = config.model_copy(update={"vms": {}})
@@ -177,7 +176,7 @@ def test_vm_found_in_runtime_dir_and_undone_when_it_goes(
 
 
 def test_hot_plugged_vcpu_is_found_and_pinned(tmp_path: Path, cpuset_group: str) -> None:
-    qemu = start_qemu(tmp_path / "vm", "hp", smp=1, maxcpus=3)
+    qemu = start(VMSpec.empty("hp", tmp_path / "vm", smp=1, maxcpus=3))
     try:
 
         async def scenario() -> None:
@@ -185,18 +184,16 @@ def test_hot_plugged_vcpu_is_found_and_pinned(tmp_path: Path, cpuset_group: str)
             await guest.start()
             service = Service(make_config(tmp_path, qemu, cpuset_group))
             await service.start()
-            launcher = QMPClient("test")
-            await launcher.connect(str(qemu.dir / "launcher-qmp.sock"))
             try:
                 await guest.connected()
                 result = await guest.update(1, [1])
                 assert "unknown vCPU 1" in (result.placements[0].refused or "")
-                await launcher.execute(
+                qemu.qmp(  # on the lab's own monitor: pvhost holds qmp.sock
                     "device_add",
                     {"driver": "qemu64-x86_64-cpu", "id": "cpu1", "socket-id": 0,
                      "core-id": 1, "thread-id": 0},
                 )  # fmt: skip
-                tid = qemu.vcpu_tids()[1]
+                tid = qemu.vcpu_threads()[1].tid
                 before = thread_allowed_cpus(tid)
                 result = await guest.update(2, [1])
                 assert [(p.vcpu, p.pcpu) for p in result.placements] == [(1, 1)]
@@ -205,10 +202,10 @@ def test_hot_plugged_vcpu_is_found_and_pinned(tmp_path: Path, cpuset_group: str)
                 await guest.update(3, [])
                 assert thread_allowed_cpus(tid) == before
             finally:
-                await launcher.disconnect()
                 await service.stop()
                 await guest.close()
 
         asyncio.run(scenario())
     finally:
         qemu.kill()
+        qemu.stop()

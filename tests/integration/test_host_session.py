@@ -11,13 +11,13 @@ import pytest
 from pvhost.config import Config
 from pvhost.service import Service
 from pvproto import GuestTopology, Hello, LoadProgram
-from tests.integration.conftest import Qemu
-from tests.integration.guest import FakeGuestChannel
+from vmlab import VirtualMachine
+from vmlab.guestpeer import FakeGuestChannel
 
 pytestmark = [pytest.mark.root, pytest.mark.vm]
 
 
-def _config(tmp_path: Path, qemu: Qemu, group: str) -> Config:
+def _config(tmp_path: Path, qemu: VirtualMachine, group: str) -> Config:
     program = tmp_path / "affinity.bpf.o"
     program.write_bytes(b"\x7fELF test payload: the guest is played by the test")
     return Config.model_validate(
@@ -31,13 +31,13 @@ def _config(tmp_path: Path, qemu: Qemu, group: str) -> Config:
                 "max_backoff": 0.5,
             },
             "placement": {"backend": "cgroup1", "group": group, "housekeeping": ""},
-            "vms": {"t": {"qmp": str(qemu.qmp), "agent": str(qemu.dir / "agent.sock")}},
+            "vms": {"t": {"qmp": str(qemu.qmp_socket), "agent": str(qemu.dir / "agent.sock")}},
         }
     )
 
 
 def test_agent_restart_behind_a_live_chardev_is_greeted_and_served_again(
-    tmp_path: Path, qemu: Qemu, cpuset_group: str
+    tmp_path: Path, qemu: VirtualMachine, cpuset_group: str
 ) -> None:
     async def scenario() -> None:
         guest = FakeGuestChannel(qemu.dir / "agent.sock")

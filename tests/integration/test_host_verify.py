@@ -11,9 +11,9 @@ from pathlib import Path
 import pytest
 
 from pvhost.placement import thread_allowed_cpus
-from tests.integration.conftest import Qemu
-from tests.integration.guest import FakeGuestChannel
 from tests.integration.test_host_daemon import free_port, pvctl, start_pvhost, stop, write_config
+from vmlab import VirtualMachine
+from vmlab.guestpeer import FakeGuestChannel
 
 pytestmark = [pytest.mark.root, pytest.mark.vm]
 
@@ -21,9 +21,9 @@ CPUSET = Path("/sys/fs/cgroup/cpuset")
 
 
 def test_verify_passes_then_reports_a_vcpu_moved_behind_pvhosts_back(
-    tmp_path: Path, qemu: Qemu, cpuset_group: str
+    tmp_path: Path, qemu: VirtualMachine, cpuset_group: str
 ) -> None:
-    tid = qemu.vcpu_tids()[1]
+    tid = qemu.vcpu_threads()[1].tid
     config = write_config(tmp_path, qemu, cpuset_group, free_port())
 
     async def scenario() -> None:

@@ -27,7 +27,7 @@ from pvproto import (
     VcpuPlacement,
     encode,
 )
-from tests.agent_host import HostEnd
+from vmlab.hostpeer import HostEnd
 
 TOPOLOGY = GuestTopology(online_vcpus=[0, 1, 2, 3], sibling_groups=[[0, 1], [2, 3]])
 

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from pvhost import launcher
-from tests.vm.conftest import GuestImage
+import vmlab
+from vmlab.images import GuestImage
 
 pytestmark = [pytest.mark.vm, pytest.mark.slow]
 
@@ -27,7 +27,7 @@ def test_manifest_records_what_was_built(guest_image: GuestImage) -> None:
         assert any(p.startswith(pkg) for p in manifest["installed_packages"]), pkg
 
 
-def test_vm_runtime_directory_is_where_pvhost_looks(guest_vm: launcher.VirtualMachine) -> None:
+def test_vm_runtime_directory_is_where_pvhost_looks(guest_vm: vmlab.VirtualMachine) -> None:
     for name in ("qmp.sock", "launcher-qmp.sock", "agent.sock", "console.log", "qemu.pid"):
         assert (guest_vm.dir / name).exists(), name
     assert int((guest_vm.dir / "qemu.pid").read_text()) == guest_vm.pid
@@ -36,17 +36,17 @@ def test_vm_runtime_directory_is_where_pvhost_looks(guest_vm: launcher.VirtualMa
         p.joinpath("comm").read_text().strip() for p in Path(f"/proc/{guest_vm.pid}/task").iterdir()
     }
     assert {f"CPU {i}/{guest_vm.accel.upper()}" for i in range(4)} <= names
-    listed = launcher.list_vms(guest_vm.spec.runtime_dir)
+    listed = vmlab.list_vms(guest_vm.spec.runtime_dir)
     assert [v["name"] for v in listed if v["alive"]] == ["e2e"]
 
 
-def test_console_log_has_the_whole_boot(guest_vm: launcher.VirtualMachine) -> None:
+def test_console_log_has_the_whole_boot(guest_vm: vmlab.VirtualMachine) -> None:
     text = guest_vm.console_text()
     assert "Linux version" in text, "the first kernel lines must be logged even with no reader"
-    assert launcher.CRASH_PATTERN.search(text) is None
+    assert vmlab.CRASH_PATTERN.search(text) is None
 
 
-def test_agent_port_trusted_key_and_agent_are_installed(guest_vm: launcher.VirtualMachine) -> None:
+def test_agent_port_trusted_key_and_agent_are_installed(guest_vm: vmlab.VirtualMachine) -> None:
     r = guest_vm.guest("readlink /dev/virtio-ports/org.extpv.agent.0; ls /etc/pvagent/trusted.d")
     r.check()
     port, key = r.stdout.split()
@@ -55,7 +55,7 @@ def test_agent_port_trusted_key_and_agent_are_installed(guest_vm: launcher.Virtu
     guest_vm.guest(["python3", "-c", "import pvagent, pvproto"]).check()
 
 
-def test_spscq_pins_its_threads_and_reports_mpps(guest_vm: launcher.VirtualMachine) -> None:
+def test_spscq_pins_its_threads_and_reports_mpps(guest_vm: vmlab.VirtualMachine) -> None:
     r = guest_vm.guest(["spscq", "--duration", "1", "--json", "--producer-cpu", "2",
                         "--consumer-cpu", "3"]).check()  # fmt: skip
     result = json.loads(r.stdout)

@@ -11,13 +11,13 @@ import json
 
 import pytest
 
-from pvhost import launcher
+import vmlab
 
 pytestmark = [pytest.mark.vm, pytest.mark.slow]
 
 
 @pytest.fixture(scope="module")
-def observed(guest_vm: launcher.VirtualMachine) -> dict:
+def observed(guest_vm: vmlab.VirtualMachine) -> dict:
     r = guest_vm.guest(
         [
             "env",

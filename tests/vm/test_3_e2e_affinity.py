@@ -17,8 +17,8 @@ from typing import Any
 
 import pytest
 
-from pvhost import launcher
-from tests.vm.conftest import PvhostDaemon
+import vmlab
+from vmlab.daemon import PvhostDaemon
 
 pytestmark = [pytest.mark.vm, pytest.mark.root, pytest.mark.slow]
 
@@ -33,13 +33,9 @@ def allowed(tid: int) -> str:
     raise AssertionError(f"no Cpus_allowed_list for thread {tid}")
 
 
-def vcpu_tids(vm: launcher.VirtualMachine) -> dict[int, int]:
-    out = {}
-    for task in Path(f"/proc/{vm.pid}/task").iterdir():
-        comm = (task / "comm").read_text().strip()
-        if comm.startswith("CPU ") and "/" in comm:
-            out[int(comm[4:].split("/")[0])] = int(task.name)
-    return out
+def vcpu_tids(vm: vmlab.VirtualMachine) -> dict[int, int]:
+    """vCPU index → host tid, as QEMU reports it on the lab's own monitor."""
+    return {index: thread.tid for index, thread in vm.vcpu_threads().items()}
 
 
 def placements(status: dict[str, Any]) -> dict[int, int]:
@@ -55,12 +51,12 @@ def released(status: dict[str, Any]) -> bool:
     return status["vms"][VM]["wanted"] == [] and placements(status) == {}
 
 
-def journal(vm: launcher.VirtualMachine, unit: str = "pvagent.service") -> str:
+def journal(vm: vmlab.VirtualMachine, unit: str = "pvagent.service") -> str:
     return vm.guest(["journalctl", "-b", "-u", unit, "-o", "cat", "--no-pager"]).stdout
 
 
 def test_a_agent_starts_from_udev_and_loads_the_signed_program(
-    guest_vm: launcher.VirtualMachine, pvhost_daemon: PvhostDaemon
+    guest_vm: vmlab.VirtualMachine, pvhost_daemon: PvhostDaemon
 ) -> None:
     # Not enabled anywhere: only udev's SYSTEMD_WANTS on the port can have started it.
     enabled = guest_vm.guest(["systemctl", "is-enabled", "pvagent.service"]).stdout.strip()
@@ -77,7 +73,7 @@ def test_a_agent_starts_from_udev_and_loads_the_signed_program(
 
 
 def test_b_guest_pins_place_the_vcpu_threads(
-    guest_vm: launcher.VirtualMachine, pvhost_daemon: PvhostDaemon
+    guest_vm: vmlab.VirtualMachine, pvhost_daemon: PvhostDaemon
 ) -> None:
     tids = vcpu_tids(guest_vm)
     before = {v: allowed(tids[v]) for v in (0, 1)}
@@ -112,7 +108,7 @@ def test_b_guest_pins_place_the_vcpu_threads(
 
 
 def test_c_pvhost_killed_mid_run_converges_to_the_same_placement(
-    guest_vm: launcher.VirtualMachine, pvhost_daemon: PvhostDaemon
+    guest_vm: vmlab.VirtualMachine, pvhost_daemon: PvhostDaemon
 ) -> None:
     tids = vcpu_tids(guest_vm)
     before = {v: allowed(tids[v]) for v in (0, 1)}
@@ -130,7 +126,7 @@ def test_c_pvhost_killed_mid_run_converges_to_the_same_placement(
 
 
 def test_c_vm_shutdown_leaves_no_cgroup_behind(
-    guest_vm: launcher.VirtualMachine, pvhost_daemon: PvhostDaemon
+    guest_vm: vmlab.VirtualMachine, pvhost_daemon: PvhostDaemon
 ) -> None:
     guest_vm.guest_background(["spscq", "--duration", "600"], "/tmp/spscq-d.log")
     pvhost_daemon.wait_status("vCPUs 0 and 1 placed before shutdown", pinned_01, 120)

@@ -2,9 +2,9 @@
 # Copyright extpv developers. Licensed under the Apache License, Version 2.0.
 """The appliance's demo: a guest pins its threads, and the host's vCPU threads follow.
 
-Boots one VM wired to pvhost (the launcher behind ``pvctl vm start``, with the test images'
-command hook), runs the SPSC queue workload in the guest with its producer and consumer pinned
-to two vCPUs, and watches the host while it runs: the allowed CPUs of QEMU's vCPU threads
+Boots one VM wired to pvhost (the VM lab ``vmlab`` behind ``pvctl vm start``, with the test
+images' command hook), runs the SPSC queue workload in the guest with its producer and consumer
+pinned to two vCPUs, and watches the host while it runs: the allowed CPUs of QEMU's vCPU threads
 (``/proc/<qemu>/task/<tid>/status``) and ``pvctl status --json`` from pvhost's container. Prints
 the placement and the throughput; exits 1 when no guest pin reached the host. The VM is stopped
 at the end, whatever happened.
@@ -16,37 +16,22 @@ import argparse
 import json
 import re
 import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any
 
-# Ansible runs this with ansible_playbook_python: the extpv virtualenv's interpreter (./dev demo).
-from extpv import cli
+PROG = "extpv-demo"
 
 try:
-    from pvhost import launcher
+    import vmlab
+    from extpv.cli import die
 except ImportError:  # pragma: no cover - depends on the environment
-    launcher = None
-
-_VCPU_COMM = re.compile(r"^CPU (\d+)/(TCG|KVM)$")
-
-
-def die(msg: str, hint: str | None = None) -> NoReturn:
-    cli.die("extpv-demo", msg, hint)
-
-
-def vcpu_threads(qemu_pid: int) -> dict[int, int]:
-    """vCPU index -> host thread id, from the thread names QEMU sets (debug-threads=on)."""
-    threads = {}
-    for task in Path(f"/proc/{qemu_pid}/task").iterdir():
-        try:
-            match = _VCPU_COMM.match((task / "comm").read_text().strip())
-        except OSError:
-            continue
-        if match:
-            threads[int(match.group(1))] = int(task.name)
-    return threads
+    sys.exit(
+        f"{PROG}: vmlab (extpv's VM lab) is not importable\n"
+        "hint: run with the extpv virtualenv's python"
+    )
 
 
 def allowed_cpus(qemu_pid: int, tid: int) -> str:
@@ -110,7 +95,7 @@ def spscq(vm: Any, args: argparse.Namespace, duration: int, hold: int = 0) -> di
 
 
 def run_demo(args: argparse.Namespace) -> dict[str, Any]:
-    spec = launcher.VMSpec(
+    spec = vmlab.VMSpec(
         name=args.name,
         image=Path(args.image),
         smp=args.smp,
@@ -119,12 +104,13 @@ def run_demo(args: argparse.Namespace) -> dict[str, Any]:
         test_hook=True,
     )
     t0 = time.monotonic()
-    vm = launcher.start(spec, deadline_s=args.boot_timeout)
+    vm = vmlab.start(spec, deadline_s=args.boot_timeout)
     try:
         boot_s = time.monotonic() - t0
-        threads = vcpu_threads(vm.pid)
+        # vCPU index -> host thread id, as QEMU reports it on the lab's own monitor.
+        threads = {index: thread.tid for index, thread in vm.vcpu_threads().items()}
         if len(threads) != args.smp:
-            die(f"found {len(threads)} vCPU threads in QEMU {vm.pid}, expected {args.smp}")
+            die(PROG, f"found {len(threads)} vCPU threads in QEMU {vm.pid}, expected {args.smp}")
         baseline = {vcpu: allowed_cpus(vm.pid, tid) for vcpu, tid in threads.items()}
 
         # pvhost connects, injects the affinity program and the agent loads it: short pinned
@@ -138,6 +124,7 @@ def run_demo(args: argparse.Namespace) -> dict[str, Any]:
         probe.join()
         if not probe.pinned:
             die(
+                PROG,
                 f"no guest pin reached the host within {args.pin_timeout} s "
                 f"(vCPU threads' allowed CPUs stayed {baseline})",
                 f"check `podman logs {args.container}` and `pvctl status` in the container",
@@ -205,12 +192,10 @@ def main() -> None:
     ap.add_argument("--runtime-dir", default="/run/extpv/vms", help="VM runtime directory")
     ap.add_argument("--json", action="store_true", help="print one JSON object")
     args = ap.parse_args()
-    if launcher is None:
-        die("pvhost.launcher is not importable", "run with the extpv virtualenv's python")
     try:
         report = run_demo(args)
-    except launcher.LauncherError as err:
-        die(str(err))
+    except vmlab.LauncherError as err:
+        die(PROG, str(err))
     print(json.dumps(report, indent=2) if args.json else "\n".join(report["summary"]))
 
 

@@ -1,4 +1,9 @@
-"""A test playing the guest agent on a VM's channel socket (pvproto frames, real socket)."""
+"""A fake guest *peer*: tests and benchmarks play the guest agent on a VM's channel socket.
+
+With an empty machine (``VMSpec.empty``) there is no guest OS, so nothing could answer on the
+virtio side of the agent port; a test driver serves ``agent.sock`` instead, as QEMU's chardev
+would, and speaks pvproto as the guest. pvhost connects to it exactly as to a real VM.
+"""
 
 from __future__ import annotations
 
@@ -18,6 +23,8 @@ from pvproto import (
     ProtocolError,
     encode,
 )
+
+__all__ = ["FakeGuestChannel"]
 
 
 class FakeGuestChannel:

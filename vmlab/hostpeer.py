@@ -1,4 +1,8 @@
-"""The host end of an agent connection, for tests: pvproto framing over a real socket."""
+"""A host *peer* for tests and benchmarks: plays pvhost against a real guest agent.
+
+pvproto framing over a real socket (a socketpair, or a VM's ``agent.sock``); messages are
+kept in order and picked by type, so a test waits for what it expects and sees the rest.
+"""
 
 from __future__ import annotations
 
@@ -7,6 +11,8 @@ import socket
 from typing import TypeVar
 
 from pvproto import BaseMessage, FrameDecoder, Hello, ProtocolError, encode
+
+__all__ = ["HostEnd"]
 
 M = TypeVar("M", bound=BaseMessage)
 

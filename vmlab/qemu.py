@@ -1,0 +1,164 @@
+"""How one VM is started: its :class:`VMSpec` and the QEMU command line built from it.
+
+A VM named ``NAME`` lives in ``<runtime_dir>/NAME/`` (default ``/run/extpv/vms/NAME/``), which
+is where pvhost discovers it (docs/interfaces.md):
+
+``qmp.sock``            QMP for pvhost (QEMU serves one client per monitor)
+``launcher-qmp.sock``   the lab's own QMP monitor (``quit``, ``query-cpus-fast``, hot-plug)
+``agent.sock``          virtio-serial port ``org.extpv.agent.0`` (QEMU serves, pvhost connects)
+``console.sock``        the serial console (interactive: ``pvctl vm console NAME``)
+``console.log``         everything the serial console printed, from the first kernel line
+``qemu.pid``, ``vm.json``, ``qemu.log``   QEMU's pid, how it was started, its own stderr
+``test.sock``           only with ``test_hook=True``: port ``org.extpv.test.0`` served in test
+                        images by the guest's command hook (see images/rootfs/extpv-testhook)
+
+An *empty machine* (``image=None``, :meth:`VMSpec.empty`) boots nothing: QEMU starts paused
+(``-S``) with real vCPU threads, the two monitors and the agent port, whose QEMU end is
+``qemu-agent.sock``; ``agent.sock`` is left to a test that plays the guest agent there (with no
+guest OS nothing could answer on the virtio side). That is all pvhost needs to pin threads.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from pathlib import Path
+
+from extpv.names import check_vm_name
+from vmlab.errors import ImageError, LauncherError, VMNameError
+from vmlab.kvm import QEMU, choose_accel
+
+__all__ = [
+    "AGENT_PORT_NAME",
+    "DEFAULT_RUNTIME_DIR",
+    "KERNEL_CMDLINE",
+    "TEST_PORT_NAME",
+    "VMSpec",
+    "accel_for",
+    "check_image",
+    "qemu_argv",
+]
+
+DEFAULT_RUNTIME_DIR = Path("/run/extpv/vms")
+AGENT_PORT_NAME = "org.extpv.agent.0"
+TEST_PORT_NAME = "org.extpv.test.0"
+KERNEL_CMDLINE = "root=/dev/vda rw console=ttyS0 panic=-1"
+IMAGE_FILES = ("rootfs.img", "vmlinuz", "initrd.img")
+#: An empty machine runs no guest code: TCG costs nothing there, needs no KVM probe, and the
+#: default CPU model keeps hot-plug's driver name (``qemu64-x86_64-cpu``) stable.
+EMPTY_ACCEL_ARGS = ("-accel", "tcg,thread=multi")
+
+
+@dataclasses.dataclass(frozen=True)
+class VMSpec:
+    """How to start one VM; ``image=None`` is an empty, paused machine (see the module doc)."""
+
+    name: str
+    image: Path | None
+    smp: int = 2
+    #: Hot-plug room: ``-smp smp,maxcpus=N`` (vCPUs added with QMP ``device_add``).
+    maxcpus: int | None = None
+    memory_mib: int = 1024
+    runtime_dir: Path = DEFAULT_RUNTIME_DIR
+    #: ``(host_path, mount_tag)`` shared with the guest over 9p.
+    virtfs: tuple[tuple[Path, str], ...] = ()
+    #: Serve the guest's test hook on ``test.sock`` (test images only).
+    test_hook: bool = False
+    #: ``auto`` probes KVM and falls back to TCG (an empty machine is always TCG).
+    accel: str = "auto"
+    extra_cmdline: str = ""
+    qemu: str = QEMU
+
+    def __post_init__(self) -> None:
+        # The one rule pvhost applies too: a VM it would ignore is never started.
+        try:
+            check_vm_name(self.name)
+        except ValueError as err:
+            raise VMNameError(str(err)) from err
+        if self.image is None and (self.test_hook or self.virtfs or self.extra_cmdline):
+            raise LauncherError(
+                f"VM {self.name}: an empty machine (no image) runs no guest, so it takes no "
+                "test hook, virtfs or kernel command line; give it an image"
+            )
+
+    @classmethod
+    def empty(
+        cls, name: str, runtime_dir: Path, smp: int = 3, maxcpus: int | None = None
+    ) -> VMSpec:
+        """An empty, paused machine with ``smp`` real vCPU threads and 64 MiB."""
+        return cls(
+            name=name, image=None, smp=smp, maxcpus=maxcpus, memory_mib=64, runtime_dir=runtime_dir
+        )
+
+    @property
+    def vm_dir(self) -> Path:
+        return self.runtime_dir / self.name
+
+
+def check_image(image: Path) -> None:
+    """Raise ImageError naming the files a bootable image directory lacks."""
+    missing = [f for f in IMAGE_FILES if not (image / f).is_file()]
+    if missing:
+        raise ImageError(
+            f"image directory {image} lacks {', '.join(missing)}; "
+            "build one with: sudo images/build-image --out images/out"
+        )
+
+
+def accel_for(spec: VMSpec) -> tuple[str, list[str]]:
+    """The accelerator for ``spec`` and its QEMU arguments (probes KVM for ``auto``)."""
+    if spec.image is None:
+        return "tcg", list(EMPTY_ACCEL_ARGS)
+    return choose_accel(spec.accel, spec.qemu)
+
+
+def _boot_args(spec: VMSpec, image: Path) -> list[str]:
+    """Kernel, root disk and serial console of a VM that boots ``image``."""
+    d, img = spec.vm_dir, image.resolve()
+    cmdline = KERNEL_CMDLINE + (" extpv.testhook=1" if spec.test_hook else "")
+    cmdline += f" {spec.extra_cmdline}" if spec.extra_cmdline else ""
+    return [
+        "-kernel", str(img / "vmlinuz"), "-initrd", str(img / "initrd.img"), "-append", cmdline,
+        # The image stays pristine: writes go to a temporary overlay dropped at exit.
+        "-drive", f"file={img / 'rootfs.img'},if=virtio,format=raw,snapshot=on",
+        # Serial console: logged from the first byte even while nobody is attached.
+        "-chardev", f"socket,id=con0,path={d / 'console.sock'},server=on,wait=off,"
+                    f"logfile={d / 'console.log'},logappend=on",
+        "-serial", "chardev:con0",
+    ]  # fmt: skip
+
+
+def qemu_argv(spec: VMSpec, accel_args: Sequence[str] | None = None) -> list[str]:
+    """The QEMU command line for ``spec`` (the README shows it for users, libvirt included)."""
+    d = spec.vm_dir
+    if accel_args is None:
+        accel_args = accel_for(spec)[1]
+    smp = str(spec.smp) if spec.maxcpus is None else f"{spec.smp},maxcpus={spec.maxcpus}"
+    # An empty machine's agent port ends in QEMU at qemu-agent.sock: agent.sock is the test's.
+    agent_end = "agent.sock" if spec.image is not None else "qemu-agent.sock"
+    argv = [
+        spec.qemu, "-name", f"{spec.name},debug-threads=on",
+        "-machine", "q35", *accel_args,
+        "-smp", smp, "-m", str(spec.memory_mib),
+        "-nodefaults", "-no-user-config", "-display", "none",
+        *(_boot_args(spec, spec.image) if spec.image is not None else ["-S"]),
+        "-chardev", f"socket,id=qmp0,path={d / 'qmp.sock'},server=on,wait=off",
+        "-mon", "chardev=qmp0,mode=control",
+        "-chardev", f"socket,id=qmp1,path={d / 'launcher-qmp.sock'},server=on,wait=off",
+        "-mon", "chardev=qmp1,mode=control",
+        "-device", "virtio-serial-pci,id=vser0",
+        "-chardev", f"socket,id=pv0,path={d / agent_end},server=on,wait=off",
+        "-device", f"virtserialport,bus=vser0.0,chardev=pv0,name={AGENT_PORT_NAME}",
+        "-pidfile", str(d / "qemu.pid"),
+    ]  # fmt: skip
+    if spec.test_hook:
+        argv += [
+            "-chardev", f"socket,id=test0,path={d / 'test.sock'},server=on,wait=off",
+            "-device", f"virtserialport,bus=vser0.0,chardev=test0,name={TEST_PORT_NAME}",
+        ]  # fmt: skip
+    for i, (path, tag) in enumerate(spec.virtfs):
+        argv += [
+            "-virtfs",
+            f"local,path={Path(path).resolve()},mount_tag={tag},security_model=none,id=fs{i}",
+        ]
+    return argv
