@@ -108,7 +108,7 @@ def build_initramfs(out: Path) -> Path:
     # Third-party packages, found by importing what the guest's tests import.
     probe = subprocess.run(
         [sys.executable, "-c",
-         "import sys, pytest, pydantic, pvhost.placement, pvproto, packaging.version, "
+         "import sys, pytest, pydantic, pvhost.placement, pvproto, vmlab, packaging.version, "
          "pygments, iniconfig, pluggy, _pytest.pytester; "
          "print('\\n'.join(sorted({m.split('.')[0] for m in sys.modules})))"],
         capture_output=True, text=True, check=True, cwd=ROOT,
@@ -118,6 +118,11 @@ def build_initramfs(out: Path) -> Path:
     for name in probe.stdout.split():
         spec = importlib.util.find_spec(name)
         origin = Path(spec.origin) if spec and spec.origin else None
+        if origin is None and spec is not None and spec.submodule_search_locations:
+            # A namespace package (qemu.qmp's ``qemu``): copy its directories whole.
+            for location in spec.submodule_search_locations:
+                shutil.copytree(location, site / name, ignore=skip, dirs_exist_ok=True)
+            continue
         if origin is None or not origin.is_absolute() or not origin.exists():
             continue  # built-in or frozen
         if origin.is_relative_to(stdlib) or name in (
@@ -125,6 +130,7 @@ def build_initramfs(out: Path) -> Path:
             "pvproto",
             "pvagent",
             "extpv",
+            "vmlab",
             "tests",
         ):
             continue
@@ -135,7 +141,7 @@ def build_initramfs(out: Path) -> Path:
             shutil.copy2(src, site / src.name)
     repo = tree / "repo"
     repo.mkdir()
-    for part in ("pvhost", "pvproto", "extpv", "tests"):
+    for part in ("pvhost", "pvproto", "extpv", "vmlab", "tests"):
         shutil.copytree(ROOT / part, repo / part, ignore=skip)
     shutil.copy2(ROOT / "pyproject.toml", repo / "pyproject.toml")
     # Shared libraries of the interpreter and of every extension module.
