@@ -163,14 +163,50 @@ def test_vm_found_in_runtime_dir_and_undone_when_it_goes(
             assert result.placements[0].pcpu == 1
             assert thread_allowed_cpus(tid) == {1}
             (runtime / "t").unlink()  # the VM's directory goes away: everything is undone
-            async with asyncio.timeout(5):
-                while "t" in service.sessions or thread_allowed_cpus(tid) != before[0]:
+            async with asyncio.timeout(5):  # listed until undone (issue #13: it was not)
+                while "t" in service.sessions:
                     await asyncio.sleep(0.02)
             assert (thread_allowed_cpus(tid), thread_cpuset(tid)) == before
             assert not (CPUSET / cpuset_group / "vm-t").exists()
         finally:
             await service.stop()
             await guest.close()
+
+    asyncio.run(scenario())
+
+
+def test_stop_while_a_vanished_vm_is_being_undone_leaves_nothing(
+    tmp_path: Path, qemu: VirtualMachine, cpuset_group: str
+) -> None:
+    """The VM's directory goes and pvhost is stopped at once, while that VM's undo is still
+    running in the background: stop must wait for it and remove every cgroup it made.
+
+    Regression (issue #13): stop() only undid the VMs still listed, so a VM whose undo had
+    begun was skipped and the backend's teardown ran beside it and kept the base cgroup."""
+    tid = qemu.vcpu_threads()[1].tid
+    before = (thread_allowed_cpus(tid), thread_cpuset(tid))
+    config = make_config(tmp_path, qemu, cpuset_group).model_copy(update={"vms": {}})
+    runtime = config.service.runtime_dir
+
+    async def scenario() -> None:
+        guest = FakeGuestChannel(qemu.dir / "agent.sock")
+        await guest.start()
+        service = Service(config)
+        await service.start()
+        try:
+            (runtime / "t").symlink_to(qemu.dir, target_is_directory=True)
+            await guest.connected()
+            result = await guest.update(1, [1])
+            assert result.placements[0].pcpu == 1
+            (runtime / "t").unlink()
+            async with asyncio.timeout(5):  # the watcher has seen it: the close is under way
+                while service.vms["t"].closing is None:
+                    await asyncio.sleep(0.001)
+        finally:
+            await service.stop()
+            await guest.close()
+        assert (thread_allowed_cpus(tid), thread_cpuset(tid)) == before
+        assert not (CPUSET / cpuset_group).exists(), "stop() left extpv's cgroup behind"
 
     asyncio.run(scenario())
 
