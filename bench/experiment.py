@@ -197,6 +197,8 @@ class Plan:
     duration: float
     period: float
     skipped: list[dict[str, str]] = field(default_factory=list)
+    #: The resolved options (defaults and --quick applied): saved, and reused by --resume.
+    config: dict[str, Any] = field(default_factory=dict)
 
     def points(self) -> list[Point]:
         pts = [Point("native", m, n) for n in self.loads for m in self.native]
@@ -239,6 +241,7 @@ def make_plan(args: argparse.Namespace, ncpu: int) -> Plan:
         reps=int(cfg["reps"]),
         duration=float(cfg["duration"]),
         period=args.period,
+        config={**cfg, "period": args.period},
     )
     have, why = backend_modes(host_cgroup_mode())
     for mode in wanted:
@@ -585,7 +588,6 @@ def preflight(args: argparse.Namespace) -> tuple[Plan, dict[str, Any] | None]:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    config_keys = ("loads", "modes", "serialization", "native", "reps", "duration", "period")
     try:
         plan, saved = preflight(args)
     except InputError as err:
@@ -595,15 +597,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"experiment: skipping {s['what']}: {s['why']}", file=sys.stderr)
     args.out.mkdir(parents=True, exist_ok=True)
     path = args.out / "results.json"
-    config = {k: getattr(args, k) for k in config_keys}
-    if args.quick:
-        config.update(
-            {
-                k: (config[k] if config[k] is not None else v)
-                for k, v in QUICK.items()
-                if k in config
-            }
-        )
+    config = plan.config
     doc: dict[str, Any] = saved or {
         "what": "spscq throughput in Mpps (guest: test image -smp 2, producer vCPU 0, consumer "
         "vCPU 1; native: bench/spscq on the host) under N host yes processes",
