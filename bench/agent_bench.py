@@ -39,6 +39,7 @@ from pvagent.loaders import load
 from pvagent.program import ProgramKind
 from pvagent.tracker import AffinityTracker
 from pvproto import (
+    SUPPORTED_VERSIONS,
     AffinityUpdate,
     FrameDecoder,
     Hello,
@@ -203,7 +204,13 @@ async def bench_agent(
             reader, writer = await asyncio.wait_for(host.connected, 30)
             await host.next_message(reader, Hello, 10)
             writer.write(
-                encode(Hello(role="host", protocol_versions=[1], software_version="bench"))
+                encode(
+                    Hello(
+                        role="host",
+                        protocol_versions=list(SUPPORTED_VERSIONS),
+                        software_version="bench",
+                    )
+                )
             )
             payload = bpfobj.read(PAYLOAD[kind])
             writer.write(encode(LoadProgram.for_payload("affinity", kind, payload, request_id=1)))

@@ -10,7 +10,7 @@ import pytest
 
 from pvhost.config import Config
 from pvhost.service import Service
-from pvproto import GuestTopology, Hello, LoadProgram
+from pvproto import SUPPORTED_VERSIONS, GuestTopology, Hello, LoadProgram
 from vmlab import VirtualMachine
 from vmlab.guestpeer import FakeGuestChannel
 
@@ -54,7 +54,7 @@ def test_agent_restart_behind_a_live_chardev_is_greeted_and_served_again(
             guest.send(
                 Hello(
                     role="guest",
-                    protocol_versions=[1],
+                    protocol_versions=list(SUPPORTED_VERSIONS),
                     software_version="test-guest (restarted)",
                     topology=GuestTopology(online_vcpus=[0, 1, 2]),
                 )

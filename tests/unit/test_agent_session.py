@@ -14,6 +14,7 @@ from pvagent.agent import Agent
 from pvagent.trust import TrustPolicy
 from pvhost import signing
 from pvproto import (
+    SUPPORTED_VERSIONS,
     AffinityResult,
     AffinityUpdate,
     Error,
@@ -88,7 +89,12 @@ def test_bad_frames_are_answered_and_the_session_goes_on() -> None:
         error = await host.expect(Error)
         assert error.code == "bad-frame" and error.request_id == 5
         host.send(
-            Hello(role="guest", protocol_versions=[1], software_version="x", topology=TOPOLOGY)
+            Hello(
+                role="guest",
+                protocol_versions=list(SUPPORTED_VERSIONS),
+                software_version="x",
+                topology=TOPOLOGY,
+            )
         )
         # The garbage is reported once the next header shows where it ended.
         assert "skipped 70 byte(s)" in (await host.expect(Error)).message

@@ -11,6 +11,7 @@ from collections.abc import Awaitable, Callable
 import pytest
 
 from pvproto import (
+    SUPPORTED_VERSIONS,
     AffinityUpdate,
     BaseMessage,
     FrameDecoder,
@@ -192,7 +193,12 @@ def test_a_peer_saying_hello_in_a_loop_is_rate_limited() -> None:
         (hr, hw), (gr, gw) = await _streams()
         host = Side("host")
         task = asyncio.create_task(host.run(hr, hw))
-        hello = Hello(role="guest", protocol_versions=[1], software_version="g", topology=TOPOLOGY)
+        hello = Hello(
+            role="guest",
+            protocol_versions=list(SUPPORTED_VERSIONS),
+            software_version="g",
+            topology=TOPOLOGY,
+        )
         gw.write(encode(hello) * 200)
         raw = b""
         with contextlib.suppress(TimeoutError):
