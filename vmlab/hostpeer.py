@@ -41,7 +41,11 @@ class HostEnd:
 
     def hello(self, versions: list[int] | None = None) -> None:
         self.send(
-            Hello(role="host", protocol_versions=versions or list(SUPPORTED_VERSIONS), software_version="test-host")
+            Hello(
+                role="host",
+                protocol_versions=versions or list(SUPPORTED_VERSIONS),
+                software_version="test-host",
+            )
         )
 
     async def expect(self, kind: type[M], timeout: float = 5.0, *, skip_others: bool = True) -> M:
