@@ -19,6 +19,7 @@ import errno
 import logging
 import os
 import re
+import time
 from abc import ABC, abstractmethod
 from collections.abc import Mapping
 from pathlib import Path
@@ -122,6 +123,12 @@ class PlacementBackend(ABC):
         """Inside a recorded VM's cgroup, remove what no record accounts for (v1: vcpu dirs)."""
         return
 
+    def _isolate(self, held: frozenset[int]) -> None:
+        """Take exactly the ``held`` pCPUs from the other cgroups the operator named, giving
+        back what is no longer held (v1 ``isolate_from``); raise PlacementError, changing
+        nothing, where that would leave one of them without a CPU. v2: partitions do it."""
+        return
+
     @abstractmethod
     def _thread_cgroup(self, tid: int) -> str:
         """The cgroup of ``tid`` in this hierarchy, as /proc shows it (``/…``)."""
@@ -135,8 +142,8 @@ class PlacementBackend(ABC):
         """Status for operators: per VM and vCPU, cgroup, cpus and partition state."""
 
     @abstractmethod
-    def teardown(self) -> None:
-        """Remove extpv's own cgroup if nothing is left in it."""
+    def _remove_base(self) -> None:
+        """Remove extpv's own cgroup, empty by now."""
 
     # -- shared ----------------------------------------------------------------------------------
     def _vm_dir(self, vm: str) -> Path:
@@ -168,6 +175,7 @@ class PlacementBackend(ABC):
         # Saved before the first change: a crash from here on is undone by reconcile.
         self.state.set_pin(vm, vcpu, record)
         try:
+            self._isolate(frozenset(self._held()))
             self._apply(vm, vcpu, record)
             self._verify_pin(vm, vcpu, record)
         except PlacementError:
@@ -184,7 +192,10 @@ class PlacementBackend(ABC):
 
     def unpin(self, vm: str, vcpu: int) -> None:
         """Undo ``pin`` exactly."""
+        record = self.state.pin(vm, vcpu)
         self._undo(vm, vcpu)
+        gone = {record.pcpu} if record is not None else set()
+        self._isolate(frozenset(self._held() - gone))
         # Cleared only now: a crash during the undo leaves the record, and reconcile redoes it.
         self.state.set_pin(vm, vcpu, None)
 
@@ -194,6 +205,19 @@ class PlacementBackend(ABC):
             self.unpin(vm, vcpu)
         self._release(vm)
         self.state.drop_vm(vm)
+
+    def teardown(self) -> None:
+        """Undo whatever is still placed (recorded VMs, then cgroups of ours that no record
+        names) and remove extpv's own cgroup. Stopping leaves nothing behind: what cannot be
+        removed is a PlacementError naming it, never a silent leftover."""
+        for vm in self.state.vms():
+            self.detach(vm)
+        self._isolate(frozenset())  # also what a crash left taken with no pin recorded
+        if not self.base.is_dir():
+            return
+        for vm_dir in sorted(p for p in self.base.iterdir() if p.is_dir()):
+            self._orphan(vm_dir)
+        self._remove_base()
 
     def verify(self) -> list[Finding]:
         """Re-check every recorded placement against the kernel; empty when all hold."""
@@ -257,6 +281,7 @@ class PlacementBackend(ABC):
                     self.state.path,
                 )
                 self._orphan(vm_dir)
+        self._isolate(frozenset(self._held()))  # a crash may have left more taken, or less
         return adopted
 
 
@@ -351,11 +376,27 @@ def restore_own_affinity(record: PinRecord) -> None:
         os.sched_setaffinity(record.tid, own)
 
 
+#: How long rmdir of a cgroup is retried while the kernel still counts it busy.
+RMDIR_BUSY_S = 2.0
+
+
 def remove_cgroup(path: Path) -> None:
-    """rmdir a cgroup of ours; one already gone is fine, any other failure is reported."""
-    try:
-        path.rmdir()
-    except FileNotFoundError:
-        pass
-    except OSError as err:
-        raise PlacementError(f"cannot remove cgroup {path}: {err.strerror}") from err
+    """rmdir a cgroup of ours; one already gone is fine, any other failure is reported.
+
+    EBUSY is retried for a short while: a thread just moved out, or exiting, can keep a
+    cgroup populated for a moment after its tasks file reads empty (more so on a loaded
+    host), and giving up then would leave the cgroup behind for good."""
+    deadline = time.monotonic() + RMDIR_BUSY_S
+    delay = 0.001
+    while True:
+        try:
+            path.rmdir()
+        except FileNotFoundError:
+            return
+        except OSError as err:
+            if err.errno == errno.EBUSY and time.monotonic() < deadline:
+                time.sleep(delay)
+                delay = min(delay * 2, 0.05)
+                continue
+            raise PlacementError(f"cannot remove cgroup {path}: {err.strerror}") from err
+        return
