@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import struct
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -210,3 +211,48 @@ def test_version_book_refuses_older_versions_and_survives_a_restart(tmp_path: Pa
         again.check("affinity", 4)
     path.write_text("{not json")
     assert VersionBook(path).get("affinity") is None  # unreadable: a warning, not a crash
+
+
+KFUNC_SOURCE = """
+#include <linux/types.h>
+#include <linux/bpf.h>
+#include <bpf/bpf_helpers.h>
+struct task_struct { int pid; } __attribute__((preserve_access_index));
+extern struct task_struct *bpf_task_from_pid(__s32 pid) __ksym;
+extern void bpf_task_release(struct task_struct *p) __ksym;
+static __attribute__((noinline)) int sub(int x) { return x + 1; }  /* a real subprogram */
+SEC("tp/sched/sched_process_exit")
+int probe(void *ctx)
+{
+    struct task_struct *task = bpf_task_from_pid(sub(0));
+
+    if (task)
+        bpf_task_release(task);
+    return 0;
+}
+char LICENSE[] SEC("license") = "Dual BSD/GPL";
+"""
+
+
+def test_kfunc_calls_are_found_by_their_relocations(tmp_path: Path) -> None:
+    """clang writes a kfunc call as ``call -1`` with src_reg 1, like a subprogram call: only
+    the relocation to an undefined symbol tells them apart (built here with clang)."""
+    src, obj = tmp_path / "k.bpf.c", tmp_path / "k.bpf.o"
+    src.write_text(KFUNC_SOURCE)
+    arch = subprocess.run(
+        ["cc", "-print-multiarch"], capture_output=True, text=True, check=False
+    ).stdout.strip()
+    flags = ["-idirafter", f"/usr/include/{arch}"] if arch else []
+    subprocess.run(
+        ["clang", "-O2", "-g", "-target", "bpf", *flags, "-c", str(src), "-o", str(obj)],
+        check=True,
+    )
+    payload = obj.read_bytes()
+    sections = {s.name: s for s in program_sections(payload)}
+    probe = sections["tp/sched/sched_process_exit"]
+    assert probe.extern_calls == {"bpf_task_from_pid", "bpf_task_release"}
+    assert KFUNC not in helper_calls(probe.data)  # the subprogram call is not a kfunc
+    with pytest.raises(TrustRefused, match="bpf_task_from_pid, bpf_task_release \\(kfuncs\\)"):
+        TrustPolicy(mode="any").inspect("bpf-object", payload)
+    allowed = TrustPolicy(mode="any", allow_kfuncs=("bpf_task_*",))
+    assert allowed.inspect("bpf-object", payload) == ["tp/sched/sched_process_exit"]
