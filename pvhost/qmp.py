@@ -25,6 +25,8 @@ _log = logging.getLogger(__name__)
 
 #: QMP events after which the vCPU map may have changed.
 HOTPLUG_EVENTS = ("DEVICE_DELETED", "ACPI_DEVICE_OST", "CPU_ADDED")
+#: Least seconds between two re-reads of the vCPU map caused by hot-plug events.
+REFRESH_INTERVAL = 0.2
 
 
 def qemu_pid_of(tid: int) -> int:
@@ -122,11 +124,17 @@ class QmpMonitor:
                 getter = asyncio.ensure_future(listener.wait())
                 done, _ = await asyncio.wait({getter, waiter}, return_when=asyncio.FIRST_COMPLETED)
                 if getter in done:
-                    _log.info("%s: %s, refreshing vCPU map", self.path, getter.result())
+                    # A guest can make QEMU emit these events by the thousand a second: the
+                    # map is re-read at most every REFRESH_INTERVAL s (events meanwhile count
+                    # as one), and only a map that changed is logged and re-planned.
+                    before = self.vcpus
                     with contextlib.suppress(QmpError):
                         await self.refresh()
-                    if self.on_change is not None:
-                        await self.on_change()
+                    if self.vcpus != before:
+                        _log.info("%s: %s: the vCPU map changed", self.path, getter.result())
+                        if self.on_change is not None:
+                            await self.on_change()
+                    await asyncio.sleep(REFRESH_INTERVAL)
                 else:
                     getter.cancel()
                     if not self.connected:
