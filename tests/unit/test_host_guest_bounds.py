@@ -1,4 +1,4 @@
-"""Bounds a hostile guest or a sloppy operator client meets without a VM (issue 16: D6, D8).
+"""Bounds a hostile guest or a sloppy operator client meets without a VM (issue 16: D3, D6, D8).
 
 The real-VM versions of these attacks are in tests/integration/test_security_guest.py.
 """
@@ -8,12 +8,15 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+from pathlib import Path
 from typing import Any
 
 import pytest
 
 from pvhost.control import ControlServer
 from pvhost.logthrottle import LogThrottle
+from pvhost.session import VmSession
+from pvproto import ProgramLoaded
 
 pytestmark = pytest.mark.security
 
@@ -77,3 +80,32 @@ def test_control_takes_real_booleans() -> None:
     server = ControlServer(service, path=None)  # type: ignore[arg-type]
     reply = asyncio.run(server._handle(b'{"cmd": "remap", "vm": "v", "on": false}'))
     assert reply["ok"] and service.calls == [("remap", ("v", False))]
+
+
+def test_verdicts_on_programs_the_host_never_sent_are_not_kept() -> None:
+    """D3: each made-up program id used to be kept for ever (+200 MiB for 50 k messages)."""
+
+    async def body() -> None:
+        async def never(*_: object) -> Any:
+            raise AssertionError("not called")
+
+        session = VmSession(
+            "vm1",
+            Path("/nonexistent/qmp.sock"),
+            Path("/nonexistent/agent.sock"),
+            applier=never,
+            on_gone=never,
+            on_vcpus_changed=never,
+            program=None,
+            rate=1.0,
+            burst=1,
+            max_backoff=1.0,
+        )
+        session.status.programs["affinity"] = "loading"  # what the host sent
+        for i in range(1000):
+            session.guest_message(None, ProgramLoaded(program_id=f"p{i}", ok=True))  # type: ignore[arg-type]
+        session.guest_message(None, ProgramLoaded(program_id="affinity", ok=True))  # type: ignore[arg-type]
+        assert session.status.programs == {"affinity": "loaded"}
+        assert session.guest_log.suppressed_total == 1000 - session.guest_log.burst
+
+    asyncio.run(body())
