@@ -447,7 +447,6 @@ def test_d1_guest_event_flood_leaves_pvhost_memory_and_the_victim_alone(lab: Lab
         lines = _lines_about(outcome, "a-d1")
         assert len(lines) <= 40, f"{len(lines)} log lines about a-d1, e.g. {lines[-3:]}"
         assert any("QMP events/s: hanging up" in line for line in lines), lines[-5:]
-        assert "not listening" in lab.status()["vms"]["a-d1"]["qmp"]
         assert qemu.poll() is None
     finally:
         qemu.kill()
