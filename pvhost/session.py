@@ -89,14 +89,10 @@ class ChannelStatus:
     programs: dict[str, str] = field(default_factory=dict)
 
 
-class _GuestChannel(PeerSession):
+class _GuestChannel(PeerSession["VmSession"]):
     """The protocol session of one connection to the guest agent."""
 
     ROLE = "host"
-
-    def __init__(self, vm: VmSession) -> None:
-        super().__init__()
-        self.vm = vm
 
     def hello(self) -> Hello:
         return Hello(
@@ -109,21 +105,21 @@ class _GuestChannel(PeerSession):
 
     async def on_ready(self, peer: Hello, *, restarted: bool) -> None:
         if restarted:
-            _log.info("%s: the guest agent restarted (new Hello)", self.vm.name)
-        self.vm.guest_ready(peer, self.version)
+            _log.info("%s: the guest agent restarted (new Hello)", self.owner.name)
+        self.owner.guest_ready(peer, self.version)
 
     async def on_message(self, message: BaseMessage) -> None:
-        self.vm.guest_message(self, message)
+        self.owner.guest_message(self, message)
 
     def on_peer_error(self, error: Error) -> None:
         # A guest picks how many Errors it sends and how long they are: lines are rate-limited
         # per VM and cut short.
-        self.vm.guest_log.warning(
-            "%s: guest error %s: %.200s", self.vm.name, error.code, error.message
+        self.owner.guest_log.warning(
+            "%s: guest error %s: %.200s", self.owner.name, error.code, error.message
         )
 
     def on_bad_frame(self, error: ProtocolError) -> None:
-        self.vm.guest_log.warning("%s: bad frame from guest: %.200s", self.vm.name, error)
+        self.owner.guest_log.warning("%s: bad frame from guest: %.200s", self.owner.name, error)
 
 
 class VmSession:
