@@ -167,6 +167,7 @@ class QmpMonitor:
                         FLOOD_HOLDOFF_S,
                     )
                     QmpMonitor._holdoff[self.path] = time.monotonic() + FLOOD_HOLDOFF_S
+                    self._hang_up()
                     return
                 if getter in done:
                     # A guest can make QEMU emit these events by the thousand a second: the
@@ -188,6 +189,18 @@ class QmpMonitor:
         finally:
             waiter.cancel()
             self._client.remove_listener(listener)
+
+    def _hang_up(self) -> None:
+        """Drop the connection at once, as if QEMU had exited.
+
+        qemu.qmp's disconnect() first drains the conversation, which under a flood never
+        ends (seen: its reader went on parsing events until QEMU died). Aborting the socket
+        (qemu.qmp offers no public way) ends its reader with end-of-file, the path every VM
+        that exits takes."""
+        writer = getattr(self._client, "_writer", None)
+        transport = getattr(writer, "transport", None)
+        if transport is not None:
+            transport.abort()
 
     async def close(self) -> None:
         if self._events is not None:
