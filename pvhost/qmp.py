@@ -10,8 +10,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
+from typing import ClassVar
 
 from qemu.qmp import EventListener, QMPClient, QMPError
 from qemu.qmp.message import Message
@@ -25,6 +27,15 @@ _log = logging.getLogger(__name__)
 
 #: QMP events after which the vCPU map may have changed.
 HOTPLUG_EVENTS = ("DEVICE_DELETED", "ACPI_DEVICE_OST", "CPU_ADDED")
+#: Least seconds between two re-reads of the vCPU map caused by hot-plug events.
+REFRESH_INTERVAL = 0.2
+#: More QMP events than this in one second is a flood: QEMU emits a handful in normal work,
+#: but a guest looping on a device port makes it emit tens of thousands, and reading each one
+#: costs pvhost CPU every other VM needs.
+MAX_EVENTS_PER_S = 200
+#: A flooding monitor is hung up on and not reconnected for this long (QEMU drops the events
+#: nobody reads, so this costs neither pvhost nor QEMU memory).
+FLOOD_HOLDOFF_S = 5.0
 
 
 def qemu_pid_of(tid: int) -> int:
@@ -50,9 +61,20 @@ class _HotplugFlag(EventListener):
         super().__init__(HOTPLUG_EVENTS)
         self._flag = asyncio.Event()
         self._last = ""
+        #: Set once more than MAX_EVENTS_PER_S events (of any kind) came within a second.
+        self.flooded = False
+        self._window = -1.0
+        self._count = 0
 
     async def put(self, event: Message) -> None:
-        if self.accept(event):
+        now = time.monotonic()
+        if now - self._window >= 1.0:
+            self._window, self._count = now, 0
+        self._count += 1
+        if self._count > MAX_EVENTS_PER_S:
+            self.flooded = True
+            self._flag.set()
+        elif self.accept(event):
             self._last = str(event.get("event", ""))
             self._flag.set()
 
@@ -64,7 +86,15 @@ class _HotplugFlag(EventListener):
 
 
 class QmpMonitor:
-    """One QMP connection to one QEMU; ``vcpus`` is the current vCPU map."""
+    """One QMP connection to one QEMU; ``vcpus`` is the current vCPU map.
+
+    A QEMU that floods its monitor with events is hung up on (:meth:`wait_closed` returns)
+    and :meth:`connect` to it refuses for FLOOD_HOLDOFF_S seconds.
+    """
+
+    #: Monitor socket → when pvhost listens to it again (a session makes a new QmpMonitor
+    #: for each connection, so the hold-off outlives the instance).
+    _holdoff: ClassVar[dict[Path, float]] = {}
 
     def __init__(
         self,
@@ -83,6 +113,13 @@ class QmpMonitor:
         self.on_change = on_change
 
     async def connect(self, timeout: float = 5.0) -> None:
+        wait = QmpMonitor._holdoff.get(self.path, 0.0) - time.monotonic()
+        if wait > 0:
+            raise QmpError(
+                f"{self.path}: not listening for {wait:.1f} s more: QEMU sent over "
+                f"{MAX_EVENTS_PER_S} events/s (a guest flooding a device port?)"
+            )
+        QmpMonitor._holdoff.pop(self.path, None)
         try:
             async with asyncio.timeout(timeout):
                 await self._client.connect(str(self.path))
@@ -121,12 +158,29 @@ class QmpMonitor:
             while self.connected:
                 getter = asyncio.ensure_future(listener.wait())
                 done, _ = await asyncio.wait({getter, waiter}, return_when=asyncio.FIRST_COMPLETED)
+                if getter in done and listener.flooded:
+                    _log.warning(
+                        "%s: over %d QMP events/s: hanging up for %g s (a guest flooding a "
+                        "device port?)",
+                        self.path,
+                        MAX_EVENTS_PER_S,
+                        FLOOD_HOLDOFF_S,
+                    )
+                    QmpMonitor._holdoff[self.path] = time.monotonic() + FLOOD_HOLDOFF_S
+                    self._hang_up()
+                    return
                 if getter in done:
-                    _log.info("%s: %s, refreshing vCPU map", self.path, getter.result())
+                    # A guest can make QEMU emit these events by the thousand a second: the
+                    # map is re-read at most every REFRESH_INTERVAL s (events meanwhile count
+                    # as one), and only a map that changed is logged and re-planned.
+                    before = self.vcpus
                     with contextlib.suppress(QmpError):
                         await self.refresh()
-                    if self.on_change is not None:
-                        await self.on_change()
+                    if self.vcpus != before:
+                        _log.info("%s: %s: the vCPU map changed", self.path, getter.result())
+                        if self.on_change is not None:
+                            await self.on_change()
+                    await asyncio.sleep(REFRESH_INTERVAL)
                 else:
                     getter.cancel()
                     if not self.connected:
@@ -135,6 +189,18 @@ class QmpMonitor:
         finally:
             waiter.cancel()
             self._client.remove_listener(listener)
+
+    def _hang_up(self) -> None:
+        """Drop the connection at once, as if QEMU had exited.
+
+        qemu.qmp's disconnect() first drains the conversation, which under a flood never
+        ends (seen: its reader went on parsing events until QEMU died). Aborting the socket
+        (qemu.qmp offers no public way) ends its reader with end-of-file, the path every VM
+        that exits takes."""
+        writer = getattr(self._client, "_writer", None)
+        transport = getattr(writer, "transport", None)
+        if transport is not None:
+            transport.abort()
 
     async def close(self) -> None:
         if self._events is not None:

@@ -188,6 +188,7 @@ def test_keepalive_detects_a_silent_peer() -> None:
     run(body)
 
 
+@pytest.mark.security
 def test_a_peer_saying_hello_in_a_loop_is_rate_limited() -> None:
     """Each restart makes the host re-inject its programs: a Hello loop must not be served."""
 
