@@ -45,6 +45,7 @@ from pvhost.control import request
 from pvhost.errors import ControlError
 from pvhost.service import Service
 from pvproto import (
+    SUPPORTED_VERSIONS,
     AffinityResult,
     AffinityUpdate,
     Error,
@@ -82,7 +83,7 @@ def _frames_for(kind: str) -> Callable[[int], bytes]:
     hello = encode(
         Hello(
             role="guest",
-            protocol_versions=[1],
+            protocol_versions=list(SUPPORTED_VERSIONS),
             software_version="hostile",
             topology=GuestTopology(online_vcpus=[0, 1, 2]),
         )
