@@ -104,11 +104,12 @@ def _build_parser() -> argparse.ArgumentParser:
         help="compiled object (*.bpf.o) or bcc source (*.c); "
         "for unload, the file or the program id",
     )
-    keygen = sub.add_parser("keygen", help="create an Ed25519 signing key pair in DIR")
+    keygen = sub.add_parser(
+        "keygen",
+        help="create the Ed25519 key pair pvhost signs programs with (signing.key, signing.pem)",
+    )
     keygen.add_argument("dir", type=Path)
-    sign = sub.add_parser("sign", help="print the hex Ed25519 signature of FILE")
-    sign.add_argument("file", type=Path)
-    sign.add_argument("--key", type=Path, default=Path("/etc/extpv/signing.key"))
+    keygen.add_argument("--force", action="store_true", help="overwrite an existing key pair")
     # `pvctl vm …` lives in the VM lab (vmlab): pvctl itself holds no VM code.
     register_vm_cli(sub)
     return parser
@@ -150,11 +151,8 @@ def main(argv: list[str] | None = None) -> int:
                     args.socket, {"cmd": "program-unload", "vm": args.vm, "program": args.file}
                 )
                 print(f"VM {args.vm}: program {result['unloaded']} unloaded")
-        elif args.command in ("keygen", "sign"):
-            if args.command == "keygen":
-                print(signing.generate_keypair(args.dir))
-            else:
-                print(signing.sign(args.file.read_bytes(), args.key).hex())
+        elif args.command == "keygen":
+            return signing.keygen_command(args.dir, force=args.force)
         elif hasattr(args, "func"):
             rc: int = args.func(args)
             return rc

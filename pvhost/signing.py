@@ -6,7 +6,9 @@ its public half (PEM, SubjectPublicKeyInfo) goes into each guest image as
 programs pvhost sends are signed over their envelope (:func:`pvhost.programs.sign_program`,
 :func:`pvproto.program_envelope`), not over the bare payload.
 
-``python -m pvhost.signing keygen DIR`` and ``… sign FILE`` work before ``pvctl`` does.
+``python -m pvhost.signing keygen DIR`` (also ``pvctl keygen DIR``) makes the key pair; there is
+no command to sign a file by hand, because a signature over a bare file is not one any agent
+accepts.
 """
 
 from __future__ import annotations
@@ -32,7 +34,6 @@ __all__ = [
     "generate_keypair",
     "main",
     "sign",
-    "sign_file",
 ]
 
 DEFAULT_KEY = Path("/etc/extpv/signing.key")
@@ -106,35 +107,28 @@ def sign(payload: bytes, key_path: Path = DEFAULT_KEY) -> bytes:
     return _private_key(key_path).sign(payload)
 
 
-def sign_file(path: Path, key_path: Path = DEFAULT_KEY, out: Path | None = None) -> Path:
-    """Sign the file ``path``; write the raw signature to ``out`` (default ``<path>.sig``)."""
-    target = out or Path(f"{path}.sig")
-    target.write_bytes(sign(Path(path).read_bytes(), key_path))
-    return target
+def keygen_command(directory: Path, *, force: bool = False, prog: str = "pvctl") -> int:
+    """``keygen DIR``: create the key pair, print where each half went (shared by pvctl)."""
+    try:
+        private, public = generate_keypair(directory, overwrite=force)
+    except (SigningError, OSError) as err:
+        die(prog, str(err))
+    print(f"private key: {private}\npublic key:  {public} (copy to guests' trusted.d/)")
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
+    # Programs are signed by pvhost when it sends them (over their envelope: id, kind, digest,
+    # version), so the only thing an operator makes by hand is the key pair.
     parser = argparse.ArgumentParser(
-        prog="python -m pvhost.signing", description="Ed25519 keys and signatures for programs"
+        prog="python -m pvhost.signing", description="the Ed25519 key pair pvhost signs with"
     )
     sub = parser.add_subparsers(dest="command", required=True)
     keygen = sub.add_parser("keygen", help="create signing.key + signing.pem in DIR")
     keygen.add_argument("dir", type=Path)
     keygen.add_argument("--force", action="store_true", help="overwrite an existing key pair")
-    signp = sub.add_parser("sign", help="sign FILE, writing FILE.sig (raw 64 bytes)")
-    signp.add_argument("file", type=Path)
-    signp.add_argument("--key", type=Path, default=DEFAULT_KEY, help=f"default {DEFAULT_KEY}")
-    signp.add_argument("--out", type=Path, help="signature file (default FILE.sig)")
     args = parser.parse_args(argv)
-    try:
-        if args.command == "keygen":
-            private, public = generate_keypair(args.dir, overwrite=args.force)
-            print(f"private key: {private}\npublic key:  {public} (copy to guests' trusted.d/)")
-        else:
-            print(sign_file(args.file, args.key, args.out))
-    except (SigningError, OSError) as err:
-        die("pvhost.signing", str(err))
-    return 0
+    return keygen_command(args.dir, force=args.force, prog="pvhost.signing")
 
 
 if __name__ == "__main__":
