@@ -25,6 +25,7 @@ def format_status(status: dict[str, Any]) -> str:
     lines = [
         f"backend: {status['backend']}  "
         + " ".join(f"{k}={v}" for k, v in status.get("backend_detail", {}).items()),
+        f"isolation: {status.get('isolation', 'unknown')}",
         f"host: online {host['online']}  housekeeping {host['housekeeping']}  "
         f"eligible {host['eligible']}",
     ]

@@ -140,8 +140,9 @@ class Service:
         runtime.mkdir(parents=True, exist_ok=True)
         self._watcher = DirWatcher(runtime, self.rescan)
         _log.info(
-            "pvhost started: backend %s, %d VM(s), adopted %s",
+            "pvhost started: backend %s (%s), %d VM(s), adopted %s",
             self.backend.name,
+            self.backend.isolation_summary(),
             len(specs),
             self.adopted,
         )
@@ -453,6 +454,7 @@ class Service:
             }
         return {
             "backend": self.backend.name,
+            "isolation": self.backend.isolation_summary(),
             "backend_detail": {k: v for k, v in placed.items() if k != "vms"},
             "host": {
                 "online": sorted(self.topology.online),

@@ -138,6 +138,10 @@ class PlacementBackend(ABC):
         """The vCPU cgroup's own setting: (what, expected, what the kernel says) per mismatch."""
 
     @abstractmethod
+    def isolation_summary(self) -> str:
+        """One line for operators: does a pin isolate its pCPU here, and if not, why."""
+
+    @abstractmethod
     def describe(self) -> dict[str, Any]:
         """Status for operators: per VM and vCPU, cgroup, cpus and partition state."""
 

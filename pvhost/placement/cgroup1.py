@@ -202,6 +202,15 @@ class Cgroup1Backend(PlacementBackend):
             "root_cpuset_tasks": len(root_tasks),
         }
 
+    def isolation_summary(self) -> str:
+        if not self.isolate_from:
+            return (
+                "restricted: cgroup v1 cannot take a pinned pCPU from other tasks unless "
+                "placement.isolate_from names the cpusets they run in"
+            )
+        names = ", ".join(self._rel(p) for p in self.isolate_from)
+        return f"isolated from {names} (tasks of the root cpuset still share pinned pCPUs)"
+
     # -- the backend ------------------------------------------------------------------------
     def setup(self, eligible: frozenset[int]) -> None:
         if not eligible:

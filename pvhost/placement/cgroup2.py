@@ -246,6 +246,14 @@ class Cgroup2Backend(PlacementBackend):
             remove_cgroup(child)
         remove_cgroup(vm_dir)
 
+    def isolation_summary(self) -> str:
+        if self.remote:
+            return "isolated: each pinned pCPU becomes an isolated remote partition"
+        return (
+            "restricted: this kernel has no cpuset.cpus.exclusive (remote partitions need "
+            "Linux >= 6.7), so a pin restricts the vCPU thread only"
+        )
+
     def describe(self) -> dict[str, Any]:
         vms: dict[str, Any] = {}
         for vm in self.state.vms():

@@ -245,6 +245,9 @@ def test_through_the_daemon_a_spinning_vcpu_gets_its_pcpu_to_itself_while_pinned
                 isolation = json.loads(out)["backend_detail"]["isolation"]
                 assert isolation["mode"] == "isolate_from", isolation
                 assert isolation["withheld"] == {f"/{path.name}": "0-1"}
+                rc, text = await daemon.pvctl("status")
+                assert f"isolation: isolated from /{path.name}" in text, text
+                assert f"isolated from /{path.name}" in daemon.log()  # the start-up line
 
                 await guest.update(2, [])
                 assert (path / "cpuset.cpus").read_text().strip() == "0-1"
