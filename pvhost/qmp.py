@@ -3,6 +3,13 @@
 ``query-cpus-fast`` gives, per vCPU, the top-level ``thread-id`` (the host tid of the vCPU
 thread) and ``props`` (socket/die/core/thread ids in the guest). The map is refreshed when
 QEMU reports a CPU hot(un)plug (``DEVICE_DELETED``, ``ACPI_DEVICE_OST``) and on demand.
+
+The guest opening and closing the agent's port (``org.extpv.agent.0``) is reported by QEMU as
+``VSERPORT_CHANGE`` (only for a port device that has an ``id``): the socket chardev pvhost
+talks through stays connected across it, so this is the only way the host learns that the
+agent went away or a new one came. A guest decides how often those events come, so the
+monitor keeps a bounded summary of them (per port: the latest state and how many changes),
+never a queue.
 """
 
 from __future__ import annotations
@@ -19,12 +26,22 @@ from qemu.qmp.message import Message
 from extpv.vcpus import VcpuThread, parse_query_cpus_fast, process_of_thread
 from pvhost.errors import QmpError
 
-__all__ = ["QmpMonitor", "VcpuThread", "qemu_pid_of"]
+__all__ = ["AGENT_PORT_NAME", "PortCallback", "QmpMonitor", "VcpuThread", "qemu_pid_of"]
 
 _log = logging.getLogger(__name__)
 
 #: QMP events after which the vCPU map may have changed.
 HOTPLUG_EVENTS = ("DEVICE_DELETED", "ACPI_DEVICE_OST", "CPU_ADDED")
+#: The guest opened or closed a virtio-serial port (``data``: ``id``, ``open``).
+PORT_EVENT = "VSERPORT_CHANGE"
+#: The agent's virtio-serial port (docs/interfaces.md); its device ``id`` is looked up.
+AGENT_PORT_NAME = "org.extpv.agent.0"
+#: Ports whose changes are remembered at once (device ids come from the host's QEMU
+#: command line, not from the guest; this only caps a misconfiguration).
+_MAX_PORTS = 64
+#: Told the agent port's new state (True: the guest opened it) and how many changes were
+#: coalesced into this call (an even number > 0 with the same state: it closed and reopened).
+PortCallback = Callable[[bool, int], Awaitable[None]]
 
 
 def qemu_pid_of(tid: int) -> int:
@@ -39,28 +56,45 @@ def _accept_none(_event: Message) -> bool:
     return False
 
 
-class _HotplugFlag(EventListener):
-    """Remembers *that* a hot-plug event came, not each one: bounded whatever QEMU emits.
+class _EventSummary(EventListener):
+    """Remembers *that* events came, not each one: bounded whatever QEMU emits.
 
-    qemu.qmp's own listener queues every event and keeps a history of them all; a guest
-    looping on the CPU-hotplug port would grow both without end.
+    For hot-plug events only the last name; for port events, per port id, the latest state
+    and the number of changes. qemu.qmp's own listener queues every event and keeps a history
+    of them all; a guest looping on a hot-plug port or opening and closing a virtio-serial
+    port in a loop would grow both without end.
     """
 
     def __init__(self) -> None:
-        super().__init__(HOTPLUG_EVENTS)
+        super().__init__((*HOTPLUG_EVENTS, PORT_EVENT))
         self._flag = asyncio.Event()
-        self._last = ""
+        self._hotplug = ""
+        self._ports: dict[str, tuple[bool, int]] = {}
 
     async def put(self, event: Message) -> None:
-        if self.accept(event):
-            self._last = str(event.get("event", ""))
-            self._flag.set()
+        if not self.accept(event):
+            return
+        name = str(event.get("event", ""))
+        if name == PORT_EVENT:
+            data = event.get("data")
+            port = data.get("id") if isinstance(data, dict) else None
+            opened = data.get("open") if isinstance(data, dict) else None
+            if not isinstance(port, str) or not isinstance(opened, bool):
+                return
+            if port not in self._ports and len(self._ports) >= _MAX_PORTS:
+                return
+            self._ports[port] = (opened, self._ports.get(port, (opened, 0))[1] + 1)
+        else:
+            self._hotplug = name
+        self._flag.set()
 
-    async def wait(self) -> str:
-        """Wait for the next hot-plug event (those that came meanwhile count as one)."""
+    async def take(self) -> tuple[str, dict[str, tuple[bool, int]]]:
+        """Wait for events; the last hot-plug event's name ("" if none) and port changes."""
         await self._flag.wait()
         self._flag.clear()
-        return self._last
+        hotplug, self._hotplug = self._hotplug, ""
+        ports, self._ports = self._ports, {}
+        return hotplug, ports
 
 
 class QmpMonitor:
@@ -71,6 +105,7 @@ class QmpMonitor:
         socket_path: Path,
         name: str,
         on_change: Callable[[], Awaitable[None]] | None = None,
+        on_port: PortCallback | None = None,
     ) -> None:
         self.path = socket_path
         self._client = QMPClient(f"pvhost-{name}")
@@ -81,6 +116,10 @@ class QmpMonitor:
         self._events: asyncio.Task[None] | None = None
         #: Awaited after the vCPU map was refreshed because QEMU reported a hot(un)plug.
         self.on_change = on_change
+        #: Awaited when the guest opened or closed the agent's port.
+        self.on_port = on_port
+        #: Port device id → whether it is the agent's port (asked once per id).
+        self._agent_port: dict[str, bool] = {}
 
     async def connect(self, timeout: float = 5.0) -> None:
         try:
@@ -107,6 +146,23 @@ class QmpMonitor:
     def connected(self) -> bool:
         return self._client.runstate.name == "RUNNING"
 
+    async def _is_agent_port(self, port: str) -> bool:
+        """Whether device ``port`` is the agent's (its ``name`` property), asked once."""
+        known = self._agent_port.get(port)
+        if known is None:
+            try:
+                async with asyncio.timeout(5):
+                    name = await self._client.execute(
+                        "qom-get", {"path": f"/machine/peripheral/{port}", "property": "name"}
+                    )
+            except (QMPError, OSError, TimeoutError) as err:
+                _log.info("%s: cannot ask for port %s's name: %s", self.path, port, err)
+                return False
+            known = name == AGENT_PORT_NAME
+            if len(self._agent_port) < _MAX_PORTS:
+                self._agent_port[port] = known
+        return known
+
     async def wait_closed(self) -> None:
         """Return when QEMU closes the monitor (the VM went away)."""
         if self._events is not None:
@@ -114,19 +170,22 @@ class QmpMonitor:
             await asyncio.wait({self._events})
 
     async def _watch(self) -> None:
-        listener = _HotplugFlag()
+        listener = _EventSummary()
         self._client.register_listener(listener)
         waiter = asyncio.ensure_future(self._client.runstate_changed())
         try:
             while self.connected:
-                getter = asyncio.ensure_future(listener.wait())
+                getter = asyncio.ensure_future(listener.take())
                 done, _ = await asyncio.wait({getter, waiter}, return_when=asyncio.FIRST_COMPLETED)
                 if getter in done:
-                    _log.info("%s: %s, refreshing vCPU map", self.path, getter.result())
-                    with contextlib.suppress(QmpError):
-                        await self.refresh()
-                    if self.on_change is not None:
-                        await self.on_change()
+                    hotplug, ports = getter.result()
+                    if hotplug:
+                        await self._hotplugged(hotplug)
+                    for port, (opened, changes) in ports.items():
+                        if self.on_port is not None and await self._is_agent_port(port):
+                            await self.on_port(opened, changes)
+                    if hotplug == "DEVICE_DELETED":
+                        self._agent_port.clear()  # a port id may come back as another port
                 else:
                     getter.cancel()
                     if not self.connected:
@@ -135,6 +194,13 @@ class QmpMonitor:
         finally:
             waiter.cancel()
             self._client.remove_listener(listener)
+
+    async def _hotplugged(self, event: str) -> None:
+        _log.info("%s: %s, refreshing vCPU map", self.path, event)
+        with contextlib.suppress(QmpError):
+            await self.refresh()
+        if self.on_change is not None:
+            await self.on_change()
 
     async def close(self) -> None:
         if self._events is not None:
