@@ -8,8 +8,8 @@ once the peer is known (:meth:`PeerSession.on_ready`) and with every other messa
 States and what moves between them (``docs/session.md`` draws them)::
 
     awaiting-hello ──peer Hello, a version in common──► ready
-          │                                              │ peer Hello again (it restarted):
-          │                                              │ answer with our Hello, stay ready
+          ▲                                              │ peer Hello again (it restarted):
+          └────────── reset() (the peer's end closed) ───┤ answer with our Hello, stay ready
           └──────── peer speaks no common version ───────┴──► closed (Error "unsupported")
 
 * Our Hello goes out first, encoded in the lowest version we speak, so a peer of any
@@ -18,10 +18,13 @@ States and what moves between them (``docs/session.md`` draws them)::
 * A Hello in any state restarts the handshake: a peer that restarted while the byte
   stream stayed up (a virtio-serial port reopened behind QEMU's socket chardev) announces
   itself with a Hello, and the side that was already ``ready`` answers with its own, so
-  both sides agree a Hello has happened. Only a ``ready`` side answers, so two Hellos can
-  never answer each other forever.
+  both sides agree a Hello has happened. Only a ``ready`` side answers, and only when no
+  Hello of its own is unanswered (else the peer's Hello *is* the answer), so two Hellos
+  never answer each other forever, even when a stale Hello was still in the stream.
 * Before the peer's Hello only Hello, Ping, Pong and Error are acted on; anything else is
-  answered with ``Error{bad-request}`` and dropped.
+  answered with ``Error{bad-request}`` and dropped, and, since a peer that talks as if
+  ready has missed our Hello, we greet again (not while our Hello is younger than
+  ``REGREET_S``; rate-limited like restarts).
 * A frame that does not decode is answered with ``Error{bad-frame}`` and the session goes
   on with the next frame.
 * Peer restarts are acted on at most ``RESTART_BURST`` at once and ``RESTART_RATE`` per
