@@ -140,6 +140,8 @@ class FaultLab:
     def boot(self) -> float:
         """Start the image VM (a new QEMU under the same name); the boot's duration."""
         t0 = time.monotonic()
+        if self.vm is not None and not self.vm.alive():
+            self.vm.stop()  # a QEMU that was killed: its hook connection and directory
         self.vm = start(self.spec, deadline_s=BOOT_DEADLINE_S, retries=2)
         self.vm.wait_for(READY_PATTERN, 60, "the console login")  # later waits: the next boot
         self.workload = None
@@ -246,10 +248,9 @@ class FaultLab:
         tids = {i: v.tid for i, v in self.guest_vm.vcpu_threads().items()}
         for vcpu, pcpu in self.wish().items():
             assert allowed(tids[vcpu]) == str(pcpu), f"vCPU {vcpu} not on pCPU {pcpu}"
-        live = {
-            VM: {t.tid for t in self.guest_vm.vcpu_threads().values()},
-            BYSTANDER: {self.bystander.tid()} if self.bystander else set(),
-        }
+        live = {VM: _threads(self.guest_vm.pid)}
+        if self.bystander is not None:
+            live[BYSTANDER] = _threads(self.bystander.vm.pid)
         base = CPUSET / self.daemon.group
         for cg in sorted(base.glob("vm-*")):
             name = cg.name.removeprefix("vm-")
@@ -278,6 +279,10 @@ class FaultLab:
         elif not workload and self.workload is not None:
             self.stop_workload()
         self.wait_converged("the baseline before the cell", 60)
+
+
+def _threads(pid: int) -> set[int]:
+    return {int(t.name) for t in Path(f"/proc/{pid}/task").iterdir()}
 
 
 def poll(what: str, pred: Callable[[], bool], deadline_s: float) -> float:

@@ -177,7 +177,7 @@ def _enter(lab: FaultLab, name: str) -> Phase:
     if name == "program-load":
         lab.ensure_baseline(workload=True)
         pid = lab.agent_pid()
-        lab.guest(["kill", "-STOP", str(pid)])
+        lab.guest(f"kill -STOP {pid}")
         lab.load_program_async()
         lab.daemon.wait_status(
             "the program loading", lambda s: s["vms"][VM]["programs"] == {"affinity": "loading"}, 10
@@ -221,7 +221,7 @@ def _silence(lab: FaultLab, phase: Phase) -> None:
     resets = lab.daemon.status()["vms"][VM]["resets"] if not phase.pvhost_frozen else None
     if phase.agent_frozen is None:
         phase.agent_frozen = lab.agent_pid()
-        lab.guest(["kill", "-STOP", str(phase.agent_frozen)])
+        lab.guest(f"kill -STOP {phase.agent_frozen}")
     if phase.pvhost_frozen:
         lab.thaw_pvhost()
         phase.pvhost_frozen = False
