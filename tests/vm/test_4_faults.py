@@ -39,7 +39,9 @@ port-replug      QMP ``device_del`` of the agent's port, then ``device_add`` of 
 port-garbage     guest root stops the agent (the port admits one opener), writes 16 KiB of
                  /dev/urandom to the port, starts the agent again
 agent-silent     the agent is SIGSTOPped (program-load: it already is) until pvhost's keepalive
-                 resets its session (asserted), then SIGCONT
+                 resets its session (asserted), then SIGCONT. Before Hello a stopped agent is
+                 one that has not answered yet: pvhost must wait, not reset (it is stopped
+                 for the deadline + 2 Pings, then SIGCONT)
 ================ ================================================================================
 
 Time to recover per cell goes to ``$EXTPV_FAULTS_RESULTS/faults.{json,md}`` when that is set
@@ -217,18 +219,27 @@ def _restart_pvhost(lab: FaultLab, phase: Phase, sig: signal.Signals) -> None:
 
 
 def _silence(lab: FaultLab, phase: Phase) -> None:
-    """SIGSTOP the agent (if not yet), let pvhost run, and see its keepalive reset the VM."""
-    resets = lab.daemon.status()["vms"][VM]["resets"] if not phase.pvhost_frozen else None
+    """SIGSTOP the agent (if not yet), let pvhost run, and see its keepalive reset the VM.
+
+    Before Hello there is nothing to time out: the host has greeted an agent that has not
+    answered yet, which is what an agent still starting looks like; it must wait (no reset
+    is asserted) and converge once the agent runs again.
+    """
+    resets = lab.daemon.status()["vms"][VM]["resets"] if not phase.pvhost_frozen else 0
     if phase.agent_frozen is None:
         phase.agent_frozen = lab.agent_pid()
         lab.guest(f"kill -STOP {phase.agent_frozen}")
+    if phase.name == "before-hello":
+        lab.thaw_pvhost()
+        phase.pvhost_frozen = False
+        time.sleep(KEEPALIVE[1] + 2 * KEEPALIVE[0])
+        return
     if phase.pvhost_frozen:
         lab.thaw_pvhost()
         phase.pvhost_frozen = False
-        # It reads what waited (the Hello or the update) first: count resets after that.
-        lab.daemon.wait_status("pvhost awake", lambda s: s["vms"][VM]["session"] == "ready", 10)
+        # It reads what waited (the guest's pin request) first: count resets after that.
+        lab.daemon.wait_status("pvhost awake", lambda s: s["vms"][VM]["wanted"] == [1], 10)
         resets = lab.daemon.status()["vms"][VM]["resets"]
-    assert resets is not None
     lab.daemon.wait_status(
         "the keepalive's reset of the silent agent's session",
         lambda s: s["vms"][VM]["resets"] > resets,
