@@ -72,17 +72,13 @@ class _Running:
     lost_check_due: bool = False
 
 
-class _HostSession(PeerSession):
+class _HostSession(PeerSession["Agent"]):
     """The protocol session of one host connection; the agent acts on what it carries."""
 
     ROLE = "guest"
 
-    def __init__(self, agent: Agent) -> None:
-        super().__init__()
-        self.agent = agent
-
     def hello(self) -> Hello:
-        return self.agent.hello()
+        return self.owner.hello()
 
     @property
     def ready(self) -> bool:
@@ -95,11 +91,11 @@ class _HostSession(PeerSession):
             self.version,
             ", again" if restarted else "",
         )
-        self.agent._conn = self
-        self.send(self.agent.tracker.update())  # the whole state, after every host Hello
+        self.owner._conn = self
+        self.send(self.owner.tracker.update())  # the whole state, after every host Hello
 
     async def on_message(self, message: BaseMessage) -> None:
-        await self.agent.handle(self, message)
+        await self.owner.handle(self, message)
 
     def on_peer_error(self, error: Error) -> None:
         log.warning(
@@ -192,7 +188,7 @@ class Agent:
                 await asyncio.wait_for(writer.drain(), 1.0)
             writer.transport.abort()
 
-    async def handle(self, session: PeerSession, message: BaseMessage) -> None:
+    async def handle(self, session: PeerSession[Agent], message: BaseMessage) -> None:
         """Act on one message of a ready session (Hello, Ping and Error are the session's)."""
         rid = message.request_id
         if isinstance(message, AffinityResult):

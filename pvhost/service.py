@@ -54,6 +54,9 @@ class VmRecord:
     last_result: list[VcpuPlacement] = field(default_factory=list)
     #: (QEMU pid, sorted (vCPU, tid) pairs) the backend was last attached with.
     attached: tuple[int, tuple[tuple[int, int], ...]] | None = None
+    #: Set once the VM is being closed: its session stopped, then everything undone. The
+    #: record stays listed until the undo is done, so "gone from status" means "undone".
+    closing: asyncio.Task[None] | None = None
 
     @property
     def effective_policy(self) -> PolicyName:
@@ -84,7 +87,7 @@ class Service:
         self.vms: dict[str, VmRecord] = {}
         self._lock = asyncio.Lock()
         self._watcher: DirWatcher | None = None
-        self._background: set[asyncio.Task[None]] = set()
+        self._stopping = False
         #: Attachments adopted at start (VM → QEMU pid and vCPU tids), used once per VM.
         self._adopted_attach: dict[str, tuple[int, tuple[tuple[int, int], ...]]] = {}
         self.adopted: dict[str, dict[int, int]] = {}
@@ -141,18 +144,21 @@ class Service:
         return {name: m for name, m in found if m is not None}
 
     async def stop(self) -> None:
+        """Close every VM (waiting for closes already under way), then remove extpv's cgroup."""
+        self._stopping = True
         if self._watcher is not None:
             self._watcher.close()
-        for name in list(self.vms):
-            await self._stop_session(name)
-        await asyncio.to_thread(self.backend.teardown)
+        closes = [self._close(name) for name in list(self.vms)]
+        await asyncio.gather(*(task for task in closes if task is not None))
+        async with self._lock:
+            await asyncio.to_thread(self.backend.teardown)
 
     def rescan(self) -> None:
+        if self._stopping:
+            return
         specs = scan_vms(self.config)
         for name in set(self.vms) - set(specs):
-            task = asyncio.get_running_loop().create_task(self._stop_session(name))
-            self._background.add(task)  # keep a reference until it is done
-            task.add_done_callback(self._background.discard)
+            self._close(name)
         for name, spec in specs.items():
             if name not in self.vms:
                 self._start_session(spec, None)
@@ -185,21 +191,37 @@ class Service:
         )
         self.metrics.vms.set(len(self.vms))
 
-    async def _stop_session(self, name: str) -> None:
-        vm = self.vms.pop(name, None)
+    def _close(self, name: str) -> asyncio.Task[None] | None:
+        """The one task that closes VM ``name`` (started on the first ask), or None if unknown.
+
+        The record stays in :attr:`vms` until the undo is done: ``stop()`` waits for a close
+        the watcher began, and a VM whose directory comes back meanwhile is picked up by the
+        rescan that ends the close."""
+        vm = self.vms.get(name)
         if vm is None:
-            return
-        vm.task.cancel()
+            return None
+        if vm.closing is None:
+            vm.closing = asyncio.get_running_loop().create_task(
+                self._stop_session(name, vm), name=f"close-{name}"
+            )
+        return vm.closing
+
+    async def _stop_session(self, name: str, vm: VmRecord) -> None:
         try:
-            await vm.task
-        except asyncio.CancelledError:
-            pass
-        except Exception:
-            # A session that died of an error must not stop the undo of its VM, of the
-            # other VMs, or of extpv's own cgroup (stop() runs this for every VM).
-            _log.exception("%s: the VM's session had ended with an error", name)
-        await self._undo(name, vm)
-        self.metrics.vms.set(len(self.vms))
+            vm.task.cancel()
+            try:
+                await vm.task
+            except asyncio.CancelledError:
+                pass
+            except Exception:
+                # A session that died of an error must not stop the undo of its VM, of the
+                # other VMs, or of extpv's own cgroup (stop() runs this for every VM).
+                _log.exception("%s: the VM's session had ended with an error", name)
+            await self._undo(name, vm)
+        finally:
+            del self.vms[name]
+            self.metrics.vms.set(len(self.vms))
+        self.rescan()
 
     async def vm_gone(self, name: str) -> None:
         """The VM's QEMU went away (QMP closed): undo all its placements."""

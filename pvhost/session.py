@@ -103,14 +103,10 @@ class ChannelStatus:
     programs: dict[str, str] = field(default_factory=dict)
 
 
-class _GuestChannel(PeerSession):
+class _GuestChannel(PeerSession["VmSession"]):
     """The protocol session of one connection to the guest agent."""
 
     ROLE = "host"
-
-    def __init__(self, vm: VmSession) -> None:
-        super().__init__()
-        self.vm = vm
 
     def hello(self) -> Hello:
         return Hello(
@@ -123,17 +119,17 @@ class _GuestChannel(PeerSession):
 
     async def on_ready(self, peer: Hello, *, restarted: bool) -> None:
         if restarted:
-            _log.info("%s: the guest agent restarted (new Hello)", self.vm.name)
-        self.vm.guest_ready(peer, self.version)
+            _log.info("%s: the guest agent restarted (new Hello)", self.owner.name)
+        self.owner.guest_ready(peer, self.version)
 
     async def on_message(self, message: BaseMessage) -> None:
-        self.vm.guest_message(self, message)
+        self.owner.guest_message(self, message)
 
     def on_peer_error(self, error: Error) -> None:
-        _log.warning("%s: guest error %s: %s", self.vm.name, error.code, error.message)
+        _log.warning("%s: guest error %s: %s", self.owner.name, error.code, error.message)
 
     def on_bad_frame(self, error: ProtocolError) -> None:
-        _log.warning("%s: bad frame from guest: %s", self.vm.name, error)
+        _log.warning("%s: bad frame from guest: %s", self.owner.name, error)
 
 
 class VmSession:

@@ -44,7 +44,7 @@ import enum
 import itertools
 import time
 from collections.abc import Iterable
-from typing import ClassVar, Literal
+from typing import ClassVar, Generic, Literal, TypeVar
 
 from pvproto.errors import FrameTooLarge, ProtocolError, VersionMismatch
 from pvproto.framing import FrameDecoder, encode
@@ -73,7 +73,11 @@ class PeerSilent(ProtocolError):
     """The peer sent nothing, not even a Pong, within the liveness deadline."""
 
 
-class PeerSession:
+#: What a session serves: the guest agent, or the host's session of one VM.
+OwnerT = TypeVar("OwnerT")
+
+
+class PeerSession(Generic[OwnerT]):
     """One connection's protocol session; subclasses add what their daemon does.
 
     ``run(reader, writer)`` sends our Hello, then reads until the stream ends; a subclass
@@ -92,7 +96,9 @@ class PeerSession:
     #: Hello do not make us greet again yet.
     REGREET_S: ClassVar[float] = 1.0
 
-    def __init__(self, *, versions: Iterable[int] = SUPPORTED_VERSIONS) -> None:
+    def __init__(self, owner: OwnerT, *, versions: Iterable[int] = SUPPORTED_VERSIONS) -> None:
+        #: What this session serves; the hooks of a subclass act on it.
+        self.owner = owner
         self.versions = tuple(sorted(set(versions)))
         self.state = SessionState.AWAITING_HELLO
         #: The negotiated protocol version, once the peer's Hello arrived.

@@ -19,6 +19,7 @@ import errno
 import logging
 import os
 import re
+import time
 from abc import ABC, abstractmethod
 from collections.abc import Mapping
 from pathlib import Path
@@ -135,8 +136,8 @@ class PlacementBackend(ABC):
         """Status for operators: per VM and vCPU, cgroup, cpus and partition state."""
 
     @abstractmethod
-    def teardown(self) -> None:
-        """Remove extpv's own cgroup if nothing is left in it."""
+    def _remove_base(self) -> None:
+        """Remove extpv's own cgroup, empty by now."""
 
     # -- shared ----------------------------------------------------------------------------------
     def _vm_dir(self, vm: str) -> Path:
@@ -194,6 +195,18 @@ class PlacementBackend(ABC):
             self.unpin(vm, vcpu)
         self._release(vm)
         self.state.drop_vm(vm)
+
+    def teardown(self) -> None:
+        """Undo whatever is still placed (recorded VMs, then cgroups of ours that no record
+        names) and remove extpv's own cgroup. Stopping leaves nothing behind: what cannot be
+        removed is a PlacementError naming it, never a silent leftover."""
+        for vm in self.state.vms():
+            self.detach(vm)
+        if not self.base.is_dir():
+            return
+        for vm_dir in sorted(p for p in self.base.iterdir() if p.is_dir()):
+            self._orphan(vm_dir)
+        self._remove_base()
 
     def verify(self) -> list[Finding]:
         """Re-check every recorded placement against the kernel; empty when all hold."""
@@ -351,11 +364,27 @@ def restore_own_affinity(record: PinRecord) -> None:
         os.sched_setaffinity(record.tid, own)
 
 
+#: How long rmdir of a cgroup is retried while the kernel still counts it busy.
+RMDIR_BUSY_S = 2.0
+
+
 def remove_cgroup(path: Path) -> None:
-    """rmdir a cgroup of ours; one already gone is fine, any other failure is reported."""
-    try:
-        path.rmdir()
-    except FileNotFoundError:
-        pass
-    except OSError as err:
-        raise PlacementError(f"cannot remove cgroup {path}: {err.strerror}") from err
+    """rmdir a cgroup of ours; one already gone is fine, any other failure is reported.
+
+    EBUSY is retried for a short while: a thread just moved out, or exiting, can keep a
+    cgroup populated for a moment after its tasks file reads empty (more so on a loaded
+    host), and giving up then would leave the cgroup behind for good."""
+    deadline = time.monotonic() + RMDIR_BUSY_S
+    delay = 0.001
+    while True:
+        try:
+            path.rmdir()
+        except FileNotFoundError:
+            return
+        except OSError as err:
+            if err.errno == errno.EBUSY and time.monotonic() < deadline:
+                time.sleep(delay)
+                delay = min(delay * 2, 0.05)
+                continue
+            raise PlacementError(f"cannot remove cgroup {path}: {err.strerror}") from err
+        return

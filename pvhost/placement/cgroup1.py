@@ -212,7 +212,6 @@ class Cgroup1Backend(PlacementBackend):
             vms[vm] = out
         return {"backend": self.name, "base": str(self.base), "vms": vms}
 
-    def teardown(self) -> None:
-        if self.base.is_dir() and not any(p.is_dir() for p in self.base.iterdir()):
-            self._hand_back(self.base)
-            remove_cgroup(self.base)
+    def _remove_base(self) -> None:
+        self._hand_back(self.base)
+        remove_cgroup(self.base)

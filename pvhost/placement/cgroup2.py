@@ -271,9 +271,8 @@ class Cgroup2Backend(PlacementBackend):
             "vms": vms,
         }
 
-    def teardown(self) -> None:
-        if self.base.is_dir() and not any(p.is_dir() for p in self.base.iterdir()):
-            if (self.base / "cpuset.cpus.exclusive").exists():
-                with contextlib.suppress(PlacementError):
-                    write_text(self.base / "cpuset.cpus.exclusive", "")
-            remove_cgroup(self.base)
+    def _remove_base(self) -> None:
+        if (self.base / "cpuset.cpus.exclusive").exists():
+            with contextlib.suppress(PlacementError):
+                write_text(self.base / "cpuset.cpus.exclusive", "")
+        remove_cgroup(self.base)

@@ -6,81 +6,18 @@ from __future__ import annotations
 import asyncio
 import json
 import signal
-import socket
-import sys
 import urllib.request
 from pathlib import Path
 
 import pytest
 
 from pvhost.placement import thread_allowed_cpus
+from tests.integration.hostrun import daemon_and_guest, free_port, write_config
 from vmlab import VirtualMachine
-from vmlab.guestpeer import FakeGuestChannel
 
 pytestmark = [pytest.mark.root, pytest.mark.vm]
 
 CPUSET = Path("/sys/fs/cgroup/cpuset")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
-
-
-def write_config(tmp_path: Path, qemu: VirtualMachine, group: str, port: int) -> Path:
-    program = tmp_path / "affinity.bpf.o"
-    program.write_bytes(b"\x7fELF test payload")
-    config = tmp_path / "pvhost.toml"
-    config.write_text(f"""
-[service]
-runtime_dir = "{tmp_path / "runtime"}"
-state_dir = "{tmp_path / "state"}"
-control_socket = "{tmp_path / "pvhost.sock"}"
-metrics = "127.0.0.1:{port}"
-signing_key = "{tmp_path / "no-key"}"
-affinity_program = "{program}"
-max_backoff = 0.5
-
-[placement]
-backend = "cgroup1"
-group = "{group}"
-housekeeping = "0"
-policy = "pool"
-quota = 1
-
-[vms.t]
-qmp = "{qemu.qmp_socket}"
-agent = "{qemu.dir / "agent.sock"}"
-""")
-    return config
-
-
-async def pvctl(tmp_path: Path, *args: str) -> tuple[int, str]:
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "pvhost.ctl", "--socket", str(tmp_path / "pvhost.sock"), *args,
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
-    )  # fmt: skip
-    out, _ = await asyncio.wait_for(proc.communicate(), 30)
-    return proc.returncode or 0, out.decode()
-
-
-async def start_pvhost(config: Path, tmp_path: Path) -> asyncio.subprocess.Process:
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "pvhost.cli", "run", "--config", str(config),
-        stdout=asyncio.subprocess.DEVNULL, stderr=open(tmp_path / "pvhost.log", "ab"),  # noqa: SIM115
-    )  # fmt: skip
-    async with asyncio.timeout(15):
-        while not (tmp_path / "pvhost.sock").exists():
-            assert proc.returncode is None, (tmp_path / "pvhost.log").read_text()
-            await asyncio.sleep(0.05)
-    return proc
-
-
-async def stop(proc: asyncio.subprocess.Process, sig: int) -> None:
-    proc.send_signal(sig)
-    await asyncio.wait_for(proc.wait(), 15)
 
 
 def test_kill9_restart_adopts_then_sigterm_restores(
@@ -92,11 +29,7 @@ def test_kill9_restart_adopts_then_sigterm_restores(
     config = write_config(tmp_path, qemu, cpuset_group, port)
 
     async def scenario() -> None:
-        guest = FakeGuestChannel(qemu.dir / "agent.sock")
-        await guest.start()
-        daemon = await start_pvhost(config, tmp_path)
-        try:
-            await guest.connected()
+        async with daemon_and_guest(tmp_path, config, qemu.dir / "agent.sock") as (daemon, guest):
             # Quota 1: the second vCPU is refused with a reason; pool skips housekeeping CPU 0.
             result = await guest.update(1, [1, 2])
             placed = {p.vcpu: (p.pcpu, p.refused) for p in result.placements}
@@ -106,7 +39,7 @@ def test_kill9_restart_adopts_then_sigterm_restores(
             assert [(p.vcpu, p.pcpu) for p in result.placements] == [(2, 1)]
             assert thread_allowed_cpus(tid) == {1}
 
-            rc, out = await pvctl(tmp_path, "status", "--json")
+            rc, out = await daemon.pvctl("status", "--json")
             assert rc == 0, out
             status = json.loads(out)
             assert status["backend"] == "cgroup1"
@@ -114,7 +47,7 @@ def test_kill9_restart_adopts_then_sigterm_restores(
             assert vm["vcpus"]["2"]["tid"] == tid and vm["wanted"] == [2]
             assert vm["placements"]["2"]["pcpu"] == 1
             assert vm["programs"] == {"affinity": "loaded"}
-            rc, text = await pvctl(tmp_path, "status")
+            rc, text = await daemon.pvctl("status")
             assert rc == 0 and "pCPU 1" in text, text
 
             metrics = await asyncio.to_thread(
@@ -126,11 +59,10 @@ def test_kill9_restart_adopts_then_sigterm_restores(
             assert 'extpv_affinity_requests_total{vm="t"} 2.0' in metrics
 
             # kill -9: the pin survives the crash ...
-            await stop(daemon, signal.SIGKILL)
+            await daemon.stop(signal.SIGKILL)
             assert thread_allowed_cpus(tid) == {1}
-            (tmp_path / "pvhost.sock").unlink()
             # ... and the restarted service adopts it (the VM is live, the thread unchanged).
-            daemon = await start_pvhost(config, tmp_path)
+            await daemon.start()
             async with asyncio.timeout(10):
                 while guest.connections < 2:
                     await asyncio.sleep(0.05)
@@ -138,34 +70,29 @@ def test_kill9_restart_adopts_then_sigterm_restores(
             assert [(p.vcpu, p.pcpu) for p in result.placements] == [(2, 1)]
             assert thread_allowed_cpus(tid) == {1}
 
-            rc, out = await pvctl(tmp_path, "remap", "on", "t")
+            rc, out = await daemon.pvctl("remap", "on", "t")
             assert rc == 0 and "policy ht-aware" in out, out
-            rc, out = await pvctl(tmp_path, "remap", "off", "t")
+            rc, out = await daemon.pvctl("remap", "off", "t")
             assert rc == 0 and "policy pool" in out, out
             program = tmp_path / "extra.bpf.o"
             program.write_bytes(b"\x7fELF another program")
-            rc, out = await pvctl(tmp_path, "program", "load", "t", str(program))
+            rc, out = await daemon.pvctl("program", "load", "t", str(program))
             assert rc == 0 and "program extra loaded" in out, out
             assert guest.programs[-1].program_id == "extra"
             assert guest.programs[-1].payload == program.read_bytes()
-            rc, out = await pvctl(tmp_path, "release", "nosuchvm")
+            rc, out = await daemon.pvctl("release", "nosuchvm")
             assert rc == 1 and "no VM named 'nosuchvm'" in out, out
 
-            rc, out = await pvctl(tmp_path, "release", "t")
+            rc, out = await daemon.pvctl("release", "t")
             assert rc == 0 and "released" in out, out
             assert thread_allowed_cpus(tid) == before
             result = await guest.update(4, [2])
             assert thread_allowed_cpus(tid) == {1}
 
             # A graceful stop undoes everything and removes extpv's cgroups.
-            await stop(daemon, signal.SIGTERM)
+            await daemon.stop(signal.SIGTERM)
             assert thread_allowed_cpus(tid) == before
             assert not (CPUSET / cpuset_group).exists()
-        finally:
-            if daemon.returncode is None:
-                daemon.kill()
-                await daemon.wait()
-            await guest.close()
 
     asyncio.run(scenario())
 
@@ -176,28 +103,18 @@ def test_kill9_then_vm_dies_restart_undoes_everything(
     config = write_config(tmp_path, qemu, cpuset_group, free_port())
 
     async def scenario() -> None:
-        guest = FakeGuestChannel(qemu.dir / "agent.sock")
-        await guest.start()
-        daemon = await start_pvhost(config, tmp_path)
-        try:
-            await guest.connected()
+        async with daemon_and_guest(tmp_path, config, qemu.dir / "agent.sock") as (daemon, guest):
             result = await guest.update(1, [1])
             assert result.placements[0].pcpu == 1
-            await stop(daemon, signal.SIGKILL)
-            (tmp_path / "pvhost.sock").unlink()
+            await daemon.stop(signal.SIGKILL)
             assert (CPUSET / cpuset_group / "vm-t" / "vcpu1").is_dir()
             qemu.kill()  # the VM goes away while no pvhost is watching
-            daemon = await start_pvhost(config, tmp_path)
+            await daemon.start()
             assert not (CPUSET / cpuset_group / "vm-t").exists()
             state = json.loads((tmp_path / "state" / "cgroup1.json").read_text())
             assert state["vms"] == {}
-            await stop(daemon, signal.SIGTERM)
+            await daemon.stop(signal.SIGTERM)
             assert not (CPUSET / cpuset_group).exists()
-        finally:
-            if daemon.returncode is None:
-                daemon.kill()
-                await daemon.wait()
-            await guest.close()
 
     asyncio.run(scenario())
 
@@ -215,11 +132,7 @@ def test_vm_exit_while_watched_is_undone_and_sigterm_removes_everything(
     config = write_config(tmp_path, qemu, cpuset_group, free_port())
 
     async def scenario() -> None:
-        guest = FakeGuestChannel(qemu.dir / "agent.sock")
-        await guest.start()
-        daemon = await start_pvhost(config, tmp_path)
-        try:
-            await guest.connected()
+        async with daemon_and_guest(tmp_path, config, qemu.dir / "agent.sock") as (daemon, guest):
             result = await guest.update(1, [1])
             assert result.placements[0].pcpu == 1
             vm_cgroup = CPUSET / cpuset_group / "vm-t"
@@ -228,19 +141,14 @@ def test_vm_exit_while_watched_is_undone_and_sigterm_removes_everything(
             async with asyncio.timeout(10):
                 while vm_cgroup.exists():
                     await asyncio.sleep(0.05)
-            rc, out = await pvctl(tmp_path, "status", "--json")
+            rc, out = await daemon.pvctl("status", "--json")
             assert rc == 0, out
             vm = json.loads(out)["vms"]["t"]
             assert vm["placements"] == {} and vm["qmp"] != "connected", vm
-            await stop(daemon, signal.SIGTERM)
-            log = (tmp_path / "pvhost.log").read_text()
+            await daemon.stop(signal.SIGTERM)
+            log = daemon.log()
             assert daemon.returncode == 0, log
             assert "session had ended with an error" not in log, log
             assert not (CPUSET / cpuset_group).exists(), log
-        finally:
-            if daemon.returncode is None:
-                daemon.kill()
-                await daemon.wait()
-            await guest.close()
 
     asyncio.run(scenario())

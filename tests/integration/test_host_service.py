@@ -9,42 +9,14 @@ from pathlib import Path
 
 import pytest
 
-from pvhost.config import Config
 from pvhost.placement import thread_allowed_cpus
-from pvhost.service import Service
 from pvproto import AffinityResult, AffinityUpdate, LoadProgram
+from tests.integration.hostrun import served, service_config
 from vmlab import VirtualMachine, VMSpec, start
-from vmlab.guestpeer import FakeGuestChannel
 
 pytestmark = [pytest.mark.root, pytest.mark.vm]
 
 CPUSET = Path("/sys/fs/cgroup/cpuset")
-
-
-def make_config(tmp_path: Path, qemu: VirtualMachine, group: str, **placement: object) -> Config:
-    program = tmp_path / "affinity.bpf.o"
-    program.write_bytes(b"\x7fELF test payload: the guest is played by the test")
-    return Config.model_validate(
-        {
-            "service": {
-                "runtime_dir": str(tmp_path / "runtime"),
-                "state_dir": str(tmp_path / "state"),
-                "control_socket": str(tmp_path / "pvhost.sock"),
-                "signing_key": str(tmp_path / "no-key"),
-                "affinity_program": str(program),
-                "max_backoff": 0.5,
-            },
-            "placement": {
-                "backend": "cgroup1",
-                "group": group,
-                "housekeeping": "",
-                "policy": "identity",
-                "quota": 2,
-                **placement,
-            },
-            "vms": {"t": {"qmp": str(qemu.qmp_socket), "agent": str(qemu.dir / "agent.sock")}},
-        }
-    )
 
 
 def thread_cpuset(tid: int) -> str:
@@ -58,12 +30,9 @@ def test_update_pins_vcpu_thread_and_empty_update_restores(
     before = (thread_allowed_cpus(tid), thread_cpuset(tid))
 
     async def scenario() -> None:
-        guest = FakeGuestChannel(qemu.dir / "agent.sock")
-        await guest.start()
-        service = Service(make_config(tmp_path, qemu, cpuset_group))
-        await service.start()
-        try:
-            await guest.connected()
+        async with served(
+            service_config(tmp_path, qemu, cpuset_group), qemu.dir / "agent.sock"
+        ) as (service, guest):
             load = await guest.expect(LoadProgram)
             assert isinstance(load, LoadProgram) and load.program_id == "affinity"
 
@@ -88,9 +57,6 @@ def test_update_pins_vcpu_thread_and_empty_update_restores(
             assert (thread_allowed_cpus(tid), thread_cpuset(tid)) == before
             assert not vcpu_dir.exists()
             assert guest.bad_frames == []
-        finally:
-            await service.stop()
-            await guest.close()
 
     asyncio.run(scenario())
     assert (thread_allowed_cpus(tid), thread_cpuset(tid)) == before
@@ -104,13 +70,8 @@ def test_update_storm_is_rate_limited_coalesced_and_all_answered(
     before = {v: thread_allowed_cpus(t) for v, t in tids.items()}
 
     async def scenario() -> None:
-        guest = FakeGuestChannel(qemu.dir / "agent.sock")
-        await guest.start()
-        config = make_config(tmp_path, qemu, cpuset_group, rate=4.0, burst=1)
-        service = Service(config)
-        await service.start()
-        try:
-            await guest.connected()
+        config = service_config(tmp_path, qemu, cpuset_group, rate=4.0, burst=1)
+        async with served(config, qemu.dir / "agent.sock") as (service, guest):
             # A hostile guest: garbage on the channel, an unknown vCPU, then a storm.
             assert guest._writer is not None
             guest._writer.write(b"\xe5PVF garbage \xff" * 100)
@@ -132,9 +93,6 @@ def test_update_storm_is_rate_limited_coalesced_and_all_answered(
             assert service.metrics.requests_of("t") <= 5
             assert thread_allowed_cpus(tids[1]) == {1}
             assert thread_allowed_cpus(tids[0]) == before[0]
-        finally:
-            await service.stop()
-            await guest.close()
 
     asyncio.run(scenario())
     assert {v: thread_allowed_cpus(t) for v, t in tids.items()} == before
@@ -145,16 +103,12 @@ def test_vm_found_in_runtime_dir_and_undone_when_it_goes(
 ) -> None:
     tid = qemu.vcpu_threads()[1].tid
     before = (thread_allowed_cpus(tid), thread_cpuset(tid))
-    config = make_config(tmp_path, qemu, cpuset_group)
+    config = service_config(tmp_path, qemu, cpuset_group)
     config = config.model_copy(update={"vms": {}})
     runtime = config.service.runtime_dir
 
     async def scenario() -> None:
-        guest = FakeGuestChannel(qemu.dir / "agent.sock")
-        await guest.start()
-        service = Service(config)
-        await service.start()
-        try:
+        async with served(config, qemu.dir / "agent.sock", connect=False) as (service, guest):
             assert service.sessions == {}
             # The launcher's layout: /run/extpv/vms/<name>/{qmp.sock,agent.sock}.
             (runtime / "t").symlink_to(qemu.dir, target_is_directory=True)
@@ -163,14 +117,40 @@ def test_vm_found_in_runtime_dir_and_undone_when_it_goes(
             assert result.placements[0].pcpu == 1
             assert thread_allowed_cpus(tid) == {1}
             (runtime / "t").unlink()  # the VM's directory goes away: everything is undone
-            async with asyncio.timeout(5):
-                while "t" in service.sessions or thread_allowed_cpus(tid) != before[0]:
+            async with asyncio.timeout(5):  # listed until undone (issue #13: it was not)
+                while "t" in service.sessions:
                     await asyncio.sleep(0.02)
             assert (thread_allowed_cpus(tid), thread_cpuset(tid)) == before
             assert not (CPUSET / cpuset_group / "vm-t").exists()
-        finally:
-            await service.stop()
-            await guest.close()
+
+    asyncio.run(scenario())
+
+
+def test_stop_while_a_vanished_vm_is_being_undone_leaves_nothing(
+    tmp_path: Path, qemu: VirtualMachine, cpuset_group: str
+) -> None:
+    """The VM's directory goes and pvhost is stopped at once, while that VM's undo is still
+    running in the background: stop must wait for it and remove every cgroup it made.
+
+    Regression (issue #13): stop() only undid the VMs still listed, so a VM whose undo had
+    begun was skipped and the backend's teardown ran beside it and kept the base cgroup."""
+    tid = qemu.vcpu_threads()[1].tid
+    before = (thread_allowed_cpus(tid), thread_cpuset(tid))
+    config = service_config(tmp_path, qemu, cpuset_group).model_copy(update={"vms": {}})
+    runtime = config.service.runtime_dir
+
+    async def scenario() -> None:
+        async with served(config, qemu.dir / "agent.sock", connect=False) as (service, guest):
+            (runtime / "t").symlink_to(qemu.dir, target_is_directory=True)
+            await guest.connected()
+            result = await guest.update(1, [1])
+            assert result.placements[0].pcpu == 1
+            (runtime / "t").unlink()
+            async with asyncio.timeout(5):  # the watcher has seen it: the close is under way
+                while service.vms["t"].closing is None:
+                    await asyncio.sleep(0.001)
+        assert (thread_allowed_cpus(tid), thread_cpuset(tid)) == before
+        assert not (CPUSET / cpuset_group).exists(), "stop() left extpv's cgroup behind"
 
     asyncio.run(scenario())
 
@@ -180,12 +160,9 @@ def test_hot_plugged_vcpu_is_found_and_pinned(tmp_path: Path, cpuset_group: str)
     try:
 
         async def scenario() -> None:
-            guest = FakeGuestChannel(qemu.dir / "agent.sock", vcpus=1)
-            await guest.start()
-            service = Service(make_config(tmp_path, qemu, cpuset_group))
-            await service.start()
-            try:
-                await guest.connected()
+            async with served(
+                service_config(tmp_path, qemu, cpuset_group), qemu.dir / "agent.sock", vcpus=1
+            ) as (service, guest):
                 result = await guest.update(1, [1])
                 assert "unknown vCPU 1" in (result.placements[0].refused or "")
                 qemu.qmp(  # on the lab's own monitor: pvhost holds qmp.sock
@@ -201,9 +178,6 @@ def test_hot_plugged_vcpu_is_found_and_pinned(tmp_path: Path, cpuset_group: str)
                 assert service.status()["vms"]["t"]["vcpus"]["1"]["tid"] == tid
                 await guest.update(3, [])
                 assert thread_allowed_cpus(tid) == before
-            finally:
-                await service.stop()
-                await guest.close()
 
         asyncio.run(scenario())
     finally:

@@ -11,9 +11,8 @@ from pathlib import Path
 import pytest
 
 from pvhost.placement import thread_allowed_cpus
-from tests.integration.test_host_daemon import free_port, pvctl, start_pvhost, stop, write_config
+from tests.integration.hostrun import daemon_and_guest, free_port, write_config
 from vmlab import VirtualMachine
-from vmlab.guestpeer import FakeGuestChannel
 
 pytestmark = [pytest.mark.root, pytest.mark.vm]
 
@@ -27,22 +26,18 @@ def test_verify_passes_then_reports_a_vcpu_moved_behind_pvhosts_back(
     config = write_config(tmp_path, qemu, cpuset_group, free_port())
 
     async def scenario() -> None:
-        guest = FakeGuestChannel(qemu.dir / "agent.sock")
-        await guest.start()
-        daemon = await start_pvhost(config, tmp_path)
-        try:
-            await guest.connected()
-            rc, out = await pvctl(tmp_path, "verify")
+        async with daemon_and_guest(tmp_path, config, qemu.dir / "agent.sock") as (daemon, guest):
+            rc, out = await daemon.pvctl("verify")
             assert (rc, out.strip()) == (0, "0 placement(s) verified"), out
             result = await guest.update(1, [1])
             assert [(p.vcpu, p.pcpu) for p in result.placements] == [(1, 1)]
-            rc, out = await pvctl(tmp_path, "verify")
+            rc, out = await daemon.pvctl("verify")
             assert (rc, out.strip()) == (0, "1 placement(s) verified"), out
 
             # Someone else moves the vCPU thread out of its cpuset (back to the root).
             (CPUSET / "tasks").write_text(str(tid))
             assert thread_allowed_cpus(tid) != {1}
-            rc, out = await pvctl(tmp_path, "verify")
+            rc, out = await daemon.pvctl("verify")
             assert rc == 1, out
             moved = (
                 f"VM t vCPU 1 (thread {tid}, pCPU 1): "
@@ -51,7 +46,7 @@ def test_verify_passes_then_reports_a_vcpu_moved_behind_pvhosts_back(
             assert moved in out, out
             assert "affinity should be 1" in out, out
             assert "1 of 1 placement(s) drifted" in out, out
-            rc, out = await pvctl(tmp_path, "verify", "--json")
+            rc, out = await daemon.pvctl("verify", "--json")
             assert rc == 1, out
             report = json.loads(out)
             assert report["placements"] == 1
@@ -60,12 +55,7 @@ def test_verify_passes_then_reports_a_vcpu_moved_behind_pvhosts_back(
                 ("t", 1, "affinity"),
             }
 
-            await stop(daemon, signal.SIGTERM)
+            await daemon.stop(signal.SIGTERM)
             assert not (CPUSET / cpuset_group).exists()
-        finally:
-            if daemon.returncode is None:
-                daemon.kill()
-                await daemon.wait()
-            await guest.close()
 
     asyncio.run(scenario())

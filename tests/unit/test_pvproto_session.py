@@ -26,11 +26,11 @@ from pvproto.session import PeerSession, PeerSilent, SessionClosed, SessionState
 TOPOLOGY = GuestTopology(online_vcpus=[0, 1])
 
 
-class Side(PeerSession):
+class Side(PeerSession[None]):
     """A session that records what it was told; its role is set per instance."""
 
     def __init__(self, role: str, versions: tuple[int, ...] = (1,)) -> None:
-        super().__init__(versions=versions)
+        super().__init__(None, versions=versions)
         self.role = role
         self.ready_calls: list[bool] = []
         self.messages: list[BaseMessage] = []
