@@ -275,6 +275,13 @@ class FaultLab:
         """Converged, with or without the pinned workload, before a cell's phase starts."""
         self._reap_loader()
         if workload and self.workload is None:
+            # Pinned once the agent runs its program (a thread pinned earlier is found too,
+            # from /proc, but only at the agent's next fresh start).
+            self.daemon.wait_status(
+                "the program loaded",
+                lambda s: s["vms"][VM]["programs"] == {"affinity": "loaded"},
+                60,
+            )
             self.start_workload()
         elif not workload and self.workload is not None:
             self.stop_workload()
