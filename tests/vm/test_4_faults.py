@@ -56,6 +56,7 @@ import os
 import platform
 import shutil
 import signal
+import sys
 import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
@@ -301,11 +302,11 @@ def test_fault_converges(lab: FaultLab, fault: str, phase: str) -> None:
     recover_s = time.monotonic() - t0
     lab.check_host(status)
     lab.check_bystander(sessions, pvhost_restarted)
-    _OUTCOMES.append(
-        Outcome(
-            fault, phase, round(recover_s, 1), round(boot_s, 1), lab.bystander.sessions != sessions
-        )
+    outcome = Outcome(
+        fault, phase, round(recover_s, 1), round(boot_s, 1), lab.bystander.sessions != sessions
     )
+    _OUTCOMES.append(outcome)
+    print(f"\n[faults] {outcome}", file=sys.stderr)
     assert recover_s <= RECOVER_S + boot_s, (
         f"{fault} at {phase}: converged after {recover_s:.1f} s "
         f"(bound {RECOVER_S:g} s + boot {boot_s:.0f} s)"
