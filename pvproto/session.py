@@ -19,8 +19,10 @@ States and what moves between them (``docs/session.md`` draws them)::
   stream stayed up (a virtio-serial port reopened behind QEMU's socket chardev) announces
   itself with a Hello, and the side that was already ``ready`` answers with its own, so
   both sides agree a Hello has happened. Only a ``ready`` side answers, and only when no
-  Hello of its own is unanswered (else the peer's Hello *is* the answer), so two Hellos
-  never answer each other forever, even when a stale Hello was still in the stream.
+  Hello of its own sent within ``ANSWER_S`` is unanswered (else the peer's Hello *is* the
+  answer), so two Hellos never answer each other forever, even when a stale Hello was
+  still in the stream; an older unanswered Hello of ours does not count (the peer may have
+  taken it as the answer to its own), so a peer that comes later is always greeted.
 * Before the peer's Hello only Hello, Ping, Pong and Error are acted on; anything else is
   answered with ``Error{bad-request}`` and dropped, and, since a peer that talks as if
   ready has missed our Hello, we greet again (not while our Hello is younger than
@@ -95,6 +97,9 @@ class PeerSession(Generic[OwnerT]):
     #: A Hello of ours younger than this is still on its way: frames before the peer's
     #: Hello do not make us greet again yet.
     REGREET_S: ClassVar[float] = 1.0
+    #: A peer Hello this soon after an unanswered one of ours is its answer; later, ours is
+    #: stale (the peer took it as the answer to its own, or lost it) and the peer is new.
+    ANSWER_S: ClassVar[float] = 3.0
 
     def __init__(self, owner: OwnerT, *, versions: Iterable[int] = SUPPORTED_VERSIONS) -> None:
         #: What this session serves; the hooks of a subclass act on it.
@@ -275,7 +280,10 @@ class PeerSession(Generic[OwnerT]):
             # peer that says Hello in a loop is told so and ignored until it slows down.
             self.reply_error(hello, "rate-limited", "too many Hellos; slow down")
             return
-        if restarted and self._greeted_at is None:
+        answers_ours = (
+            self._greeted_at is not None and time.monotonic() - self._greeted_at < self.ANSWER_S
+        )
+        if restarted and not answers_ours:
             # The peer restarted behind a stream that stayed up: it waits for our Hello.
             self.peer_restarts += 1
             self._send_hello()

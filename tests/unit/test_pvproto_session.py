@@ -269,6 +269,30 @@ def test_reset_then_greet_restarts_the_handshake_with_a_new_peer() -> None:
     run(body)
 
 
+def test_a_new_peer_is_answered_even_when_an_old_hello_of_ours_went_unanswered() -> None:
+    """Our answer-Hello was taken by the peer as the end of its handshake (no reply comes);
+    a Hello seconds later is a new peer's (the host reconnected after a keepalive reset) and
+    must be answered, or that peer waits for ever."""
+
+    async def body() -> None:
+        (hr, hw), (gr, gw) = await _streams()
+        guest = Side("guest")
+        task = asyncio.create_task(guest.run(gr, gw))
+        hello = Hello(role="host", protocol_versions=[1], software_version="h")
+        hw.write(encode(hello))
+        await _until(lambda: guest.state is SessionState.READY)
+        guest._greeted_at = time.monotonic() - 2 * guest.ANSWER_S  # our old answer, stale
+        raw = await hr.read(65536)  # the guest's first Hello
+        hw.write(encode(hello))  # a new host connection greets
+        async with asyncio.timeout(5):
+            while _hellos(raw) < 2:
+                raw += await hr.read(65536)
+        assert guest.ready_calls == [False, True]
+        task.cancel()
+
+    run(body)
+
+
 def test_a_peer_that_missed_our_hello_is_greeted_again() -> None:
     """Our Hello went to a peer that died; the new one talks as if ready (it took our
     earlier answer for the handshake): it is greeted again, within the rate limit."""

@@ -27,6 +27,7 @@ from typing import Any, TypeVar
 from pvproto import AffinityResult, LoadProgram
 from vmlab import VirtualMachine, VMSpec, start
 from vmlab.daemon import CHECKOUT_AFFINITY_PROGRAM, PvhostDaemon
+from vmlab.errors import MonitorError
 from vmlab.guestpeer import FakeGuestChannel
 from vmlab.images import GuestImage
 from vmlab.machine import READY_PATTERN
@@ -222,11 +223,20 @@ class FaultLab:
         ):
             assert time.monotonic() < end, "QEMU did not remove the agent's port"
             time.sleep(0.1)
-        vm.qmp(
-            "device_add",
-            {"driver": "virtserialport", "bus": "vser0.0", "chardev": "pv0",
-             "name": AGENT_PORT_NAME, "id": AGENT_PORT_ID},
-        )  # fmt: skip
+        # QEMU lets go of the chardev a little after the device left the tree (RCU).
+        while True:
+            try:
+                vm.qmp(
+                    "device_add",
+                    {"driver": "virtserialport", "bus": "vser0.0", "chardev": "pv0",
+                     "name": AGENT_PORT_NAME, "id": AGENT_PORT_ID},
+                )  # fmt: skip
+            except MonitorError as err:
+                if "already in use" not in str(err) or time.monotonic() > end:
+                    raise
+                time.sleep(0.1)
+            else:
+                return
 
     # -- what must hold ----------------------------------------------------------------------
     def converged(self, status: dict[str, Any]) -> bool:
