@@ -21,6 +21,7 @@ Example::
     quota = 4                           # pinned vCPUs per VM
     rate = 20.0                         # AffinityUpdates applied per second per VM
     burst = 5
+    isolate_from = []                   # cgroup v1: cpusets pinned pCPUs are taken from
 
     [vms.db1]                           # VMs besides those found in runtime_dir
     qmp = "/run/db1/qmp.sock"
@@ -123,8 +124,25 @@ class PlacementConfig(_Strict):
     quota: Annotated[int, Field(ge=0, le=8192)] = 4
     rate: Annotated[float, Field(gt=0, le=10_000)] = 20.0
     burst: Annotated[int, Field(ge=1, le=10_000)] = 5
+    #: cgroup v1: cpusets (paths in the cpuset hierarchy) a pinned pCPU is taken from while
+    #: it is pinned, e.g. where the other VMs and services run. cgroup v2 isolates with
+    #: partitions instead.
+    isolate_from: Annotated[list[str], Field(max_length=64)] = []
 
     _lists = field_validator("housekeeping", "pool")(_cpulist)
+
+    @field_validator("isolate_from")
+    @classmethod
+    def _cpuset_paths(cls, value: list[str]) -> list[str]:
+        for path in value:
+            parts = [p for p in path.split("/") if p]
+            if not parts:
+                raise ValueError(
+                    f"{path!r} is the root cpuset, which cgroup v1 cannot take CPUs from"
+                )
+            if any(p in (".", "..") for p in parts) or "\0" in path:
+                raise ValueError(f"{path!r}: a cpuset path without '.' or '..' parts")
+        return ["/" + "/".join(p for p in path.split("/") if p) for path in value]
 
     def housekeeping_cpus(self) -> frozenset[int]:
         return parse_cpulist(self.housekeeping)

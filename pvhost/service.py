@@ -78,7 +78,11 @@ class Service:
         placement = config.placement
         self.pool = HostPool(self.topology, placement.housekeeping_cpus(), placement.pool_cpus())
         self.backend = backend or detect_backend(
-            placement.cgroup_root, config.service.state_dir, placement.backend, placement.group
+            placement.cgroup_root,
+            config.service.state_dir,
+            placement.backend,
+            placement.group,
+            tuple(placement.isolate_from),
         )
         self.metrics = Metrics()
         self._program = SignedAffinityProgram(
@@ -108,6 +112,12 @@ class Service:
                 key.parent,
             )
         eligible = eligible_cpus(self.pool)
+        if self.config.placement.isolate_from and self.backend.name != "cgroup1":
+            _log.warning(
+                "placement.isolate_from is for cgroup v1 cpusets; the %s backend isolates "
+                "pinned pCPUs with partitions instead, so it is not used",
+                self.backend.name,
+            )
         await asyncio.to_thread(self.backend.setup, eligible)
         specs = scan_vms(self.config)
         monitors = await self._probe(specs)

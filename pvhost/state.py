@@ -11,7 +11,8 @@ The file (one per backend: ``cgroup1.json``, ``cgroup2.json`` in the state direc
     {"version": 1,
      "vms": {"<vm>": {"attach": {"pid": …, "prev_cgroup": "/…"} | null,       (cgroup v2 only)
                       "vcpus": {"<n>": {"tid": …, "pcpu": …, "prev_affinity": […],
-                                        "prev_effective": […], <backend's own fields>}}}}}
+                                        "prev_effective": […], <backend's own fields>}}}},
+     "withheld": {"/<cpuset>": "<its cpus before>"}}                 (cgroup v1 isolate_from)
 
 A file that cannot be read, does not validate or has another version is never trusted, deleted
 or overwritten: it is logged at ERROR, renamed to ``<name>.unreadable-<UTC time>`` next to
@@ -116,6 +117,9 @@ class StateFile(BaseModel, Generic[PinT]):
 
     version: Literal[1] = STATE_VERSION
     vms: dict[str, VmRecord[PinT]] = Field(default_factory=dict)
+    #: Other cpusets pinned pCPUs are taken from (cgroup v1 ``isolate_from``): cgroup path →
+    #: its ``cpuset.cpus`` before extpv first took a CPU from it, given back exactly.
+    withheld: dict[str, str] = Field(default_factory=dict)
 
 
 class StateStore(Generic[PinT_co]):
@@ -158,6 +162,10 @@ class StateStore(Generic[PinT_co]):
         entry = self._file.vms.get(vm)
         return entry.attach if entry is not None else None
 
+    def withheld(self) -> dict[str, str]:
+        """Cpuset path → its CPUs before extpv took pinned pCPUs from it."""
+        return dict(self._file.withheld)
+
     # -- changing (each saves before returning) -------------------------------------------------
     def set_pin(self, vm: str, vcpu: int, record: PinRecord | None) -> None:
         entry = self._entry(vm)
@@ -176,6 +184,10 @@ class StateStore(Generic[PinT_co]):
     def set_attach(self, vm: str, record: AttachRecord | None) -> None:
         self._entry(vm).attach = record
         self._drop_if_empty(vm)
+        self.save()
+
+    def set_withheld(self, withheld: dict[str, str]) -> None:
+        self._file.withheld = dict(withheld)
         self.save()
 
     def drop_vm(self, vm: str) -> None:

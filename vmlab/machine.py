@@ -24,6 +24,7 @@ from typing import Any
 
 from extpv.names import is_vm_name
 from extpv.vcpus import VcpuThread, parse_query_cpus_fast
+from vmlab.bootsector import write_boot_disk
 from vmlab.errors import (
     BootError,
     GuestCommandError,
@@ -35,7 +36,14 @@ from vmlab.errors import (
     WaitTimeout,
 )
 from vmlab.monitor import qmp_command
-from vmlab.qemu import DEFAULT_RUNTIME_DIR, VMSpec, accel_for, check_image, qemu_argv
+from vmlab.qemu import (
+    BOOT_DISK,
+    DEFAULT_RUNTIME_DIR,
+    VMSpec,
+    accel_for,
+    check_image,
+    qemu_argv,
+)
 from vmlab.testhook import GuestResult, TestHook
 
 __all__ = [
@@ -320,6 +328,8 @@ def _spawn(spec: VMSpec) -> VirtualMachine:
             raise VMExists(f"VM {spec.name} is already running (pid {old}); stop it first")
         shutil.rmtree(d)  # leftovers of a VM that died
     d.mkdir(parents=True, mode=0o700)
+    if spec.boot_code is not None:
+        write_boot_disk(spec.boot_code, d / BOOT_DISK)
     accel, accel_args = accel_for(spec)
     argv = qemu_argv(spec, accel_args)
     info = {

@@ -72,6 +72,9 @@ class VMSpec:
     accel: str = "auto"
     extra_cmdline: str = ""
     qemu: str = QEMU
+    #: An empty machine that runs this boot-sector code (vmlab.bootsector) instead of
+    #: waiting paused: vCPU 0 executes it from the moment QEMU starts.
+    boot_code: bytes | None = None
 
     def __post_init__(self) -> None:
         # The one rule pvhost applies too: a VM it would ignore is never started.
@@ -84,15 +87,26 @@ class VMSpec:
                 f"VM {self.name}: an empty machine (no image) runs no guest, so it takes no "
                 "test hook, virtfs or kernel command line; give it an image"
             )
+        if self.image is not None and self.boot_code is not None:
+            raise LauncherError(
+                f"VM {self.name}: boot_code is for an empty machine; an image boots its kernel"
+            )
 
     @classmethod
     def empty(
-        cls, name: str, runtime_dir: Path, smp: int = 3, maxcpus: int | None = None
+        cls,
+        name: str,
+        runtime_dir: Path,
+        smp: int = 3,
+        maxcpus: int | None = None,
+        boot_code: bytes | None = None,
     ) -> VMSpec:
-        """An empty, paused machine with ``smp`` real vCPU threads and 64 MiB."""
+        """An empty machine with ``smp`` real vCPU threads and 64 MiB: paused, or running
+        ``boot_code`` (see :mod:`vmlab.bootsector`)."""
         return cls(
-            name=name, image=None, smp=smp, maxcpus=maxcpus, memory_mib=64, runtime_dir=runtime_dir
-        )
+            name=name, image=None, smp=smp, maxcpus=maxcpus, memory_mib=64,
+            runtime_dir=runtime_dir, boot_code=boot_code,
+        )  # fmt: skip
 
     @property
     def vm_dir(self) -> Path:
@@ -132,6 +146,21 @@ def _boot_args(spec: VMSpec, image: Path) -> list[str]:
     ]  # fmt: skip
 
 
+#: Where an empty machine's boot disk is written (in its VM directory).
+BOOT_DISK = "boot.img"
+
+
+def _start_args(spec: VMSpec) -> list[str]:
+    """How the machine starts: boot the image, run the boot-sector disk, or wait paused."""
+    if spec.image is not None:
+        return _boot_args(spec, spec.image)
+    if spec.boot_code is not None:
+        disk = spec.vm_dir / BOOT_DISK
+        return ["-drive", f"file={disk},format=raw,if=none,id=boot0",
+                "-device", "ide-hd,drive=boot0,bus=ide.0"]  # fmt: skip
+    return ["-S"]
+
+
 def qemu_argv(spec: VMSpec, accel_args: Sequence[str] | None = None) -> list[str]:
     """The QEMU command line for ``spec`` (the README shows it for users, libvirt included)."""
     d = spec.vm_dir
@@ -145,7 +174,7 @@ def qemu_argv(spec: VMSpec, accel_args: Sequence[str] | None = None) -> list[str
         "-machine", "q35", *accel_args,
         "-smp", smp, "-m", str(spec.memory_mib),
         "-nodefaults", "-no-user-config", "-display", "none",
-        *(_boot_args(spec, spec.image) if spec.image is not None else ["-S"]),
+        *_start_args(spec),
         "-chardev", f"socket,id=qmp0,path={d / 'qmp.sock'},server=on,wait=off",
         "-mon", "chardev=qmp0,mode=control",
         "-chardev", f"socket,id=qmp1,path={d / 'launcher-qmp.sock'},server=on,wait=off",

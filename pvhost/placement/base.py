@@ -123,6 +123,12 @@ class PlacementBackend(ABC):
         """Inside a recorded VM's cgroup, remove what no record accounts for (v1: vcpu dirs)."""
         return
 
+    def _isolate(self, held: frozenset[int]) -> None:
+        """Take exactly the ``held`` pCPUs from the other cgroups the operator named, giving
+        back what is no longer held (v1 ``isolate_from``); raise PlacementError, changing
+        nothing, where that would leave one of them without a CPU. v2: partitions do it."""
+        return
+
     @abstractmethod
     def _thread_cgroup(self, tid: int) -> str:
         """The cgroup of ``tid`` in this hierarchy, as /proc shows it (``/…``)."""
@@ -169,6 +175,7 @@ class PlacementBackend(ABC):
         # Saved before the first change: a crash from here on is undone by reconcile.
         self.state.set_pin(vm, vcpu, record)
         try:
+            self._isolate(frozenset(self._held()))
             self._apply(vm, vcpu, record)
             self._verify_pin(vm, vcpu, record)
         except PlacementError:
@@ -185,7 +192,10 @@ class PlacementBackend(ABC):
 
     def unpin(self, vm: str, vcpu: int) -> None:
         """Undo ``pin`` exactly."""
+        record = self.state.pin(vm, vcpu)
         self._undo(vm, vcpu)
+        gone = {record.pcpu} if record is not None else set()
+        self._isolate(frozenset(self._held() - gone))
         # Cleared only now: a crash during the undo leaves the record, and reconcile redoes it.
         self.state.set_pin(vm, vcpu, None)
 
@@ -202,6 +212,7 @@ class PlacementBackend(ABC):
         removed is a PlacementError naming it, never a silent leftover."""
         for vm in self.state.vms():
             self.detach(vm)
+        self._isolate(frozenset())  # also what a crash left taken with no pin recorded
         if not self.base.is_dir():
             return
         for vm_dir in sorted(p for p in self.base.iterdir() if p.is_dir()):
@@ -270,6 +281,7 @@ class PlacementBackend(ABC):
                     self.state.path,
                 )
                 self._orphan(vm_dir)
+        self._isolate(frozenset(self._held()))  # a crash may have left more taken, or less
         return adopted
 
 

@@ -43,7 +43,7 @@ from pvhost.placement.base import (
     write_text,
 )
 from pvhost.state import Cgroup1Pin, PinRecord, StateFile, StateStore
-from pvproto import format_cpulist
+from pvproto import format_cpulist, parse_cpulist
 
 __all__ = ["Cgroup1Backend"]
 
@@ -54,14 +54,22 @@ class Cgroup1Backend(PlacementBackend):
     name = "cgroup1"
     state: StateStore[Cgroup1Pin]
 
-    def __init__(self, hierarchy: Path, state: Path, group: str = "extpv") -> None:
-        """``hierarchy``: the v1 cpuset mount; ``state``: this backend's state file."""
+    def __init__(
+        self,
+        hierarchy: Path,
+        state: Path,
+        group: str = "extpv",
+        isolate_from: tuple[str, ...] = (),
+    ) -> None:
+        """``hierarchy``: the v1 cpuset mount; ``state``: this backend's state file;
+        ``isolate_from``: cpusets (paths in the hierarchy) a pinned pCPU is taken from."""
         if not (hierarchy / "cpuset.cpus").exists():
             raise BackendUnavailable(
                 f"{hierarchy} is not a cgroup v1 cpuset hierarchy (no cpuset.cpus there)"
             )
         super().__init__(hierarchy, group, StateStore[Cgroup1Pin](state, StateFile[Cgroup1Pin]))
         self.exclusive: dict[str, bool] = {}
+        self.isolate_from = tuple(hierarchy / c.strip("/") for c in isolate_from)
 
     # -- helpers -------------------------------------------------------------------------
     def _mkdir(self, path: Path, cpus: frozenset[int]) -> None:
@@ -113,10 +121,92 @@ class Cgroup1Backend(PlacementBackend):
             return self.root
         return home
 
+    # -- isolate_from -----------------------------------------------------------------------
+    def _check_isolate_from(self) -> None:
+        for path in self.isolate_from:
+            rel = self._rel(path)
+            if path == self.root:
+                raise PlacementError(
+                    "placement.isolate_from names the root cpuset: cgroup v1 cannot take CPUs "
+                    "from it; name the cpusets where the other load runs (e.g. machine.slice)"
+                )
+            if not (path / "cpuset.cpus").exists():
+                raise PlacementError(
+                    f"placement.isolate_from: no cpuset {rel} in {self.root}",
+                )
+            if path == self.base or self.base in path.parents or path in self.base.parents:
+                raise PlacementError(
+                    f"placement.isolate_from: {rel} contains or is inside extpv's own cpuset "
+                    f"{self._rel(self.base)}"
+                )
+
+    def _isolate_tree(self) -> list[Path]:
+        """Every cpuset under the ``isolate_from`` ones, each parent before its children."""
+        out: list[Path] = []
+        for top in self.isolate_from:
+            for here, dirs, _files in os.walk(top):
+                dirs.sort()
+                if (Path(here) / "cpuset.cpus").exists():
+                    out.append(Path(here))
+        return out
+
+    def _isolate(self, held: frozenset[int]) -> None:
+        withheld = self.state.withheld()
+        if not self.isolate_from and not withheld:
+            return
+        # 1. Record what each cpuset had before it first loses a CPU (saved before changing).
+        for path in self._isolate_tree():
+            rel = self._rel(path)
+            if rel not in withheld and read_cpus(path / "cpuset.cpus") & held:
+                withheld[rel] = read_setting(path / "cpuset.cpus")
+        targets: dict[str, frozenset[int]] = {}
+        for rel, before in withheld.items():
+            if not (self.root / rel.lstrip("/") / "cpuset.cpus").exists():
+                continue  # removed by its owner meanwhile: nothing to give back
+            had = parse_cpulist(before)
+            if had and not had - held:
+                raise PlacementError(
+                    f"taking pCPU(s) {format_cpulist(had & held)} from cpuset {rel} "
+                    f"(placement.isolate_from) would leave it no CPU; give it more CPUs than "
+                    "the guests may pin, or leave it out of isolate_from"
+                )
+            targets[rel] = had - held
+        self.state.set_withheld({r: withheld[r] for r in targets})
+        # 2. Shrink children before parents (a child's CPUs must stay inside its parent's),
+        #    then grow parents before children.
+        by_depth = sorted(targets, key=lambda r: r.count("/"))
+        for rel in reversed(by_depth):
+            cpus = self.root / rel.lstrip("/") / "cpuset.cpus"
+            now = read_cpus(cpus)
+            if now - targets[rel]:
+                write_text(cpus, format_cpulist(now & targets[rel]))
+        for rel in by_depth:
+            cpus = self.root / rel.lstrip("/") / "cpuset.cpus"
+            if read_cpus(cpus) != targets[rel]:
+                write_text(cpus, format_cpulist(targets[rel]))
+        # 3. Forget cpusets that have everything back.
+        self.state.set_withheld(
+            {r: withheld[r] for r in targets if targets[r] != parse_cpulist(withheld[r])}
+        )
+
+    def isolation(self) -> dict[str, Any]:
+        """What pinned pCPUs are isolated from, and what cgroup v1 leaves sharing them."""
+        held = frozenset(self._held())
+        root_tasks = read_text(self.root / "tasks").split()
+        return {
+            "mode": "isolate_from" if self.isolate_from else "restricted",
+            "isolate_from": [self._rel(p) for p in self.isolate_from],
+            "withheld": self.state.withheld(),
+            "pinned_pcpus": sorted(held),
+            # Tasks of the root cpuset keep every CPU on v1 (kernel threads among them).
+            "root_cpuset_tasks": len(root_tasks),
+        }
+
     # -- the backend ------------------------------------------------------------------------
     def setup(self, eligible: frozenset[int]) -> None:
         if not eligible:
             raise PlacementError("no eligible CPU to pin: the pool minus housekeeping is empty")
+        self._check_isolate_from()
         if self.base.is_dir():
             # Grow first (children must stay inside), never shrink below what is pinned.
             write_text(self.base / "cpuset.cpus", format_cpulist(eligible | self._held()))
@@ -210,7 +300,8 @@ class Cgroup1Backend(PlacementBackend):
                     "partition": "n/a (cgroup v1)",
                 }
             vms[vm] = out
-        return {"backend": self.name, "base": str(self.base), "vms": vms}
+        return {"backend": self.name, "base": str(self.base), "isolation": self.isolation(),
+                "vms": vms}  # fmt: skip
 
     def _remove_base(self) -> None:
         self._hand_back(self.base)

@@ -18,6 +18,7 @@ def detect_backend(
     state_dir: Path,
     prefer: Literal["auto", "cgroup2", "cgroup1"] = "auto",
     group: str = "",
+    isolate_from: tuple[str, ...] = (),
 ) -> PlacementBackend:
     """cgroup v2 when the unified hierarchy has cpuset, else the v1 cpuset hierarchy.
 
@@ -33,7 +34,7 @@ def detect_backend(
     if prefer in ("auto", "cgroup1"):
         try:
             return Cgroup1Backend(
-                cgroup_root / "cpuset", state_dir / "cgroup1.json", group or "extpv"
+                cgroup_root / "cpuset", state_dir / "cgroup1.json", group or "extpv", isolate_from
             )
         except BackendUnavailable as err:
             reasons.append(str(err))

@@ -9,6 +9,8 @@ is all the host service needs to pin. The test plays the guest agent on ``agent.
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -28,6 +30,38 @@ def _ebpf_ready() -> None:
         if REQUIRE:
             pytest.fail(f"[ebpf] capability required in CI but absent: {reason}")
         pytest.skip(f"[ebpf] {reason}")
+
+
+# Three threads that wait until stdin closes, their tids printed on one line.
+_THREADS = """
+import threading, sys
+ready = []
+stop = threading.Event()
+def work():
+    ready.append(threading.get_native_id())
+    stop.wait()
+threads = [threading.Thread(target=work) for _ in range(3)]
+for t in threads: t.start()
+while len(ready) < 3: pass
+print(" ".join(map(str, sorted(ready))), flush=True)
+sys.stdin.read()
+stop.set()
+"""
+
+
+@pytest.fixture
+def process() -> Iterator[tuple[int, list[int]]]:
+    """A process of ours (pid) with three more threads (their tids), standing in for QEMU
+    and its vCPU threads; killed at teardown."""
+    child = subprocess.Popen(
+        [sys.executable, "-c", _THREADS], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+    )
+    assert child.stdout is not None
+    try:
+        yield child.pid, [int(t) for t in child.stdout.readline().split()]
+    finally:
+        child.kill()
+        child.wait(timeout=10)
 
 
 @pytest.fixture

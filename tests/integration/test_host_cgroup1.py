@@ -6,48 +6,24 @@ from __future__ import annotations
 
 import logging
 import os
-import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from pvhost.placement import Cgroup1Backend, PlacementBackend, detect_backend, thread_allowed_cpus
+from pvhost.placement import (
+    Cgroup1Backend,
+    PlacementBackend,
+    cgroup1,
+    detect_backend,
+    thread_allowed_cpus,
+)
 from tests.conftest import absent
+from tests.faultpoints import KILLED, killed_before_write
 
 pytestmark = pytest.mark.root
 
 CPUSET = Path("/sys/fs/cgroup/cpuset")
-
-_CHILD = """
-import threading, sys
-ready = []
-stop = threading.Event()
-def work():
-    ready.append(threading.get_native_id())
-    stop.wait()
-threads = [threading.Thread(target=work) for _ in range(3)]
-for t in threads: t.start()
-while len(ready) < 3: pass
-print(" ".join(map(str, sorted(ready))), flush=True)
-sys.stdin.read()
-stop.set()
-"""
-
-
-@pytest.fixture
-def process() -> Iterator[tuple[int, list[int]]]:
-    """A process of ours (pid) with three more threads (their tids), standing in for QEMU."""
-    child = subprocess.Popen(
-        [sys.executable, "-c", _CHILD], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
-    )
-    assert child.stdout is not None
-    try:
-        yield child.pid, [int(t) for t in child.stdout.readline().split()]
-    finally:
-        child.kill()
-        child.wait(timeout=10)
 
 
 @pytest.fixture
@@ -186,24 +162,9 @@ def test_crash_in_the_middle_of_an_undo_keeps_the_record_until_it_is_done(
     vm_cpus = CPUSET / cpuset_group / "vm-vm" / "cpuset.cpus"
     assert vm_cpus.read_text().strip() == "0-1"
 
-    child = os.fork()
-    if child == 0:  # the daemon, killed at the VM-level write of its unpin
-        from pvhost.placement import cgroup1
-
-        real_write = cgroup1.write_text
-
-        def write_or_die(path: Path, value: str) -> None:
-            if path == vm_cpus:
-                os._exit(137)
-            real_write(path, value)
-
-        cgroup1.write_text = write_or_die  # type: ignore[assignment]
-        try:
-            backend.unpin("vm", 1)
-        finally:
-            os._exit(0)
-    _, status = os.waitpid(child, 0)
-    assert os.waitstatus_to_exitcode(status) == 137, "the unpin never reached the VM's cpuset"
+    # The daemon, killed at the VM-level write of its unpin.
+    code = killed_before_write(cgroup1, vm_cpus, lambda: backend.unpin("vm", 1))
+    assert code == KILLED, "the unpin never reached the VM's cpuset"
     assert cpuset_of(tid1) == "/" + outer.name, "the thread was already handed back"
 
     restarted = backend_in(state_dir, cpuset_group)

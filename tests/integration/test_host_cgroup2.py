@@ -9,8 +9,6 @@ process with real threads stands in for QEMU and its vCPU threads.
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -24,21 +22,6 @@ from pvproto import parse_cpulist
 pytestmark = pytest.mark.root
 
 ROOT = Path(os.environ.get("EXTPV_CGROUP2_ROOT", "/sys/fs/cgroup"))
-
-_CHILD = """
-import threading, os, sys
-ready = []
-stop = threading.Event()
-def work():
-    ready.append(threading.get_native_id())
-    stop.wait()
-threads = [threading.Thread(target=work) for _ in range(3)]
-for t in threads: t.start()
-while len(ready) < 3: pass
-print(" ".join(map(str, sorted(ready))), flush=True)
-sys.stdin.read()
-stop.set()
-"""
 
 
 def _cpuset_v2() -> str | None:
@@ -61,21 +44,6 @@ def _needs_cpuset_v2() -> None:
 
 
 @pytest.fixture
-def fake_qemu() -> Iterator[tuple[int, list[int]]]:
-    """A process of ours with three threads standing in for vCPU threads."""
-    child = subprocess.Popen(
-        [sys.executable, "-c", _CHILD], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
-    )
-    assert child.stdout is not None
-    tids = [int(t) for t in child.stdout.readline().split()]
-    try:
-        yield child.pid, tids
-    finally:
-        child.kill()
-        child.wait(timeout=10)
-
-
-@pytest.fixture
 def backend(tmp_path: Path) -> Iterator[Cgroup2Backend]:
     group = f"extpv-test-{os.getpid()}.slice"
     b = Cgroup2Backend(ROOT, tmp_path / "cgroup2.json", group=group)
@@ -91,9 +59,9 @@ def backend(tmp_path: Path) -> Iterator[Cgroup2Backend]:
 
 
 def test_attach_pin_unpin_detach_is_exact(
-    backend: Cgroup2Backend, fake_qemu: tuple[int, list[int]]
+    backend: Cgroup2Backend, process: tuple[int, list[int]]
 ) -> None:
-    pid, tids = fake_qemu
+    pid, tids = process
     before_cgroup = thread_cgroup2(pid)
     before = {t: thread_allowed_cpus(t) for t in tids}
     pcpu = max(os.sched_getaffinity(0))
@@ -125,9 +93,9 @@ def test_attach_pin_unpin_detach_is_exact(
 
 
 def test_conflicting_pin_is_undone_and_reported(
-    backend: Cgroup2Backend, fake_qemu: tuple[int, list[int]]
+    backend: Cgroup2Backend, process: tuple[int, list[int]]
 ) -> None:
-    pid, tids = fake_qemu
+    pid, tids = process
     pcpu = max(os.sched_getaffinity(0))
     backend.attach("a", pid, {0: tids[0], 1: tids[1]})
     backend.pin("a", 0, tids[0], pcpu)
@@ -144,14 +112,14 @@ def test_conflicting_pin_is_undone_and_reported(
 
 
 def test_undo_is_exact_after_overlapping_pins(
-    backend: Cgroup2Backend, fake_qemu: tuple[int, list[int]]
+    backend: Cgroup2Backend, process: tuple[int, list[int]]
 ) -> None:
     """Two vCPUs pinned, so each was pinned while the other's pCPU was isolated; one of them
     had chosen its own affinity. After unpin of both (and detach) every thread's affinity is
     what it was, both while the VM lives on and after. Regression: unpin called
     sched_setaffinity with the affinity of the moment, which the kernel (≥ 6.2) keeps as the
     thread's own mask, so the threads stayed narrowed (0-1, 0,2 … instead of 0-3)."""
-    pid, tids = fake_qemu
+    pid, tids = process
     cpus = sorted(os.sched_getaffinity(0))
     first, second = cpus[-2], cpus[-1]
     os.sched_setaffinity(tids[1], {cpus[0], first, second})  # its own choice, narrower

@@ -13,6 +13,7 @@ from pvhost.placement import thread_allowed_cpus
 from pvproto import AffinityResult, AffinityUpdate, LoadProgram
 from tests.integration.hostrun import served, service_config
 from vmlab import VirtualMachine, VMSpec, start
+from vmlab.bootsector import ACPI_OST_PERIODIC
 
 pytestmark = [pytest.mark.root, pytest.mark.vm]
 
@@ -180,6 +181,40 @@ def test_hot_plugged_vcpu_is_found_and_pinned(tmp_path: Path, cpuset_group: str)
                 assert thread_allowed_cpus(tid) == before
 
         asyncio.run(scenario())
+    finally:
+        qemu.kill()
+        qemu.stop()
+
+
+def test_a_vcpu_the_guest_acks_hot_plugging_is_placed_without_a_new_request(
+    tmp_path: Path, cpuset_group: str
+) -> None:
+    """The guest wants vCPU 1 before it exists (refused); the host hot-plugs it and the guest
+    acknowledges (real guest code writing _OST: QEMU emits ACPI_DEVICE_OST). pvhost re-reads
+    the vCPU map on that event and places the guest's standing wish with no new request."""
+    spec = VMSpec.empty("hp", tmp_path / "vm", smp=1, maxcpus=3, boot_code=ACPI_OST_PERIODIC)
+    qemu = start(spec)
+    try:
+
+        async def scenario() -> None:
+            config = service_config(tmp_path, qemu, cpuset_group)
+            async with served(config, qemu.dir / "agent.sock", vcpus=1) as (service, guest):
+                result = await guest.update(1, [1])
+                assert "unknown vCPU 1" in (result.placements[0].refused or "")
+                qemu.qmp(  # on the lab's own monitor: pvhost holds qmp.sock
+                    "device_add",
+                    {"driver": "qemu64-x86_64-cpu", "id": "cpu1", "socket-id": 0,
+                     "core-id": 1, "thread-id": 0},
+                )  # fmt: skip
+                tid = qemu.vcpu_threads()[1].tid
+                replanned = await guest.expect(AffinityResult, timeout=15)
+                assert isinstance(replanned, AffinityResult)
+                assert replanned.seq == 1, "an answer to the standing request, not a new one"
+                assert [(p.vcpu, p.pcpu) for p in replanned.placements] == [(1, 1)]
+                assert thread_allowed_cpus(tid) == {1}
+                assert service.status()["vms"]["t"]["vcpus"]["1"]["tid"] == tid
+
+        asyncio.run(asyncio.wait_for(scenario(), 60))
     finally:
         qemu.kill()
         qemu.stop()

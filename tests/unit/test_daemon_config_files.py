@@ -68,3 +68,27 @@ def test_agent_reports_every_bad_key_at_once(tmp_path: Path) -> None:
         [str(path), "trust"],
         [str(path), "coalesce_ms"],
     ]
+
+
+@pytest.mark.parametrize(
+    ("value", "message"),
+    [
+        ('["/"]', "is the root cpuset"),
+        ('["machine.slice/../.."]', "without '.' or '..' parts"),
+    ],
+)
+def test_isolate_from_names_cpusets_pvhost_can_take_cpus_from(
+    tmp_path: Path, value: str, message: str
+) -> None:
+    path = tmp_path / "pvhost.toml"
+    path.write_text(f"[placement]\nisolate_from = {value}\n")
+    with pytest.raises(pvhost.errors.ConfigError, match=re.escape(message)) as raised:
+        pvhost.config.load_config(path)
+    assert str(raised.value).startswith(f"{path}: placement.isolate_from")
+
+
+def test_isolate_from_paths_are_kept_in_one_form(tmp_path: Path) -> None:
+    path = tmp_path / "pvhost.toml"
+    path.write_text('[placement]\nisolate_from = ["machine.slice", "/system.slice//x/"]\n')
+    config = pvhost.config.load_config(path)
+    assert config.placement.isolate_from == ["/machine.slice", "/system.slice/x"]

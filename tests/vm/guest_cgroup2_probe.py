@@ -24,6 +24,7 @@ sys.path.insert(0, os.environ.get("EXTPV_SRC", "/mnt/extpv"))
 from pvhost.errors import PartitionInvalid
 from pvhost.placement import cgroup2
 from pvhost.placement.cgroup2 import Cgroup2Backend
+from tests.faultpoints import killed_before_write
 
 ROOT = Path("/sys/fs/cgroup")
 VM = "inner"
@@ -116,25 +117,10 @@ def verify(b: Cgroup2Backend) -> list[dict[str, Any]]:
 
 
 def crash_in_unpin(b: Cgroup2Backend, vcpu: int) -> int:
-    """Fork a daemon that runs ``unpin`` and is killed (os._exit, no cleanup) just before it
-    writes the VM's exclusive CPUs; return its exit code (137 when it got that far)."""
-    child = os.fork()
-    if child == 0:
-        real = cgroup2.write_text
-        vm_exclusive = b.base / f"vm-{VM}" / "cpuset.cpus.exclusive"
-
-        def write_or_die(path: Path, value: str) -> None:
-            if path == vm_exclusive:
-                os._exit(137)
-            real(path, value)
-
-        cgroup2.write_text = write_or_die  # type: ignore[assignment]
-        try:
-            b.unpin(VM, vcpu)
-        finally:
-            os._exit(0)
-    _, status = os.waitpid(child, 0)
-    return os.waitstatus_to_exitcode(status)
+    """A daemon killed in ``unpin`` just before it writes the VM's exclusive CPUs; its exit
+    code (KILLED when it got that far)."""
+    vm_exclusive = b.base / f"vm-{VM}" / "cpuset.cpus.exclusive"
+    return killed_before_write(cgroup2, vm_exclusive, lambda: b.unpin(VM, vcpu))
 
 
 def main() -> None:

@@ -1,0 +1,208 @@
+"""Isolation on a cgroup v1 host, proven with a real load: `placement.isolate_from`.
+
+A cpuset of ours stands in for where the host's other load lives (the paper's ``yes``
+processes, 4x the CPUs); a spinning thread of ours stands in for a vCPU thread. While the
+thread is pinned, no ``yes`` may run on its pCPU and the thread gets ≥ 90 % of it; before the
+pin and after the unpin it shares the CPUs with the load, and the load's cpuset is exactly as
+it was. The host's own accounting says so: ``/proc/<pid>/stat`` (the CPU each task last ran
+on) and ``/proc/<pid>/task/<tid>/schedstat`` (run time).
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from pvhost.errors import PlacementError
+from pvhost.placement import Cgroup1Backend, cgroup1, detect_backend
+from tests.conftest import absent
+from tests.faultpoints import KILLED, killed_before_write
+
+pytestmark = [pytest.mark.root, pytest.mark.isolation]
+
+CPUSET = Path("/sys/fs/cgroup/cpuset")
+PCPU = 1  # CPU 0 stays the host's housekeeping CPU
+
+
+def last_cpu(pid: int) -> int | None:
+    """The CPU ``pid`` last ran on (field 39 of /proc/<pid>/stat), None once it is gone."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return int(stat.rsplit(")", 1)[1].split()[36])
+
+
+def run_ns(tid: int) -> int:
+    return int(Path(f"/proc/{tid}/schedstat").read_text().split()[0])
+
+
+def share(tid: int, seconds: float = 2.0) -> float:
+    """The fraction of one CPU ``tid`` got over ``seconds`` of wall time."""
+    t0, r0 = time.monotonic_ns(), run_ns(tid)
+    time.sleep(seconds)
+    return (run_ns(tid) - r0) / (time.monotonic_ns() - t0)
+
+
+def running_on(cpu: int, exclude: set[int]) -> list[str]:
+    """Processes other than ``exclude`` running on ``cpu`` now (root-cpuset tasks keep every
+    CPU on v1: on a busy machine they, not the load, are what a pinned thread shares with)."""
+    out = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            pid_comm, rest = stat.read_text().rsplit(")", 1)
+        except OSError:
+            continue
+        fields = rest.split()
+        pid = int(pid_comm.split(" (", 1)[0])
+        if fields[0] == "R" and int(fields[36]) == cpu and pid not in exclude:
+            out.append(f"{pid} ({pid_comm.split(' (', 1)[1]})")
+    return out
+
+
+def load_on(pids: list[int], cpu: int, seconds: float = 1.5) -> int:
+    """How many samples (every 10 ms) found a load process last running on ``cpu``."""
+    hits, end = 0, time.monotonic() + seconds
+    while time.monotonic() < end:
+        hits += sum(last_cpu(p) == cpu for p in pids)
+        time.sleep(0.01)
+    return hits
+
+
+@pytest.fixture
+def load(cpuset_group: str) -> Iterator[tuple[Path, list[int]]]:
+    """A cpuset of ours on CPUs 0-1 running 4x CPUs ``yes`` processes."""
+    if not {0, 1} <= os.sched_getaffinity(0) or not (CPUSET / "cpuset.cpus").exists():
+        absent("needs a cgroup v1 cpuset hierarchy and CPUs 0 and 1")
+    path = CPUSET / f"{cpuset_group}-load"
+    path.mkdir()
+    procs: list[subprocess.Popen[bytes]] = []
+    try:
+        (path / "cpuset.mems").write_text((CPUSET / "cpuset.mems").read_text())
+        (path / "cpuset.cpus").write_text("0-1")
+        for _ in range(4 * len(os.sched_getaffinity(0))):
+            p = subprocess.Popen(["yes"], stdout=subprocess.DEVNULL)
+            (path / "tasks").write_text(str(p.pid))
+            procs.append(p)
+        yield path, [p.pid for p in procs]
+    finally:
+        for p in procs:
+            p.kill()
+            p.wait()
+        for tid in (path / "tasks").read_text().split():
+            (CPUSET / "tasks").write_text(tid)
+        path.rmdir()
+
+
+@pytest.fixture
+def spinner() -> Iterator[int]:
+    """The tid of a thread of ours that burns CPU (what a running vCPU thread does)."""
+    child = subprocess.Popen(
+        [sys.executable, "-c", "import os; print(os.getpid(), flush=True)\nwhile True: pass"],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    assert child.stdout is not None
+    try:
+        yield int(child.stdout.readline())
+    finally:
+        child.kill()
+        child.wait()
+
+
+def backend_for(tmp_path: Path, group: str, *isolate_from: Path) -> Cgroup1Backend:
+    backend = detect_backend(
+        Path("/sys/fs/cgroup"), tmp_path / "state", "cgroup1", group,
+        tuple("/" + p.name for p in isolate_from),
+    )  # fmt: skip
+    assert isinstance(backend, Cgroup1Backend)
+    backend.setup(frozenset({PCPU}))
+    return backend
+
+
+def test_pinned_pcpu_is_taken_from_the_load_while_pinned_and_given_back_exactly(
+    tmp_path: Path, cpuset_group: str, load: tuple[Path, list[int]], spinner: int
+) -> None:
+    path, yes = load
+    backend = backend_for(tmp_path, cpuset_group, path)
+    try:
+        contended = share(spinner)
+        assert load_on(yes, PCPU) > 0, "the load runs on the pCPU before the pin"
+
+        backend.pin("vm", 0, spinner, PCPU)
+        assert (path / "cpuset.cpus").read_text().strip() == "0"
+        time.sleep(0.2)  # the kernel moves the load off at its next scheduling point
+        assert load_on(yes, PCPU) == 0, "a yes process ran on the pinned pCPU"
+        pinned = share(spinner)
+        others = running_on(PCPU, {spinner, os.getpid()})
+        assert pinned >= 0.9, f"the pinned thread got {pinned:.0%} of its pCPU; also ran: {others}"
+        status = backend.describe()["isolation"]
+        assert status["mode"] == "isolate_from"
+        assert status["withheld"] == {"/" + path.name: "0-1"}
+
+        backend.unpin("vm", 0)
+        assert (path / "cpuset.cpus").read_text().strip() == "0-1", "given back exactly"
+        assert backend.state.withheld() == {}
+        time.sleep(0.2)
+        assert load_on(yes, PCPU) > 0, "the load has the pCPU again"
+        released = share(spinner)
+        print(f"\n[isolation] share contended {contended:.0%}, pinned {pinned:.0%}, "
+              f"released {released:.0%}", file=sys.stderr)  # fmt: skip
+        assert contended < 0.6 and released < 0.6, (contended, released)
+    finally:
+        backend.teardown()
+    assert (path / "cpuset.cpus").read_text().strip() == "0-1"
+    assert not (CPUSET / cpuset_group).exists()
+
+
+def test_a_cpuset_that_would_be_emptied_refuses_the_pin_and_changes_nothing(
+    tmp_path: Path, cpuset_group: str, load: tuple[Path, list[int]], spinner: int
+) -> None:
+    path, _ = load
+    (path / "cpuset.cpus").write_text(str(PCPU))
+    before = Path(f"/proc/{spinner}/cpuset").read_text()
+    backend = backend_for(tmp_path, cpuset_group, path)
+    try:
+        with pytest.raises(PlacementError, match=r"would leave it no CPU"):
+            backend.pin("vm", 0, spinner, PCPU)
+        assert (path / "cpuset.cpus").read_text().strip() == str(PCPU)
+        assert Path(f"/proc/{spinner}/cpuset").read_text() == before
+        assert backend.pins() == {} and backend.state.withheld() == {}
+    finally:
+        backend.teardown()
+
+
+def test_kill9_while_the_load_is_shrunk_is_given_back_by_the_next_start(
+    tmp_path: Path, cpuset_group: str, load: tuple[Path, list[int]], spinner: int
+) -> None:
+    path, _ = load
+    backend = backend_for(tmp_path, cpuset_group, path)
+    backend.pin("vm", 0, spinner, PCPU)
+    # pvhost dies in the unpin just before it gives the load its CPU back.
+    code = killed_before_write(cgroup1, path / "cpuset.cpus", lambda: backend.unpin("vm", 0))
+    assert code == KILLED, "the unpin never reached the load's cpuset"
+    assert (path / "cpuset.cpus").read_text().strip() == "0"
+
+    restarted = backend_for(tmp_path, cpuset_group, path)
+    assert restarted.reconcile({}) == {}  # the VM is gone: nothing to adopt
+    assert (path / "cpuset.cpus").read_text().strip() == "0-1"
+    assert restarted.state.withheld() == {} and restarted.pins() == {}
+    restarted.teardown()
+    assert not (CPUSET / cpuset_group).exists()
+
+
+def test_isolate_from_that_does_not_exist_is_refused_at_start(
+    tmp_path: Path, cpuset_group: str
+) -> None:
+    backend = Cgroup1Backend(
+        CPUSET, tmp_path / "state.json", cpuset_group, ("/no-such-cpuset-here",)
+    )
+    with pytest.raises(PlacementError, match="no cpuset /no-such-cpuset-here"):
+        backend.setup(frozenset({PCPU}))
+    assert not (CPUSET / cpuset_group).exists()
