@@ -52,7 +52,7 @@ from pvproto import (
     ProtocolError,
     UnloadProgram,
 )
-from pvproto.session import PeerSession, PeerSilent, SessionClosed
+from pvproto.session import PeerSession, PeerSilent, SessionClosed, SessionState
 
 __all__ = ["DEFAULT_KEEPALIVE", "Backoff", "ProgramSource", "VmSession"]
 
@@ -329,6 +329,7 @@ class VmSession:
         tasks = {
             asyncio.create_task(channel.run(reader, writer), name=f"session-{self.name}"),
             asyncio.create_task(channel.keepalive(*self._keepalive), name=f"alive-{self.name}"),
+            asyncio.create_task(self._greet_unanswered(channel), name=f"greet-{self.name}"),
         }
         try:
             done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
@@ -338,6 +339,20 @@ class VmSession:
             await asyncio.gather(*tasks, return_exceptions=True)
         for task in done:
             task.result()  # what ended the conversation, for the caller
+
+    async def _greet_unanswered(self, channel: _GuestChannel) -> None:
+        """While the port is open and no Hello comes, greet again every keepalive deadline.
+
+        An agent that is there (the port is open) but took an earlier Hello of ours for the
+        end of its handshake says nothing until asked; the keepalive cannot ask a session
+        that is not ready. One Hello per deadline, only to an open port (QEMU reads it).
+        """
+        assert self._keepalive is not None
+        while True:
+            await asyncio.sleep(self._keepalive[1])
+            if channel.state is SessionState.AWAITING_HELLO and self.status.port == "open":
+                _log.info("%s: no Hello from the open port's agent: greeting again", self.name)
+                channel.greet()
 
     # -- what the guest says ---------------------------------------------------------------
     def guest_ready(self, hello: Hello, version: int | None) -> None:

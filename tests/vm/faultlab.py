@@ -27,7 +27,7 @@ from typing import Any, TypeVar
 from pvproto import AffinityResult, LoadProgram
 from vmlab import VirtualMachine, VMSpec, start
 from vmlab.daemon import CHECKOUT_AFFINITY_PROGRAM, PvhostDaemon
-from vmlab.errors import MonitorError
+from vmlab.errors import DaemonError, MonitorError
 from vmlab.guestpeer import FakeGuestChannel
 from vmlab.images import GuestImage
 from vmlab.machine import READY_PATTERN
@@ -295,7 +295,28 @@ class FaultLab:
             self.start_workload()
         elif not workload and self.workload is not None:
             self.stop_workload()
-        self.wait_converged("the baseline before the cell", 60)
+        try:
+            self.wait_converged("the baseline before the cell", 60)
+        except DaemonError as err:
+            # A cell before failed and left the lab broken (that cell has failed already):
+            # heal it, so one failure does not fail every later cell.
+            print(f"\n[faults] healing the lab: {str(err)[:200]}", file=sys.stderr)
+            self._heal()
+            self.wait_converged("the baseline, after healing the lab", 60)
+
+    def _heal(self) -> None:
+        vm = self.guest_vm
+        ports = vm.qmp("qom-list", {"path": "/machine/peripheral"})
+        if not any(c.get("name") == AGENT_PORT_ID for c in ports):  # type: ignore[union-attr]
+            vm.qmp(
+                "device_add",
+                {"driver": "virtserialport", "bus": "vser0.0", "chardev": "pv0",
+                 "name": AGENT_PORT_NAME, "id": AGENT_PORT_ID},
+            )  # fmt: skip
+        self.guest(
+            "kill -CONT $(systemctl show -p MainPID --value pvagent) 2>/dev/null; "
+            "systemctl reset-failed pvagent; systemctl restart pvagent"
+        )
 
 
 def _threads(pid: int) -> set[int]:

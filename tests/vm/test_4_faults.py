@@ -75,11 +75,11 @@ FAULTS = (
     "agent-kill",
     "port-garbage",
     "agent-silent",
-    "port-replug",
     "pvhost-restart",
     "pvhost-kill",
     "guest-reboot",
     "qemu-kill",
+    "port-replug",
 )
 CELLS = [(f, p) for f in FAULTS for p in PHASES]
 
