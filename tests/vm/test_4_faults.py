@@ -88,8 +88,9 @@ CELLS = [(f, p) for f in FAULTS for p in PHASES]
 class Outcome:
     fault: str
     phase: str
-    #: Seconds from the fault's release to convergence (boot included where there is one).
-    recover_s: float
+    #: Seconds from the fault's release to convergence (boot included where there is one);
+    #: None: it did not converge (the cell failed).
+    recover_s: float | None
     #: The guest's boot inside that time (0: the fault boots nothing).
     boot_s: float
     #: Whether the bystander's session reset (only allowed when pvhost itself restarted).
@@ -147,7 +148,10 @@ def _record(total_s: float, boots: list[float]) -> None:
         for phase in PHASES:
             o = rows.get((fault, phase))
             if o is None:
-                cells.append("—")
+                cells.append("not run")
+                continue
+            if o.recover_s is None:
+                cells.append("**FAILED**")
                 continue
             text = f"{o.recover_s:.1f}"
             if o.boot_s:
@@ -284,6 +288,15 @@ def _inject(lab: FaultLab, fault: str, phase: Phase) -> tuple[bool, bool]:
 def test_fault_converges(lab: FaultLab, fault: str, phase: str) -> None:
     assert lab.bystander is not None
     sessions = lab.bystander.sessions
+    try:
+        _cell(lab, fault, phase, sessions)
+    except BaseException:
+        _OUTCOMES.append(Outcome(fault, phase, None, 0.0, lab.bystander.sessions != sessions))
+        raise
+
+
+def _cell(lab: FaultLab, fault: str, phase: str, sessions: tuple[int, int]) -> None:
+    assert lab.bystander is not None
     state = _enter(lab, phase)
     try:
         guest_alive, pvhost_restarted = _inject(lab, fault, state)
