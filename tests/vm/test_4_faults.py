@@ -1,8 +1,9 @@
 """The fault matrix (issue #13): every fault at every phase of the channel, on real parts.
 
 Each cell injects one fault at one phase into the image VM ``faults`` (lab: tests/vm/faultlab.py)
-and then asserts, within ``RECOVER_S`` = 10 s after the fault is released (plus the guest's boot
-where the fault reboots it or replaces its QEMU; the boot is measured and reported apart):
+and then asserts, within ``RECOVER_S`` = 10 s after the fault is released (where the fault reboots
+the guest or replaces its QEMU: 10 s + the boot, measured and reported apart, + ``AGENT_START_S``
+= 10 s for the agent's own start-up from udev in a guest still booting under TCG):
 
 * the affinity program is loaded again (the agent acked it) and the session is ready;
 * the placement equals the guest's current wish (vCPU 1 → pCPU 1 while its pinned thread
@@ -64,7 +65,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.vm.faultlab import KEEPALIVE, PORT, RECOVER_S, VM, FaultLab, poll
+from tests.vm.faultlab import AGENT_START_S, KEEPALIVE, PORT, RECOVER_S, VM, FaultLab, poll
 from vmlab.images import GuestImage
 
 pytestmark = [pytest.mark.vm, pytest.mark.root, pytest.mark.slow, pytest.mark.faults]
@@ -124,6 +125,7 @@ def _record(total_s: float, boots: list[float]) -> None:
         "machine": f"{platform.node()} {os.cpu_count()} CPUs (QEMU TCG)",
         "keepalive": {"interval_s": KEEPALIVE[0], "deadline_s": KEEPALIVE[1]},
         "bound_s": RECOVER_S,
+        "bound_after_boot_s": f"{RECOVER_S:g} + boot + {AGENT_START_S:g}",
         "module_wall_s": round(total_s, 1),
         "boots_s": [round(b, 1) for b in boots],
         "cells": [asdict(o) for o in _OUTCOMES],
@@ -136,7 +138,8 @@ def _record(total_s: float, boots: list[float]) -> None:
         f"Produced by `tests/vm/test_4_faults.py` (EXTPV_FAULTS_RESULTS set) on {doc['machine']};",
         f"pvhost keepalive {KEEPALIVE[0]:g} s / {KEEPALIVE[1]:g} s. Seconds from the fault's",
         "release to convergence (program loaded, placement = the guest's wish, nothing left",
-        f"of a dead VM); bound {RECOVER_S:g} s, plus the boot where the fault reboots the guest",
+        f"of a dead VM); bound {RECOVER_S:g} s, plus the boot and {AGENT_START_S:g} s for the",
+        "agent's start-up where the fault reboots the guest",
         "(boot time in brackets). `*`: the bystander's session was restarted (pvhost restarts).",
         f"Whole module: {total_s:.0f} s wall, {len(boots)} boots.",
         "",
@@ -298,11 +301,13 @@ def test_fault_converges(lab: FaultLab, fault: str, phase: str) -> None:
 def _cell(lab: FaultLab, fault: str, phase: str, sessions: tuple[int, int]) -> None:
     assert lab.bystander is not None
     state = _enter(lab, phase)
+    injected = time.monotonic()
     try:
         guest_alive, pvhost_restarted = _inject(lab, fault, state)
     finally:
         _release(lab, state, guest_alive=fault not in ("guest-reboot", "qemu-kill"))
-    t0 = time.monotonic()
+    # From the release; a pvhost restart is itself part of the time to recover.
+    t0 = injected if pvhost_restarted else time.monotonic()
     boot_s = 0.0
     if fault == "guest-reboot":
         boot_s = lab.wait_rebooted()
@@ -310,7 +315,7 @@ def _cell(lab: FaultLab, fault: str, phase: str, sessions: tuple[int, int]) -> N
         boot_s = lab.boot()
     assert guest_alive or lab.workload is None
     recover_s, status = lab.wait_converged(
-        f"convergence after {fault} at {phase}", RECOVER_S + boot_s + 30
+        f"convergence after {fault} at {phase}", RECOVER_S + boot_s + AGENT_START_S + 30
     )
     recover_s = time.monotonic() - t0
     lab.check_host(status)
@@ -320,7 +325,7 @@ def _cell(lab: FaultLab, fault: str, phase: str, sessions: tuple[int, int]) -> N
     )
     _OUTCOMES.append(outcome)
     print(f"\n[faults] {outcome}", file=sys.stderr)
-    assert recover_s <= RECOVER_S + boot_s, (
-        f"{fault} at {phase}: converged after {recover_s:.1f} s "
-        f"(bound {RECOVER_S:g} s + boot {boot_s:.0f} s)"
+    bound = RECOVER_S + (boot_s + AGENT_START_S if boot_s else 0.0)
+    assert recover_s <= bound, (
+        f"{fault} at {phase}: converged after {recover_s:.1f} s (bound {bound:.0f} s)"
     )
