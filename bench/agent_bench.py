@@ -38,7 +38,9 @@ from pvagent.affinity_event import decode
 from pvagent.loaders import load
 from pvagent.program import ProgramKind
 from pvagent.tracker import AffinityTracker
+from pvagent.trust import TrustPolicy
 from pvproto import (
+    SUPPORTED_VERSIONS,
     AffinityUpdate,
     FrameDecoder,
     Hello,
@@ -52,6 +54,7 @@ RESULTS = ROOT / "bench" / "results"
 KINDS: dict[str, ProgramKind] = {"libbpf": "bpf-object", "bcc": "bcc-source"}
 PAYLOAD = {"bpf-object": "affinity.bpf.o", "bcc-source": "affinity.bcc.c"}
 CLK_TCK = os.sysconf("SC_CLK_TCK")
+VET = TrustPolicy(mode="any").vet  # the built-in programs, judged like the agent does
 
 # Paced sched_setaffinity generator, run as a separate process: alternates {first CPU}
 # (a request) and every CPU (its release), so every call is an event AND a change of the
@@ -100,7 +103,7 @@ def rss_kib(pid: int) -> int:
 def bench_load(kind: ProgramKind, repeat: int) -> dict[str, float]:
     times = []
     for _ in range(repeat):
-        program = load("bench", kind, bpfobj.read(PAYLOAD[kind]), lambda _n, _r: None)
+        program = load("bench", kind, bpfobj.read(PAYLOAD[kind]), lambda _n, _r: None, vet=VET)
         times.append(program.load_seconds * 1000)
         program.close()
     return {"median_ms": statistics.median(times), "min_ms": min(times), "n": repeat}
@@ -128,7 +131,7 @@ async def bench_latency(kind: ProgramKind, rate: float, seconds: float) -> dict[
         last_ktime[0] = event.ktime_ns
         tracker.handle(event)
 
-    program = load("bench", kind, bpfobj.read(PAYLOAD[kind]), sink)
+    program = load("bench", kind, bpfobj.read(PAYLOAD[kind]), sink, vet=VET)
     loop = asyncio.get_running_loop()
     loop.add_reader(program.fileno(), program.consume)
     gen = await asyncio.create_subprocess_exec(
@@ -203,7 +206,13 @@ async def bench_agent(
             reader, writer = await asyncio.wait_for(host.connected, 30)
             await host.next_message(reader, Hello, 10)
             writer.write(
-                encode(Hello(role="host", protocol_versions=[1], software_version="bench"))
+                encode(
+                    Hello(
+                        role="host",
+                        protocol_versions=list(SUPPORTED_VERSIONS),
+                        software_version="bench",
+                    )
+                )
             )
             payload = bpfobj.read(PAYLOAD[kind])
             writer.write(encode(LoadProgram.for_payload("affinity", kind, payload, request_id=1)))

@@ -34,6 +34,7 @@ from pvhost.config import Config  # noqa: E402
 from pvhost.placement import detect_backend  # noqa: E402
 from pvhost.service import Service  # noqa: E402
 from pvproto import (  # noqa: E402
+    SUPPORTED_VERSIONS,
     AffinityResult,
     AffinityUpdate,
     FrameDecoder,
@@ -164,8 +165,10 @@ async def fake_qmp(path: Path, tid: int) -> asyncio.Server:
 
 async def fake_guest(path: Path, updates: int, done: asyncio.Queue[int]) -> asyncio.Server:
     async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        writer.write(encode(Hello(role="guest", protocol_versions=[1], software_version="sim",
-                                  topology=GuestTopology(online_vcpus=[0, 1]))))  # fmt: skip
+        hello = Hello(role="guest", protocol_versions=list(SUPPORTED_VERSIONS),
+                      software_version="sim",
+                      topology=GuestTopology(online_vcpus=[0, 1]))  # fmt: skip
+        writer.write(encode(hello))
         decoder = FrameDecoder()
         answered = 0
         for seq in range(updates):

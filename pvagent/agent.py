@@ -28,6 +28,7 @@ from pvagent.errors import AgentError, LoadFailed, TrustRefused
 from pvagent.loaders import load
 from pvagent.procscan import pinned_threads
 from pvagent.program import EventSink, LoadedProgram
+from pvagent.replay import VersionBook
 from pvagent.tracker import AffinityTracker
 from pvagent.trust import TrustPolicy
 from pvproto import (
@@ -46,7 +47,7 @@ from pvproto import (
 )
 from pvproto.session import PeerSession, SessionClosed, SessionState
 
-__all__ = ["AFFINITY_RINGBUF", "Agent"]
+__all__ = ["AFFINITY_RINGBUF", "Agent", "ProgramLimits"]
 
 log = logging.getLogger(__name__)
 
@@ -63,6 +64,20 @@ _STORM_PAUSE_S = 0.002
 _U32 = struct.Struct("<I")
 _U64 = struct.Struct("<Q")
 _SOFTWARE_VERSION = "pvagent 0.1.0"
+
+
+@dataclass(frozen=True)
+class ProgramLimits:
+    """Per-guest caps on what programs the host may keep loaded in this guest."""
+
+    #: Programs loaded at once (all ids; replacing a program under its id does not count).
+    max_programs: int = 8
+    #: Kernel memory (fdinfo ``memlock``) of all loaded programs and their maps, bytes.
+    max_memory_bytes: int = 64 << 20
+
+
+def _mib(size: int) -> str:
+    return f"{size / (1 << 20):.1f} MiB"
 
 
 @dataclass
@@ -128,8 +143,13 @@ class Agent:
         coalesce_s: float = 0.020,
         bcc_cache_dir: Path | None = None,
         placement_file: Path | None = None,
+        limits: ProgramLimits | None = None,
+        versions_file: Path | None = None,
     ) -> None:
         self.topology = topology
+        self.limits = limits or ProgramLimits()
+        #: Newest version accepted per program id: an older one is a replay.
+        self.versions = VersionBook(versions_file)
         self.placement_file = placement_file
         self.policy = policy
         self.bcc_cache_dir = bcc_cache_dir
@@ -215,19 +235,29 @@ class Agent:
 
     # -- programs -------------------------------------------------------------------
     async def load_program(self, message: LoadProgram) -> ProgramLoaded:
-        """Trust check, then load and attach; the verdict for the host."""
+        """Trust check, caps, then vet, load and attach; the verdict for the host."""
         pid = message.program_id
         try:
-            points = self.policy.check(message.kind, message.payload, message.signature)
+            self.policy.check(message)
+            self.versions.check(pid, message.version)
         except TrustRefused as err:
             log.warning("refused program %s: %s", pid, err)
             return ProgramLoaded(program_id=pid, ok=False, reason=f"untrusted: {err}")
         async with self._load_lock:
             running = self.programs.get(pid)
             if running is not None and running.sha256 == message.sha256:
+                self.versions.record(pid, message.version)
                 return ProgramLoaded(
                     program_id=pid, ok=True, log="identical program already loaded"
                 )
+            if running is None and len(self.programs) >= self.limits.max_programs:
+                reason = (
+                    f"too many programs: {len(self.programs)} loaded, the cap is "
+                    f"{self.limits.max_programs} (max_programs); unload one first"
+                )
+                log.warning("refused program %s: %s", pid, reason)
+                return ProgramLoaded(program_id=pid, ok=False, reason=reason)
+            self.versions.record(pid, message.version)
             keep = self.tracker.threads if running is not None else {}
             if running is not None:
                 self._close(pid, clear=False)
@@ -238,20 +268,37 @@ class Agent:
                     message.kind,
                     message.payload,
                     self._sink_for(pid),
+                    vet=self.policy.vet,
                     bcc_cache_dir=self.bcc_cache_dir,
                 )
-            except LoadFailed as err:
+            except (LoadFailed, TrustRefused) as err:
                 log.warning("program %s failed to load: %s", pid, err)
                 if keep:
                     self.tracker.clear()
+                if isinstance(err, TrustRefused):
+                    return ProgramLoaded(program_id=pid, ok=False, reason=f"untrusted: {err}")
                 return ProgramLoaded(
                     program_id=pid, ok=False, reason=str(err)[:4096], log=err.log[-65536:]
                 )
             except Exception as err:  # a loader bug must not end the agent: report it
                 log.exception("program %s: unexpected loader failure", pid)
+                if keep:
+                    self.tracker.clear()
                 return ProgramLoaded(
                     program_id=pid, ok=False, reason=f"internal error: {err}"[:4096]
                 )
+            used = sum(r.program.memory_bytes for r in self.programs.values())
+            if used + program.memory_bytes > self.limits.max_memory_bytes:
+                program.close()
+                if keep:
+                    self.tracker.clear()
+                reason = (
+                    f"program {pid} needs {_mib(program.memory_bytes)} of kernel memory; with "
+                    f"{_mib(used)} loaded that exceeds the cap of "
+                    f"{_mib(self.limits.max_memory_bytes)} (max_program_memory_mib)"
+                )
+                log.warning("refused program %s: %s", pid, reason)
+                return ProgramLoaded(program_id=pid, ok=False, reason=reason)
             self._start(pid, program, message.sha256)
             if AFFINITY_RINGBUF in program.ringbufs:
                 if running is None:
@@ -260,7 +307,12 @@ class Agent:
                     found = await asyncio.to_thread(pinned_threads)
                     keep = {t: c for t, c in found.items() if self.tracker.request_of(c)}
                 self._seed(program, keep)
-        log.info("program %s attached at %s", pid, ", ".join(points))
+        log.info(
+            "program %s attached at %s (%s)",
+            pid,
+            ", ".join(program.attach_points),
+            _mib(program.memory_bytes),
+        )
         return ProgramLoaded(program_id=pid, ok=True)
 
     def _start(self, pid: str, program: LoadedProgram, sha256: str) -> None:

@@ -18,8 +18,8 @@ from pathlib import Path
 from extpv.cli import die, setup_logging
 from pvagent import bpfobj
 from pvagent.affinity_event import AffinityEvent, EventError, EventFlag, EventKind, decode
-from pvagent.agent import AFFINITY_RINGBUF, Agent
-from pvagent.config import load_config
+from pvagent.agent import AFFINITY_RINGBUF, Agent, ProgramLimits
+from pvagent.config import AgentConfig, load_config
 from pvagent.errors import AgentError
 from pvagent.loaders import load
 from pvagent.mounts import ensure_tracing_mounts
@@ -98,17 +98,28 @@ async def _until_signalled(work: asyncio.Future[object]) -> None:
         work.result()
 
 
+def _policy(config: AgentConfig) -> TrustPolicy:
+    return TrustPolicy.from_config(
+        config.trusted_dir,
+        config.trust,
+        config.allow_attach,
+        allow_kfuncs=config.allow_kfuncs,
+        allow_pinning=config.allow_pinning,
+    )
+
+
 async def _run(args: argparse.Namespace) -> None:
     from pvagent.port import run_device, run_port, run_unix  # noqa: PLC0415 - needs pyudev
 
     config = load_config(args.config)
-    policy = TrustPolicy.from_config(config.trusted_dir, config.trust, config.allow_attach)
     agent = Agent(
         read_topology(),
-        policy,
+        _policy(config),
         coalesce_s=config.coalesce_ms / 1000,
         bcc_cache_dir=config.bcc_cache_dir,
         placement_file=config.placement_file,
+        limits=ProgramLimits(config.max_programs, int(config.max_program_memory_mib * (1 << 20))),
+        versions_file=config.state_dir / "versions.json" if config.state_dir else None,
     )
     if args.unix:
         work = run_unix(agent, args.unix)
@@ -150,8 +161,14 @@ async def _trace(args: argparse.Namespace) -> None:
     kind: ProgramKind = "bpf-object" if args.loader == "libbpf" else "bcc-source"
     name = "affinity.bpf.o" if kind == "bpf-object" else "affinity.bcc.c"
     payload = bpfobj.read(name)
-    # A local operator's own built-in program: no signature, but the same allow-list.
-    TrustPolicy(mode="any", allow=config.allow_attach).check(kind, payload, b"")
+    # A local operator's own built-in program: no signature, but the same allow-lists.
+    policy = TrustPolicy(
+        mode="any",
+        allow=config.allow_attach,
+        allow_kfuncs=config.allow_kfuncs,
+        allow_pinning=config.allow_pinning,
+    )
+    policy.inspect(kind, payload)
 
     def sink(ringbuf: str, record: bytes) -> None:
         if ringbuf != AFFINITY_RINGBUF:
@@ -163,7 +180,7 @@ async def _trace(args: argparse.Namespace) -> None:
         print(line, flush=True)
 
     program = await asyncio.to_thread(
-        load, "affinity", kind, payload, sink, bcc_cache_dir=config.bcc_cache_dir
+        load, "affinity", kind, payload, sink, vet=policy.vet, bcc_cache_dir=config.bcc_cache_dir
     )
     loop = asyncio.get_running_loop()
     try:

@@ -6,6 +6,11 @@
     trust = "signed"                  # or "any": load unsigned programs — INSECURE
     trusted_dir = "/etc/pvagent/trusted.d"
     allow_attach = ["tracepoint/*", "tp/*", "raw_tracepoint/*", "raw_tp/*", "tp_btf/*"]
+    allow_kfuncs = []                 # kfuncs programs may call (shell patterns): none
+    allow_pinning = false             # programs may pin maps / use pinned maps
+    max_programs = 8                  # programs loaded at once, all ids
+    max_program_memory_mib = 64       # kernel memory of all loaded programs and maps
+    state_dir = "/var/lib/pvagent"    # newest program version per id (replay guard); "" = off
     coalesce_ms = 20                  # AffinityUpdate coalescing window
     bcc_cache_dir = "/var/cache/pvagent"
     placement_file = "/run/pvagent/placement.json"   # the host's latest answer; "" = off
@@ -37,13 +42,21 @@ class AgentConfig(BaseModel):
     allow_attach: Annotated[
         tuple[Annotated[str, Field(max_length=256)], ...], Field(max_length=64)
     ] = DEFAULT_ALLOW
+    allow_kfuncs: Annotated[
+        tuple[Annotated[str, Field(max_length=256)], ...], Field(max_length=64)
+    ] = ()
+    allow_pinning: bool = False
+    max_programs: Annotated[int, Field(ge=1, le=1024)] = 8
+    max_program_memory_mib: Annotated[float, Field(gt=0, le=1 << 20)] = 64.0
+    #: Where the newest accepted version of each program id is kept ("" keeps it in memory).
+    state_dir: Path | None = Path("/var/lib/pvagent")
     coalesce_ms: Annotated[float, Field(ge=0, le=10_000)] = 20.0
     bcc_cache_dir: Path = Path("/var/cache/pvagent")
     #: The host's latest AffinityResult, as JSON, for guest admins and applications
     #: ("" disables it).
     placement_file: Path | None = Path("/run/pvagent/placement.json")
 
-    @field_validator("placement_file", mode="before")
+    @field_validator("placement_file", "state_dir", mode="before")
     @classmethod
     def _empty_disables(cls, value: object) -> object:
         return None if value == "" else value

@@ -2,24 +2,41 @@
 
 The payload comes from the host, so every offset and size is bounds-checked: a
 malformed file is an :class:`ElfError`, never an IndexError or a huge allocation.
+
+Kernel functions (kfuncs) are invisible in the instructions alone: clang emits a kfunc
+call as ``call -1`` with ``src_reg = BPF_PSEUDO_CALL`` (1), exactly like a call of a
+subprogram, plus a relocation naming an *undefined* (extern) symbol; libbpf turns it into
+``src_reg = BPF_PSEUDO_KFUNC_CALL`` (2) at load time. So the relocations are read too: a
+call whose relocation names an undefined symbol is a kfunc call, by that symbol's name.
 """
 
 from __future__ import annotations
 
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass
 
-__all__ = ["ElfError", "Section", "helper_calls", "program_sections"]
+__all__ = ["KFUNC", "ElfError", "Section", "helper_calls", "program_sections"]
 
 _EM_BPF = 247
 _SHT_PROGBITS = 1
+_SHT_SYMTAB = 2
+_SHT_REL = 9
 _SHF_EXECINSTR = 0x4
+_SHN_UNDEF = 0
 _HDR = struct.Struct("<16sHHIQQQIHHHHHH")
 _SHDR = struct.Struct("<IIQQQQIIQQ")
+_SYM = struct.Struct("<IBBHQQ")
+_REL = struct.Struct("<QQ")
 _INSN = struct.Struct("<BBhi")
 _BPF_CALL = 0x85  # BPF_JMP | BPF_CALL
+_BPF_CALLX = 0x8D  # BPF_JMP | BPF_CALL | BPF_X: call through a register
 _BPF_LD_IMM64 = 0x18  # two instruction slots
-_PSEUDO_KFUNC_CALL = 2
+_PSEUDO_CALL = 1
+#: In :func:`helper_calls`: a call that is neither a helper nor a local subprogram.
+KFUNC = "kfunc"
+#: Relocations read per section at most (a hostile file must not make us loop long).
+_MAX_RELOCATIONS = 1 << 20
 
 
 class ElfError(ValueError):
@@ -30,6 +47,8 @@ class ElfError(ValueError):
 class Section:
     name: str
     data: bytes
+    #: Undefined (extern) symbols this section calls: kfuncs, by name.
+    extern_calls: frozenset[str] = frozenset()
 
 
 def _cstring(table: bytes, offset: int) -> str:
@@ -65,15 +84,60 @@ def program_sections(payload: bytes) -> list[Section]:
     if shstrndx >= shnum:
         raise ElfError("no section name table")
     names = data(shstrndx)
+    externs = _extern_calls(headers, data)
     out = []
     for index, (name, kind, flags, *_rest) in enumerate(headers):
         if kind == _SHT_PROGBITS and flags & _SHF_EXECINSTR:
-            out.append(Section(_cstring(names, name), data(index)))
+            calls = frozenset(externs.get(index, ()))
+            out.append(Section(_cstring(names, name), data(index), calls))
     return out
 
 
-def helper_calls(code: bytes) -> set[int | str]:
-    """Helper ids called by ``code`` (plus ``"kfunc"`` if it calls kernel functions)."""
+def _extern_calls(
+    headers: list[tuple[int, ...]], data: Callable[[int], bytes]
+) -> dict[int, set[str]]:
+    """Section index → names of the undefined symbols its call instructions are relocated to."""
+    out: dict[int, set[str]] = {}
+    for rel_index, rel_header in enumerate(headers):
+        _name, kind, _flags, _addr, _off, _size, link, target, *_ = rel_header
+        if kind != _SHT_REL:
+            continue
+        if link >= len(headers) or headers[link][1] != _SHT_SYMTAB or target >= len(headers):
+            raise ElfError("a relocation section names no symbol table or no target section")
+        if not headers[target][2] & _SHF_EXECINSTR:
+            continue  # relocations of data (BTF, .maps, …) call nothing
+        symtab = data(link)
+        strtab_index = headers[link][6]
+        if strtab_index >= len(headers):
+            raise ElfError("the symbol table names no string table")
+        strings = data(strtab_index)
+        code = data(target)
+        rels = data(rel_index)
+        count = min(len(rels) // _REL.size, _MAX_RELOCATIONS)
+        for i in range(count):
+            offset, info = _REL.unpack_from(rels, i * _REL.size)
+            symbol = info >> 32
+            if (symbol + 1) * _SYM.size > len(symtab):
+                raise ElfError(f"relocation {i} names symbol {symbol}, beyond the symbol table")
+            st_name, _info, _other, shndx, _value, _size = _SYM.unpack_from(
+                symtab, symbol * _SYM.size
+            )
+            if shndx != _SHN_UNDEF or offset + _INSN.size > len(code):
+                continue
+            op, regs, _off, _imm = _INSN.unpack_from(code, offset)
+            if op == _BPF_CALL and regs >> 4 == _PSEUDO_CALL:
+                name = _cstring(strings, st_name) if st_name else "?"
+                out.setdefault(target, set()).add(name)
+    return out
+
+
+def helper_calls(code: bytes, *, subprograms: bool = True) -> set[int | str]:
+    """Helper ids called by ``code``, plus :data:`KFUNC` for any call that is neither a
+    helper nor a local subprogram call (an already resolved kfunc call, ``src_reg = 2``,
+    or a call through a register). Calls with ``src_reg = 1`` are subprogram calls here:
+    whether one is really a kfunc call only its relocation says (:class:`Section`). Code
+    without relocations (bcc's) has no subprogram calls: ``subprograms=False`` makes any
+    ``src_reg = 1`` call a :data:`KFUNC` too."""
     calls: set[int | str] = set()
     slot = 0
     while slot + _INSN.size <= len(code):
@@ -82,7 +146,9 @@ def helper_calls(code: bytes) -> set[int | str]:
             src = regs >> 4
             if src == 0:
                 calls.add(imm)
-            elif src == _PSEUDO_KFUNC_CALL:
-                calls.add("kfunc")
+            elif src != _PSEUDO_CALL or not subprograms:
+                calls.add(KFUNC)
+        elif op == _BPF_CALLX:
+            calls.add(KFUNC)
         slot += 16 if op == _BPF_LD_IMM64 else 8
     return calls

@@ -19,6 +19,7 @@ import os
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 
 from pvagent.errors import LoadFailed
 
@@ -26,7 +27,9 @@ __all__ = [
     "BPF_MAP_TYPE_RINGBUF",
     "SAMPLE_FN",
     "capture_log",
+    "fdinfo",
     "lib",
+    "map_ids",
     "map_keys",
     "map_lookup",
     "map_update",
@@ -64,6 +67,8 @@ def _load() -> ctypes.CDLL:
         "bpf_program__section_name": (ctypes.c_char_p, [_P]),
         "bpf_program__autoload": (ctypes.c_bool, [_P]),
         "bpf_program__attach": (_P, [_P]),
+        "bpf_program__fd": (ctypes.c_int, [_P]),
+        "bpf_map__pin_path": (ctypes.c_char_p, [_P]),
         "bpf_link__destroy": (ctypes.c_int, [_P]),
         "bpf_map__name": (ctypes.c_char_p, [_P]),
         "bpf_map__type": (ctypes.c_int, [_P]),
@@ -76,6 +81,8 @@ def _load() -> ctypes.CDLL:
         "bpf_map_lookup_elem": (ctypes.c_int, [ctypes.c_int, _P, _P]),
         "bpf_map_update_elem": (ctypes.c_int, [ctypes.c_int, _P, _P, ctypes.c_uint64]),
         "bpf_map_get_next_key": (ctypes.c_int, [ctypes.c_int, _P, _P]),
+        "bpf_map_get_next_id": (ctypes.c_int, [ctypes.c_uint32, ctypes.POINTER(ctypes.c_uint32)]),
+        "bpf_obj_get": (ctypes.c_int, [ctypes.c_char_p]),
     }
     for name, (restype, argtypes) in signatures.items():
         func = getattr(library, name)
@@ -168,3 +175,27 @@ def map_keys(fd: int, key_size: int, limit: int) -> list[bytes]:
         prev = nxt.raw
         keys.append(prev)
     return keys
+
+
+def fdinfo(fd: int) -> dict[str, str]:
+    """The kernel's ``/proc/self/fdinfo`` fields of a BPF map or program fd (``memlock``,
+    ``map_id``, ``prog_id``, …); {} when unreadable."""
+    try:
+        text = Path(f"/proc/self/fdinfo/{fd}").read_text()
+    except OSError:
+        return {}
+    fields = {}
+    for line in text.splitlines():
+        key, sep, value = line.partition(":")
+        if sep:
+            fields[key.strip()] = value.strip()
+    return fields
+
+
+def map_ids(limit: int = 1 << 16) -> set[int]:
+    """Ids of every BPF map in the kernel now (at most ``limit``)."""
+    ids: set[int] = set()
+    current = ctypes.c_uint32(0)
+    while len(ids) < limit and lib().bpf_map_get_next_id(current.value, ctypes.byref(current)) == 0:
+        ids.add(current.value)
+    return ids

@@ -29,6 +29,10 @@ class LoadedProgram(Protocol):
     ringbufs: tuple[str, ...]
     #: Wall time of open + verify + attach (+ compile for bcc), seconds.
     load_seconds: float
+    #: Where its programs are attached (libbpf section syntax), as vetted before loading.
+    attach_points: tuple[str, ...]
+    #: Kernel memory charged to its programs and maps (fdinfo ``memlock``), bytes.
+    memory_bytes: int
 
     def fileno(self) -> int:
         """An epoll fd, readable while any ring buffer of the program holds records."""

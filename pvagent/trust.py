@@ -1,33 +1,47 @@
-"""Trust before load: who signed the program, and where it would attach.
+"""Trust before load: who signed the program, and what the kernel would receive.
 
-Two independent checks, both before any byte reaches a loader:
+1. **Signature** (:meth:`TrustPolicy.check`, before any byte reaches a loader). An Ed25519
+   signature over the program's *envelope* (:func:`pvproto.program_envelope`: program id,
+   kind, payload digest, version) must verify against one of the public keys (PEM,
+   SubjectPublicKeyInfo) in ``/etc/pvagent/trusted.d/*.pem``. A captured ``LoadProgram``
+   is thus worthless under another id or kind; an older version under the same id is
+   refused by the agent (:mod:`pvagent.replay`). With ``trust = "signed"`` (the default)
+   and no key there, every program is refused. ``trust = "any"`` skips this check:
+   INSECURE, anyone who can write to the port can then run tracing code in the guest
+   kernel; for development only.
+2. **Static check of an object** (also in :meth:`TrustPolicy.check`): its executable
+   sections are read as ELF, with their relocations, so a kfunc call (``call -1`` relocated
+   to an undefined symbol, see :mod:`pvagent.elf`) is seen under its name.
+3. **What the loader is about to load** (:meth:`TrustPolicy.vet`, called by the loaders
+   after libbpf opened the object / bcc compiled the source, and before anything is loaded
+   into the kernel or attached): every program with its attach point and the helpers and
+   kfuncs its instructions call, and every map with its type and pinning.
 
-1. **Signature.** An Ed25519 signature over the payload bytes must verify against one of
-   the public keys (PEM, SubjectPublicKeyInfo) in ``/etc/pvagent/trusted.d/*.pem``.
-   With ``trust = "signed"`` (the default) and no key there, every program is refused.
-   ``trust = "any"`` skips this check: INSECURE, anyone who can write to the port can
-   then run tracing code in the guest kernel; for development only.
-2. **Allow-list of attach points.** Read from the object's ELF section names (libbpf's
-   ``SEC()`` convention) or from the bcc source's probe declarations, matched with
-   shell-style patterns. The default, :data:`DEFAULT_ALLOW`, admits only tracepoints
-   (``tracepoint/``, ``tp/``, ``raw_tracepoint/``, ``raw_tp/``, ``tp_btf/``): programs that
-   observe. Everything else is refused unless configured, in particular program types
-   that change kernel behaviour (xdp, tc, lsm, struct_ops, cgroup/*, fmod_ret, socket
-   filters) and kprobes/fentry (read-only too, but not needed by v1; add ``kprobe/*`` to
-   ``allow_attach`` to admit them). Whatever the patterns, helpers that write user
-   memory, send signals, override return values or call ``bpf()`` are refused
-   (:data:`DENIED_HELPERS`), as are kfunc calls.
+   * Attach points, in libbpf section syntax, are matched against shell-style patterns.
+     The default, :data:`DEFAULT_ALLOW`, admits only tracepoints (``tracepoint/``, ``tp/``,
+     ``raw_tracepoint/``, ``raw_tp/``, ``tp_btf/``): programs that observe. Everything
+     else is refused unless configured (``allow_attach``), in particular program types
+     that change kernel behaviour (xdp, tc, lsm, struct_ops, cgroup/*, fmod_ret) and
+     kprobes/fentry.
+   * Helpers that write user memory, send signals, override return values or call
+     ``bpf()`` are refused whatever the patterns (:data:`DENIED_HELPERS`).
+   * kfunc calls are refused unless their name is in ``allow_kfuncs`` (empty by default):
+     kfuncs can do anything the kernel can (``bpf_send_signal_task``, …).
+   * Pinned maps (``LIBBPF_PIN_BY_NAME``, bcc's ``BPF_TABLE_PINNED``) are refused unless
+     ``allow_pinning``: a pin shares a map with every other program of the guest (a
+     program could write another application's map); when allowed, the pins a program
+     created are removed when it is unloaded. ``struct_ops`` maps are always refused.
 
-For bcc sources the attach and helper checks read the source text: bcc auto-attaches
-only functions declared with its probe macros or name prefixes, which are all matched
-here; the signature remains the security boundary.
+   For bcc sources this is the compiled bytecode, not the text: comments, macros,
+   ``BPF_FUNC_*`` constants or literal helper ids change nothing. bcc's automatic attach
+   is off; the loader attaches the vetted functions itself.
 """
 
 from __future__ import annotations
 
 import fnmatch
 import logging
-import re
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -36,11 +50,20 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from cryptography.hazmat.primitives.serialization import load_pem_public_key
 
-from pvagent.elf import ElfError, helper_calls, program_sections
+from pvagent.elf import KFUNC, ElfError, helper_calls, program_sections
 from pvagent.errors import TrustRefused
-from pvproto import ProgramKind
+from pvproto import LoadProgram, ProgramKind
 
-__all__ = ["DEFAULT_ALLOW", "DEFAULT_TRUSTED_DIR", "DENIED_HELPERS", "TrustPolicy", "attach_points"]
+__all__ = [
+    "DEFAULT_ALLOW",
+    "DEFAULT_TRUSTED_DIR",
+    "DENIED_HELPERS",
+    "MapView",
+    "ProgramView",
+    "TrustPolicy",
+    "Vet",
+    "attach_points",
+]
 
 log = logging.getLogger(__name__)
 
@@ -63,77 +86,57 @@ DENIED_HELPERS: dict[int, str] = {
 }
 TrustMode = Literal["signed", "any"]
 
-# bcc: probe macros and the function-name prefixes its BPF() constructor auto-attaches.
-_BCC_MACRO = re.compile(
-    r"\b(TRACEPOINT_PROBE|RAW_TRACEPOINT_PROBE|KFUNC_PROBE|KRETFUNC_PROBE|LSM_PROBE|KMOD_RET)"
-    r"\s*\(([^)]*)\)"
-)
-_BCC_PREFIX = re.compile(
-    r"\b(kprobe|kretprobe|tracepoint|raw_tracepoint|kfunc|kretfunc|lsm|kmod_ret|uprobe|uretprobe)"
-    r"__(\w+)\s*\("
-)
-_BCC_SECTION = {
-    "TRACEPOINT_PROBE": "tracepoint",
-    "RAW_TRACEPOINT_PROBE": "raw_tracepoint",
-    "KFUNC_PROBE": "fentry",
-    "KRETFUNC_PROBE": "fexit",
-    "LSM_PROBE": "lsm",
-    "KMOD_RET": "fmod_ret",
-    "kprobe": "kprobe",
-    "kretprobe": "kretprobe",
-    "tracepoint": "tracepoint",
-    "raw_tracepoint": "raw_tracepoint",
-    "kfunc": "fentry",
-    "kretfunc": "fexit",
-    "lsm": "lsm",
-    "kmod_ret": "fmod_ret",
-    "uprobe": "uprobe",
-    "uretprobe": "uretprobe",
-}
+#: enum bpf_map_type: a struct_ops map replaces kernel operations (e.g. TCP congestion).
+_BPF_MAP_TYPE_STRUCT_OPS = 26
 
 
-def _object_attach_points(payload: bytes) -> list[str]:
+@dataclass(frozen=True)
+class ProgramView:
+    """One program as its loader is about to load it."""
+
+    name: str
+    #: Where it would attach, in libbpf section syntax (``tracepoint/cat/event``).
+    attach: str
+    #: Helper ids its instructions call, plus :data:`pvagent.elf.KFUNC` for unnamed kfuncs.
+    calls: frozenset[int | str] = frozenset()
+    #: Names of the kernel functions (kfuncs) it calls.
+    kfuncs: frozenset[str] = frozenset()
+
+
+@dataclass(frozen=True)
+class MapView:
+    """One map as its loader is about to create (or reuse) it."""
+
+    name: str
+    type: int
+    #: Why it is shared beyond this program (a pin path, an existing map); None if private.
+    pinned: str | None = None
+
+
+#: What a loader calls before loading anything: returns the attach points or raises
+#: :class:`~pvagent.errors.TrustRefused`.
+Vet = Callable[[Sequence[ProgramView], Sequence[MapView]], list[str]]
+
+
+def _object_views(payload: bytes) -> list[ProgramView]:
     try:
         sections = program_sections(payload)
     except ElfError as err:
         raise TrustRefused(f"not a valid eBPF object: {err}") from err
-    points: list[str] = []
-    for section in sections:
-        calls = helper_calls(section.data)
-        if "kfunc" in calls:
-            raise TrustRefused(f"section {section.name!r} calls kernel functions (kfuncs)")
-        denied = sorted(
-            DENIED_HELPERS[c] for c in calls if isinstance(c, int) and c in DENIED_HELPERS
+    return [
+        ProgramView(
+            s.name, s.name.removeprefix("?"), frozenset(helper_calls(s.data)), s.extern_calls
         )
-        if denied:
-            raise TrustRefused(f"section {section.name!r} calls {', '.join(denied)}")
-        if section.name != ".text":  # .text holds subprograms, attached nowhere
-            points.append(section.name.removeprefix("?"))
-    return points
-
-
-def _source_attach_points(payload: bytes) -> list[str]:
-    try:
-        source = payload.decode("utf-8")
-    except UnicodeDecodeError as err:
-        raise TrustRefused(f"a bcc source must be UTF-8 text: {err}") from err
-    denied = sorted(name for name in DENIED_HELPERS.values() if name in source)
-    if denied:
-        raise TrustRefused(f"the source calls {', '.join(denied)}")
-    points = []
-    for macro, args in _BCC_MACRO.findall(source):
-        parts = [a.strip() for a in args.split(",") if a.strip()]
-        points.append("/".join([_BCC_SECTION[macro], *parts[:2]]))
-    for prefix, rest in _BCC_PREFIX.findall(source):
-        points.append(f"{_BCC_SECTION[prefix]}/{rest.replace('__', '/')}")
-    return points
+        for s in sections
+    ]
 
 
 def attach_points(kind: ProgramKind, payload: bytes) -> list[str]:
-    """Where the program would attach, in libbpf section syntax (``tracepoint/cat/event``)."""
-    if kind == "bpf-object":
-        return _object_attach_points(payload)
-    return _source_attach_points(payload)
+    """Where an object's programs would attach, from its section names (``.text`` holds
+    subprograms, attached nowhere). A bcc source's are known only once compiled: []."""
+    if kind != "bpf-object":
+        return []
+    return [v.attach for v in _object_views(payload) if v.name != ".text"]
 
 
 @dataclass(frozen=True)
@@ -143,6 +146,10 @@ class TrustPolicy:
     mode: TrustMode = "signed"
     keys: tuple[tuple[str, Ed25519PublicKey], ...] = ()
     allow: tuple[str, ...] = DEFAULT_ALLOW
+    #: kfuncs a program may call, by name (shell patterns); none by default.
+    allow_kfuncs: tuple[str, ...] = ()
+    #: Whether a program may pin its maps (or use another program's pinned map).
+    allow_pinning: bool = False
     #: Files in the trusted directory that could not be used, with why.
     problems: tuple[str, ...] = field(default=())
     trusted_dir: Path = DEFAULT_TRUSTED_DIR
@@ -153,6 +160,9 @@ class TrustPolicy:
         trusted_dir: Path = DEFAULT_TRUSTED_DIR,
         mode: TrustMode = "signed",
         allow: tuple[str, ...] = DEFAULT_ALLOW,
+        *,
+        allow_kfuncs: tuple[str, ...] = (),
+        allow_pinning: bool = False,
     ) -> TrustPolicy:
         keys: list[tuple[str, Ed25519PublicKey]] = []
         problems: list[str] = []
@@ -170,23 +180,81 @@ class TrustPolicy:
             log.warning("ignoring trusted key %s", problem)
         if mode == "any":
             log.warning("trust = any: programs are loaded WITHOUT signature checks (insecure)")
-        return cls(mode, tuple(keys), tuple(allow), tuple(problems), trusted_dir)
+        return cls(
+            mode,
+            tuple(keys),
+            tuple(allow),
+            tuple(allow_kfuncs),
+            allow_pinning,
+            tuple(problems),
+            trusted_dir,
+        )
 
-    def check(self, kind: ProgramKind, payload: bytes, signature: bytes) -> list[str]:
-        """Return the program's attach points, or raise :class:`TrustRefused` with the reason."""
+    def check(self, message: LoadProgram) -> list[str]:
+        """Signature over the envelope, then :meth:`inspect`; the attach points known so far.
+
+        Raises :class:`TrustRefused` with the reason. The loader still calls :meth:`vet`.
+        """
         if self.mode == "signed":
-            self._check_signature(payload, signature)
-        points = attach_points(kind, payload)
-        if not points:
-            raise TrustRefused("the program declares no attach point")
-        for point in points:
-            if not any(fnmatch.fnmatchcase(point, pattern) for pattern in self.allow):
-                raise TrustRefused(
-                    f"attach point {point!r} is not allowed (allowed: {', '.join(self.allow)})"
-                )
-        return points
+            self._check_signature(message.envelope(), message.signature)
+        return self.inspect(message.kind, message.payload)
 
-    def _check_signature(self, payload: bytes, signature: bytes) -> None:
+    def inspect(self, kind: ProgramKind, payload: bytes) -> list[str]:
+        """The checks that need no loader: an object's sections, calls and kfuncs (a bcc
+        source is judged once compiled, by :meth:`vet`)."""
+        if kind != "bpf-object":
+            try:
+                payload.decode("utf-8")
+            except UnicodeDecodeError as err:
+                raise TrustRefused(f"a bcc source must be UTF-8 text: {err}") from err
+            return []
+        views = _object_views(payload)
+        self._check_programs(views)
+        return [v.attach for v in views if v.name != ".text"]
+
+    def vet(self, programs: Sequence[ProgramView], maps: Sequence[MapView]) -> list[str]:
+        """Judge what a loader is about to load (see module docstring); its attach points."""
+        attached = [p for p in programs if p.name != ".text"]
+        if not attached:
+            raise TrustRefused("the program declares no attach point")
+        self._check_programs(programs)
+        for bmap in maps:
+            if bmap.type == _BPF_MAP_TYPE_STRUCT_OPS:
+                raise TrustRefused(f"map {bmap.name!r} is a struct_ops map (replaces kernel code)")
+            if bmap.pinned is not None and not self.allow_pinning:
+                raise TrustRefused(
+                    f"map {bmap.name!r} is pinned ({bmap.pinned}): pinned maps are shared "
+                    "with other programs and are not allowed (allow_pinning = false)"
+                )
+        return [p.attach for p in attached]
+
+    def _check_programs(self, programs: Iterable[ProgramView]) -> None:
+        for view in programs:
+            where = (
+                f"{view.attach!r}"
+                if view.name in {view.attach, ".text"}
+                else (f"{view.name} ({view.attach})")
+            )
+            if view.name != ".text" and not _matches(view.attach, self.allow):
+                raise TrustRefused(
+                    f"attach point {view.attach!r} is not allowed "
+                    f"(allowed: {', '.join(self.allow)})"
+                )
+            denied = sorted(
+                DENIED_HELPERS[c] for c in view.calls if isinstance(c, int) and c in DENIED_HELPERS
+            )
+            if denied:
+                raise TrustRefused(f"{where} calls {', '.join(denied)}")
+            if KFUNC in view.calls:
+                raise TrustRefused(f"{where} calls kernel functions (kfuncs) by an unknown name")
+            kfuncs = sorted(k for k in view.kfuncs if not _matches(k, self.allow_kfuncs))
+            if kfuncs:
+                raise TrustRefused(
+                    f"{where} calls kernel function(s) {', '.join(kfuncs)} (kfuncs), not in "
+                    f"allow_kfuncs ({', '.join(self.allow_kfuncs) or 'empty'})"
+                )
+
+    def _check_signature(self, envelope: bytes, signature: bytes) -> None:
         if not self.keys:
             raise TrustRefused(
                 f"no trusted key in {self.trusted_dir}: every program is refused "
@@ -196,11 +264,16 @@ class TrustPolicy:
             raise TrustRefused("unsigned program (trust = signed)")
         for _name, key in self.keys:
             try:
-                key.verify(signature, payload)
+                key.verify(signature, envelope)
             except InvalidSignature:
                 continue
             return
         raise TrustRefused(
             f"signature does not verify with any of the {len(self.keys)} trusted key(s) in "
-            f"{self.trusted_dir} (unknown key, or tampered payload)"
+            f"{self.trusted_dir} (unknown key, tampered payload, or a program signed for "
+            "another id, kind or version)"
         )
+
+
+def _matches(name: str, patterns: Iterable[str]) -> bool:
+    return any(fnmatch.fnmatchcase(name, pattern) for pattern in patterns)

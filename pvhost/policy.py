@@ -155,7 +155,9 @@ def _identity(
             )
         elif vcpu in host.housekeeping:
             refused[vcpu] = Refusal(
-                RefusalCode.IDENTITY_UNAVAILABLE, f"identity: pCPU {vcpu} is a housekeeping CPU"
+                RefusalCode.IDENTITY_UNAVAILABLE,
+                f"identity: pCPU {vcpu} is a housekeeping CPU, kept for the host "
+                '(placement.housekeeping); policy "pool" would place this vCPU elsewhere',
             )
         elif vcpu not in eligible:
             refused[vcpu] = Refusal(

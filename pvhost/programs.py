@@ -4,27 +4,87 @@ The affinity program is the agent's compiled object (``pvagent.bpfobj.read("affi
 built by ``make -C bpf``) unless the config names a file. Signatures come from
 ``pvhost.signing`` (Ed25519) when the signing key exists; otherwise the program goes
 unsigned and only a guest configured with ``trust = "any"`` will load it.
+
+A signature covers the program's envelope (:func:`pvproto.program_envelope`: id, kind,
+payload digest and version), so a captured ``LoadProgram`` cannot be replayed under another
+id, and the guest refuses one older than a version it has loaded under the same id. The
+version is the signing time in nanoseconds (strictly increasing within this process).
 """
 
 from __future__ import annotations
 
+import hashlib
 import re
+import threading
+import time
+from dataclasses import dataclass
 from pathlib import Path
 
 from pvagent import bpfobj
 from pvagent.errors import ObjectMissing
 from pvhost import signing
 from pvhost.errors import ChannelError
-from pvproto import ProgramKind
+from pvproto import LoadProgram, ProgramKind, program_envelope
 
-__all__ = ["SignedAffinityProgram", "affinity_program", "program_from_file", "sign_payload"]
+__all__ = [
+    "SignedAffinityProgram",
+    "SignedProgram",
+    "affinity_program",
+    "program_from_file",
+    "sign_program",
+]
 
 
-def sign_payload(payload: bytes, key_path: Path) -> bytes:
-    """Ed25519 signature over ``payload``, or b"" when there is no key on this host."""
-    if not key_path.exists():
-        return b""
-    return signing.sign(payload, key_path)
+@dataclass(frozen=True)
+class SignedProgram:
+    """A program ready to send: its bytes, its version and the signature of its envelope."""
+
+    program_id: str
+    kind: ProgramKind
+    payload: bytes
+    version: int
+    #: Ed25519 over the envelope; b"" when this host has no signing key.
+    signature: bytes
+
+    def message(self, request_id: int = 0) -> LoadProgram:
+        """The ``LoadProgram`` carrying it."""
+        return LoadProgram.for_payload(
+            self.program_id,
+            self.kind,
+            self.payload,
+            self.signature,
+            request_id,
+            version=self.version,
+        )
+
+
+_version_lock = threading.Lock()
+_last_version = 0
+
+
+def _next_version() -> int:
+    """The signing time in ns, but always above the previous one (clocks can step back)."""
+    global _last_version  # noqa: PLW0603 - one sequence per process
+    with _version_lock:
+        _last_version = max(time.time_ns(), _last_version + 1)
+        return _last_version
+
+
+def sign_program(
+    program_id: str,
+    kind: ProgramKind,
+    payload: bytes,
+    key_path: Path,
+    *,
+    version: int | None = None,
+) -> SignedProgram:
+    """Sign the envelope of ``payload`` under ``program_id`` (unsigned without a key)."""
+    version = _next_version() if version is None else version
+    signature = b""
+    if key_path.exists():
+        digest = hashlib.sha256(payload).hexdigest()
+        signature = signing.sign(program_envelope(program_id, kind, digest, version), key_path)
+    return SignedProgram(program_id, kind, payload, version, signature)
 
 
 def program_from_file(path: Path, program_id: str | None = None) -> tuple[str, ProgramKind, bytes]:
@@ -59,7 +119,7 @@ class SignedAffinityProgram:
         self.override = override
         self.key_path = key_path
         self._stamp: tuple[object, ...] | None = None
-        self._value: tuple[str, ProgramKind, bytes, bytes] | None = None
+        self._value: SignedProgram | None = None
 
     def _source(self) -> Path | None:
         if self.override is not None:
@@ -69,7 +129,7 @@ class SignedAffinityProgram:
         except ObjectMissing:
             return None
 
-    def __call__(self) -> tuple[str, ProgramKind, bytes, bytes]:
+    def __call__(self) -> SignedProgram:
         source = self._source()
         stamp = (source, source and _stamp(source), _stamp(self.key_path))
         if self._value is None or stamp != self._stamp:
@@ -78,10 +138,8 @@ class SignedAffinityProgram:
         return self._value
 
 
-def affinity_program(
-    override: Path | None, key_path: Path
-) -> tuple[str, ProgramKind, bytes, bytes]:
-    """The affinity program to inject at every (re)connection, signed."""
+def affinity_program(override: Path | None, key_path: Path) -> SignedProgram:
+    """The affinity program to inject at every (re)connection, signed (a new version)."""
     if override is not None:
         _, kind, payload = program_from_file(override, "affinity")
     else:
@@ -90,4 +148,4 @@ def affinity_program(
         except ObjectMissing as err:
             raise ChannelError(str(err)) from err
         kind = "bpf-object"
-    return "affinity", kind, payload, sign_payload(payload, key_path)
+    return sign_program("affinity", kind, payload, key_path)

@@ -23,7 +23,7 @@ from pvhost.errors import HostError, PartitionInvalid, PlacementError, QmpError
 from pvhost.metrics import Metrics
 from pvhost.placement import PlacementBackend, detect_backend
 from pvhost.policy import HostPool, Plan, VmView, eligible_cpus, guest_sibling_groups, plan
-from pvhost.programs import SignedAffinityProgram, program_from_file, sign_payload
+from pvhost.programs import SignedAffinityProgram, program_from_file, sign_program
 from pvhost.qmp import QmpMonitor, qemu_pid_of
 from pvhost.refusal import Refusal, RefusalCode
 from pvhost.registry import DirWatcher, VmSpec, scan_vms
@@ -397,9 +397,8 @@ class Service:
 
     async def load_program(self, name: str, path: Path, timeout: float = 60) -> dict[str, Any]:
         vm = self._vm(name)
-        program_id, kind, payload = program_from_file(path)
-        signature = sign_payload(payload, self.config.service.signing_key)
-        verdict = await vm.session.load_program(program_id, kind, payload, signature, timeout)
+        program = sign_program(*program_from_file(path), self.config.service.signing_key)
+        verdict = await vm.session.load_program(program, timeout)
         return verdict.model_dump(exclude={"request_id"})
 
     async def unload_program(self, name: str, path_or_id: str) -> dict[str, Any]:

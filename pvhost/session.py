@@ -35,6 +35,7 @@ from typing import Any
 
 from extpv.vcpus import VcpuThread
 from pvhost.errors import ChannelError, QmpError
+from pvhost.programs import SignedProgram
 from pvhost.qmp import QmpMonitor
 from pvhost.ratelimit import TokenBucket
 from pvproto import (
@@ -45,9 +46,7 @@ from pvproto import (
     Error,
     GuestTopology,
     Hello,
-    LoadProgram,
     ProgramEvent,
-    ProgramKind,
     ProgramLoaded,
     ProtocolError,
     UnloadProgram,
@@ -60,7 +59,7 @@ _log = logging.getLogger(__name__)
 
 SOFTWARE_VERSION = "pvhost 0.1.0"
 #: A program to inject: (program id, kind, payload, signature).
-ProgramSource = Callable[[], tuple[str, ProgramKind, bytes, bytes]]
+ProgramSource = Callable[[], SignedProgram]
 #: Plans and enacts one guest request for the named VM; returns the answer (same seq).
 Applier = Callable[[str, AffinityUpdate], Awaitable[AffinityResult]]
 #: Told the VM's name when its vCPU map changed or when it went away.
@@ -362,17 +361,13 @@ class VmSession:
         if self._program is None:
             return
         try:
-            program_id, kind, payload, signature = self._program()
+            program = self._program()
         except Exception as err:
             self.status.programs["affinity"] = f"not injected: {err}"
             return
-        self.status.programs[program_id] = "loading"
+        self.status.programs[program.program_id] = "loading"
         with contextlib.suppress(ChannelError):
-            self.send(
-                LoadProgram.for_payload(
-                    program_id, kind, payload, signature, request_id=self._next_id()
-                )
-            )
+            self.send(program.message(request_id=self._next_id()))
 
     def guest_message(self, channel: _GuestChannel, message: BaseMessage) -> None:
         if isinstance(message, AffinityUpdate):
@@ -413,16 +408,13 @@ class VmSession:
             self.send_result(result)
 
     # -- programs ----------------------------------------------------------------------------
-    async def load_program(
-        self, program_id: str, kind: ProgramKind, payload: bytes, signature: bytes, timeout: float
-    ) -> ProgramLoaded:
+    async def load_program(self, program: SignedProgram, timeout: float) -> ProgramLoaded:
+        program_id = program.program_id
         request_id = self._next_id()
         waiter: asyncio.Future[ProgramLoaded] = asyncio.get_running_loop().create_future()
         self._waiters[request_id] = waiter
         self.status.programs[program_id] = "loading"
-        self.send(
-            LoadProgram.for_payload(program_id, kind, payload, signature, request_id=request_id)
-        )
+        self.send(program.message(request_id=request_id))
         try:
             async with asyncio.timeout(timeout):
                 return await waiter

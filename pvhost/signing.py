@@ -2,7 +2,9 @@
 
 The private key (PEM, PKCS#8) stays on the host, by default ``/etc/extpv/signing.key``;
 its public half (PEM, SubjectPublicKeyInfo) goes into each guest image as
-``/etc/pvagent/trusted.d/<name>.pem``. The signature covers the payload bytes exactly.
+``/etc/pvagent/trusted.d/<name>.pem``. :func:`sign` signs whatever bytes it is given; the
+programs pvhost sends are signed over their envelope (:func:`pvhost.programs.sign_program`,
+:func:`pvproto.program_envelope`), not over the bare payload.
 
 ``python -m pvhost.signing keygen DIR`` and ``… sign FILE`` work before ``pvctl`` does.
 """
@@ -100,7 +102,7 @@ def _private_key(key_path: Path) -> Ed25519PrivateKey:
 
 
 def sign(payload: bytes, key_path: Path = DEFAULT_KEY) -> bytes:
-    """The 64-byte Ed25519 signature of ``payload``."""
+    """The 64-byte Ed25519 signature of ``payload`` (raw bytes; see the module docstring)."""
     return _private_key(key_path).sign(payload)
 
 

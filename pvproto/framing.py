@@ -6,7 +6,7 @@ Wire layout of one frame, all integers big-endian::
     0      4    magic        b"\\xe5PVF"
     4      1    version      protocol version of this frame
     5      1    type         message type code (see MESSAGE_TYPES)
-    6      2    flags        reserved, zero in version 1
+    6      2    flags        reserved, zero in versions 1 and 2
     8      4    request_id   echoed by replies
     12     4    body_length  ≤ MAX_BODY_SIZE, checked before anything is buffered
     16     4    header_crc   CRC-32 of bytes 0..15

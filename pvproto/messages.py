@@ -39,6 +39,7 @@ __all__ = [
     "ThreadRequest",
     "UnloadProgram",
     "VcpuPlacement",
+    "program_envelope",
 ]
 
 #: Largest program payload: base64 (4/3) of it plus the envelope fits in MAX_BODY_SIZE.
@@ -53,6 +54,20 @@ CpuSet = Annotated[list[Cpu], Field(max_length=MAX_CPUS)]
 ErrorCode = Literal["bad-frame", "bad-request", "unsupported", "rate-limited", "internal"]
 #: What a LoadProgram payload is: a compiled CO-RE object, or a bcc C source.
 ProgramKind = Literal["bpf-object", "bcc-source"]
+
+
+def program_envelope(program_id: str, kind: ProgramKind, sha256: str, version: int) -> bytes:
+    """The bytes a program signature covers: what is loaded (digest), as what (kind), under
+    which id, and which version of it. Signing this, not the bare payload, makes a captured
+    LoadProgram useless under another id or kind, and an older version recognisable.
+
+    One ``key=value`` line per field; every field's alphabet excludes ``=`` and newlines
+    (ids by their pattern, kinds by their literal, the digest is hex, the version decimal),
+    so two different envelopes never share bytes.
+    """
+    return (
+        f"extpv-load-program\nid={program_id}\nkind={kind}\nsha256={sha256}\nversion={version}\n"
+    ).encode("ascii")
 
 
 def _sorted_unique(values: list[int], what: str) -> None:
@@ -154,7 +169,10 @@ class LoadProgram(BaseMessage):
     payload: Annotated[bytes, Field(max_length=MAX_PAYLOAD_BYTES)]
     #: Hex SHA-256 of ``payload``; checked on decode, so corruption is an InvalidBody.
     sha256: Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")]
-    #: Ed25519 signature over ``payload`` (empty when the host has no signing key).
+    #: The program's version under this id: the host's signing time in nanoseconds since the
+    #: epoch. A guest refuses a version older than one it has loaded under the same id.
+    version: Annotated[int, Field(ge=0, le=2**63 - 1)] = 0
+    #: Ed25519 signature over :meth:`envelope` (empty when the host has no signing key).
     signature: Annotated[bytes, Field(max_length=64)] = b""
 
     @model_validator(mode="after")
@@ -162,6 +180,10 @@ class LoadProgram(BaseMessage):
         if hashlib.sha256(self.payload).hexdigest() != self.sha256:
             raise ValueError("payload does not match its sha256")
         return self
+
+    def envelope(self) -> bytes:
+        """What :attr:`signature` signs (see :func:`program_envelope`)."""
+        return program_envelope(self.program_id, self.kind, self.sha256, self.version)
 
     @classmethod
     def for_payload(
@@ -171,6 +193,8 @@ class LoadProgram(BaseMessage):
         payload: bytes,
         signature: bytes = b"",
         request_id: int = 0,
+        *,
+        version: int = 0,
     ) -> LoadProgram:
         """Build a LoadProgram with the digest computed from ``payload``."""
         return cls(
@@ -178,6 +202,7 @@ class LoadProgram(BaseMessage):
             kind=kind,
             payload=payload,
             sha256=hashlib.sha256(payload).hexdigest(),
+            version=version,
             signature=signature,
             request_id=request_id,
         )

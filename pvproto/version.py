@@ -9,9 +9,12 @@ from pvproto.errors import VersionMismatch
 __all__ = ["PROTOCOL_VERSION", "SUPPORTED_VERSIONS", "negotiate"]
 
 #: The version this software writes by default.
-PROTOCOL_VERSION = 1
+#: 2: ``LoadProgram`` carries ``version`` and its signature covers the program envelope
+#: (id, kind, digest, version), not the bare payload. Version 1 is not spoken any more: a
+#: v1 agent would accept payload-only signatures, which can be replayed under any id.
+PROTOCOL_VERSION = 2
 #: Every version this software can read and write.
-SUPPORTED_VERSIONS: tuple[int, ...] = (1,)
+SUPPORTED_VERSIONS: tuple[int, ...] = (2,)
 
 
 def negotiate(ours: Iterable[int], theirs: Iterable[int]) -> int:

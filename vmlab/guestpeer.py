@@ -12,6 +12,7 @@ import contextlib
 from pathlib import Path
 
 from pvproto import (
+    SUPPORTED_VERSIONS,
     AffinityResult,
     AffinityUpdate,
     BaseMessage,
@@ -70,7 +71,7 @@ class FakeGuestChannel:
             encode(
                 Hello(
                     role="guest",
-                    protocol_versions=[1],
+                    protocol_versions=list(SUPPORTED_VERSIONS),
                     software_version="test-guest",
                     topology=GuestTopology(online_vcpus=list(range(self.vcpus))),
                 )

@@ -10,7 +10,7 @@ import asyncio
 import socket
 from typing import TypeVar
 
-from pvproto import BaseMessage, FrameDecoder, Hello, ProtocolError, encode
+from pvproto import SUPPORTED_VERSIONS, BaseMessage, FrameDecoder, Hello, ProtocolError, encode
 
 __all__ = ["HostEnd"]
 
@@ -41,7 +41,11 @@ class HostEnd:
 
     def hello(self, versions: list[int] | None = None) -> None:
         self.send(
-            Hello(role="host", protocol_versions=versions or [1], software_version="test-host")
+            Hello(
+                role="host",
+                protocol_versions=versions or list(SUPPORTED_VERSIONS),
+                software_version="test-host",
+            )
         )
 
     async def expect(self, kind: type[M], timeout: float = 5.0, *, skip_others: bool = True) -> M:

@@ -7,7 +7,9 @@ bpf-object     :mod:`.libbpf` (ctypes)     ``libbpf1``
 bcc-source     :mod:`.bcc` (lazy import)   ``python3-bpfcc`` + kernel headers
 =============  ==========================  ===============================
 
-Trust is checked *before* this (see :mod:`pvagent.trust`); a loader only loads.
+The signature is checked *before* this (see :mod:`pvagent.trust`); each loader hands
+what it is about to load to ``vet`` (:meth:`pvagent.trust.TrustPolicy.vet`) before
+anything reaches the kernel, and raises :class:`~pvagent.errors.TrustRefused` if it says no.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from pathlib import Path
 from pvagent.loaders.bcc import load_source
 from pvagent.loaders.libbpf import load_object
 from pvagent.program import EventSink, LoadedProgram
+from pvagent.trust import Vet
 from pvproto import ProgramKind
 
 __all__ = ["load"]
@@ -28,10 +31,12 @@ def load(
     payload: bytes,
     sink: EventSink,
     *,
+    vet: Vet,
     bcc_cache_dir: Path | None = None,
 ) -> LoadedProgram:
-    """Load and attach ``payload``; raise :class:`~pvagent.errors.LoadFailed` with the log."""
+    """Vet, load and attach ``payload``; raise :class:`~pvagent.errors.LoadFailed` with the
+    log, or :class:`~pvagent.errors.TrustRefused` when ``vet`` refuses it."""
     if kind == "bpf-object":
-        return load_object(program_id, payload, sink)
+        return load_object(program_id, payload, sink, vet)
 
-    return load_source(program_id, payload, sink, cache_dir=bcc_cache_dir)
+    return load_source(program_id, payload, sink, vet, cache_dir=bcc_cache_dir)

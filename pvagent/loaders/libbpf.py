@@ -1,20 +1,28 @@
 """``bpf-object`` loader: a CO-RE ELF object loaded with libbpf through ctypes.
 
-open (from memory) → load (CO-RE relocation + kernel verifier) → attach every
-auto-loaded program (libbpf picks the attach point from the section name) → one libbpf
-``ring_buffer`` over every ringbuf map, whose epoll fd the agent waits on.
+open (from memory) → **vet** (the trust policy judges the programs libbpf will load, with
+their attach points and calls, and the maps it will create, with their pinning) → load
+(CO-RE relocation + kernel verifier) → attach every auto-loaded program (libbpf picks the
+attach point from the section name) → one libbpf ``ring_buffer`` over every ringbuf map,
+whose epoll fd the agent waits on. Nothing reaches the kernel before the vet.
+
+Maps a program pinned (only when the policy allows pinning) are unpinned when it is
+closed: its pins do not outlive it. Pins that existed before it was loaded are left alone.
 """
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import logging
 import os
 import time
 
 from pvagent import libbpf_ctypes as bpf
-from pvagent.errors import LoadFailed
+from pvagent.elf import ElfError, helper_calls, program_sections
+from pvagent.errors import LoadFailed, TrustRefused
 from pvagent.program import EventSink
+from pvagent.trust import MapView, ProgramView, Vet
 from pvproto import ProgramKind
 
 __all__ = ["LibbpfProgram", "load_object"]
@@ -31,8 +39,13 @@ class LibbpfProgram:
 
     kind: ProgramKind = "bpf-object"
 
-    def __init__(self, program_id: str, payload: bytes, sink: EventSink) -> None:
+    def __init__(self, program_id: str, payload: bytes, sink: EventSink, vet: Vet) -> None:
         self.program_id = program_id
+        self._vet = vet
+        self._raw = payload
+        self.attach_points: tuple[str, ...] = ()
+        self.memory_bytes = 0
+        self._pins: list[str] = []  # pins this program created: removed by close()
         self._lib = bpf.lib()
         self._sink = sink
         self._obj: int | None = None
@@ -63,6 +76,7 @@ class LibbpfProgram:
                     f"libbpf cannot open the object: {os.strerror(err)}", _error_text(lines)
                 )
             self._obj = obj
+            self._pins = self._vet_opened(obj)  # before load: a failed load may have pinned
             rc = lib.bpf_object__load(obj)
             if rc < 0:
                 raise LoadFailed(
@@ -81,11 +95,18 @@ class LibbpfProgram:
                         )
                     self._links.append(link)
                 prog = lib.bpf_object__next_program(obj, prog)
+            fds = []
+            prog = lib.bpf_object__next_program(obj, None)
+            while prog:
+                fds.append(lib.bpf_program__fd(prog))
+                prog = lib.bpf_object__next_program(obj, prog)
             bmap = lib.bpf_object__next_map(obj, None)
             while bmap:
                 name = lib.bpf_map__name(bmap).decode()
                 self._maps[name] = (lib.bpf_map__fd(bmap), lib.bpf_map__type(bmap))
+                fds.append(lib.bpf_map__fd(bmap))
                 bmap = lib.bpf_object__next_map(obj, bmap)
+            self.memory_bytes = sum(_memlock(fd) for fd in fds if fd >= 0)
         rings = [(n, fd) for n, (fd, t) in self._maps.items() if t == bpf.BPF_MAP_TYPE_RINGBUF]
         if not rings:
             raise LoadFailed("the object has no BPF_MAP_TYPE_RINGBUF map: it could report nothing")
@@ -97,6 +118,47 @@ class LibbpfProgram:
                     raise LoadFailed(f"ring_buffer__new: {os.strerror(ctypes.get_errno())}")
             elif lib.ring_buffer__add(self._rb, fd, self._callback, index) < 0:
                 raise LoadFailed(f"ring_buffer__add: {os.strerror(ctypes.get_errno())}")
+
+    def _vet_opened(self, obj: int) -> list[str]:
+        """Show the policy what libbpf is about to load; the pin paths it would create."""
+        lib = self._lib
+        try:
+            sections = {s.name: s for s in program_sections(self._raw)}
+        except ElfError as err:
+            raise TrustRefused(f"not a valid eBPF object: {err}") from err
+        views = []
+        if ".text" in sections:  # subprograms: their calls count, they attach nowhere
+            text = sections[".text"]
+            views.append(ProgramView(".text", ".text", frozenset(helper_calls(text.data)),
+                                     text.extern_calls))  # fmt: skip
+        prog = lib.bpf_object__next_program(obj, None)
+        while prog:
+            if lib.bpf_program__autoload(prog):
+                section = lib.bpf_program__section_name(prog).decode(errors="replace")
+                elf = sections.get(section)
+                if elf is None:
+                    raise TrustRefused(f"libbpf sees a program in {section!r}, the ELF does not")
+                views.append(
+                    ProgramView(
+                        lib.bpf_program__name(prog).decode(errors="replace"),
+                        section.removeprefix("?"),
+                        frozenset(helper_calls(elf.data)),
+                        elf.extern_calls,
+                    )
+                )
+            prog = lib.bpf_object__next_program(obj, prog)
+        maps, new_pins = [], []
+        bmap = lib.bpf_object__next_map(obj, None)
+        while bmap:
+            raw_path = lib.bpf_map__pin_path(bmap)
+            path = raw_path.decode(errors="replace") if raw_path else None
+            maps.append(MapView(lib.bpf_map__name(bmap).decode(errors="replace"),
+                                lib.bpf_map__type(bmap), path))  # fmt: skip
+            if path is not None and not os.path.lexists(path):
+                new_pins.append(path)
+            bmap = lib.bpf_object__next_map(obj, bmap)
+        self.attach_points = tuple(self._vet(views, maps))
+        return new_pins
 
     def _on_sample(self, ctx: int | None, data: int | None, size: int) -> int:
         try:
@@ -133,15 +195,25 @@ class LibbpfProgram:
         if self._obj is not None:
             self._lib.bpf_object__close(self._obj)
             self._obj = None
+        for path in self._pins:  # only pins this program created (policy allowed them)
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)
+        self._pins.clear()
         self._maps.clear()
 
 
-def load_object(program_id: str, payload: bytes, sink: EventSink) -> LibbpfProgram:
-    """Open, verify and attach a CO-RE object; raise LoadFailed with libbpf's log."""
+def _memlock(fd: int) -> int:
+    value = bpf.fdinfo(fd).get("memlock", "0")
+    return int(value) if value.isdigit() else 0
+
+
+def load_object(program_id: str, payload: bytes, sink: EventSink, vet: Vet) -> LibbpfProgram:
+    """Open, vet, verify and attach a CO-RE object; raise LoadFailed with libbpf's log, or
+    TrustRefused when ``vet`` refuses what libbpf would load."""
     if not payload.startswith(b"\x7fELF"):
         raise LoadFailed(
             "a bpf-object payload is an ELF file; this one does not start with \\x7fELF"
         )
-    program = LibbpfProgram(program_id, payload, sink)
+    program = LibbpfProgram(program_id, payload, sink, vet)
     log.info("loaded %s with libbpf in %.1f ms", program_id, program.load_seconds * 1000)
     return program

@@ -67,8 +67,11 @@ def service_config(tmp_path: Path, qemu: VirtualMachine, group: str, **placement
     )
 
 
-def write_config(tmp_path: Path, qemu: VirtualMachine, group: str, port: int) -> Path:
-    """The daemon's TOML: VM ``t`` is ``qemu``; pool policy, quota 1, CPU 0 housekeeping."""
+def write_config(
+    tmp_path: Path, qemu: VirtualMachine, group: str, port: int, placement: str = ""
+) -> Path:
+    """The daemon's TOML: VM ``t`` is ``qemu``; pool policy, quota 1, CPU 0 housekeeping;
+    ``placement``: more ``[placement]`` lines."""
     program = tmp_path / "affinity.bpf.o"
     program.write_bytes(_PAYLOAD)
     config = tmp_path / "pvhost.toml"
@@ -88,6 +91,7 @@ group = "{group}"
 housekeeping = "0"
 policy = "pool"
 quota = 1
+{placement}
 
 [vms.t]
 qmp = "{qemu.qmp_socket}"

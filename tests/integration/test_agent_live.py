@@ -18,6 +18,7 @@ from pvagent.agent import Agent
 from pvagent.elf import program_sections
 from pvagent.trust import TrustPolicy
 from pvhost import signing
+from pvhost.programs import sign_program
 from pvproto import AffinityUpdate, GuestTopology, Hello, LoadProgram, ProgramLoaded
 from vmlab.hostpeer import HostEnd
 
@@ -110,13 +111,11 @@ def test_signed_program_reports_pins_and_releases(keys: tuple[Path, Path], kind:
     private, trusted = keys
     payload = bpfobj.read("affinity.bpf.o" if kind == "bpf-object" else "affinity.bcc.c")
 
+    signed = sign_program("affinity", kind, payload, private)  # type: ignore[arg-type]
+
     async def body(agent: Agent) -> None:
         host, task = await connect(agent)
-        host.send(
-            LoadProgram.for_payload(
-                "affinity", kind, payload, signing.sign(payload, private), request_id=4
-            )
-        )
+        host.send(signed.message(request_id=4))
         verdict = await host.expect(ProgramLoaded, timeout=20)
         assert (verdict.ok, verdict.request_id, verdict.reason) == (True, 4, "")
         first = Pinned({ONLINE[-1]})
@@ -134,11 +133,7 @@ def test_signed_program_reports_pins_and_releases(keys: tuple[Path, Path], kind:
         # connect() consumed the AffinityUpdate sent after Hello: check the tracker's state.
         assert agent.tracker.threads[first.tid] == {ONLINE[-1]}
         # The host re-sends the same program on reconnect: kept, state intact.
-        host.send(
-            LoadProgram.for_payload(
-                "affinity", kind, payload, signing.sign(payload, private), request_id=5
-            )
-        )
+        host.send(signed.message(request_id=5))
         assert (await host.expect(ProgramLoaded, timeout=20)).ok
         first.release()  # thread exit releases its vCPU
         await until(host, lacks={first.tid})
@@ -154,16 +149,12 @@ def test_replacement_carries_pins_over(keys: tuple[Path, Path]) -> None:
 
     async def body(agent: Agent) -> None:
         host, task = await connect(agent)
-        host.send(
-            LoadProgram.for_payload("affinity", "bpf-object", obj, signing.sign(obj, private))
-        )
+        host.send(sign_program("affinity", "bpf-object", obj, private).message())
         assert (await host.expect(ProgramLoaded)).ok
         pinned = Pinned({ONLINE[-1]})
         await until(host, {pinned.tid: [ONLINE[-1]]})
         # A different program replaces it; the pin must survive and its exit still count.
-        host.send(
-            LoadProgram.for_payload("affinity", "bcc-source", src, signing.sign(src, private))
-        )
+        host.send(sign_program("affinity", "bcc-source", src, private).message())
         assert (await host.expect(ProgramLoaded, timeout=20)).ok
         assert agent.tracker.threads[pinned.tid] == {ONLINE[-1]}
         pinned.release()

@@ -22,10 +22,18 @@ from pvagent import bpfobj
 from pvagent.affinity_event import AffinityEvent, EventFlag, EventKind, decode
 from pvagent.loaders import load
 from pvagent.program import LoadedProgram
+from pvagent.trust import TrustPolicy
 
 pytestmark = [pytest.mark.root, pytest.mark.ebpf]
 
 PAYLOADS = {"bpf-object": "affinity.bpf.o", "bcc-source": "affinity.bcc.c"}
+VET = TrustPolicy(mode="any").vet  # the agent's default allow-lists
+ATTACHED = [
+    "tracepoint/syscalls/sys_enter_sched_setaffinity",
+    "tracepoint/syscalls/sys_exit_sched_setaffinity",
+    "tracepoint/sched/sched_process_fork",
+    "tracepoint/sched/sched_process_exit",
+]
 
 
 @dataclass
@@ -59,8 +67,10 @@ def traced(request: pytest.FixtureRequest) -> Iterator[Traced]:
         request.param,
         bpfobj.read(PAYLOADS[request.param]),
         lambda _n, r: events.append(decode(r)),
+        vet=VET,
     )
     assert program.ringbufs == ("pv_affinity",)
+    assert sorted(program.attach_points) == sorted(ATTACHED)  # vetted, then attached
     yield Traced(program, events)
     program.close()
 
@@ -284,6 +294,7 @@ def test_the_bcc_twin_reports_exactly_what_the_core_program_reports(_ebpf_ready:
             kind,
             bpfobj.read(name),
             lambda _n, record, kind=kind: records[kind].append(record),
+            vet=VET,
         )
         for kind, name in PAYLOADS.items()
     ]

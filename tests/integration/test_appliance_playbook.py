@@ -220,3 +220,9 @@ def test_demo_shows_a_guest_pin_applied_on_the_host(first_run: Run) -> None:
     pins = re.findall(r"vcpu(\d+) -> pCPU (\S+?)[,( ]", match.group(1) + " ")
     assert any(re.fullmatch(r"\d+", cpus) for _vcpu, cpus in pins), match.group(1)
     assert re.search(r"throughput: [0-9.]+ Mpps", demo.output), demo.explain()
+    # No unexplained refusal: each one is printed with pvhost's reason, and the demo closes
+    # with what it showed (the pin undone after the workload).
+    refused = re.findall(r'"vcpu": (\d+), "pcpu": null, "refused"', demo.output)
+    for vcpu in refused:
+        assert f"vCPU {vcpu} was not pinned: " in demo.output, demo.explain()
+    assert "was undone when the workload exited" in demo.output, demo.explain()

@@ -10,6 +10,8 @@ on) and ``/proc/<pid>/task/<tid>/schedstat`` (run time).
 
 from __future__ import annotations
 
+import asyncio
+import json
 import os
 import subprocess
 import sys
@@ -23,6 +25,9 @@ from pvhost.errors import PlacementError
 from pvhost.placement import Cgroup1Backend, cgroup1, detect_backend
 from tests.conftest import absent
 from tests.faultpoints import KILLED, killed_before_write
+from tests.integration.hostrun import daemon_and_guest, free_port, write_config
+from vmlab import VMSpec, start
+from vmlab.bootsector import SPIN
 
 pytestmark = [pytest.mark.root, pytest.mark.isolation]
 
@@ -87,7 +92,9 @@ def load(cpuset_group: str) -> Iterator[tuple[Path, list[int]]]:
         (path / "cpuset.mems").write_text((CPUSET / "cpuset.mems").read_text())
         (path / "cpuset.cpus").write_text("0-1")
         for _ in range(4 * len(os.sched_getaffinity(0))):
-            p = subprocess.Popen(["yes"], stdout=subprocess.DEVNULL)
+            # Each in its own session, as if started from its own shell: with autogroup
+            # scheduling, a group of them would otherwise count as one task against a vCPU.
+            p = subprocess.Popen(["yes"], stdout=subprocess.DEVNULL, start_new_session=True)
             (path / "tasks").write_text(str(p.pid))
             procs.append(p)
         yield path, [p.pid for p in procs]
@@ -206,3 +213,52 @@ def test_isolate_from_that_does_not_exist_is_refused_at_start(
     with pytest.raises(PlacementError, match="no cpuset /no-such-cpuset-here"):
         backend.setup(frozenset({PCPU}))
     assert not (CPUSET / cpuset_group).exists()
+
+
+def test_through_the_daemon_a_spinning_vcpu_gets_its_pcpu_to_itself_while_pinned(
+    tmp_path: Path, cpuset_group: str, load: tuple[Path, list[int]]
+) -> None:
+    """The whole path: `pvhost run` with isolate_from, a real QEMU whose vCPU 0 runs guest
+    code that spins, the guest's pin of vCPU 0 (played on the channel), and the load."""
+    path, yes = load
+    qemu = start(VMSpec.empty("iso", tmp_path / "vm", smp=2, boot_code=SPIN))
+    try:
+        tid = qemu.vcpu_threads()[0].tid
+        config = write_config(
+            tmp_path, qemu, cpuset_group, free_port(), f'isolate_from = ["/{path.name}"]'
+        )
+
+        async def scenario() -> None:
+            agent = qemu.dir / "agent.sock"
+            async with daemon_and_guest(tmp_path, config, agent) as (daemon, guest):
+                contended = await asyncio.to_thread(share, tid)
+                result = await guest.update(1, [0])
+                assert [(p.vcpu, p.pcpu) for p in result.placements] == [(0, PCPU)], result
+                assert (path / "cpuset.cpus").read_text().strip() == "0"
+                await asyncio.sleep(0.2)
+                assert await asyncio.to_thread(load_on, yes, PCPU) == 0
+                pinned = await asyncio.to_thread(share, tid)
+                others = running_on(PCPU, {tid, os.getpid()})
+                assert pinned >= 0.9, f"vCPU 0 got {pinned:.0%} of pCPU {PCPU}; also ran: {others}"
+                rc, out = await daemon.pvctl("status", "--json")
+                assert rc == 0, out
+                isolation = json.loads(out)["backend_detail"]["isolation"]
+                assert isolation["mode"] == "isolate_from", isolation
+                assert isolation["withheld"] == {f"/{path.name}": "0-1"}
+
+                await guest.update(2, [])
+                assert (path / "cpuset.cpus").read_text().strip() == "0-1"
+                await asyncio.sleep(0.2)
+                assert await asyncio.to_thread(load_on, yes, PCPU) > 0
+                released = await asyncio.to_thread(share, tid)
+                print(f"\n[isolation/daemon] vCPU 0 share contended {contended:.0%}, "
+                      f"pinned {pinned:.0%}, released {released:.0%}", file=sys.stderr)  # fmt: skip
+                assert contended < 0.6 and released < 0.6, (contended, released)
+                await daemon.stop()
+                assert daemon.returncode == 0, daemon.log()
+
+        asyncio.run(asyncio.wait_for(scenario(), 90))
+    finally:
+        qemu.kill()
+        qemu.stop()
+    assert (path / "cpuset.cpus").read_text().strip() == "0-1"

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from pvhost.config import Config
-from pvproto import GuestTopology, Hello, LoadProgram
+from pvproto import SUPPORTED_VERSIONS, GuestTopology, Hello, LoadProgram
 from tests.integration.hostrun import served, service_config
 from vmlab import VirtualMachine
 
@@ -30,7 +30,7 @@ def test_agent_restart_behind_a_live_chardev_is_greeted_and_served_again(
             guest.send(
                 Hello(
                     role="guest",
-                    protocol_versions=[1],
+                    protocol_versions=list(SUPPORTED_VERSIONS),
                     software_version="test-guest (restarted)",
                     topology=GuestTopology(online_vcpus=[0, 1, 2]),
                 )

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 from collections.abc import Awaitable, Callable
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -13,7 +14,9 @@ from pvagent import bpfobj
 from pvagent.agent import Agent
 from pvagent.trust import TrustPolicy
 from pvhost import signing
+from pvhost.programs import sign_program
 from pvproto import (
+    SUPPORTED_VERSIONS,
     AffinityResult,
     AffinityUpdate,
     Error,
@@ -88,7 +91,12 @@ def test_bad_frames_are_answered_and_the_session_goes_on() -> None:
         error = await host.expect(Error)
         assert error.code == "bad-frame" and error.request_id == 5
         host.send(
-            Hello(role="guest", protocol_versions=[1], software_version="x", topology=TOPOLOGY)
+            Hello(
+                role="guest",
+                protocol_versions=list(SUPPORTED_VERSIONS),
+                software_version="x",
+                topology=TOPOLOGY,
+            )
         )
         # The garbage is reported once the next header shows where it ended.
         assert "skipped 70 byte(s)" in (await host.expect(Error)).message
@@ -147,27 +155,26 @@ def test_untrusted_programs_are_refused_over_the_protocol(tmp_path: Path, case: 
     trusted.mkdir()
     (trusted / "host.pem").write_bytes(public.read_bytes())
     payload = bpfobj.read("affinity.bpf.o")
-    signature = signing.sign(payload, private)
+    signed = sign_program("affinity", "bpf-object", payload, private)
     expected = "does not verify"
     if case == "unsigned":
-        signature, expected = b"", "unsigned"
+        signed, expected = replace(signed, signature=b""), "unsigned"
     elif case == "unknown key":
-        signature = signing.sign(payload, stranger)
+        signed = sign_program("affinity", "bpf-object", payload, stranger)
     elif case == "tampered":  # the digest is recomputed, as an attacker would
-        payload = payload.replace(b"Dual BSD/GPL", b"Dual BSD/GPX")
+        signed = replace(signed, payload=payload.replace(b"Dual BSD/GPL", b"Dual BSD/GPX"))
     else:  # correctly signed by the trusted key, but a kprobe
         old = b"tracepoint/sched/sched_process_exit"
         payload = payload.replace(old + b"\0", b"kprobe/do_exit".ljust(len(old) + 1, b"\0"))
-        signature, expected = signing.sign(payload, private), "'kprobe/do_exit' is not allowed"
+        signed = sign_program("affinity", "bpf-object", payload, private)
+        expected = "'kprobe/do_exit' is not allowed"
 
     async def body(agent: Agent) -> None:
         host, task = await connect(agent)
         await host.expect(Hello)
         host.hello()
         await host.expect(AffinityUpdate)
-        host.send(
-            LoadProgram.for_payload("affinity", "bpf-object", payload, signature, request_id=21)
-        )
+        host.send(signed.message(request_id=21))
         verdict = await host.expect(ProgramLoaded)
         assert (verdict.ok, verdict.request_id) == (False, 21)
         assert verdict.reason.startswith("untrusted:") and expected in verdict.reason

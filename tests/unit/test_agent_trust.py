@@ -1,17 +1,25 @@
-"""Trust before load: signatures against trusted.d keys, attach-point and helper allow-list."""
+"""Trust before load: envelope signatures against trusted.d keys, the replay book, and the
+allow-lists (attach points, helpers, kfuncs, pinning) applied to what a loader would load."""
 
 from __future__ import annotations
 
+import hashlib
 import struct
+import subprocess
 from pathlib import Path
 
 import pytest
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+from cryptography.hazmat.primitives.serialization import load_pem_public_key
 
 from pvagent import bpfobj
-from pvagent.elf import ElfError, helper_calls, program_sections
+from pvagent.elf import KFUNC, ElfError, helper_calls, program_sections
 from pvagent.errors import TrustRefused
-from pvagent.trust import TrustPolicy, attach_points
+from pvagent.replay import VersionBook
+from pvagent.trust import MapView, ProgramView, TrustPolicy, attach_points
 from pvhost import signing
+from pvhost.programs import sign_program
+from pvproto import LoadProgram
 
 OBJECT = bpfobj.read("affinity.bpf.o")
 BCC = bpfobj.read("affinity.bcc.c")
@@ -30,40 +38,58 @@ def keys(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, Path]:
     return private, trusted, stranger
 
 
+def _message(
+    payload: bytes, key: Path | None, program_id: str = "affinity", **kw: object
+) -> LoadProgram:
+    kind = "bpf-object" if payload.startswith(b"\x7fELF") else "bcc-source"
+    if key is None:
+        return LoadProgram.for_payload("affinity", kind, payload, **kw)  # type: ignore[arg-type]
+    return sign_program("affinity", kind, payload, key).message()
+
+
 def test_signed_object_is_accepted(keys: tuple[Path, Path, Path]) -> None:
     private, trusted, _ = keys
     policy = TrustPolicy.from_config(trusted)
     assert len(policy.keys) == 1 and policy.problems
-    points = policy.check("bpf-object", OBJECT, signing.sign(OBJECT, private))
+    points = policy.check(_message(OBJECT, private))
     assert points == [
         "tracepoint/syscalls/sys_enter_sched_setaffinity",
         "tracepoint/syscalls/sys_exit_sched_setaffinity",
         "tracepoint/sched/sched_process_fork",
         "tracepoint/sched/sched_process_exit",
     ]
-    assert policy.check("bcc-source", BCC, signing.sign(BCC, private)) == points
+    assert policy.check(_message(BCC, private)) == []  # judged once compiled (vet)
 
 
-@pytest.mark.parametrize("case", ["unsigned", "unknown key", "tampered"])
+@pytest.mark.parametrize(
+    "case", ["unsigned", "unknown key", "tampered", "another id", "another kind", "another version"]
+)
 def test_bad_signatures_are_refused(keys: tuple[Path, Path, Path], case: str) -> None:
+    """The signature covers id, kind, digest and version: change any and it fails."""
     private, trusted, stranger = keys
     policy = TrustPolicy.from_config(trusted)
-    payload, signature = OBJECT, signing.sign(OBJECT, private)
-    if case == "unsigned":
-        signature = b""
-    elif case == "unknown key":
-        signature = signing.sign(OBJECT, stranger)
-    else:
-        payload = OBJECT[:-1] + bytes([OBJECT[-1] ^ 1])
+    good = _message(OBJECT, private)
+    changes: dict[str, dict[str, object]] = {
+        "unsigned": {"signature": b""},
+        "unknown key": {"signature": _message(OBJECT, stranger).signature},
+        "tampered": {"payload": OBJECT[:-1] + bytes([OBJECT[-1] ^ 1])},
+        "another id": {"program_id": "affinity2"},
+        "another kind": {"kind": "bcc-source"},
+        "another version": {"version": good.version + 1},
+    }
+    fields = good.model_dump() | changes[case]
+    fields["sha256"] = hashlib.sha256(fields["payload"]).hexdigest()  # as an attacker would
+    message = LoadProgram.model_validate(fields)
     with pytest.raises(TrustRefused, match="unsigned" if case == "unsigned" else "does not verify"):
-        policy.check("bpf-object", payload, signature)
+        policy.check(message)
 
 
 def test_no_trusted_key_refuses_everything_unless_trust_any(tmp_path: Path) -> None:
+    unsigned = _message(OBJECT, None, signature=b"x" * 64)
     with pytest.raises(TrustRefused, match="no trusted key"):
-        TrustPolicy.from_config(tmp_path / "absent").check("bpf-object", OBJECT, b"x" * 64)
+        TrustPolicy.from_config(tmp_path / "absent").check(unsigned)
     insecure = TrustPolicy.from_config(tmp_path / "absent", mode="any")
-    assert insecure.check("bpf-object", OBJECT, b"")
+    assert insecure.check(unsigned)
 
 
 def _rename_section(payload: bytes, old: bytes, new: bytes) -> bytes:
@@ -76,42 +102,68 @@ def test_disallowed_attach_point_is_refused() -> None:
     policy = TrustPolicy(mode="any")
     assert "kprobe/do_exit" in attach_points("bpf-object", kprobe)
     with pytest.raises(TrustRefused, match="'kprobe/do_exit' is not allowed"):
-        policy.check("bpf-object", kprobe, b"")
+        policy.inspect("bpf-object", kprobe)
     xdp = _rename_section(OBJECT, b"tracepoint/sched/sched_process_exit", b"xdp")
     with pytest.raises(TrustRefused, match="'xdp' is not allowed"):
-        policy.check("bpf-object", xdp, b"")
+        policy.inspect("bpf-object", xdp)
     # Configurable: an operator may admit kprobes explicitly.
-    assert TrustPolicy(mode="any", allow=("tracepoint/*", "kprobe/*")).check(
-        "bpf-object", kprobe, b""
-    )
+    assert TrustPolicy(mode="any", allow=("tracepoint/*", "kprobe/*")).inspect("bpf-object", kprobe)
+
+
+TP = "tracepoint/sched/sched_process_exit"
 
 
 @pytest.mark.parametrize(
-    ("source", "reason"),
+    ("programs", "maps", "reason"),
     [
-        ("int kprobe__do_exit(void *ctx) { return 0; }", "'kprobe/do_exit' is not allowed"),
-        ("LSM_PROBE(bpf, int cmd) { return 0; }", "'lsm/bpf/int cmd' is not allowed"),
+        ([ProgramView("kprobe__do_exit", "kprobe/do_exit")], [], "'kprobe/do_exit' is not allowed"),
+        ([ProgramView("lsm__bpf", "lsm/bpf")], [], "'lsm/bpf' is not allowed"),
+        ([ProgramView("f", TP, frozenset({36}))], [], "calls bpf_probe_write_user"),
+        ([ProgramView("f", TP, frozenset({109, 6}))], [], "calls bpf_send_signal"),
+        ([ProgramView("f", TP, frozenset({KFUNC}))], [], "kfuncs\\) by an unknown name"),
         (
-            "TRACEPOINT_PROBE(a, b) { bpf_probe_write_user(0, 0, 0); return 0; }",
-            "bpf_probe_write_user",
+            [ProgramView("f", TP, kfuncs=frozenset({"bpf_send_signal_task"}))],
+            [],
+            "not in allow_kfuncs",
         ),
-        ("int helper(void *ctx) { return 0; }", "no attach point"),
+        ([ProgramView(".text", ".text", frozenset({58}))], [], "no attach point"),
+        (
+            [ProgramView("f", TP), ProgramView(".text", ".text", frozenset({58}))],
+            [],
+            "bpf_override_return",
+        ),
+        ([ProgramView("f", TP)], [MapView("m", 1, "/sys/fs/bpf/m")], "'m' is pinned"),
+        ([ProgramView("f", TP)], [MapView("ops", 26)], "struct_ops"),
     ],
 )
-def test_bcc_sources_are_vetted(source: str, reason: str) -> None:
+def test_vet_judges_programs_and_maps(
+    programs: list[ProgramView], maps: list[MapView], reason: str
+) -> None:
     with pytest.raises(TrustRefused, match=reason):
-        TrustPolicy(mode="any").check("bcc-source", source.encode(), b"")
+        TrustPolicy(mode="any").vet(programs, maps)
+
+
+def test_vet_allow_lists_are_configurable() -> None:
+    kfunc = ProgramView("f", TP, kfuncs=frozenset({"bpf_task_from_pid"}))
+    pinned = MapView("m", 1, "/sys/fs/bpf/m")
+    policy = TrustPolicy(mode="any", allow_kfuncs=("bpf_task_*",), allow_pinning=True)
+    assert policy.vet([kfunc, ProgramView(".text", ".text")], [pinned]) == [TP]
 
 
 def test_denied_helpers_in_objects_are_found() -> None:
     call = struct.pack("<BBhi", 0x85, 0, 0, 36)  # call bpf_probe_write_user
     ld64 = struct.pack("<BBhi", 0x18, 0, 0, 0) + struct.pack("<BBhi", 0, 0, 0, 0)
     kfunc = struct.pack("<BBhi", 0x85, 0x20, 0, 7)
-    assert helper_calls(ld64 + call + kfunc) == {36, "kfunc"}
+    subprogram = struct.pack("<BBhi", 0x85, 0x10, 0, -1)  # a kfunc too, if relocated so
+    callx = struct.pack("<BBhi", 0x8D, 0x01, 0, 0)
+    assert helper_calls(ld64 + call + kfunc) == {36, KFUNC}
+    assert helper_calls(subprogram) == set()
+    assert helper_calls(subprogram, subprograms=False) == {KFUNC}  # bcc: no relocations
+    assert helper_calls(callx) == {KFUNC}
     first = program_sections(OBJECT)[1]
     patched = OBJECT.replace(first.data, call + first.data[8:])
     with pytest.raises(TrustRefused, match="bpf_probe_write_user"):
-        TrustPolicy(mode="any").check("bpf-object", patched, b"")
+        TrustPolicy(mode="any").inspect("bpf-object", patched)
 
 
 @pytest.mark.parametrize(
@@ -121,7 +173,7 @@ def test_malformed_objects_are_refused_cleanly(payload: bytes) -> None:
     with pytest.raises(ElfError):
         program_sections(payload)
     with pytest.raises(TrustRefused, match="not a valid eBPF object"):
-        TrustPolicy(mode="any").check("bpf-object", payload, b"")
+        TrustPolicy(mode="any").inspect("bpf-object", payload)
 
 
 def test_signing_cli(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -136,8 +188,71 @@ def test_signing_cli(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None
     trusted = tmp_path / "trusted"
     trusted.mkdir()
     (trusted / "k.pem").write_bytes((tmp_path / "k" / "signing.pem").read_bytes())
-    signature = (tmp_path / "prog.o.sig").read_bytes()
-    assert TrustPolicy.from_config(trusted).check("bpf-object", OBJECT, signature)
+    signature = (tmp_path / "prog.o.sig").read_bytes()  # a raw signature over the file
+    key = load_pem_public_key((trusted / "k.pem").read_bytes())
+    assert isinstance(key, Ed25519PublicKey)
+    key.verify(signature, OBJECT)
     with pytest.raises(SystemExit, match="1"):
         signing.main(["sign", str(target), "--key", str(tmp_path / "nokey")])
     assert "pvhost.signing: cannot read the signing key" in capsys.readouterr().err
+
+
+def test_version_book_refuses_older_versions_and_survives_a_restart(tmp_path: Path) -> None:
+    path = tmp_path / "state" / "versions.json"
+    book = VersionBook(path)
+    book.check("affinity", 5)
+    book.record("affinity", 5)
+    book.check("affinity", 5)  # the host re-sends its current program: fine
+    book.check("other", 1)  # ids are independent
+    with pytest.raises(TrustRefused, match="older than version 5"):
+        book.check("affinity", 4)
+    again = VersionBook(path)  # an agent restart
+    with pytest.raises(TrustRefused, match="older than version 5"):
+        again.check("affinity", 4)
+    path.write_text("{not json")
+    assert VersionBook(path).get("affinity") is None  # unreadable: a warning, not a crash
+
+
+KFUNC_SOURCE = """
+#include <linux/types.h>
+#include <linux/bpf.h>
+#include <bpf/bpf_helpers.h>
+struct task_struct { int pid; } __attribute__((preserve_access_index));
+extern struct task_struct *bpf_task_from_pid(__s32 pid) __ksym;
+extern void bpf_task_release(struct task_struct *p) __ksym;
+static __attribute__((noinline)) int sub(int x) { return x + 1; }  /* a real subprogram */
+SEC("tp/sched/sched_process_exit")
+int probe(void *ctx)
+{
+    struct task_struct *task = bpf_task_from_pid(sub(0));
+
+    if (task)
+        bpf_task_release(task);
+    return 0;
+}
+char LICENSE[] SEC("license") = "Dual BSD/GPL";
+"""
+
+
+def test_kfunc_calls_are_found_by_their_relocations(tmp_path: Path) -> None:
+    """clang writes a kfunc call as ``call -1`` with src_reg 1, like a subprogram call: only
+    the relocation to an undefined symbol tells them apart (built here with clang)."""
+    src, obj = tmp_path / "k.bpf.c", tmp_path / "k.bpf.o"
+    src.write_text(KFUNC_SOURCE)
+    arch = subprocess.run(
+        ["cc", "-print-multiarch"], capture_output=True, text=True, check=False
+    ).stdout.strip()
+    flags = ["-idirafter", f"/usr/include/{arch}"] if arch else []
+    subprocess.run(
+        ["clang", "-O2", "-g", "-target", "bpf", *flags, "-c", str(src), "-o", str(obj)],
+        check=True,
+    )
+    payload = obj.read_bytes()
+    sections = {s.name: s for s in program_sections(payload)}
+    probe = sections["tp/sched/sched_process_exit"]
+    assert probe.extern_calls == {"bpf_task_from_pid", "bpf_task_release"}
+    assert KFUNC not in helper_calls(probe.data)  # the subprogram call is not a kfunc
+    with pytest.raises(TrustRefused, match="bpf_task_from_pid, bpf_task_release \\(kfuncs\\)"):
+        TrustPolicy(mode="any").inspect("bpf-object", payload)
+    allowed = TrustPolicy(mode="any", allow_kfuncs=("bpf_task_*",))
+    assert allowed.inspect("bpf-object", payload) == ["tp/sched/sched_process_exit"]

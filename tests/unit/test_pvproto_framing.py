@@ -15,6 +15,7 @@ from pvproto import (
     HEADER_SIZE,
     MAGIC,
     MAX_BODY_SIZE,
+    PROTOCOL_VERSION,
     BadHeader,
     BadMagic,
     FrameDecoder,
@@ -33,7 +34,7 @@ from tests.unit.pvproto_strategies import messages
 def raw_frame(
     body: bytes,
     *,
-    version: int = 1,
+    version: int = PROTOCOL_VERSION,
     type_code: int = 2,
     flags: int = 0,
     request_id: int = 0,

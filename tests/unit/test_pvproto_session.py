@@ -12,6 +12,8 @@ from collections.abc import Awaitable, Callable
 import pytest
 
 from pvproto import (
+    PROTOCOL_VERSION,
+    SUPPORTED_VERSIONS,
     AffinityUpdate,
     BaseMessage,
     FrameDecoder,
@@ -29,7 +31,7 @@ TOPOLOGY = GuestTopology(online_vcpus=[0, 1])
 class Side(PeerSession[None]):
     """A session that records what it was told; its role is set per instance."""
 
-    def __init__(self, role: str, versions: tuple[int, ...] = (1,)) -> None:
+    def __init__(self, role: str, versions: tuple[int, ...] = SUPPORTED_VERSIONS) -> None:
         super().__init__(None, versions=versions)
         self.role = role
         self.ready_calls: list[bool] = []
@@ -82,7 +84,7 @@ def test_handshake_then_messages_flow_and_early_messages_are_refused() -> None:
         gw.write(encode(AffinityUpdate(seq=1, wanted=[1], request_id=4)))
         tasks = [asyncio.create_task(host.run(hr, hw)), asyncio.create_task(guest.run(gr, gw))]
         await _until(lambda: host.state is guest.state is SessionState.READY)
-        assert host.messages == [] and host.version == guest.version == 1
+        assert host.messages == [] and host.version == guest.version == PROTOCOL_VERSION
         assert host.ready_calls == guest.ready_calls == [False]
         guest.send(AffinityUpdate(seq=2, wanted=[1]))
         await _until(lambda: len(host.messages) == 1)
@@ -165,6 +167,7 @@ def test_no_common_version_closes_the_session() -> None:
                     software_version="g",
                     topology=TOPOLOGY,
                 ),
+                version=1,
             )
         )
         with pytest.raises(SessionClosed, match="no common protocol version"):
@@ -321,7 +324,12 @@ def test_a_peer_saying_hello_in_a_loop_is_rate_limited() -> None:
         (hr, hw), (gr, gw) = await _streams()
         host = Side("host")
         task = asyncio.create_task(host.run(hr, hw))
-        hello = Hello(role="guest", protocol_versions=[1], software_version="g", topology=TOPOLOGY)
+        hello = Hello(
+            role="guest",
+            protocol_versions=list(SUPPORTED_VERSIONS),
+            software_version="g",
+            topology=TOPOLOGY,
+        )
         gw.write(encode(hello) * 200)
         raw = b""
         with contextlib.suppress(TimeoutError):

@@ -165,6 +165,19 @@ def run_demo(args: argparse.Namespace) -> dict[str, Any]:
         f"after the workload exited: {', '.join(f'vcpu{k} {v}' for k, v in sorted(after.items()))}",
         f"pvhost's answer to the guest (pvctl status): {json.dumps(vm_status.get('result'))}",
     ]
+    # Every vCPU the guest asked for and did not get, with pvhost's reason (which says what
+    # to change): a refusal is part of what the demo shows, never left unexplained.
+    for placed in vm_status.get("result") or []:
+        if placed.get("refused"):
+            summary.append(f"vCPU {placed['vcpu']} was not pinned: {placed['refused']}")
+    pinned = sorted(v for v, p in placement.items() if p != baseline[int(v[4:])])
+    summary.append(
+        "shown: the guest's sched_setaffinity reached the host as a cpuset placement of "
+        + (", ".join(pinned) if pinned else "no vCPU")
+        + ", and was undone when the workload exited"
+        if after == baseline
+        else "shown: the guest's pins reached the host; NOT undone after the workload exited"
+    )
     return {
         "summary": summary,
         "boot_s": round(boot_s, 1),
