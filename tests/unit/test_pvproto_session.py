@@ -187,7 +187,12 @@ def test_keepalive_detects_a_ready_peer_gone_silent_but_not_an_absent_one() -> N
         await asyncio.sleep(0.6)
         assert not alive.done()
         # The peer says Hello and then nothing, not even a Pong (a SIGSTOPped agent).
-        hello = Hello(role="guest", protocol_versions=[1], software_version="g", topology=TOPOLOGY)
+        hello = Hello(
+            role="guest",
+            protocol_versions=list(SUPPORTED_VERSIONS),
+            software_version="g",
+            topology=TOPOLOGY,
+        )
         gw.write(encode(hello))
         await _until(lambda: host.state is SessionState.READY)
         with pytest.raises(PeerSilent, match="sent nothing"):
@@ -281,7 +286,7 @@ def test_a_new_peer_is_answered_even_when_an_old_hello_of_ours_went_unanswered()
         (hr, hw), (gr, gw) = await _streams()
         guest = Side("guest")
         task = asyncio.create_task(guest.run(gr, gw))
-        hello = Hello(role="host", protocol_versions=[1], software_version="h")
+        hello = Hello(role="host", protocol_versions=list(SUPPORTED_VERSIONS), software_version="h")
         hw.write(encode(hello))
         await _until(lambda: guest.state is SessionState.READY)
         guest._greeted_at = time.monotonic() - 2 * guest.ANSWER_S  # our old answer, stale
