@@ -15,11 +15,11 @@ import os
 import socket
 import struct
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from pvhost.errors import ControlError, HostError
 
-__all__ = ["ControlServer", "request"]
+__all__ = ["BadRequest", "ControlServer", "request"]
 
 _MAX_LINE = 64 * 1024
 
@@ -84,20 +84,46 @@ class ControlServer:
             elif cmd == "verify":
                 result = await svc.verify()
             elif cmd == "remap":
-                result = await svc.set_remap(str(req["vm"]), bool(req["on"]))
+                result = await svc.set_remap(_field(req, "vm", str), _field(req, "on", bool))
             elif cmd == "release":
-                result = await svc.release(str(req["vm"]))
+                result = await svc.release(_field(req, "vm", str))
             elif cmd == "program-load":
-                result = await svc.load_program(str(req["vm"]), Path(str(req["path"])))
+                result = await svc.load_program(
+                    _field(req, "vm", str), Path(_field(req, "path", str))
+                )
             elif cmd == "program-unload":
-                result = await svc.unload_program(str(req["vm"]), str(req["program"]))
+                result = await svc.unload_program(
+                    _field(req, "vm", str), _field(req, "program", str)
+                )
             else:
                 return {"ok": False, "error": f"unknown command {cmd!r}"}
-        except (KeyError, ValueError) as err:
+        except ValueError as err:  # BadRequest, or a line that is not JSON
             return {"ok": False, "error": f"bad request: {err}"}
         except HostError as err:
             return {"ok": False, "error": str(err)}
         return {"ok": True, "result": result}
+
+
+class BadRequest(ValueError):
+    """A request field is missing or of the wrong JSON type."""
+
+
+_JSON_TYPE = {bool: "true or false", str: "a string"}
+
+
+_T = TypeVar("_T", bool, str)
+
+
+def _field(req: dict[str, Any], key: str, kind: type[_T]) -> _T:
+    """``req[key]`` if it is exactly of JSON type ``kind``: ``"false"`` is no boolean, and a
+    string is not coerced (``bool("false")`` is True: an operator's "off" must not mean on)."""
+    if key not in req:
+        raise BadRequest(f"{key!r} is missing")
+    value = req[key]
+    if type(value) is not kind:
+        raise BadRequest(f"{key!r} must be {_JSON_TYPE[kind]}, not {json.dumps(value)[:80]}")
+    result: _T = value
+    return result
 
 
 def request(path: Path, message: dict[str, Any], timeout: float = 90.0) -> Any:

@@ -8,7 +8,7 @@ import signal
 
 from pvhost.config import Config
 from pvhost.control import ControlServer
-from pvhost.metrics import serve_metrics
+from pvhost.metrics import Metrics, serve_metrics
 from pvhost.service import Service
 
 __all__ = ["run_daemon"]
@@ -17,28 +17,38 @@ _log = logging.getLogger(__name__)
 
 
 async def run_daemon(config: Config) -> None:
-    """Run until SIGTERM/SIGINT; on the way out undo every placement (guests resend)."""
-    service = Service(config)
-    await service.start()
-    control = ControlServer(service, config.service.control_socket)
-    await control.start()
+    """Run until SIGTERM/SIGINT; on the way out undo every placement (guests resend).
+
+    The metrics port is taken first: a port in use is an error before anything exists on
+    this host, and whatever did start is undone when a later step fails.
+    """
     metrics_server = None
+    metrics: Metrics | None = None
+    service: Service | None = None
     if config.service.metrics:
         host, _, port = config.service.metrics.rpartition(":")
-        metrics_server = await serve_metrics(service.metrics, host, int(port))
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    _log.info(
-        "pvhost ready: control %s, metrics %s",
-        config.service.control_socket,
-        config.service.metrics or "off",
-    )
+        metrics = Metrics()
+        metrics_server = await serve_metrics(metrics, host, int(port))
     try:
-        await stop.wait()
+        service = Service(config, metrics=metrics)
+        await service.start()
+        control = ControlServer(service, config.service.control_socket)
+        await control.start()
+        try:
+            stop = asyncio.Event()
+            loop = asyncio.get_running_loop()
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                loop.add_signal_handler(sig, stop.set)
+            _log.info(
+                "pvhost ready: control %s, metrics %s",
+                config.service.control_socket,
+                config.service.metrics or "off",
+            )
+            await stop.wait()
+        finally:
+            await control.stop()
     finally:
         if metrics_server is not None:
             metrics_server.close()
-        await control.stop()
-        await service.stop()
+        if service is not None:
+            await service.stop()

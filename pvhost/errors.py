@@ -7,6 +7,7 @@
     ├── TopologyError             sysfs describes no usable host topology (malformed CPU list, …)
     ├── QmpError                  QEMU's monitor is unreachable or answered something unexpected
     ├── ChannelError              the guest channel failed (connect, negotiation, program load)
+    ├── GuestRequestError         a guest request refused as a whole (answered Error{bad-request})
     ├── PlacementError            a placement could not be applied; it was undone before raising
     │   ├── BackendUnavailable    no cpuset hierarchy this backend can drive on this host
     │   └── PartitionInvalid      the kernel left a partition ``isolated invalid (<reason>)``
@@ -21,6 +22,7 @@ __all__ = [
     "ChannelError",
     "ConfigError",
     "ControlError",
+    "GuestRequestError",
     "HostError",
     "PartitionInvalid",
     "PlacementError",
@@ -47,6 +49,10 @@ class QmpError(HostError):
 
 class ChannelError(HostError):
     """The guest channel failed."""
+
+
+class GuestRequestError(HostError):
+    """A guest request the host refuses as a whole (e.g. more vCPUs wanted than the VM has)."""
 
 
 class PlacementError(HostError):

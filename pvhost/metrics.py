@@ -22,6 +22,7 @@ from prometheus_client import (
 )
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
+from pvhost.errors import HostError
 from pvhost.refusal import RefusalCode
 
 __all__ = ["Metrics", "serve_metrics"]
@@ -72,7 +73,7 @@ async def serve_metrics(metrics: Metrics, host: str, port: int) -> asyncio.Serve
     """Serve ``GET /metrics``; anything else is a 404. Reads at most one small request.
 
     An asyncio server (not prometheus_client's thread) so a scrape never races the loop's
-    updates and a taken port is an ``OSError`` at start, not in a background thread.
+    updates and a taken port is a HostError at start, not in a background thread.
     """
 
     async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -94,4 +95,10 @@ async def serve_metrics(metrics: Metrics, host: str, port: int) -> asyncio.Serve
             with contextlib.suppress(OSError):
                 await writer.wait_closed()
 
-    return await asyncio.start_server(handle, host, port, limit=8192)
+    try:
+        return await asyncio.start_server(handle, host, port, limit=8192)
+    except OSError as err:
+        raise HostError(
+            f"cannot serve /metrics on {host}:{port}: {err.strerror or err} (set [service] "
+            'metrics to a free host:port, or to "" to turn /metrics off)'
+        ) from err

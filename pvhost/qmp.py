@@ -3,13 +3,6 @@
 ``query-cpus-fast`` gives, per vCPU, the top-level ``thread-id`` (the host tid of the vCPU
 thread) and ``props`` (socket/die/core/thread ids in the guest). The map is refreshed when
 QEMU reports a CPU hot(un)plug (``DEVICE_DELETED``, ``ACPI_DEVICE_OST``) and on demand.
-
-The guest opening and closing the agent's port (``org.extpv.agent.0``) is reported by QEMU as
-``VSERPORT_CHANGE`` (only for a port device that has an ``id``): the socket chardev pvhost
-talks through stays connected across it, so this is the only way the host learns that the
-agent went away or a new one came. A guest decides how often those events come, so the
-monitor keeps a bounded summary of them (per port: the latest state and how many changes),
-never a queue.
 """
 
 from __future__ import annotations
@@ -17,8 +10,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
+from typing import ClassVar
 
 from qemu.qmp import EventListener, QMPClient, QMPError
 from qemu.qmp.message import Message
@@ -32,7 +27,9 @@ _log = logging.getLogger(__name__)
 
 #: QMP events after which the vCPU map may have changed.
 HOTPLUG_EVENTS = ("DEVICE_DELETED", "ACPI_DEVICE_OST", "CPU_ADDED")
-#: The guest opened or closed a virtio-serial port (``data``: ``id``, ``open``).
+#: The guest opened or closed a virtio-serial port (``data``: ``id``, ``open``). QEMU reports
+#: it only for a port device with an ``id``; the chardev pvhost talks through stays connected
+#: across it, so this is how the host learns that the agent went away or a new one came.
 PORT_EVENT = "VSERPORT_CHANGE"
 #: The agent's virtio-serial port (docs/interfaces.md); its device ``id`` is looked up.
 AGENT_PORT_NAME = "org.extpv.agent.0"
@@ -40,8 +37,17 @@ AGENT_PORT_NAME = "org.extpv.agent.0"
 #: command line, not from the guest; this only caps a misconfiguration).
 _MAX_PORTS = 64
 #: Told the agent port's new state (True: the guest opened it) and how many changes were
-#: coalesced into this call (an even number > 0 with the same state: it closed and reopened).
+#: coalesced into this call.
 PortCallback = Callable[[bool, int], Awaitable[None]]
+#: Least seconds between two re-reads of the vCPU map caused by hot-plug events.
+REFRESH_INTERVAL = 0.2
+#: More QMP events than this in one second is a flood: QEMU emits a handful in normal work,
+#: but a guest looping on a device port makes it emit tens of thousands, and reading each one
+#: costs pvhost CPU every other VM needs.
+MAX_EVENTS_PER_S = 200
+#: A flooding monitor is hung up on and not reconnected for this long (QEMU drops the events
+#: nobody reads, so this costs neither pvhost nor QEMU memory).
+FLOOD_HOLDOFF_S = 5.0
 
 
 def qemu_pid_of(tid: int) -> int:
@@ -68,37 +74,59 @@ class _EventSummary(EventListener):
     def __init__(self) -> None:
         super().__init__((*HOTPLUG_EVENTS, PORT_EVENT))
         self._flag = asyncio.Event()
-        self._hotplug = ""
+        self._last = ""
         self._ports: dict[str, tuple[bool, int]] = {}
+        #: Set once more than MAX_EVENTS_PER_S events (of any kind) came within a second.
+        self.flooded = False
+        self._window = -1.0
+        self._count = 0
 
     async def put(self, event: Message) -> None:
-        if not self.accept(event):
+        now = time.monotonic()
+        if now - self._window >= 1.0:
+            self._window, self._count = now, 0
+        self._count += 1
+        if self._count > MAX_EVENTS_PER_S:
+            self.flooded = True
+            self._flag.set()
+        elif self.accept(event):
+            name = str(event.get("event", ""))
+            if name == PORT_EVENT:
+                self._port(event)
+            else:
+                self._last = name
+                self._flag.set()
+
+    def _port(self, event: Message) -> None:
+        data = event.get("data")
+        port = data.get("id") if isinstance(data, dict) else None
+        opened = data.get("open") if isinstance(data, dict) else None
+        if not isinstance(port, str) or not isinstance(opened, bool):
             return
-        name = str(event.get("event", ""))
-        if name == PORT_EVENT:
-            data = event.get("data")
-            port = data.get("id") if isinstance(data, dict) else None
-            opened = data.get("open") if isinstance(data, dict) else None
-            if not isinstance(port, str) or not isinstance(opened, bool):
-                return
-            if port not in self._ports and len(self._ports) >= _MAX_PORTS:
-                return
-            self._ports[port] = (opened, self._ports.get(port, (opened, 0))[1] + 1)
-        else:
-            self._hotplug = name
+        if port not in self._ports and len(self._ports) >= _MAX_PORTS:
+            return
+        self._ports[port] = (opened, self._ports.get(port, (opened, 0))[1] + 1)
         self._flag.set()
 
     async def take(self) -> tuple[str, dict[str, tuple[bool, int]]]:
         """Wait for events; the last hot-plug event's name ("" if none) and port changes."""
         await self._flag.wait()
         self._flag.clear()
-        hotplug, self._hotplug = self._hotplug, ""
+        hotplug, self._last = self._last, ""
         ports, self._ports = self._ports, {}
         return hotplug, ports
 
 
 class QmpMonitor:
-    """One QMP connection to one QEMU; ``vcpus`` is the current vCPU map."""
+    """One QMP connection to one QEMU; ``vcpus`` is the current vCPU map.
+
+    A QEMU that floods its monitor with events is hung up on (:meth:`wait_closed` returns)
+    and :meth:`connect` to it refuses for FLOOD_HOLDOFF_S seconds.
+    """
+
+    #: Monitor socket → when pvhost listens to it again (a session makes a new QmpMonitor
+    #: for each connection, so the hold-off outlives the instance).
+    _holdoff: ClassVar[dict[Path, float]] = {}
 
     def __init__(
         self,
@@ -122,6 +150,13 @@ class QmpMonitor:
         self._agent_port: dict[str, bool] = {}
 
     async def connect(self, timeout: float = 5.0) -> None:
+        wait = QmpMonitor._holdoff.get(self.path, 0.0) - time.monotonic()
+        if wait > 0:
+            raise QmpError(
+                f"{self.path}: not listening for {wait:.1f} s more: QEMU sent over "
+                f"{MAX_EVENTS_PER_S} events/s (a guest flooding a device port?)"
+            )
+        QmpMonitor._holdoff.pop(self.path, None)
         try:
             async with asyncio.timeout(timeout):
                 await self._client.connect(str(self.path))
@@ -177,15 +212,37 @@ class QmpMonitor:
             while self.connected:
                 getter = asyncio.ensure_future(listener.take())
                 done, _ = await asyncio.wait({getter, waiter}, return_when=asyncio.FIRST_COMPLETED)
+                if getter in done and listener.flooded:
+                    _log.warning(
+                        "%s: over %d QMP events/s: hanging up for %g s (a guest flooding a "
+                        "device port?)",
+                        self.path,
+                        MAX_EVENTS_PER_S,
+                        FLOOD_HOLDOFF_S,
+                    )
+                    QmpMonitor._holdoff[self.path] = time.monotonic() + FLOOD_HOLDOFF_S
+                    self._hang_up()
+                    return
                 if getter in done:
                     hotplug, ports = getter.result()
-                    if hotplug:
-                        await self._hotplugged(hotplug)
                     for port, (opened, changes) in ports.items():
                         if self.on_port is not None and await self._is_agent_port(port):
                             await self.on_port(opened, changes)
+                    if not hotplug:
+                        continue
                     if hotplug == "DEVICE_DELETED":
                         self._agent_port.clear()  # a port id may come back as another port
+                    # A guest can make QEMU emit these events by the thousand a second: the
+                    # map is re-read at most every REFRESH_INTERVAL s (events meanwhile count
+                    # as one), and only a map that changed is logged and re-planned.
+                    before = self.vcpus
+                    with contextlib.suppress(QmpError):
+                        await self.refresh()
+                    if self.vcpus != before:
+                        _log.info("%s: %s: the vCPU map changed", self.path, hotplug)
+                        if self.on_change is not None:
+                            await self.on_change()
+                    await asyncio.sleep(REFRESH_INTERVAL)
                 else:
                     getter.cancel()
                     if not self.connected:
@@ -195,12 +252,17 @@ class QmpMonitor:
             waiter.cancel()
             self._client.remove_listener(listener)
 
-    async def _hotplugged(self, event: str) -> None:
-        _log.info("%s: %s, refreshing vCPU map", self.path, event)
-        with contextlib.suppress(QmpError):
-            await self.refresh()
-        if self.on_change is not None:
-            await self.on_change()
+    def _hang_up(self) -> None:
+        """Drop the connection at once, as if QEMU had exited.
+
+        qemu.qmp's disconnect() first drains the conversation, which under a flood never
+        ends (seen: its reader went on parsing events until QEMU died). Aborting the socket
+        (qemu.qmp offers no public way) ends its reader with end-of-file, the path every VM
+        that exits takes."""
+        writer = getattr(self._client, "_writer", None)
+        transport = getattr(writer, "transport", None)
+        if transport is not None:
+            transport.abort()
 
     async def close(self) -> None:
         if self._events is not None:

@@ -19,7 +19,13 @@ from pathlib import Path
 from typing import Any
 
 from pvhost.config import Config, PolicyName
-from pvhost.errors import HostError, PartitionInvalid, PlacementError, QmpError
+from pvhost.errors import (
+    GuestRequestError,
+    HostError,
+    PartitionInvalid,
+    PlacementError,
+    QmpError,
+)
 from pvhost.metrics import Metrics
 from pvhost.placement import PlacementBackend, detect_backend
 from pvhost.policy import HostPool, Plan, VmView, eligible_cpus, guest_sibling_groups, plan
@@ -72,6 +78,7 @@ class Service:
         *,
         topology: HostTopology | None = None,
         backend: PlacementBackend | None = None,
+        metrics: Metrics | None = None,
     ) -> None:
         self.config = config
         self.topology = topology or read_host_topology()
@@ -84,7 +91,7 @@ class Service:
             placement.group,
             tuple(placement.isolate_from),
         )
-        self.metrics = Metrics()
+        self.metrics = metrics or Metrics()
         self._program = SignedAffinityProgram(
             config.service.affinity_program, config.service.signing_key
         )
@@ -263,11 +270,30 @@ class Service:
             ) from None
 
     async def apply(self, name: str, update: AffinityUpdate) -> AffinityResult:
-        """Plan and enact a guest's request; every wanted vCPU gets an answer of its seq."""
+        """Plan and enact a guest's request; every wanted vCPU gets an answer of its seq.
+
+        Raises GuestRequestError (the VM's wish unchanged) when the guest wants more vCPUs
+        than its VM has: the protocol allows 8,192, and planning and answering each of them
+        would let a small VM cost the host what a huge one does.
+        """
         self.metrics.requests.labels(vm=name).inc()
         vm = self._vm(name)
+        await self._check_size(vm, update)
         vm.wanted, vm.last_seq = list(update.wanted), update.seq
         return await self._place(vm, update.seq)
+
+    async def _check_size(self, vm: VmRecord, update: AffinityUpdate) -> None:
+        count = len(vm.session.vcpus)
+        if not count or len(update.wanted) <= count:
+            return  # (no monitor: every vCPU is refused with no-monitor, nothing is planned)
+        # A vCPU may have been hot-plugged since the map was read: ask QEMU once (outside the
+        # lock) before refusing.
+        count = len(await vm.session.refresh_vcpus())
+        if count and len(update.wanted) > count:
+            raise GuestRequestError(
+                f"AffinityUpdate seq {update.seq} wants {len(update.wanted)} vCPUs; "
+                f"VM {vm.spec.name} has {count}"
+            )
 
     async def reapply(self, vm: VmRecord) -> None:
         """Re-plan the current wish (after a remap switch or a hot-plug); tell the guest."""

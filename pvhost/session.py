@@ -10,8 +10,11 @@ Channel protocol (docs/interfaces.md, docs/session.md): the shared
 on every guest Hello the host injects the affinity program (``LoadProgram``), and answers
 every ``AffinityUpdate`` with an ``AffinityResult`` of the same ``seq``. Updates are applied
 at most ``rate`` per second (token bucket); updates that arrive meanwhile coalesce to the
-newest, and each superseded one is answered with the newest one's result, so a hostile
-guest can neither make the host spin nor go unanswered.
+newest, and each superseded one is answered compactly (its ``seq``, no placements: the newest
+one's answer follows), so a hostile guest can neither make the host spin nor go unanswered.
+A request the host refuses as a whole (more vCPUs wanted than the VM has) is answered with
+``Error{bad-request}``. Only ``ProgramLoaded`` verdicts on programs the host sent are kept,
+and what the guest can make the host log is rate-limited per VM (:mod:`pvhost.logthrottle`).
 
 The guest's agent can go away and come back while QEMU's socket chardev stays connected
 (docs/session.md draws what each side does): QEMU's ``VSERPORT_CHANGE`` events tell the
@@ -34,7 +37,8 @@ from pathlib import Path
 from typing import Any
 
 from extpv.vcpus import VcpuThread
-from pvhost.errors import ChannelError, QmpError
+from pvhost.errors import ChannelError, GuestRequestError, QmpError
+from pvhost.logthrottle import LogThrottle
 from pvhost.programs import SignedProgram
 from pvhost.qmp import QmpMonitor
 from pvhost.ratelimit import TokenBucket
@@ -125,10 +129,14 @@ class _GuestChannel(PeerSession["VmSession"]):
         self.owner.guest_message(self, message)
 
     def on_peer_error(self, error: Error) -> None:
-        _log.warning("%s: guest error %s: %s", self.owner.name, error.code, error.message)
+        # A guest picks how many Errors it sends and how long they are: lines are rate-limited
+        # per VM and cut short.
+        self.owner.guest_log.warning(
+            "%s: guest error %s: %.200s", self.owner.name, error.code, error.message
+        )
 
     def on_bad_frame(self, error: ProtocolError) -> None:
-        _log.warning("%s: bad frame from guest: %s", self.owner.name, error)
+        self.owner.guest_log.warning("%s: bad frame from guest: %.200s", self.owner.name, error)
 
 
 class VmSession:
@@ -167,6 +175,8 @@ class VmSession:
         self._waiters: dict[int, asyncio.Future[ProgramLoaded]] = {}
         self._keepalive = keepalive
         self._port_bucket = TokenBucket(PORT_RATE, PORT_BURST)
+        #: What the guest can make the host log, rate-limited for this VM.
+        self.guest_log = LogThrottle(_log, name)
 
     # -- what the service uses ------------------------------------------------------------
     @property
@@ -376,7 +386,16 @@ class VmSession:
             self._pending = message
             self._wake.set()
         elif isinstance(message, ProgramLoaded):
-            verdict = "loaded" if message.ok else f"refused: {message.reason}"
+            if message.program_id not in self.status.programs:
+                # Not a program the host sent: keeping it would let a guest grow the host's
+                # memory (and `pvctl status`) with every fresh id it makes up.
+                self.guest_log.warning(
+                    "%s: ignored a verdict on program %r, which the host never sent",
+                    self.name,
+                    message.program_id,
+                )
+                return
+            verdict = "loaded" if message.ok else f"refused: {message.reason[:200]}"
             self.status.programs[message.program_id] = verdict
             waiter = self._waiters.pop(message.request_id, None)
             if waiter is not None and not waiter.done():
@@ -402,10 +421,22 @@ class VmSession:
             superseded, self._superseded = self._superseded, []
             if update is None:
                 continue
-            result = await self._applier(self.name, update)
+            result: AffinityResult | None = None
+            try:
+                result = await self._applier(self.name, update)
+            except GuestRequestError as err:
+                refused = err
+            # A superseded update is answered with its seq alone: a full copy per update
+            # would let a guest make the host send (and hold) its largest answer again and
+            # again. The newest one's answer, right after, says where things stand.
             for seq in superseded:
-                self.send_result(result.model_copy(update={"seq": seq}))
-            self.send_result(result)
+                self.send_result(AffinityResult(seq=seq, placements=[]))
+            if result is not None:
+                self.send_result(result)
+            else:
+                self.guest_log.warning("%s: refused request: %s", self.name, refused)
+                if self._channel is not None:
+                    self._channel.reply_error(update, "bad-request", str(refused))
 
     # -- programs ----------------------------------------------------------------------------
     async def load_program(self, program: SignedProgram, timeout: float) -> ProgramLoaded:

@@ -147,6 +147,7 @@ def test_unreadable_state_file_is_kept_aside_and_cgroups_reconciled(
     assert not (CPUSET / cpuset_group).exists()
 
 
+@pytest.mark.security
 def test_crash_in_the_middle_of_an_undo_keeps_the_record_until_it_is_done(
     tmp_path: Path, cpuset_group: str, outer: Path, process: tuple[int, list[int]]
 ) -> None:

@@ -25,6 +25,7 @@ DAEMONS = [
 ]
 
 
+@pytest.mark.security
 @pytest.mark.parametrize(("load", "error"), DAEMONS)
 def test_deeply_nested_toml_is_a_config_error(
     tmp_path: Path, load: Loader, error: type[Exception]
@@ -37,6 +38,7 @@ def test_deeply_nested_toml_is_a_config_error(
     assert not isinstance(raised.value, RecursionError)
 
 
+@pytest.mark.security
 @pytest.mark.parametrize(("load", "error"), DAEMONS)
 def test_non_utf8_file_is_a_config_error(
     tmp_path: Path, load: Loader, error: type[Exception]
@@ -47,6 +49,7 @@ def test_non_utf8_file_is_a_config_error(
         load(path)
 
 
+@pytest.mark.security
 @pytest.mark.parametrize(("load", "error"), DAEMONS)
 def test_a_file_too_large_to_be_a_config_is_refused(
     tmp_path: Path, load: Loader, error: type[Exception]

@@ -11,6 +11,7 @@ import pytest
 from pvhost import signing
 
 
+@pytest.mark.security
 def test_force_makes_a_world_readable_key_file_private(tmp_path: Path) -> None:
     key = tmp_path / signing.PRIVATE_NAME
     key.write_text("an old key, left world-readable\n")
@@ -20,6 +21,7 @@ def test_force_makes_a_world_readable_key_file_private(tmp_path: Path) -> None:
     assert key.read_bytes().startswith(b"-----BEGIN PRIVATE KEY-----")
 
 
+@pytest.mark.security
 @pytest.mark.parametrize("name", [signing.PRIVATE_NAME, signing.PUBLIC_NAME])
 def test_force_replaces_a_symlink_instead_of_writing_its_target(tmp_path: Path, name: str) -> None:
     victim = tmp_path / "elsewhere" / "victim"
@@ -37,6 +39,7 @@ def test_force_replaces_a_symlink_instead_of_writing_its_target(tmp_path: Path, 
     assert sorted(p.name for p in keys.iterdir()) == [signing.PRIVATE_NAME, signing.PUBLIC_NAME]
 
 
+@pytest.mark.security
 def test_a_dangling_symlink_counts_as_an_existing_key(tmp_path: Path) -> None:
     """Without --force nothing is replaced, not even a link to a file that does not exist yet
     (opening it with O_CREAT would create the link's target)."""

@@ -322,6 +322,7 @@ def test_a_peer_that_missed_our_hello_is_greeted_again() -> None:
     run(body)
 
 
+@pytest.mark.security
 def test_a_peer_saying_hello_in_a_loop_is_rate_limited() -> None:
     """Each restart makes the host re-inject its programs: a Hello loop must not be served."""
 

@@ -78,6 +78,7 @@ def test_verify_reports_a_vcpu_thread_moved_out_of_its_partition(observed: dict)
     assert observed["verify_back"] == []
 
 
+@pytest.mark.security
 def test_a_crash_in_the_middle_of_unpin_keeps_the_record_and_restart_frees_the_pcpu(
     observed: dict,
 ) -> None:
