@@ -26,6 +26,7 @@ from pvagent import libbpf_ctypes
 from pvagent.affinity_event import MASK_BYTES, TRACKED, EventError, decode, mask_cpus
 from pvagent.errors import AgentError, LoadFailed, TrustRefused
 from pvagent.loaders import load
+from pvagent.procscan import pinned_threads
 from pvagent.program import EventSink, LoadedProgram
 from pvagent.replay import VersionBook
 from pvagent.tracker import AffinityTracker
@@ -300,6 +301,11 @@ class Agent:
                 return ProgramLoaded(program_id=pid, ok=False, reason=reason)
             self._start(pid, program, message.sha256)
             if AFFINITY_RINGBUF in program.ringbufs:
+                if running is None:
+                    # A fresh agent (started, restarted, after a crash): threads pinned
+                    # before it are still the guest's wish; the tracker keeps the requests.
+                    found = await asyncio.to_thread(pinned_threads)
+                    keep = {t: c for t, c in found.items() if self.tracker.request_of(c)}
                 self._seed(program, keep)
         log.info(
             "program %s attached at %s (%s)",

@@ -10,6 +10,8 @@ Example::
     state_dir = "/run/extpv/state"
     control_socket = "/run/extpv/pvhost.sock"
     metrics = "127.0.0.1:9464"          # "" disables /metrics
+    keepalive_interval = 5.0            # Ping a silent guest agent every N s (0: never)
+    keepalive_deadline = 15.0           # reset its session after N s without a word
 
     [placement]
     backend = "auto"                    # auto | cgroup2 | cgroup1
@@ -32,7 +34,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from extpv.names import VmName
 from extpv.tomlconfig import load_toml_model
@@ -77,6 +79,28 @@ class ServiceConfig(_Strict):
     affinity_program: Path | None = None
     #: Seconds between reconnection attempts grow up to this.
     max_backoff: Annotated[float, Field(gt=0, le=300)] = 10.0
+    #: Liveness of a guest agent that said Hello: a Ping every ``keepalive_interval`` s
+    #: (0 turns it off); nothing heard for ``keepalive_deadline`` s resets its session (a
+    #: SIGSTOPped or hung agent). Pongs come from the agent's event loop, so the deadline
+    #: only has to cover a guest that is slow, not one that is busy.
+    keepalive_interval: Annotated[float, Field(ge=0, le=3600)] = 5.0
+    keepalive_deadline: Annotated[float, Field(gt=0, le=86400)] = 15.0
+
+    @model_validator(mode="after")
+    def _keepalive(self) -> ServiceConfig:
+        if self.keepalive_interval and self.keepalive_deadline <= self.keepalive_interval:
+            raise ValueError(
+                f"keepalive_deadline ({self.keepalive_deadline:g}) must be longer than "
+                f"keepalive_interval ({self.keepalive_interval:g}): a Pong needs a Ping first"
+            )
+        return self
+
+    @property
+    def keepalive(self) -> tuple[float, float] | None:
+        """(interval, deadline) for the guest sessions; None when turned off."""
+        if not self.keepalive_interval:
+            return None
+        return (self.keepalive_interval, self.keepalive_deadline)
 
     @field_validator("metrics")
     @classmethod

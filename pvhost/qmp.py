@@ -21,12 +21,24 @@ from qemu.qmp.message import Message
 from extpv.vcpus import VcpuThread, parse_query_cpus_fast, process_of_thread
 from pvhost.errors import QmpError
 
-__all__ = ["QmpMonitor", "VcpuThread", "qemu_pid_of"]
+__all__ = ["AGENT_PORT_NAME", "PortCallback", "QmpMonitor", "VcpuThread", "qemu_pid_of"]
 
 _log = logging.getLogger(__name__)
 
 #: QMP events after which the vCPU map may have changed.
 HOTPLUG_EVENTS = ("DEVICE_DELETED", "ACPI_DEVICE_OST", "CPU_ADDED")
+#: The guest opened or closed a virtio-serial port (``data``: ``id``, ``open``). QEMU reports
+#: it only for a port device with an ``id``; the chardev pvhost talks through stays connected
+#: across it, so this is how the host learns that the agent went away or a new one came.
+PORT_EVENT = "VSERPORT_CHANGE"
+#: The agent's virtio-serial port (docs/interfaces.md); its device ``id`` is looked up.
+AGENT_PORT_NAME = "org.extpv.agent.0"
+#: Ports whose changes are remembered at once (device ids come from the host's QEMU
+#: command line, not from the guest; this only caps a misconfiguration).
+_MAX_PORTS = 64
+#: Told the agent port's new state (True: the guest opened it) and how many changes were
+#: coalesced into this call.
+PortCallback = Callable[[bool, int], Awaitable[None]]
 #: Least seconds between two re-reads of the vCPU map caused by hot-plug events.
 REFRESH_INTERVAL = 0.2
 #: More QMP events than this in one second is a flood: QEMU emits a handful in normal work,
@@ -50,17 +62,20 @@ def _accept_none(_event: Message) -> bool:
     return False
 
 
-class _HotplugFlag(EventListener):
-    """Remembers *that* a hot-plug event came, not each one: bounded whatever QEMU emits.
+class _EventSummary(EventListener):
+    """Remembers *that* events came, not each one: bounded whatever QEMU emits.
 
-    qemu.qmp's own listener queues every event and keeps a history of them all; a guest
-    looping on the CPU-hotplug port would grow both without end.
+    For hot-plug events only the last name; for port events, per port id, the latest state
+    and the number of changes. qemu.qmp's own listener queues every event and keeps a history
+    of them all; a guest looping on a hot-plug port or opening and closing a virtio-serial
+    port in a loop would grow both without end.
     """
 
     def __init__(self) -> None:
-        super().__init__(HOTPLUG_EVENTS)
+        super().__init__((*HOTPLUG_EVENTS, PORT_EVENT))
         self._flag = asyncio.Event()
         self._last = ""
+        self._ports: dict[str, tuple[bool, int]] = {}
         #: Set once more than MAX_EVENTS_PER_S events (of any kind) came within a second.
         self.flooded = False
         self._window = -1.0
@@ -75,14 +90,31 @@ class _HotplugFlag(EventListener):
             self.flooded = True
             self._flag.set()
         elif self.accept(event):
-            self._last = str(event.get("event", ""))
-            self._flag.set()
+            name = str(event.get("event", ""))
+            if name == PORT_EVENT:
+                self._port(event)
+            else:
+                self._last = name
+                self._flag.set()
 
-    async def wait(self) -> str:
-        """Wait for the next hot-plug event (those that came meanwhile count as one)."""
+    def _port(self, event: Message) -> None:
+        data = event.get("data")
+        port = data.get("id") if isinstance(data, dict) else None
+        opened = data.get("open") if isinstance(data, dict) else None
+        if not isinstance(port, str) or not isinstance(opened, bool):
+            return
+        if port not in self._ports and len(self._ports) >= _MAX_PORTS:
+            return
+        self._ports[port] = (opened, self._ports.get(port, (opened, 0))[1] + 1)
+        self._flag.set()
+
+    async def take(self) -> tuple[str, dict[str, tuple[bool, int]]]:
+        """Wait for events; the last hot-plug event's name ("" if none) and port changes."""
         await self._flag.wait()
         self._flag.clear()
-        return self._last
+        hotplug, self._last = self._last, ""
+        ports, self._ports = self._ports, {}
+        return hotplug, ports
 
 
 class QmpMonitor:
@@ -101,6 +133,7 @@ class QmpMonitor:
         socket_path: Path,
         name: str,
         on_change: Callable[[], Awaitable[None]] | None = None,
+        on_port: PortCallback | None = None,
     ) -> None:
         self.path = socket_path
         self._client = QMPClient(f"pvhost-{name}")
@@ -111,6 +144,10 @@ class QmpMonitor:
         self._events: asyncio.Task[None] | None = None
         #: Awaited after the vCPU map was refreshed because QEMU reported a hot(un)plug.
         self.on_change = on_change
+        #: Awaited when the guest opened or closed the agent's port.
+        self.on_port = on_port
+        #: Port device id → whether it is the agent's port (asked once per id).
+        self._agent_port: dict[str, bool] = {}
 
     async def connect(self, timeout: float = 5.0) -> None:
         wait = QmpMonitor._holdoff.get(self.path, 0.0) - time.monotonic()
@@ -144,6 +181,23 @@ class QmpMonitor:
     def connected(self) -> bool:
         return self._client.runstate.name == "RUNNING"
 
+    async def _is_agent_port(self, port: str) -> bool:
+        """Whether device ``port`` is the agent's (its ``name`` property), asked once."""
+        known = self._agent_port.get(port)
+        if known is None:
+            try:
+                async with asyncio.timeout(5):
+                    name = await self._client.execute(
+                        "qom-get", {"path": f"/machine/peripheral/{port}", "property": "name"}
+                    )
+            except (QMPError, OSError, TimeoutError) as err:
+                _log.info("%s: cannot ask for port %s's name: %s", self.path, port, err)
+                return False
+            known = name == AGENT_PORT_NAME
+            if len(self._agent_port) < _MAX_PORTS:
+                self._agent_port[port] = known
+        return known
+
     async def wait_closed(self) -> None:
         """Return when QEMU closes the monitor (the VM went away)."""
         if self._events is not None:
@@ -151,12 +205,12 @@ class QmpMonitor:
             await asyncio.wait({self._events})
 
     async def _watch(self) -> None:
-        listener = _HotplugFlag()
+        listener = _EventSummary()
         self._client.register_listener(listener)
         waiter = asyncio.ensure_future(self._client.runstate_changed())
         try:
             while self.connected:
-                getter = asyncio.ensure_future(listener.wait())
+                getter = asyncio.ensure_future(listener.take())
                 done, _ = await asyncio.wait({getter, waiter}, return_when=asyncio.FIRST_COMPLETED)
                 if getter in done and listener.flooded:
                     _log.warning(
@@ -170,6 +224,14 @@ class QmpMonitor:
                     self._hang_up()
                     return
                 if getter in done:
+                    hotplug, ports = getter.result()
+                    for port, (opened, changes) in ports.items():
+                        if self.on_port is not None and await self._is_agent_port(port):
+                            await self.on_port(opened, changes)
+                    if not hotplug:
+                        continue
+                    if hotplug == "DEVICE_DELETED":
+                        self._agent_port.clear()  # a port id may come back as another port
                     # A guest can make QEMU emit these events by the thousand a second: the
                     # map is re-read at most every REFRESH_INTERVAL s (events meanwhile count
                     # as one), and only a map that changed is logged and re-planned.
@@ -177,7 +239,7 @@ class QmpMonitor:
                     with contextlib.suppress(QmpError):
                         await self.refresh()
                     if self.vcpus != before:
-                        _log.info("%s: %s: the vCPU map changed", self.path, getter.result())
+                        _log.info("%s: %s: the vCPU map changed", self.path, hotplug)
                         if self.on_change is not None:
                             await self.on_change()
                     await asyncio.sleep(REFRESH_INTERVAL)

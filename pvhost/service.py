@@ -194,6 +194,7 @@ class Service:
             rate=placement.rate,
             burst=placement.burst,
             max_backoff=self.config.service.max_backoff,
+            keepalive=self.config.service.keepalive,
         )
         policy = spec.policy or placement.policy
         task = asyncio.get_running_loop().create_task(session.run(monitor), name=f"vm-{spec.name}")

@@ -15,6 +15,15 @@ one's answer follows), so a hostile guest can neither make the host spin nor go 
 A request the host refuses as a whole (more vCPUs wanted than the VM has) is answered with
 ``Error{bad-request}``. Only ``ProgramLoaded`` verdicts on programs the host sent are kept,
 and what the guest can make the host log is rate-limited per VM (:mod:`pvhost.logthrottle`).
+
+The guest's agent can go away and come back while QEMU's socket chardev stays connected
+(docs/session.md draws what each side does): QEMU's ``VSERPORT_CHANGE`` events tell the
+session the guest closed the port (the session forgets the peer and waits for a Hello) and
+opened it (the host greets the new agent); a keepalive Ping with a deadline finds a peer that
+stopped answering (a SIGSTOPped agent, a hung guest) and drops the connection, so the next
+one starts a fresh handshake. Port changes are acted on at most ``PORT_RATE`` per second (a
+guest opening and closing its port in a loop costs the host one Hello and one program
+injection each); changes that come meanwhile coalesce in the QMP monitor.
 """
 
 from __future__ import annotations
@@ -46,9 +55,9 @@ from pvproto import (
     ProtocolError,
     UnloadProgram,
 )
-from pvproto.session import PeerSession, SessionClosed
+from pvproto.session import PeerSession, PeerSilent, SessionClosed, SessionState
 
-__all__ = ["Backoff", "ProgramSource", "VmSession"]
+__all__ = ["DEFAULT_KEEPALIVE", "Backoff", "ProgramSource", "VmSession"]
 
 _log = logging.getLogger(__name__)
 
@@ -59,6 +68,11 @@ ProgramSource = Callable[[], SignedProgram]
 Applier = Callable[[str, AffinityUpdate], Awaitable[AffinityResult]]
 #: Told the VM's name when its vCPU map changed or when it went away.
 VmCallback = Callable[[str], Awaitable[None]]
+#: (Ping interval, silence deadline) in seconds; ``[service] keepalive_*`` in the config.
+DEFAULT_KEEPALIVE = (5.0, 15.0)
+#: Guest port open/close changes acted on: a burst, then this many per second.
+PORT_BURST = 5
+PORT_RATE = 1.0
 
 
 class Backoff:
@@ -82,6 +96,10 @@ class ChannelStatus:
 
     qmp: str = "connecting"
     channel: str = "connecting"
+    #: The agent's port as QEMU last reported it: open, closed, or unknown (no event yet).
+    port: str = "unknown"
+    #: Times the session was reset (port closed, peer silent, connection lost).
+    resets: int = 0
     guest_version: str = ""
     guest_topology: GuestTopology | None = None
     protocol_version: int | None = None
@@ -137,6 +155,7 @@ class VmSession:
         rate: float,
         burst: int,
         max_backoff: float,
+        keepalive: tuple[float, float] | None = DEFAULT_KEEPALIVE,
     ) -> None:
         self.name = name
         self.qmp_path = qmp_path
@@ -154,6 +173,8 @@ class VmSession:
         self._superseded: list[int] = []
         self._wake = asyncio.Event()
         self._waiters: dict[int, asyncio.Future[ProgramLoaded]] = {}
+        self._keepalive = keepalive
+        self._port_bucket = TokenBucket(PORT_RATE, PORT_BURST)
         #: What the guest can make the host log, rate-limited for this VM.
         self.guest_log = LogThrottle(_log, name)
 
@@ -184,6 +205,9 @@ class VmSession:
         return {
             "qmp": st.qmp,
             "channel": st.channel,
+            "session": self._channel.state.value if self._channel is not None else "none",
+            "port": st.port,
+            "resets": st.resets,
             "guest": st.guest_version,
             "protocol_version": st.protocol_version,
             "vcpus": {
@@ -201,7 +225,12 @@ class VmSession:
         try:
             while True:
                 if monitor is None:
-                    monitor = QmpMonitor(self.qmp_path, self.name, on_change=self._vcpus_changed)
+                    monitor = QmpMonitor(
+                        self.qmp_path,
+                        self.name,
+                        on_change=self._vcpus_changed,
+                        on_port=self._port_changed,
+                    )
                     try:
                         await monitor.connect()
                     except QmpError as err:
@@ -211,6 +240,7 @@ class VmSession:
                         continue
                 else:
                     monitor.on_change = self._vcpus_changed
+                    monitor.on_port = self._port_changed
                 backoff.reset()
                 self._monitor = monitor
                 self.status.qmp = "connected"
@@ -224,6 +254,7 @@ class VmSession:
                     await monitor.close()
                 # QEMU closed its monitor: the VM is gone (or restarting). Undo its placements.
                 self.status.qmp = "closed"
+                self.status.port = "unknown"
                 self._monitor = None
                 monitor = None
                 await self._on_gone(self.name)
@@ -238,6 +269,33 @@ class VmSession:
 
     async def _vcpus_changed(self) -> None:
         await self._on_vcpus_changed(self.name)
+
+    async def _port_changed(self, opened: bool, changes: int) -> None:
+        """QEMU: the guest opened or closed the agent's port (``changes`` coalesced)."""
+        await self._port_bucket.take()  # meanwhile, further changes coalesce in the monitor
+        self.status.port = "open" if opened else "closed"
+        _log.info(
+            "%s: the guest %s the agent's port%s",
+            self.name,
+            "opened" if opened else "closed",
+            f" ({changes} changes)" if changes > 1 else "",
+        )
+        channel = self._channel
+        if channel is None:
+            return  # the next connection greets whoever is there
+        self._forget_peer()
+        if opened:
+            channel.greet()  # a new agent: it waits for our Hello (and greets us too)
+        else:
+            channel.reset()
+
+    def _forget_peer(self) -> None:
+        """The agent we talked to is gone: nothing it acked holds for the next one."""
+        self.status.resets += 1
+        self.status.programs.clear()
+        for waiter in self._waiters.values():
+            waiter.cancel()
+        self._waiters.clear()
 
     async def _channel_loop(self) -> None:
         backoff = Backoff(self._max_backoff)
@@ -254,15 +312,13 @@ class VmSession:
             self._channel = channel
             self.status.channel = "connected"
             try:
-                await channel.run(reader, writer)
+                await self._converse(channel, reader, writer)
                 ended = "the guest closed the channel"
-            except (ChannelError, SessionClosed, OSError) as err:
+            except (ChannelError, SessionClosed, PeerSilent, OSError) as err:
                 ended = str(err)
             finally:
                 self._channel = None
-                for waiter in self._waiters.values():
-                    waiter.cancel()
-                self._waiters.clear()
+                self._forget_peer()
                 writer.close()
                 with contextlib.suppress(OSError):
                     await writer.wait_closed()
@@ -271,6 +327,41 @@ class VmSession:
             if channel.peer is not None:
                 backoff.reset()  # it was a healthy conversation: reconnect quickly
             await backoff.wait()
+
+    async def _converse(
+        self, channel: _GuestChannel, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
+        """Run the session, and beside it the keepalive (PeerSilent ends both)."""
+        if self._keepalive is None:
+            await channel.run(reader, writer)
+            return
+        tasks = {
+            asyncio.create_task(channel.run(reader, writer), name=f"session-{self.name}"),
+            asyncio.create_task(channel.keepalive(*self._keepalive), name=f"alive-{self.name}"),
+            asyncio.create_task(self._greet_unanswered(channel), name=f"greet-{self.name}"),
+        }
+        try:
+            done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+        for task in done:
+            task.result()  # what ended the conversation, for the caller
+
+    async def _greet_unanswered(self, channel: _GuestChannel) -> None:
+        """While the port is open and no Hello comes, greet again every keepalive deadline.
+
+        An agent that is there (the port is open) but took an earlier Hello of ours for the
+        end of its handshake says nothing until asked; the keepalive cannot ask a session
+        that is not ready. One Hello per deadline, only to an open port (QEMU reads it).
+        """
+        assert self._keepalive is not None
+        while True:
+            await asyncio.sleep(self._keepalive[1])
+            if channel.state is SessionState.AWAITING_HELLO and self.status.port == "open":
+                _log.info("%s: no Hello from the open port's agent: greeting again", self.name)
+                channel.greet()
 
     # -- what the guest says ---------------------------------------------------------------
     def guest_ready(self, hello: Hello, version: int | None) -> None:

@@ -8,8 +8,8 @@ once the peer is known (:meth:`PeerSession.on_ready`) and with every other messa
 States and what moves between them (``docs/session.md`` draws them)::
 
     awaiting-hello ──peer Hello, a version in common──► ready
-          │                                              │ peer Hello again (it restarted):
-          │                                              │ answer with our Hello, stay ready
+          ▲                                              │ peer Hello again (it restarted):
+          └────────── reset() (the peer's end closed) ───┤ answer with our Hello, stay ready
           └──────── peer speaks no common version ───────┴──► closed (Error "unsupported")
 
 * Our Hello goes out first, encoded in the lowest version we speak, so a peer of any
@@ -18,16 +18,25 @@ States and what moves between them (``docs/session.md`` draws them)::
 * A Hello in any state restarts the handshake: a peer that restarted while the byte
   stream stayed up (a virtio-serial port reopened behind QEMU's socket chardev) announces
   itself with a Hello, and the side that was already ``ready`` answers with its own, so
-  both sides agree a Hello has happened. Only a ``ready`` side answers, so two Hellos can
-  never answer each other forever.
+  both sides agree a Hello has happened. Only a ``ready`` side answers, and only when no
+  Hello of its own sent within ``ANSWER_S`` is unanswered (else the peer's Hello *is* the
+  answer), so two Hellos never answer each other forever, even when a stale Hello was
+  still in the stream; an older unanswered Hello of ours does not count (the peer may have
+  taken it as the answer to its own), so a peer that comes later is always greeted.
 * Before the peer's Hello only Hello, Ping, Pong and Error are acted on; anything else is
-  answered with ``Error{bad-request}`` and dropped.
+  answered with ``Error{bad-request}`` and dropped, and, since a peer that talks as if
+  ready has missed our Hello, we greet again (not while our Hello is younger than
+  ``REGREET_S``; rate-limited like restarts).
 * A frame that does not decode is answered with ``Error{bad-frame}`` and the session goes
   on with the next frame.
 * Peer restarts are acted on at most ``RESTART_BURST`` at once and ``RESTART_RATE`` per
   second after that; a Hello beyond is answered with ``Error{rate-limited}`` and ignored.
-* Liveness: :meth:`PeerSession.keepalive` pings and raises :class:`PeerSilent` when the
-  peer has sent nothing for a deadline.
+* Liveness: :meth:`PeerSession.keepalive` pings a *ready* peer and raises
+  :class:`PeerSilent` when it has sent nothing for a deadline. A peer that has not said
+  Hello yet is not silent, only absent (a VM without an agent, a port nobody opened).
+* :meth:`PeerSession.reset` forgets the peer (its end of the channel closed while the
+  byte stream stayed up) and :meth:`PeerSession.greet` sends our Hello again: the host
+  calls them when QEMU reports the guest closing and opening the port.
 """
 
 from __future__ import annotations
@@ -85,6 +94,12 @@ class PeerSession(Generic[OwnerT]):
     #: Peer restarts (a Hello while ready) acted on: this many at once, then this many per s.
     RESTART_BURST: ClassVar[int] = 5
     RESTART_RATE: ClassVar[float] = 1.0
+    #: A Hello of ours younger than this is still on its way: frames before the peer's
+    #: Hello do not make us greet again yet.
+    REGREET_S: ClassVar[float] = 1.0
+    #: A peer Hello this soon after an unanswered one of ours is its answer; later, ours is
+    #: stale (the peer took it as the answer to its own, or lost it) and the peer is new.
+    ANSWER_S: ClassVar[float] = 3.0
 
     def __init__(self, owner: OwnerT, *, versions: Iterable[int] = SUPPORTED_VERSIONS) -> None:
         #: What this session serves; the hooks of a subclass act on it.
@@ -103,6 +118,8 @@ class PeerSession(Generic[OwnerT]):
         self._decoder = FrameDecoder(versions=self.versions)
         self._restart_tokens = float(self.RESTART_BURST)
         self._restart_stamp = time.monotonic()
+        #: When we sent a Hello the peer has not answered yet (None: no such Hello).
+        self._greeted_at: float | None = None
 
     # -- hooks -------------------------------------------------------------------------------
     def hello(self) -> Hello:
@@ -158,6 +175,30 @@ class PeerSession(Generic[OwnerT]):
     def connected(self) -> bool:
         return self._writer is not None and not self._writer.is_closing()
 
+    # -- the peer's end opening and closing (seen out of band, e.g. QEMU's port events) -------
+    def reset(self) -> None:
+        """The peer's end closed while the stream stayed up: wait for a Hello again.
+
+        Nothing is sent: the next peer on this stream greets first, or is greeted by
+        :meth:`greet`. A session already waiting keeps waiting; a closed one stays closed.
+        """
+        if self.state is SessionState.READY:
+            self.state = SessionState.AWAITING_HELLO
+            self.peer = None
+        self._greeted_at = None
+
+    def greet(self) -> None:
+        """Send our Hello (the peer's end just opened); the session waits for the answer.
+
+        A ready session is reset first: whoever opened the port is a new peer.
+        """
+        self.reset()
+        self._send_hello()
+
+    def _send_hello(self) -> None:
+        if self.send(self.hello()):
+            self._greeted_at = time.monotonic()
+
     # -- the loop ----------------------------------------------------------------------------
     async def run(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         """Greet the peer, then act on every frame until the stream ends.
@@ -167,7 +208,7 @@ class PeerSession(Generic[OwnerT]):
         """
         self._writer = writer
         self._heard = time.monotonic()
-        self.send(self.hello())
+        self._send_hello()
         try:
             while chunk := await reader.read(_CHUNK):
                 self._heard = time.monotonic()
@@ -196,14 +237,30 @@ class PeerSession(Generic[OwnerT]):
             await self._on_hello(message)
         elif isinstance(message, Ping):
             self.send(Pong(nonce=message.nonce, request_id=message.request_id))
+            self._regreet()
         elif isinstance(message, Pong):
             pass  # hearing anything is liveness enough
         elif isinstance(message, Error):
             self.on_peer_error(message)
         elif self.state is not SessionState.READY:
             self.reply_error(message, "bad-request", "send Hello first")
+            self._regreet()
         else:
             await self.on_message(message)
+
+    def _regreet(self) -> None:
+        """The peer talks as if ready while we wait for its Hello: it missed ours, greet again.
+
+        That happens when our Hello went to a peer that died before answering, or when our
+        side reset while the peer's Hello was already behind us. Not while a Hello of ours is
+        young (the peer's frames may just predate it), and rate-limited like restarts.
+        """
+        if self.state is not SessionState.AWAITING_HELLO:
+            return
+        if self._greeted_at is not None and time.monotonic() - self._greeted_at < self.REGREET_S:
+            return
+        if self._restart_allowed():
+            self._send_hello()
 
     async def _on_hello(self, hello: Hello) -> None:
         if hello.role == self.ROLE:
@@ -223,13 +280,21 @@ class PeerSession(Generic[OwnerT]):
             # peer that says Hello in a loop is told so and ignored until it slows down.
             self.reply_error(hello, "rate-limited", "too many Hellos; slow down")
             return
-        if restarted:
-            # The peer restarted behind a stream that stayed up: it is waiting for our Hello.
+        answers_ours = (
+            self._greeted_at is not None and time.monotonic() - self._greeted_at < self.ANSWER_S
+        )
+        if restarted and not answers_ours:
+            # The peer restarted behind a stream that stayed up: it waits for our Hello.
             self.peer_restarts += 1
-            self.send(self.hello())
+            self._send_hello()
+        else:
+            # Our Hello is answered. (In ready, this Hello answers one we sent while ready:
+            # answering it again would make two Hellos answer each other for ever.)
+            self._greeted_at = None
         self.version = version
         self.peer = hello
         self.state = SessionState.READY
+        self._heard = time.monotonic()
         await self.on_ready(hello, restarted=restarted)
 
     def _restart_allowed(self) -> bool:
@@ -246,14 +311,26 @@ class PeerSession(Generic[OwnerT]):
         return True
 
     async def keepalive(self, interval: float, deadline: float) -> None:
-        """Ping every ``interval`` s; raise :class:`PeerSilent` after ``deadline`` s of silence.
+        """Ping a ready peer every ``interval`` s; :class:`PeerSilent` after ``deadline`` s.
 
+        Silence counts only while the session is ready: before the peer's Hello there is no
+        peer to wait for (nobody opened the port yet), and each Hello starts the count anew.
         Runs beside :meth:`run` (the caller cancels it when the stream ends).
         """
         nonce = itertools.count(1)
+        tick = time.monotonic()
         while True:
             await asyncio.sleep(interval)
-            silent = time.monotonic() - self._heard
+            now, last = time.monotonic(), tick
+            tick = now
+            if now - last > 2 * interval:
+                # We were not running (stopped, starved): what the peer sent meanwhile is
+                # still unread, so its silence cannot be judged; it gets a deadline from now.
+                self._heard = max(self._heard, now)
+            if self.state is not SessionState.READY:
+                continue
+            silent = now - self._heard
             if silent > deadline:
                 raise PeerSilent(f"the peer sent nothing for {silent:.1f} s")
-            self.send(Ping(nonce=next(nonce), request_id=self.next_id()))
+            # Droppable: a peer that does not read must not grow our buffer with Pings.
+            self.send(Ping(nonce=next(nonce), request_id=self.next_id()), droppable=True)

@@ -33,6 +33,7 @@ class PvhostDaemon:
 
     ``affinity_program`` defaults to this checkout's built object when there is one (else
     pvhost's own default); the daemon runs in ``cwd``, by default this checkout.
+    ``keepalive`` (Ping interval, silence deadline) replaces pvhost's default.
     """
 
     def __init__(
@@ -44,6 +45,7 @@ class PvhostDaemon:
         affinity_program: Path | None = None,
         group: str | None = None,
         cwd: Path | None = None,
+        keepalive: tuple[float, float] | None = None,
     ) -> None:
         self.workdir = workdir
         self.socket = workdir / "pvhost.sock"
@@ -57,6 +59,11 @@ class PvhostDaemon:
             f'[service]\nruntime_dir = "{runtime_dir}"\nstate_dir = "{workdir / "state"}"\n'
             f'control_socket = "{self.socket}"\nmetrics = ""\nsigning_key = "{signing_key}"\n'
             "max_backoff = 0.5\n"
+            + (
+                f"keepalive_interval = {keepalive[0]}\nkeepalive_deadline = {keepalive[1]}\n"
+                if keepalive
+                else ""
+            )
             # Named explicitly: the object the guest image's agent was built with.
             + (f'affinity_program = "{affinity_program}"\n' if affinity_program else "")
             + "\n"

@@ -20,6 +20,8 @@ from pvproto import (
     GuestTopology,
     Hello,
     LoadProgram,
+    Ping,
+    Pong,
     ProgramLoaded,
     ProtocolError,
     encode,
@@ -40,6 +42,10 @@ class FakeGuestChannel:
         self.vcpus = vcpus
         self.accept_programs = accept_programs
         self.connections = 0
+        #: Host Hellos received, all connections (one per connection when nothing resets).
+        self.hellos = 0
+        #: Answer the host's keepalive Pings (False: play a silent, hung agent).
+        self.answer_pings = True
         self.received: asyncio.Queue[BaseMessage] = asyncio.Queue()
         self.programs: list[LoadProgram] = []
         #: Frames from the host that did not decode (a test asserts there are none).
@@ -79,6 +85,10 @@ class FakeGuestChannel:
                     if isinstance(item, ProtocolError):
                         self.bad_frames.append(item)
                         continue
+                    if isinstance(item, Hello):
+                        self.hellos += 1
+                    elif isinstance(item, Ping) and self.answer_pings:
+                        writer.write(encode(Pong(nonce=item.nonce, request_id=item.request_id)))
                     if isinstance(item, LoadProgram):
                         self.programs.append(item)
                         reason = "" if self.accept_programs else "untrusted"

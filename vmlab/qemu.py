@@ -29,6 +29,7 @@ from vmlab.errors import ImageError, LauncherError, VMNameError
 from vmlab.kvm import QEMU, choose_accel
 
 __all__ = [
+    "AGENT_PORT_ID",
     "AGENT_PORT_NAME",
     "DEFAULT_RUNTIME_DIR",
     "KERNEL_CMDLINE",
@@ -41,6 +42,9 @@ __all__ = [
 
 DEFAULT_RUNTIME_DIR = Path("/run/extpv/vms")
 AGENT_PORT_NAME = "org.extpv.agent.0"
+#: The agent port's device id: QEMU reports the guest opening and closing a port
+#: (``VSERPORT_CHANGE``) only for a device with an id; also what ``device_del`` names.
+AGENT_PORT_ID = "pvport0"
 TEST_PORT_NAME = "org.extpv.test.0"
 KERNEL_CMDLINE = "root=/dev/vda rw console=ttyS0 panic=-1"
 IMAGE_FILES = ("rootfs.img", "vmlinuz", "initrd.img")
@@ -177,7 +181,8 @@ def qemu_argv(spec: VMSpec, accel_args: Sequence[str] | None = None) -> list[str
         "-mon", "chardev=qmp1,mode=control",
         "-device", "virtio-serial-pci,id=vser0",
         "-chardev", f"socket,id=pv0,path={d / agent_end},server=on,wait=off",
-        "-device", f"virtserialport,bus=vser0.0,chardev=pv0,name={AGENT_PORT_NAME}",
+        "-device", f"virtserialport,bus=vser0.0,chardev=pv0,name={AGENT_PORT_NAME},"
+                   f"id={AGENT_PORT_ID}",
         "-pidfile", str(d / "qemu.pid"),
     ]  # fmt: skip
     if spec.test_hook:

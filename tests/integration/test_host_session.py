@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from pvhost.config import Config
 from pvproto import SUPPORTED_VERSIONS, GuestTopology, Hello, LoadProgram
 from tests.integration.hostrun import served, service_config
 from vmlab import VirtualMachine
@@ -44,3 +45,36 @@ def test_agent_restart_behind_a_live_chardev_is_greeted_and_served_again(
             assert status["channel"] == "connected"
 
     asyncio.run(asyncio.wait_for(scenario(), 60))
+
+
+def test_a_silent_agent_is_found_by_the_keepalive_and_greeted_on_a_new_connection(
+    tmp_path: Path, qemu: VirtualMachine, cpuset_group: str
+) -> None:
+    """A peer that said Hello and then stops answering (a SIGSTOPped agent): the host's
+    keepalive (on by default; short here) drops the connection and starts a new session."""
+
+    async def scenario() -> None:
+        config = service_config(tmp_path, qemu, cpuset_group)
+        service_part = config.service.model_copy(
+            update={"keepalive_interval": 0.2, "keepalive_deadline": 1.0}
+        )
+        config = config.model_copy(update={"service": service_part})
+        async with served(config, qemu.dir / "agent.sock") as (service, guest):
+            await guest.expect(LoadProgram)
+            await asyncio.sleep(2.0)  # Pongs keep a live peer's session: nothing resets
+            assert guest.connections == 1
+            guest.answer_pings = False  # hung
+            async with asyncio.timeout(5):
+                while guest.connections < 2:
+                    await asyncio.sleep(0.05)
+            assert service.status()["vms"]["t"]["resets"] >= 1
+            guest.answer_pings = True
+            await guest.expect(LoadProgram, timeout=5)  # served again on the new connection
+            assert (await guest.update(1, [1])).placements[0].pcpu == 1
+            assert guest.connections == 2
+
+    asyncio.run(asyncio.wait_for(scenario(), 60))
+
+
+def test_keepalive_is_on_by_default() -> None:
+    assert Config().service.keepalive == (5.0, 15.0)
