@@ -6,5 +6,6 @@ service (``pvhost``, ``pvctl``) and the VM lab (``vmlab``) share besides lives h
 * :mod:`extpv.cli` — ``die(prog, msg, hint=)`` and log set-up for every command line;
 * :mod:`extpv.tomlconfig` — loading a TOML file into a pydantic model, one error policy;
 * :mod:`extpv.names` — the VM-name rule (runtime directories, cgroups, config keys);
-* :mod:`extpv.vcpus` — QEMU's vCPU threads from ``query-cpus-fast``.
+* :mod:`extpv.vcpus` — QEMU's vCPU threads from ``query-cpus-fast``;
+* :mod:`extpv.aio` — cancelling a child task without swallowing our own cancellation.
 """

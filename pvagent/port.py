@@ -30,6 +30,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from extpv.aio import cancel_and_wait
 from pvagent.agent import Agent
 from pvagent.errors import PortError
 
@@ -163,10 +164,10 @@ async def run_port(agent: Agent, name: str) -> None:
                         log.info("port %s removed", name)
                         break
             finally:
-                session.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await session
-                os.close(fd)
+                try:
+                    await cancel_and_wait(session)
+                finally:
+                    os.close(fd)
             node = None
     finally:
         loop.remove_reader(monitor.fileno())

@@ -18,6 +18,7 @@ from typing import ClassVar
 from qemu.qmp import EventListener, QMPClient, QMPError
 from qemu.qmp.message import Message
 
+from extpv.aio import cancel_and_wait
 from extpv.vcpus import VcpuThread, parse_query_cpus_fast, process_of_thread
 from pvhost.errors import QmpError
 
@@ -266,9 +267,7 @@ class QmpMonitor:
 
     async def close(self) -> None:
         if self._events is not None:
-            self._events.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._events
+            await cancel_and_wait(self._events)
         # disconnect() re-raises whatever ended the connection: EOFError when QEMU hung up
         # (the VM exited), OSError or a QMPError otherwise. Closing is the answer to all of
         # them; letting one escape would end the session's task instead of undoing the VM.

@@ -36,6 +36,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from extpv.aio import being_cancelled, cancel_and_wait
 from extpv.vcpus import VcpuThread
 from pvhost.errors import ChannelError, GuestRequestError, QmpError
 from pvhost.logthrottle import LogThrottle
@@ -248,9 +249,7 @@ class VmSession:
                 try:
                     await monitor.wait_closed()
                 finally:
-                    channel.cancel()
-                    with contextlib.suppress(asyncio.CancelledError):
-                        await channel
+                    await cancel_and_wait(channel)
                     await monitor.close()
                 # QEMU closed its monitor: the VM is gone (or restarting). Undo its placements.
                 self.status.qmp = "closed"
@@ -260,9 +259,7 @@ class VmSession:
                 await self._on_gone(self.name)
                 await backoff.wait()
         finally:
-            worker.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await worker
+            await cancel_and_wait(worker)
             if self._monitor is not None:
                 await self._monitor.close()
                 self._monitor = None
@@ -454,6 +451,8 @@ class VmSession:
                 f"VM {self.name}: no ProgramLoaded for {program_id} within {timeout:g} s"
             ) from err
         except asyncio.CancelledError as err:
+            if being_cancelled():  # our own task is being cancelled: never turn that into an error
+                raise
             raise ChannelError(f"VM {self.name}: the channel closed while loading") from err
         finally:
             self._waiters.pop(request_id, None)

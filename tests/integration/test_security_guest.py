@@ -471,8 +471,10 @@ def test_d3_program_verdicts_for_programs_the_host_never_sent_are_not_kept(lab: 
     outcome = lab.channel_attack("a-d3", "program-loaded", pace_s=0.02)
     _record("D3", outcome)
     outcome.check_victim_and_memory()
+    # Taken after the attacker closed its port (the session forgot the program states then):
+    # what must never be there is a record of a program the host did not send.
     programs = outcome.status["vms"]["a-d3"]["programs"]
-    assert set(programs) == {"affinity"}, f"{len(programs)} program records kept"
+    assert set(programs) <= {"affinity"}, f"{len(programs)} program records kept"
     assert len(json.dumps(outcome.status)) < 64 * 1024
 
 
