@@ -201,7 +201,10 @@ def ensure_service(params, check_mode, actions):
         return
     Path(socket).parent.mkdir(parents=True, exist_ok=True)
     Path(socket).unlink(missing_ok=True)
-    env = dict(os.environ)
+    # The service outlives this run: it must not keep the caller's directory or PATH (a
+    # checkout that is later deleted left every container start through it failing with
+    # "write child: broken pipe": conmon cannot start in a deleted working directory).
+    env = {"PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"}
     if params["containers_conf"]:
         env["CONTAINERS_CONF"] = params["containers_conf"]
     log_path = Path("/var/log/extpv-podman-service.log")
@@ -213,6 +216,7 @@ def ensure_service(params, check_mode, actions):
             stdout=log,
             stderr=log,
             env=env,
+            cwd="/",
             start_new_session=True,
             close_fds=True,
         )
