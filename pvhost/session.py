@@ -7,7 +7,11 @@ and when the VM went away (``on_gone``), and offers the operations the service n
 
 Channel protocol (docs/interfaces.md, docs/session.md): the shared
 :class:`pvproto.session.PeerSession` does Hello, negotiation, liveness and error replies;
-on every guest Hello the host injects the affinity program (``LoadProgram``), and answers
+on every guest Hello the host injects what the guest should run (``LoadProgram``): the
+affinity program, and every program the operator loaded into this VM (``pvctl program load``)
+and did not unload — the operator's program replaces the default under the same id, so a
+guest that recorded the operator's newer version is never sent the older one again (which it
+would refuse as a replay). The host answers
 every ``AffinityUpdate`` with an ``AffinityResult`` of the same ``seq``. Updates are applied
 at most ``rate`` per second (token bucket); updates that arrive meanwhile coalesce to the
 newest, and each superseded one is answered compactly (its ``seq``, no placements: the newest
@@ -174,6 +178,8 @@ class VmSession:
         self._superseded: list[int] = []
         self._wake = asyncio.Event()
         self._waiters: dict[int, asyncio.Future[ProgramLoaded]] = {}
+        #: Programs the operator loaded into this VM, by id: re-injected at every Hello.
+        self._operator_programs: dict[str, SignedProgram] = {}
         self._keepalive = keepalive
         self._port_bucket = TokenBucket(PORT_RATE, PORT_BURST)
         #: What the guest can make the host log, rate-limited for this VM.
@@ -365,16 +371,22 @@ class VmSession:
         self.status.guest_version = hello.software_version
         self.status.guest_topology = hello.topology
         self.status.protocol_version = version
-        if self._program is None:
-            return
-        try:
-            program = self._program()
-        except Exception as err:
-            self.status.programs["affinity"] = f"not injected: {err}"
-            return
-        self.status.programs[program.program_id] = "loading"
-        with contextlib.suppress(ChannelError):
-            self.send(program.message(request_id=self._next_id()))
+        for program in self._programs_to_inject():
+            self.status.programs[program.program_id] = "loading"
+            with contextlib.suppress(ChannelError):
+                self.send(program.message(request_id=self._next_id()))
+
+    def _programs_to_inject(self) -> list[SignedProgram]:
+        """What the guest should run: the default program, unless the operator replaced it."""
+        programs: dict[str, SignedProgram] = {}
+        if self._program is not None:
+            try:
+                default = self._program()
+                programs[default.program_id] = default
+            except Exception as err:
+                self.status.programs["affinity"] = f"not injected: {err}"
+        programs.update(self._operator_programs)
+        return list(programs.values())
 
     def guest_message(self, channel: _GuestChannel, message: BaseMessage) -> None:
         if isinstance(message, AffinityUpdate):
@@ -443,9 +455,11 @@ class VmSession:
         self._waiters[request_id] = waiter
         self.status.programs[program_id] = "loading"
         self.send(program.message(request_id=request_id))
+        # The operator's wish from now on, also for a guest that reconnects before it answers.
+        self._operator_programs[program_id] = program
         try:
             async with asyncio.timeout(timeout):
-                return await waiter
+                verdict = await waiter
         except TimeoutError as err:
             raise ChannelError(
                 f"VM {self.name}: no ProgramLoaded for {program_id} within {timeout:g} s"
@@ -454,9 +468,14 @@ class VmSession:
             if being_cancelled():  # our own task is being cancelled: never turn that into an error
                 raise
             raise ChannelError(f"VM {self.name}: the channel closed while loading") from err
+        else:
+            if not verdict.ok and self._operator_programs.get(program_id) is program:
+                del self._operator_programs[program_id]  # refused: not worth sending again
+            return verdict
         finally:
             self._waiters.pop(request_id, None)
 
     def unload_program(self, program_id: str) -> None:
         self.send(UnloadProgram(program_id=program_id, request_id=self._next_id()))
         self.status.programs.pop(program_id, None)
+        self._operator_programs.pop(program_id, None)

@@ -19,7 +19,10 @@ from pvagent.elf import program_sections
 from pvagent.trust import TrustPolicy
 from pvhost import signing
 from pvhost.programs import sign_program
+from pvhost.service import Service
 from pvproto import AffinityUpdate, GuestTopology, Hello, LoadProgram, ProgramLoaded
+from tests.integration.hostrun import service_config
+from vmlab import VirtualMachine
 from vmlab.hostpeer import HostEnd
 
 pytestmark = [pytest.mark.root, pytest.mark.ebpf]
@@ -211,3 +214,56 @@ def test_resync_rebuilds_the_state_from_the_kernel_table() -> None:
         await task
 
     with_agent(TrustPolicy(mode="any"), body)
+
+
+def test_a_reconnecting_agent_is_sent_the_program_the_operator_loaded_not_an_older_one(
+    keys: tuple[Path, Path], tmp_path: Path, qemu: VirtualMachine, cpuset_group: str
+) -> None:
+    """``pvctl program load`` signs a newer version; the agent records it (replay book) and
+    would refuse the host's default, older version as a replay. A new agent on the same
+    guest (restart, crash, reboot) must get the operator's program back and load it."""
+    private, trusted = keys
+    policy = TrustPolicy.from_config(trusted)
+    versions = tmp_path / "versions.json"
+    base = service_config(tmp_path, qemu, cpuset_group)
+    config = base.model_copy(
+        update={
+            "service": base.service.model_copy(
+                update={"signing_key": private, "affinity_program": None}
+            )
+        }
+    )
+    agents: list[Agent] = []
+    writers: list[asyncio.StreamWriter] = []
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        agent = Agent(TOPOLOGY, policy, coalesce_s=0.005, versions_file=versions)
+        agents.append(agent)
+        writers.append(writer)
+        try:
+            await agent.serve(reader, writer)
+        finally:
+            agent.close()
+
+    async def loaded(count: int) -> None:
+        while not (len(agents) == count and "affinity" in agents[-1].programs):
+            await asyncio.sleep(0.05)
+
+    async def main() -> None:
+        server = await asyncio.start_unix_server(serve, path=str(qemu.dir / "agent.sock"))
+        service = Service(config)
+        await service.start()
+        try:
+            session = service.vms["t"].session
+            await asyncio.wait_for(loaded(1), 30)
+            verdict = await service.load_program("t", bpfobj.path("affinity.bpf.o"))
+            assert verdict["ok"], verdict
+            writers[0].close()  # the agent goes; a new one comes on the same guest
+            await asyncio.wait_for(loaded(2), 30)
+            assert session.status.programs["affinity"] == "loaded"
+        finally:
+            await service.stop()
+            server.close()
+            await server.wait_closed()
+
+    asyncio.run(main())
