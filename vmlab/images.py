@@ -22,7 +22,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from vmlab.errors import ImageError
 
-__all__ = ["CHECKOUT", "GuestImage", "ensure_test_image"]
+__all__ = ["CHECKOUT", "GuestImage", "StockImage", "ensure_stock_image", "ensure_test_image"]
 
 log = logging.getLogger(__name__)
 
@@ -70,6 +70,59 @@ def _inputs_digest(repo: Path, extra: bytes) -> str:
         if p.is_file():
             h.update(rel.encode() + b"\0" + p.read_bytes() + b"\0")
     return h.hexdigest()
+
+
+@dataclasses.dataclass(frozen=True)
+class StockImage:
+    """A stock Debian image (no extpv in it) and the SSH key its root account accepts."""
+
+    path: Path
+    ssh_key: Path
+
+
+def _make_ssh_key(keydir: Path) -> Path:
+    """The lab's SSH key pair in ``keydir`` (made once); returns the private key."""
+    key = keydir / "id_ed25519"
+    if not key.exists() or not key.with_suffix(".pub").exists():
+        keydir.mkdir(parents=True, exist_ok=True)
+        for stale in (key, key.with_suffix(".pub")):
+            stale.unlink(missing_ok=True)
+        subprocess.run(
+            ["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", "extpv-lab", "-f", str(key)],
+            check=True, capture_output=True, timeout=30,
+        )  # fmt: skip
+    return key
+
+
+def ensure_stock_image(repo: Path = CHECKOUT, suite: str = "bookworm") -> StockImage:
+    """A stock Debian ``suite`` image with SSH (images/build-stock-image), built if missing or
+    stale; ImageError (with the build's output) if it cannot be built."""
+    build = repo / "images" / "build-stock-image"
+    if not build.is_file():
+        raise ImageError(f"{build} is missing: the stock image is built from an extpv checkout")
+    out = repo / "images" / "out" / "stock"
+    key = _make_ssh_key(out / "keys")
+    pub = key.with_suffix(".pub")
+    h = hashlib.sha256(suite.encode() + b"\0" + pub.read_bytes() + b"\0")
+    for rel in ("images/build-stock-image", "images/rootfs/initramfs.conf",
+                "images/rootfs/initramfs.modules", "images/rootfs/journald.conf"):  # fmt: skip
+        h.update(rel.encode() + b"\0" + (repo / rel).read_bytes() + b"\0")
+    image = out / suite
+    stamp = image / "inputs.sha256"
+    if not (stamp.exists() and stamp.read_text().strip() == h.hexdigest()):
+        stamp.unlink(missing_ok=True)
+        t0 = time.monotonic()
+        proc = subprocess.run(
+            [str(build), "--suite", suite, "--ssh-key", str(pub), "--out", str(image)],
+            capture_output=True, text=True, timeout=BUILD_DEADLINE_S, check=False,
+        )  # fmt: skip
+        if proc.returncode != 0:
+            raise ImageError(
+                f"images/build-stock-image failed (rc {proc.returncode}):\n{proc.stderr[-4000:]}"
+            )
+        stamp.write_text(h.hexdigest() + "\n")
+        log.warning("built the stock %s image in %.0f s", suite, time.monotonic() - t0)
+    return StockImage(image, key)
 
 
 def _make_keys(keydir: Path) -> tuple[Path, Path]:

@@ -62,8 +62,9 @@ log = logging.getLogger(__name__)
 CRASH_PATTERN = re.compile(
     r"(Oops: |Kernel panic - not syncing|BUG: kernel NULL pointer|general protection fault)"
 )
-#: The serial getty's automatic login (images/rootfs/autologin.conf): userspace is up.
-READY_PATTERN = r"login: root \(automatic login\)|extpv-guest login:"
+#: The serial getty's automatic login (images/rootfs/autologin.conf), or any guest's login
+#: prompt (a stock image has no autologin): userspace is up.
+READY_PATTERN = r"login: root \(automatic login\)|(?m:^[\w.-]+ login: )"
 
 
 def _alive(pid: int, name: str) -> bool:
@@ -339,6 +340,7 @@ def _spawn(spec: VMSpec) -> VirtualMachine:
         "memory_mib": spec.memory_mib,
         "accel": accel,
         "test_hook": spec.test_hook,
+        "ssh_port": spec.ssh_port,
         "argv": argv,
     }
     (d / "vm.json").write_text(json.dumps(info, indent=2) + "\n")

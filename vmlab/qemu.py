@@ -12,6 +12,10 @@ is where pvhost discovers it (docs/interfaces.md):
 ``test.sock``           only with ``test_hook=True``: port ``org.extpv.test.0`` served in test
                         images by the guest's command hook (see images/rootfs/extpv-testhook)
 
+With ``ssh_port`` the VM gets one NIC (QEMU user networking, ``restrict=on``: the guest reaches
+nothing, not even the host) and ``127.0.0.1:ssh_port`` on the host forwards to its port 22: how
+an Ansible inventory reaches a guest that has no test hook (images/build-stock-image).
+
 An *empty machine* (``image=None``, :meth:`VMSpec.empty`) boots nothing: QEMU starts paused
 (``-S``) with real vCPU threads, the two monitors and the agent port, whose QEMU end is
 ``qemu-agent.sock``; ``agent.sock`` is left to a test that plays the guest agent there (with no
@@ -68,6 +72,8 @@ class VMSpec:
     virtfs: tuple[tuple[Path, str], ...] = ()
     #: Serve the guest's test hook on ``test.sock`` (test images only).
     test_hook: bool = False
+    #: Forward ``127.0.0.1:ssh_port`` on the host to the guest's port 22 (its only network).
+    ssh_port: int | None = None
     #: ``auto`` probes KVM and falls back to TCG (an empty machine is always TCG).
     accel: str = "auto"
     extra_cmdline: str = ""
@@ -82,11 +88,15 @@ class VMSpec:
             check_vm_name(self.name)
         except ValueError as err:
             raise VMNameError(str(err)) from err
-        if self.image is None and (self.test_hook or self.virtfs or self.extra_cmdline):
+        if self.image is None and (
+            self.test_hook or self.virtfs or self.extra_cmdline or self.ssh_port is not None
+        ):
             raise LauncherError(
                 f"VM {self.name}: an empty machine (no image) runs no guest, so it takes no "
-                "test hook, virtfs or kernel command line; give it an image"
+                "test hook, virtfs, SSH port or kernel command line; give it an image"
             )
+        if self.ssh_port is not None and not 0 < self.ssh_port < 65536:
+            raise LauncherError(f"VM {self.name}: ssh_port {self.ssh_port} is not a TCP port")
         if self.image is not None and self.boot_code is not None:
             raise LauncherError(
                 f"VM {self.name}: boot_code is for an empty machine; an image boots its kernel"
@@ -189,6 +199,11 @@ def qemu_argv(spec: VMSpec, accel_args: Sequence[str] | None = None) -> list[str
         argv += [
             "-chardev", f"socket,id=test0,path={d / 'test.sock'},server=on,wait=off",
             "-device", f"virtserialport,bus=vser0.0,chardev=test0,name={TEST_PORT_NAME}",
+        ]  # fmt: skip
+    if spec.ssh_port is not None:
+        argv += [
+            "-netdev", f"user,id=net0,restrict=on,hostfwd=tcp:127.0.0.1:{spec.ssh_port}-:22",
+            "-device", "virtio-net-pci,netdev=net0",
         ]  # fmt: skip
     for i, (path, tag) in enumerate(spec.virtfs):
         argv += [
