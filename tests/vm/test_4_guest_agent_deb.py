@@ -267,7 +267,39 @@ def test_c_guest_pin_places_its_vcpu_through_pvhost(
 
 
 def test_d_removal_stops_the_agent_and_leaves_the_key(guest: Guest, keys: Path) -> None:
-    guest.out("apt-get purge -y -qq pvagent")
+    guest.out("apt-get remove -y -qq pvagent")
     assert guest.run("systemctl is-active pvagent.service").stdout.strip() != "active"
     assert guest.run("test -e /usr/lib/pvagent").returncode != 0
+    guest.out("apt-get purge -y -qq pvagent")
     assert guest.out(f"cat {KEY_IN_GUEST}") == (keys / "signing.pem").read_text()
+
+
+def test_e_apt_install_by_hand_as_the_docs_say(
+    guest: Guest, daemon: PvhostDaemon, keys: Path
+) -> None:
+    # docs/guest-agent.md, "Install it by hand", verbatim (the role left the .deb in /var/tmp).
+    res = subprocess.run(
+        ["scp", *guest.opts, "-P", str(guest.port), str(keys / "signing.pem"),
+         "root@127.0.0.1:/var/tmp/signing.pem"],
+        capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
+    assert res.returncode == 0, res.stderr
+    guest.out(
+        "cd /var/tmp && apt install -y ./pvagent_*_amd64.deb"
+        " && install -m 0644 signing.pem /etc/pvagent/trusted.d/extpv-host.pem"
+        " && systemctl restart pvagent.service"
+    )
+    assert guest.out("systemctl is-active pvagent.service").strip() == "active"
+    end = time.monotonic() + 120
+    while True:
+        invocation = guest.out("systemctl show -P InvocationID pvagent.service").strip()
+        log = guest.out(f"journalctl -o cat _SYSTEMD_INVOCATION_ID={invocation}")
+        if "host said hello" in log:
+            break
+        assert time.monotonic() < end, f"the reinstalled agent never greeted the host:\n{log}"
+        time.sleep(1)
+    daemon.wait_status(
+        "the affinity program loaded again",
+        lambda s: s["vms"][VM]["programs"] == {"affinity": "loaded"},
+        deadline_s=120,
+    )
