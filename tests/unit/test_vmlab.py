@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -11,6 +12,7 @@ from extpv.names import VM_NAME_MAX
 from pvhost.config import Config
 from pvhost.registry import scan_vms
 from vmlab import cli
+from vmlab.machine import READY_PATTERN
 
 # Recorded from a QEMU 7.2 multi-threaded TCG boot that hit the known race (shortened).
 OOPS_CONSOLE = """\
@@ -48,6 +50,27 @@ def test_test_hook_is_only_wired_when_asked(tmp_path: Path) -> None:
     spec = vmlab.VMSpec(name="t", image=_image(tmp_path), runtime_dir=tmp_path, test_hook=True)
     line = " ".join(vmlab.qemu_argv(spec, []))
     assert "extpv.testhook=1" in line and "name=org.extpv.test.0" in line
+
+
+def test_ssh_port_is_a_loopback_forward_on_a_restricted_nic(tmp_path: Path) -> None:
+    plain = " ".join(vmlab.qemu_argv(vmlab.VMSpec("t", _image(tmp_path), runtime_dir=tmp_path), []))
+    assert "-netdev" not in plain, "no network unless asked"
+    spec = vmlab.VMSpec(name="t", image=_image(tmp_path), runtime_dir=tmp_path, ssh_port=2222)
+    argv = vmlab.qemu_argv(spec, [])
+    netdev = argv[argv.index("-netdev") + 1]
+    assert netdev == "user,id=net0,restrict=on,hostfwd=tcp:127.0.0.1:2222-:22"
+    assert argv[argv.index("-device", argv.index("-netdev")) + 1] == "virtio-net-pci,netdev=net0"
+    with pytest.raises(vmlab.LauncherError, match="not a TCP port"):
+        vmlab.VMSpec(name="t", image=_image(tmp_path), runtime_dir=tmp_path, ssh_port=70000)
+    with pytest.raises(vmlab.LauncherError, match="empty machine"):
+        vmlab.VMSpec(name="t", image=None, runtime_dir=tmp_path, ssh_port=2222)
+
+
+def test_ready_pattern_matches_autologin_and_a_stock_login_prompt() -> None:
+    rx = re.compile(READY_PATTERN)
+    assert rx.search("\r\nextpv-guest login: root (automatic login)\r\n")
+    assert rx.search("Debian GNU/Linux 12 stock-guest ttyS0\r\n\r\nstock-guest login: ")
+    assert not rx.search("[    1.0] systemd-logind: New seat seat0, login: ok")
 
 
 def test_empty_machine_is_paused_and_leaves_agent_sock_to_the_test(tmp_path: Path) -> None:
