@@ -24,6 +24,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import REQUIRE
+from tests.unit.test_readme import commands, readme_blocks
 
 pytestmark = [pytest.mark.root, pytest.mark.slow]
 
@@ -166,6 +167,26 @@ def test_container_runs_with_the_documented_privileges(first_run: Run) -> None:
     # The image itself defaults to an unprivileged user; only the appliance runs it as root.
     image = json.loads(podman("image", "inspect", "localhost/pvhost:latest").stdout)[0]
     assert image["Config"]["User"] == "extpv"
+
+
+def test_readme_commands_run_on_the_appliance(first_run: Run) -> None:
+    """The README's ```sh appliance blocks, run as written: bash in the checkout, as root, with
+    the user's environment (no CONTAINERS_CONF), on the appliance the playbook provisioned."""
+    lines = [c for b in readme_blocks() if b.lang == "sh" and b.mode == "appliance"
+             for c in commands(b)]  # fmt: skip
+    assert lines
+    env = {k: v for k, v in os.environ.items() if k != "CONTAINERS_CONF"}
+    out = {}
+    for line in lines:
+        res = subprocess.run(
+            ["bash", "-o", "pipefail", "-c", line],
+            cwd=REPO, env=env, capture_output=True, text=True, timeout=120, check=False,
+        )  # fmt: skip
+        assert res.returncode == 0, f"README command {line!r} failed:\n{res.stdout}{res.stderr}"
+        out[line] = res.stdout
+    status = [text for line, text in out.items() if line.endswith("pvctl status")]
+    assert status and all("backend: " in t and "host CPUs: online" in t for t in status), out
+    assert any(re.search(r"^extpv_vms \d", t, re.M) for t in out.values()), out
 
 
 def test_pvctl_status_answers_from_the_container(first_run: Run) -> None:
