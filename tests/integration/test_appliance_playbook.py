@@ -244,6 +244,12 @@ def test_demo_shows_a_guest_pin_applied_on_the_host(first_run: Run) -> None:
     # No unexplained refusal: each one is printed with pvhost's reason, and the demo closes
     # with what it showed (the pin undone after the workload).
     refused = re.findall(r'"vcpu": (\d+), "pcpu": null, "refused"', demo.output)
+    # The host's CPUs come first: on a 2-CPU host with CPU 0 kept for the host, it says that
+    # only one vCPU can be pinned, so the refusal that follows is announced.
+    capacity = re.search(r'"host CPUs: online [^"]*eligible ([\d,-]+|none)([^"]*)"', demo.output)
+    assert capacity, demo.explain()
+    if refused and re.fullmatch(r"\d+|none", capacity.group(1)):
+        assert "a refusal below is expected" in capacity.group(2), demo.explain()
     for vcpu in refused:
         assert f"vCPU {vcpu} was not pinned: " in demo.output, demo.explain()
     assert "was undone when the workload exited" in demo.output, demo.explain()
