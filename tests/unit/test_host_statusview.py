@@ -101,3 +101,28 @@ def test_a_vm_with_no_request_yet_says_so() -> None:
     text = format_status(status)
     assert "no request yet" in text and "seq" not in text
     assert {cells[2] for cells in _rows(text).values()} == {"no"}
+
+
+def test_the_readme_example_is_what_pvctl_status_prints() -> None:
+    from tests.unit.test_readme import readme_blocks
+
+    example = next(b.text for b in readme_blocks() if b.text.startswith("backend: "))
+    reason = (
+        "identity: pCPU 0 is a housekeeping CPU, kept for the host (placement.housekeeping); "
+        'policy "pool" would place this vCPU elsewhere'
+    )
+    v1 = {"partition": "n/a (cgroup v1)", "cgroup": "/x"}
+    status = _status(
+        "cgroup1",
+        {"1": {"pcpu": 1, **v1}, "2": {"pcpu": 2, **v1}},
+        isolation={"mode": "restricted"},
+    )
+    status["isolation"] = (
+        "restricted: cgroup v1 cannot take a pinned pCPU from other tasks unless "
+        "placement.isolate_from names the cpusets they run in"
+    )
+    vm = status["vms"]["db1"]
+    vm["channel"] = "connected"
+    vm["vcpus"] = {str(i): {"tid": 41710 + i} for i in range(4)}
+    vm["result"][0]["refused"] = reason
+    assert format_status(status) == example
