@@ -4,7 +4,7 @@ A minimal trixie tree (mmdebstrap from the Debian archive, like the image recipe
 ``apt-get install ./pvagent_*.deb`` resolves the package's dependencies against the archive;
 then the agent's modules import with Debian's pydantic (not the copy carried for Python
 3.11), the unit is enabled, and a purge keeps the operator's key. Booting and pinning is
-tests/vm/test_4_guest_agent_deb.py (Debian 12); this covers the other dependency branch.
+tests/vm/test_6_guest_agent_deb.py (Debian 12); this covers the other dependency branch.
 """
 
 from __future__ import annotations
