@@ -12,6 +12,7 @@ from extpv.cli import die
 from pvhost import signing
 from pvhost.control import request
 from pvhost.errors import HostError
+from pvhost.libvirt import set_channel
 from pvhost.placement import Finding
 from vmlab.cli import register_cli as register_vm_cli
 
@@ -29,6 +30,11 @@ def format_status(status: dict[str, Any]) -> str:
         f"host: online {host['online']}  housekeeping {host['housekeeping']}  "
         f"eligible {host['eligible']}",
     ]
+    lv = status.get("libvirt")
+    if lv:
+        lines.append(f"libvirt {lv['uri']}: {lv['state']}, {len(lv['domains'])} domain(s)")
+        for domain, why in lv["skipped"].items():
+            lines.append(f"  domain {domain!r} skipped: {why}")
     for name, vm in status["vms"].items():
         lines.append(
             f"VM {name}: qmp {vm['qmp']}, channel {vm['channel']}, policy {vm['policy']}"
@@ -39,11 +45,14 @@ def format_status(status: dict[str, Any]) -> str:
             lines.append(f"  program {prog}: {state}")
         for vcpu, info in vm["vcpus"].items():
             placed = vm["placements"].get(vcpu)
-            where = (
-                f"→ pCPU {placed['pcpu']}  partition {placed['partition']}  {placed['cgroup']}"
-                if placed
-                else "unpinned"
-            )
+            if not placed:
+                where = "unpinned"
+            elif "domain" in placed:  # a libvirt domain: pinned through libvirt
+                where = f"→ pCPU {placed['pcpu']}  via libvirt (virsh vcpupin {placed['domain']!r})"
+            else:
+                where = (
+                    f"→ pCPU {placed['pcpu']}  partition {placed['partition']}  {placed['cgroup']}"
+                )
             lines.append(f"  vCPU {vcpu}: tid {info['tid']}  {where}")
         refused = [r for r in vm["result"] if r.get("refused")]
         for r in refused:
@@ -111,6 +120,15 @@ def _build_parser() -> argparse.ArgumentParser:
     )
     keygen.add_argument("dir", type=Path)
     keygen.add_argument("--force", action="store_true", help="overwrite an existing key pair")
+    lv = sub.add_parser(
+        "libvirt",
+        help="turn extpv on or off for a libvirt domain (its channel; live when it runs)",
+    )
+    lv.add_argument("action", choices=["enable", "disable"])
+    lv.add_argument("domain", help="the libvirt domain's name")
+    lv.add_argument(
+        "--uri", default="qemu:///system", help="libvirt connection URI (default qemu:///system)"
+    )
     # `pvctl vm …` lives in the VM lab (vmlab): pvctl itself holds no VM code.
     register_vm_cli(sub)
     return parser
@@ -152,6 +170,8 @@ def main(argv: list[str] | None = None) -> int:
                     args.socket, {"cmd": "program-unload", "vm": args.vm, "program": args.file}
                 )
                 print(f"VM {args.vm}: program {result['unloaded']} unloaded")
+        elif args.command == "libvirt":
+            print(set_channel(args.uri, args.domain, args.action == "enable"))
         elif args.command == "keygen":
             return signing.keygen_command(args.dir, force=args.force)
         elif hasattr(args, "func"):

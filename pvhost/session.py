@@ -38,7 +38,7 @@ import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from extpv.aio import being_cancelled, cancel_and_wait
 from extpv.vcpus import VcpuThread
@@ -62,7 +62,7 @@ from pvproto import (
 )
 from pvproto.session import PeerSession, PeerSilent, SessionClosed, SessionState
 
-__all__ = ["DEFAULT_KEEPALIVE", "Backoff", "ProgramSource", "VmSession"]
+__all__ = ["DEFAULT_KEEPALIVE", "Backoff", "Monitor", "ProgramSource", "VmSession"]
 
 _log = logging.getLogger(__name__)
 
@@ -78,6 +78,19 @@ DEFAULT_KEEPALIVE = (5.0, 15.0)
 #: Guest port open/close changes acted on: a burst, then this many per second.
 PORT_BURST = 5
 PORT_RATE = 1.0
+
+
+class Monitor(Protocol):
+    """Where a session learns a VM's vCPU threads and that it went away (QMP, or libvirt)."""
+
+    vcpus: dict[int, VcpuThread]
+    on_change: Callable[[], Awaitable[None]] | None
+    on_port: Callable[[bool, int], Awaitable[None]] | None
+
+    async def connect(self, timeout: float = 5.0) -> None: ...
+    async def refresh(self, timeout: float = 5.0) -> dict[int, VcpuThread]: ...
+    async def wait_closed(self) -> None: ...
+    async def close(self) -> None: ...
 
 
 class Backoff:
@@ -161,12 +174,15 @@ class VmSession:
         burst: int,
         max_backoff: float,
         keepalive: tuple[float, float] | None = DEFAULT_KEEPALIVE,
+        monitor: Callable[[], Monitor] | None = None,
     ) -> None:
         self.name = name
+        #: Makes the VM's monitor (a QMP connection unless told otherwise: libvirt domains).
+        self._new_monitor = monitor or self._qmp_monitor
         self.qmp_path = qmp_path
         self.agent_path = agent_path
         self.status = ChannelStatus()
-        self._monitor: QmpMonitor | None = None
+        self._monitor: Monitor | None = None
         self._applier = applier
         self._on_gone = on_gone
         self._on_vcpus_changed = on_vcpus_changed
@@ -225,19 +241,19 @@ class VmSession:
         }
 
     # -- lifecycle ---------------------------------------------------------------------------
-    async def run(self, monitor: QmpMonitor | None = None) -> None:
+    def _qmp_monitor(self) -> Monitor:
+        return QmpMonitor(self.qmp_path, self.name)
+
+    async def run(self, monitor: Monitor | None = None) -> None:
         """Until cancelled (the VM's directory went away): QMP up → channel; QMP down → undo."""
         backoff = Backoff(self._max_backoff)
         worker = asyncio.create_task(self._apply_loop(), name=f"apply-{self.name}")
         try:
             while True:
                 if monitor is None:
-                    monitor = QmpMonitor(
-                        self.qmp_path,
-                        self.name,
-                        on_change=self._vcpus_changed,
-                        on_port=self._port_changed,
-                    )
+                    monitor = self._new_monitor()
+                    monitor.on_change = self._vcpus_changed
+                    monitor.on_port = self._port_changed
                     try:
                         await monitor.connect()
                     except QmpError as err:
