@@ -177,6 +177,8 @@ def _start_event_loop() -> None:
         if _event_loop:
             return
         libvirt.virEventRegisterDefaultImpl()
+        # libvirt prints every error to stderr by default: pvhost reports them itself.
+        libvirt.registerErrorHandler(lambda *_: None, None)
 
         def run() -> None:
             while True:
@@ -219,6 +221,8 @@ class LibvirtLink:
         conn, self._conn = self._conn, None
         if conn is not None:
             with contextlib.suppress(Exception):
+                conn.unregisterCloseCallback()
+            with contextlib.suppress(Exception):
                 await asyncio.to_thread(conn.close)
 
     def describe(self) -> dict[str, Any]:
@@ -250,8 +254,9 @@ class LibvirtLink:
             try:
                 conn = await asyncio.to_thread(self._open)
             except libvirt.libvirtError as err:
-                self.state = f"unreachable, retrying in {delay:g} s: {err}"
-                _log.warning("libvirt %s: %s", self.uri, self.state)
+                if not self.state.startswith("unreachable"):  # once per outage, not per try
+                    _log.warning("libvirt %s: unreachable (retrying): %s", self.uri, err)
+                self.state = f"unreachable, retrying every {delay:g} s or less: {err}"
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, self.max_backoff)
                 continue
@@ -278,9 +283,9 @@ class LibvirtLink:
         loop = self._loop  # (this runs in a worker thread)
         conn = libvirt.open(self.uri)
         try:
-            conn.registerCloseCallback(lambda *_: loop.call_soon_threadsafe(self._closed.set), None)
+            conn.registerCloseCallback(lambda *_: _threadsafe(loop, self._closed.set), None)
             conn.setKeepAlive(5, 3)
-            wake = lambda *_: loop.call_soon_threadsafe(self._dirty.set)  # noqa: E731
+            wake = lambda *_: _threadsafe(loop, self._dirty.set)  # noqa: E731
             for event in (
                 libvirt.VIR_DOMAIN_EVENT_ID_LIFECYCLE,
                 libvirt.VIR_DOMAIN_EVENT_ID_DEVICE_ADDED,
@@ -332,6 +337,12 @@ class LibvirtLink:
             if found is not None:
                 domains[found.name] = found
         return domains, skipped
+
+
+def _threadsafe(loop: asyncio.AbstractEventLoop, call: Callable[[], object]) -> None:
+    """From libvirt's event thread into the service's loop (gone at exit: nothing to tell)."""
+    with contextlib.suppress(RuntimeError):
+        loop.call_soon_threadsafe(call)
 
 
 # -- vCPU threads ------------------------------------------------------------------------------
