@@ -3,9 +3,9 @@
 :class:`Libvirtd` runs the monolithic ``libvirtd`` (no systemd needed) with its own config and
 its sockets in a directory of ours, reached as ``qemu:///system?socket=<dir>/libvirt-sock``;
 the QEMU driver needs ``virtlogd``, which is started too unless one already serves this host.
-Both are stopped by :meth:`Libvirtd.stop`, which also removes the empty ``machine`` cpuset it
-made. :func:`domain_xml` is the lab's VM (``vmlab.qemu``) as a domain: TCG, direct kernel
-boot of the test image, the extpv channel, and optionally the test hook's channel.
+Both are stopped by :meth:`Libvirtd.stop`, which also removes the empty ``machine`` cgroups
+libvirt made meanwhile. :func:`domain_xml` is the lab's VM (``vmlab.qemu``) as a domain: TCG,
+direct kernel boot of the test image, the extpv channel, and optionally the test hook's channel.
 """
 
 from __future__ import annotations
@@ -24,7 +24,14 @@ from vmlab.qemu import AGENT_PORT_NAME, KERNEL_CMDLINE, TEST_PORT_NAME
 __all__ = ["Libvirtd", "domain_xml"]
 
 VIRTLOGD_SOCKET = Path("/run/libvirt/virtlogd-sock")
-MACHINE_CPUSET = Path("/sys/fs/cgroup/cpuset/machine")
+CGROUPS = Path("/sys/fs/cgroup")
+
+
+def _machine_cgroups() -> set[Path]:
+    """The ``machine`` cgroups libvirt makes (one per v1 controller, and v2's)."""
+    return {p for p in CGROUPS.glob("*/machine") if p.is_dir()} | {
+        p for p in CGROUPS.glob("machine") if p.is_dir()
+    }
 
 
 class Libvirtd:
@@ -36,7 +43,7 @@ class Libvirtd:
         self.uri = f"qemu:///system?socket={self.sockets / 'libvirt-sock'}"
         self.log = workdir / "libvirtd.log"
         self._procs: list[subprocess.Popen[bytes]] = []
-        self._machine_existed = MACHINE_CPUSET.exists()
+        self._machine_before = _machine_cgroups()
 
     def start(self, deadline_s: float = 30.0) -> None:
         self.sockets.mkdir(parents=True, exist_ok=True)
@@ -89,9 +96,9 @@ class Libvirtd:
         for proc in reversed(self._procs):
             _terminate(proc)
         self._procs.clear()
-        if not self._machine_existed:
-            with contextlib.suppress(OSError):
-                MACHINE_CPUSET.rmdir()
+        for made in _machine_cgroups() - self._machine_before:
+            with contextlib.suppress(OSError):  # still in use (not ours): left alone
+                made.rmdir()
 
     def virsh(
         self, *args: str, check: bool = True, timeout: float = 120
