@@ -204,6 +204,7 @@ class LibvirtLink:
         self._conn: Any = None
         self._task: asyncio.Task[None] | None = None
         self._dirty = asyncio.Event()
+        self._fresh = False
         self._closed = asyncio.Event()
 
     async def start(self) -> None:
@@ -262,6 +263,7 @@ class LibvirtLink:
                 continue
             delay = 0.5
             self._conn = conn
+            self._fresh = True  # the first read after a (re)connect is always announced
             self.state = "connected"
             self.connected_once = True
             _log.info("libvirt %s: connected", self.uri)
@@ -313,7 +315,8 @@ class LibvirtLink:
             except libvirt.libvirtError as err:
                 _log.warning("libvirt %s: cannot list domains: %s", self.uri, err)
                 continue
-            changed = domains != self.domains
+            changed = domains != self.domains or self._fresh
+            self._fresh = False
             self.domains, self.skipped = domains, skipped
             if changed:
                 self._on_change()

@@ -216,7 +216,12 @@ class Service:
             self._reap_libvirt_orphans()
 
     def _libvirt_changed(self) -> None:
+        """libvirt's view changed, or pvhost (re)connected to it: follow, then re-plan each
+        domain's wish (an undo that failed while libvirtd was away is done now)."""
         self.rescan()
+        for vm in list(self.vms.values()):
+            if vm.spec.libvirt is not None and vm.last_seq is not None and vm.closing is None:
+                asyncio.get_running_loop().create_task(self.reapply(vm), name="libvirt-reapply")
 
     def _reap_libvirt_orphans(self) -> None:
         """Undo pins recorded for libvirt domains that no session serves (a kill -9 of pvhost,

@@ -177,6 +177,26 @@ def test_c_pvhost_killed_while_pinned_converges(domain: Domain, pvhost: PvhostDa
     assert domain.vcpupin() == {0: "0-1", 1: "0-1"}
 
 
+def test_c_libvirtd_restarted_while_pinned_converges(
+    domain: Domain, pvhost: PvhostDaemon, libvirtd: Libvirtd
+) -> None:
+    gpid = domain.background(["taskset", "-c", "1", "sleep", "600"])
+    pvhost.wait_status("vCPU 1 pinned", pinned_1(domain), 120)
+    libvirtd.stop_daemon()
+    # pvhost says libvirt is gone, keeps the domain (its QEMU runs on) and its pin.
+    st = pvhost.wait_status(
+        "libvirt reported unreachable", lambda s: s["libvirt"]["state"] != "connected", 60
+    )
+    assert placements(st, domain.name) == {1: 1}
+    assert st["vms"][domain.name]["channel"] == "connected"
+    libvirtd.start_daemon()
+    pvhost.wait_status("reconnected", lambda s: s["libvirt"]["state"] == "connected", 60)
+    assert domain.vcpupin()[1] == "1", "libvirt kept the live pin through its restart"
+    domain.guest(f"kill {gpid}").check()
+    pvhost.wait_status("release through the new connection", unpinned(domain), 120)
+    assert domain.vcpupin() == {0: "0-1", 1: "0-1"}
+
+
 def pvctl(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "pvhost.ctl", *args],
