@@ -22,6 +22,7 @@ import pytest
 
 from pvhost.libvirt import safe_name
 from vmlab.daemon import PvhostDaemon
+from vmlab.errors import DaemonError
 from vmlab.images import GuestImage, ensure_test_image
 from vmlab.libvirtd import Libvirtd, domain_xml
 from vmlab.testhook import TestHook
@@ -120,6 +121,10 @@ def pinned_1(domain: Domain) -> Any:
     return lambda s: placements(s, domain.name) == {1: 1}
 
 
+def answered(domain: Domain, vcpu: int) -> Any:
+    return lambda s: any(r["vcpu"] == vcpu for r in s["vms"][domain.name]["result"])
+
+
 def unpinned(domain: Domain) -> Any:
     return lambda s: not placements(s, domain.name)
 
@@ -150,7 +155,14 @@ def test_b_guest_pin_shows_in_virsh_vcpupin_and_thread_exit_releases(
     assert before == {0: "0-1", 1: "0-1"}, before
     t0 = time.monotonic()
     domain.background(["taskset", "-c", "1", "sleep", "15"])
-    st = pvhost.wait_status("vCPU 1 → pCPU 1 via libvirt", pinned_1(domain), 120)
+    try:
+        st = pvhost.wait_status("an answer for vCPU 1", answered(domain, 1), 120)
+    except DaemonError as err:
+        journal = domain.guest(["journalctl", "-b", "-u", "pvagent", "-o", "cat", "--no-pager"])
+        raise AssertionError(f"{err}\nguest agent's journal:\n{journal.stdout[-3000:]}") from err
+    result = {r["vcpu"]: r for r in st["vms"][domain.name]["result"]}
+    assert result[1]["pcpu"] == 1, result[1]
+    st = pvhost.wait_status("vCPU 1 → pCPU 1 via libvirt", pinned_1(domain), 30)
     print(f"\n[libvirt] guest pin → placed: {time.monotonic() - t0:.2f} s", file=sys.stderr)
     assert domain.vcpupin() == {0: "0-1", 1: "1"}
     tid = st["vms"][domain.name]["vcpus"]["1"]["tid"]
