@@ -109,8 +109,14 @@ def _int(element: ET.Element | None, attr: str, default: int = 1) -> int:
     return max(value, 1)
 
 
-def parse_domain(xml: str, domain: str, uuid: str) -> LibvirtDomain | None:
-    """The domain as pvhost sees it; None without the extpv channel.
+def parse_domain(
+    xml: str, domain: str, uuid: str, persistent_xml: str | None = None
+) -> LibvirtDomain | None:
+    """The domain as pvhost sees it (``xml``: live); None without the extpv channel.
+
+    Static pinning is read from ``persistent_xml`` (the domain's definition): the live XML
+    also lists the live pins, extpv's own among them. A transient domain has no definition, so
+    none of its pins counts as static.
 
     Raises DomainSkipped (the reason) for a channel pvhost cannot use: not a unix socket
     QEMU serves, no path yet, or more than one.
@@ -144,7 +150,11 @@ def parse_domain(xml: str, domain: str, uuid: str) -> LibvirtDomain | None:
     if not path or not path.startswith("/"):
         raise DomainSkipped(f"the {AGENT_CHANNEL} channel has no absolute socket path")
     static = None
-    if root.find("./cputune/vcpupin") is not None:
+    try:
+        defined = ET.fromstring(persistent_xml) if persistent_xml else None
+    except ET.ParseError as err:
+        raise DomainSkipped(f"unreadable persistent domain XML: {err}") from err
+    if defined is not None and defined.find("./cputune/vcpupin") is not None:
         static = (
             f"domain {domain!r} pins its vCPUs statically (<cputune><vcpupin>): extpv leaves "
             "its placement to libvirt"
@@ -330,10 +340,13 @@ class LibvirtLink:
         for dom in conn.listAllDomains(libvirt.VIR_CONNECT_LIST_DOMAINS_ACTIVE):
             try:
                 name, uuid, xml = dom.name(), dom.UUIDString(), dom.XMLDesc(0)
+                defined = (
+                    dom.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE) if dom.isPersistent() else None
+                )
             except libvirt.libvirtError:
                 continue  # stopped meanwhile: its event follows
             try:
-                found = parse_domain(xml, name, uuid)
+                found = parse_domain(xml, name, uuid, defined)
             except DomainSkipped as err:
                 skipped[name] = str(err)
                 continue

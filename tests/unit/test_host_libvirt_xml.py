@@ -65,10 +65,17 @@ def test_unreadable_xml_is_skipped() -> None:
 
 
 def test_static_vcpupin_is_left_alone_and_says_why() -> None:
-    pinned = "<cputune><vcpupin vcpu='0' cpuset='1'/></cputune>"
-    d = parse_domain(xml(CHANNEL, pinned), "db", UUID)
+    pinned = xml(CHANNEL, "<cputune><vcpupin vcpu='0' cpuset='1'/></cputune>")
+    d = parse_domain(pinned, "db", UUID, persistent_xml=pinned)
     assert d is not None and d.static_pins is not None
     assert "<cputune><vcpupin>" in d.static_pins
+
+
+def test_live_pins_alone_are_not_static() -> None:
+    # extpv's own pins (and any live `virsh vcpupin --live`) show in the live XML only.
+    live = xml(CHANNEL, "<cputune><vcpupin vcpu='1' cpuset='1'/></cputune>")
+    d = parse_domain(live, "db", UUID, persistent_xml=xml(CHANNEL))
+    assert d is not None and d.static_pins is None
 
 
 def test_guest_topology_from_the_cpu_element() -> None:
