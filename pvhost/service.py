@@ -261,6 +261,7 @@ class Service:
             max_backoff=self.config.service.max_backoff,
             keepalive=self.config.service.keepalive,
             monitor=new_monitor,
+            port_events=spec.libvirt is None,
         )
         policy = spec.policy or placement.policy
         task = asyncio.get_running_loop().create_task(session.run(monitor), name=f"vm-{spec.name}")

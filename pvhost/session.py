@@ -175,10 +175,14 @@ class VmSession:
         max_backoff: float,
         keepalive: tuple[float, float] | None = DEFAULT_KEEPALIVE,
         monitor: Callable[[], Monitor] | None = None,
+        port_events: bool = True,
     ) -> None:
         self.name = name
         #: Makes the VM's monitor (a QMP connection unless told otherwise: libvirt domains).
         self._new_monitor = monitor or self._qmp_monitor
+        #: Whether the monitor reports the guest opening/closing the agent's port (QMP does;
+        #: libvirt has no such event for our channel, so the port's state stays unknown).
+        self._port_events = port_events
         self.qmp_path = qmp_path
         self.agent_path = agent_path
         self.status = ChannelStatus()
@@ -373,12 +377,14 @@ class VmSession:
 
         An agent that is there (the port is open) but took an earlier Hello of ours for the
         end of its handshake says nothing until asked; the keepalive cannot ask a session
-        that is not ready. One Hello per deadline, only to an open port (QEMU reads it).
+        that is not ready. One Hello per deadline, only to an open port (QEMU reads it); where
+        the monitor reports no port changes (libvirt domains), to whatever is there.
         """
         assert self._keepalive is not None
         while True:
             await asyncio.sleep(self._keepalive[1])
-            if channel.state is SessionState.AWAITING_HELLO and self.status.port == "open":
+            port_open = self.status.port == "open" or not self._port_events
+            if channel.state is SessionState.AWAITING_HELLO and port_open:
                 _log.info("%s: no Hello from the open port's agent: greeting again", self.name)
                 channel.greet()
 
