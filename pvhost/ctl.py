@@ -14,52 +14,12 @@ from pvhost.control import request
 from pvhost.errors import HostError
 from pvhost.libvirt import set_channel
 from pvhost.placement import Finding
+from pvhost.statusview import format_status
 from vmlab.cli import register_cli as register_vm_cli
 
 __all__ = ["main"]
 
 DEFAULT_SOCKET = Path("/run/extpv/pvhost.sock")
-
-
-def format_status(status: dict[str, Any]) -> str:
-    host = status["host"]
-    lines = [
-        f"backend: {status['backend']}  "
-        + " ".join(f"{k}={v}" for k, v in status.get("backend_detail", {}).items()),
-        f"isolation: {status.get('isolation', 'unknown')}",
-        f"host: online {host['online']}  housekeeping {host['housekeeping']}  "
-        f"eligible {host['eligible']}",
-    ]
-    lv = status.get("libvirt")
-    if lv:
-        lines.append(f"libvirt {lv['uri']}: {lv['state']}, {len(lv['domains'])} domain(s)")
-        for domain, why in lv["skipped"].items():
-            lines.append(f"  domain {domain!r} skipped: {why}")
-    for name, vm in status["vms"].items():
-        lines.append(
-            f"VM {name}: qmp {vm['qmp']}, channel {vm['channel']}, policy {vm['policy']}"
-            f" (remap {'on' if vm['remap'] else 'off'}), quota {vm['quota']},"
-            f" wanted {vm['wanted']} (seq {vm['last_seq']})"
-        )
-        for prog, state in vm["programs"].items():
-            lines.append(f"  program {prog}: {state}")
-        for vcpu, info in vm["vcpus"].items():
-            placed = vm["placements"].get(vcpu)
-            if not placed:
-                where = "unpinned"
-            elif "domain" in placed:  # a libvirt domain: pinned through libvirt
-                where = f"→ pCPU {placed['pcpu']}  via libvirt (virsh vcpupin {placed['domain']!r})"
-            else:
-                where = (
-                    f"→ pCPU {placed['pcpu']}  partition {placed['partition']}  {placed['cgroup']}"
-                )
-            lines.append(f"  vCPU {vcpu}: tid {info['tid']}  {where}")
-        refused = [r for r in vm["result"] if r.get("refused")]
-        for r in refused:
-            lines.append(f"  vCPU {r['vcpu']} refused: {r['refused']}")
-    for name in status.get("orphans", {}):
-        lines.append(f"placements of VM {name} without a session (will be reconciled)")
-    return "\n".join(lines)
 
 
 def report_verify(result: dict[str, Any]) -> None:

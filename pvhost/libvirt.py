@@ -466,6 +466,10 @@ class LibvirtVcpus:
             ) from err
         return self.vcpus
 
+    async def port_open(self, socket_path: Path, timeout: float = 5.0) -> bool | None:
+        """Unknown: libvirt reports no port state for this channel (never its monitor)."""
+        return None
+
     async def wait_closed(self) -> None:
         if self._gone is not None:
             await asyncio.shield(self._gone)

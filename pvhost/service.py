@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -58,6 +59,8 @@ class VmRecord:
     #: The guest's latest request (the whole wanted set) and its sequence number.
     wanted: list[int] = field(default_factory=list)
     last_seq: int | None = None
+    #: When it came (``time.monotonic()``), for the age ``pvctl status`` shows.
+    last_request_at: float | None = None
     #: The placements answered to it.
     last_result: list[VcpuPlacement] = field(default_factory=list)
     #: (QEMU pid, sorted (vCPU, tid) pairs) the backend was last attached with.
@@ -368,6 +371,7 @@ class Service:
         vm = self._vm(name)
         await self._check_size(vm, update)
         vm.wanted, vm.last_seq = list(update.wanted), update.seq
+        vm.last_request_at = time.monotonic()
         return await self._place(vm, update.seq)
 
     async def _check_size(self, vm: VmRecord, update: AffinityUpdate) -> None:
@@ -545,6 +549,9 @@ class Service:
                 "quota": vm.quota,
                 "wanted": vm.wanted,
                 "last_seq": vm.last_seq,
+                "last_request_age_s": None
+                if vm.last_request_at is None
+                else round(time.monotonic() - vm.last_request_at, 1),
                 "result": [p.model_dump() for p in vm.last_result],
                 "placements": placed_vms.get(name, {}),
             }
