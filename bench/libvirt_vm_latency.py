@@ -85,14 +85,14 @@ def run_libvirt(work: Path, cycles: int, hold: float) -> dict[str, Any]:
     (vm_dir / "domain.xml").write_text(domain_xml(DOMAIN, image.path, vm_dir, test_hook=True))
     lv.start()
     hook = TestHook(vm_dir / "test.sock", DOMAIN)
+    (work / "pvhost-lv").mkdir()
+    (work / "empty-vms").mkdir()
     daemon = PvhostDaemon(
         work / "pvhost-lv",
         work / "empty-vms",
         image.signing_key,
         extra_config=f'\n[libvirt]\nenabled = true\nuri = "{lv.uri}"\n',
     )
-    (work / "pvhost-lv").mkdir()
-    (work / "empty-vms").mkdir()
     try:
         daemon.start()
         lv.virsh("define", str(vm_dir / "domain.xml"))
@@ -121,8 +121,8 @@ def run_plain(work: Path, cycles: int, hold: float) -> dict[str, Any]:
     image = ensure_test_image(REPO)
     runtime = Path("/run/extpv-bench") / f"lv-{os.getpid()}" / "vms"
     runtime.mkdir(parents=True, exist_ok=True)
-    vm = start(VMSpec(name="bench", image=image.path, smp=2, runtime_dir=runtime, test_hook=True))
     (work / "pvhost-plain").mkdir()
+    vm = start(VMSpec(name="bench", image=image.path, smp=2, runtime_dir=runtime, test_hook=True))
     daemon = PvhostDaemon(work / "pvhost-plain", runtime, image.signing_key)
     try:
         daemon.start()
