@@ -83,7 +83,6 @@ def run_libvirt(work: Path, cycles: int, hold: float) -> dict[str, Any]:
     vm_dir = work / "domain"
     vm_dir.mkdir()
     (vm_dir / "domain.xml").write_text(domain_xml(DOMAIN, image.path, vm_dir, test_hook=True))
-    lv.start()
     hook = TestHook(vm_dir / "test.sock", DOMAIN)
     (work / "pvhost-lv").mkdir()
     (work / "empty-vms").mkdir()
@@ -94,6 +93,7 @@ def run_libvirt(work: Path, cycles: int, hold: float) -> dict[str, Any]:
         extra_config=f'\n[libvirt]\nenabled = true\nuri = "{lv.uri}"\n',
     )
     try:
+        lv.start()
         daemon.start()
         lv.virsh("define", str(vm_dir / "domain.xml"))
         t0 = time.monotonic()
