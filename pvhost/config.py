@@ -23,6 +23,10 @@ Example::
     burst = 5
     isolate_from = []                   # cgroup v1: cpusets pinned pCPUs are taken from
 
+    [libvirt]                           # domains libvirt runs (docs/libvirt.md)
+    enabled = false
+    uri = "qemu:///system"
+
     [vms.db1]                           # VMs besides those found in runtime_dir
     qmp = "/run/db1/qmp.sock"
     agent = "/run/db1/agent.sock"
@@ -44,6 +48,7 @@ from pvproto import CpuListError, parse_cpulist
 __all__ = [
     "DEFAULT_CONFIG_PATH",
     "Config",
+    "LibvirtConfig",
     "PlacementConfig",
     "PolicyName",
     "ServiceConfig",
@@ -159,9 +164,19 @@ class VmConfig(_Strict):
     quota: Annotated[int, Field(ge=0, le=8192)] | None = None
 
 
+class LibvirtConfig(_Strict):
+    """Domains found through libvirt (off by default: the host may have no libvirt)."""
+
+    enabled: bool = False
+    uri: Annotated[str, Field(min_length=1, max_length=4096)] = "qemu:///system"
+    #: Seconds between reconnection attempts to libvirtd grow up to this.
+    max_backoff: Annotated[float, Field(gt=0, le=300)] = 30.0
+
+
 class Config(_Strict):
     service: ServiceConfig = ServiceConfig()
     placement: PlacementConfig = PlacementConfig()
+    libvirt: LibvirtConfig = LibvirtConfig()
     vms: dict[VmName, VmConfig] = {}
 
 

@@ -12,6 +12,7 @@ from extpv.cli import die
 from pvhost import signing
 from pvhost.control import request
 from pvhost.errors import HostError
+from pvhost.libvirt import set_channel
 from pvhost.placement import Finding
 from pvhost.statusview import format_status
 from vmlab.cli import register_cli as register_vm_cli
@@ -79,6 +80,15 @@ def _build_parser() -> argparse.ArgumentParser:
     )
     keygen.add_argument("dir", type=Path)
     keygen.add_argument("--force", action="store_true", help="overwrite an existing key pair")
+    lv = sub.add_parser(
+        "libvirt",
+        help="turn extpv on or off for a libvirt domain (its channel; live when it runs)",
+    )
+    lv.add_argument("action", choices=["enable", "disable"])
+    lv.add_argument("domain", help="the libvirt domain's name")
+    lv.add_argument(
+        "--uri", default="qemu:///system", help="libvirt connection URI (default qemu:///system)"
+    )
     # `pvctl vm …` lives in the VM lab (vmlab): pvctl itself holds no VM code.
     register_vm_cli(sub)
     return parser
@@ -120,6 +130,8 @@ def main(argv: list[str] | None = None) -> int:
                     args.socket, {"cmd": "program-unload", "vm": args.vm, "program": args.file}
                 )
                 print(f"VM {args.vm}: program {result['unloaded']} unloaded")
+        elif args.command == "libvirt":
+            print(set_channel(args.uri, args.domain, args.action == "enable"))
         elif args.command == "keygen":
             return signing.keygen_command(args.dir, force=args.force)
         elif hasattr(args, "func"):

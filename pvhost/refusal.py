@@ -27,6 +27,8 @@ class RefusalCode(enum.StrEnum):
     PLACEMENT_FAILED = "placement-failed"
     NO_MONITOR = "no-monitor"
     RELEASED = "released"
+    #: A libvirt domain pins its vCPUs itself (<cputune><vcpupin>): extpv leaves it alone.
+    STATIC_PINNING = "static-pinning"
     INTERNAL = "internal"
 
 

@@ -17,6 +17,7 @@ from pathlib import Path
 
 from extpv.names import is_vm_name
 from pvhost.config import Config
+from pvhost.libvirt import LibvirtDomain
 
 __all__ = ["DirWatcher", "VmSpec", "scan_vms"]
 
@@ -38,6 +39,8 @@ class VmSpec:
     policy: str | None = None
     quota: int | None = None
     source: str = "runtime"
+    #: Set for a domain found through libvirt (source "libvirt").
+    libvirt: LibvirtDomain | None = None
 
 
 def scan_vms(config: Config) -> dict[str, VmSpec]:

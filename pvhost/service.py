@@ -27,14 +27,16 @@ from pvhost.errors import (
     PlacementError,
     QmpError,
 )
+from pvhost.libvirt import LibvirtLink, LibvirtVcpus
 from pvhost.metrics import Metrics
 from pvhost.placement import PlacementBackend, detect_backend
+from pvhost.placement.libvirt import LibvirtPlacement
 from pvhost.policy import HostPool, Plan, VmView, eligible_cpus, guest_sibling_groups, plan
 from pvhost.programs import SignedAffinityProgram, program_from_file, sign_program
 from pvhost.qmp import QmpMonitor, qemu_pid_of
 from pvhost.refusal import Refusal, RefusalCode
 from pvhost.registry import DirWatcher, VmSpec, scan_vms
-from pvhost.session import VmSession
+from pvhost.session import Monitor, VmSession
 from pvhost.topology import HostTopology, read_host_topology
 from pvproto import AffinityResult, AffinityUpdate, VcpuPlacement
 
@@ -105,6 +107,16 @@ class Service:
         #: Attachments adopted at start (VM → QEMU pid and vCPU tids), used once per VM.
         self._adopted_attach: dict[str, tuple[int, tuple[tuple[int, int], ...]]] = {}
         self.adopted: dict[str, dict[int, int]] = {}
+        #: Domains libvirt runs (``[libvirt] enabled``), placed through libvirt itself.
+        self.libvirt: LibvirtLink | None = None
+        self.libvirt_placement: LibvirtPlacement | None = None
+        if config.libvirt.enabled:
+            self.libvirt = LibvirtLink(
+                config.libvirt.uri, config.libvirt.max_backoff, self._libvirt_changed
+            )
+            self.libvirt_placement = LibvirtPlacement(
+                self.libvirt, config.service.state_dir / "libvirt.json"
+            )
 
     @property
     def sessions(self) -> dict[str, VmSession]:
@@ -142,6 +154,15 @@ class Service:
         runtime = self.config.service.runtime_dir
         runtime.mkdir(parents=True, exist_ok=True)
         self._watcher = DirWatcher(runtime, self.rescan)
+        if self.libvirt is not None:
+            try:
+                await self.libvirt.start()
+            except ImportError as err:
+                # Plain-QEMU VMs are served all the same; status says why libvirt is not.
+                self.libvirt.state = (
+                    f"unavailable: the libvirt Python binding is not installed ({err})"
+                )
+                _log.error("libvirt: %s", self.libvirt.state)
         _log.info(
             "pvhost started: backend %s (%s), %d VM(s), adopted %s",
             self.backend.name,
@@ -171,6 +192,8 @@ class Service:
             self._watcher.close()
         closes = [self._close(name) for name in list(self.vms)]
         await asyncio.gather(*(task for task in closes if task is not None))
+        if self.libvirt is not None:
+            await self.libvirt.stop()
         async with self._lock:
             await asyncio.to_thread(self.backend.teardown)
 
@@ -178,14 +201,56 @@ class Service:
         if self._stopping:
             return
         specs = scan_vms(self.config)
+        if self.libvirt is not None:
+            for domain in self.libvirt.domains.values():
+                specs.setdefault(
+                    domain.name,
+                    VmSpec(domain.name, Path(), domain.agent, source="libvirt", libvirt=domain),
+                )
         for name in set(self.vms) - set(specs):
             self._close(name)
         for name, spec in specs.items():
-            if name not in self.vms:
+            vm = self.vms.get(name)
+            if vm is None:
                 self._start_session(spec, None)
+            elif spec.libvirt is not None and vm.spec != spec:
+                self._close(name)  # restarted or its channel moved: a fresh session follows
+        if self.libvirt is not None and self.libvirt.connected:
+            self._reap_libvirt_orphans()
+
+    def _libvirt_changed(self) -> None:
+        """libvirt's view changed, or pvhost (re)connected to it: follow, then re-plan each
+        domain's wish (an undo that failed while libvirtd was away is done now)."""
+        self.rescan()
+        for vm in list(self.vms.values()):
+            if vm.spec.libvirt is not None and vm.last_seq is not None and vm.closing is None:
+                asyncio.get_running_loop().create_task(self.reapply(vm), name="libvirt-reapply")
+
+    def _reap_libvirt_orphans(self) -> None:
+        """Undo pins recorded for libvirt domains that no session serves (a kill -9 of pvhost,
+        then the domain stopped or lost its channel)."""
+        placement = self.libvirt_placement
+        assert placement is not None
+        orphans = [name for name in placement.pins() if name not in self.vms]
+        if orphans:
+            asyncio.get_running_loop().create_task(self._reap(orphans), name="libvirt-reap")
+
+    async def _reap(self, names: list[str]) -> None:
+        for name in names:
+            if name not in self.vms:
+                await self._undo(name, None)
 
     def _start_session(self, spec: VmSpec, monitor: QmpMonitor | None) -> None:
         placement = self.config.placement
+        new_monitor = None
+        if spec.libvirt is not None:
+            domain = spec.libvirt
+            assert self.libvirt_placement is not None
+            self.libvirt_placement.known(spec.name, domain.uuid, domain.domain)
+
+            def new_monitor() -> Monitor:
+                return LibvirtVcpus(domain)
+
         session = VmSession(
             spec.name,
             spec.qmp,
@@ -198,6 +263,8 @@ class Service:
             burst=placement.burst,
             max_backoff=self.config.service.max_backoff,
             keepalive=self.config.service.keepalive,
+            monitor=new_monitor,
+            port_events=spec.libvirt is None,
         )
         policy = spec.policy or placement.policy
         task = asyncio.get_running_loop().create_task(session.run(monitor), name=f"vm-{spec.name}")
@@ -253,7 +320,7 @@ class Service:
             if vm is not None:
                 vm.attached = None
             try:
-                await asyncio.to_thread(self.backend.detach, name)
+                await asyncio.to_thread(self._backend_of(name).detach, name)
             except PlacementError as err:
                 _log.error("%s: undo failed: %s", name, err)
             self._count_pinned()
@@ -265,6 +332,26 @@ class Service:
             await self.reapply(vm)
 
     # -- placement -----------------------------------------------------------------------------
+    def _backend_of(self, name: str) -> PlacementBackend | LibvirtPlacement:
+        """Where VM ``name``'s pins live: libvirt for its domains, extpv's cgroups otherwise."""
+        lv = self.libvirt_placement
+        if lv is not None:
+            vm = self.vms.get(name)
+            if (vm is not None and vm.spec.libvirt is not None) or (
+                vm is None and name in lv.pins()
+            ):
+                return lv
+        return self.backend
+
+    def _all_pins(self) -> dict[str, dict[int, int]]:
+        pins = dict(self.backend.pins())
+        if self.libvirt_placement is not None:
+            pins.update(self.libvirt_placement.pins())
+        return pins
+
+    def _backend_name(self, vm: VmRecord) -> str:
+        return "libvirt" if vm.spec.libvirt is not None else self.backend.name
+
     def _vm(self, name: str) -> VmRecord:
         try:
             return self.vms[name]
@@ -336,7 +423,7 @@ class Service:
                 answer.append(VcpuPlacement(vcpu=vcpu, pcpu=outcome))
         vm.last_result = answer
         return AffinityResult(
-            seq=seq, placements=answer, policy=vm.effective_policy, backend=self.backend.name
+            seq=seq, placements=answer, policy=vm.effective_policy, backend=self._backend_name(vm)
         )
 
     async def _apply_locked(
@@ -346,6 +433,9 @@ class Service:
         if not vcpus:
             refusal = Refusal(RefusalCode.NO_MONITOR, "the VM's QMP monitor is not connected")
             return [(v, refusal) for v in wanted]
+        if vm.spec.libvirt is not None and vm.spec.libvirt.static_pins:
+            refusal = Refusal(RefusalCode.STATIC_PINNING, vm.spec.libvirt.static_pins)
+            return [(v, refusal) for v in wanted]
         view = VmView(
             name=vm.spec.name,
             vcpus=frozenset(vcpus),
@@ -354,7 +444,7 @@ class Service:
             guest_siblings=guest_sibling_groups({i: v.core_key for i, v in vcpus.items()}),
         )
         allocations = {
-            p: (name, v) for name, pins in self.backend.pins().items() for v, p in pins.items()
+            p: (name, v) for name, pins in self._all_pins().items() for v, p in pins.items()
         }
         result = plan(wanted, view, self.pool, allocations)
         tids = {i: v.tid for i, v in vcpus.items()}
@@ -375,20 +465,21 @@ class Service:
         """Make the backend match the plan: unpin what changed, then pin. Runs in a thread."""
         name = vm.spec.name
         key = tuple(sorted(tids.items()))
-        if vm.attached is None or vm.attached[1] != key:
+        backend = self._backend_of(name)
+        if isinstance(backend, PlacementBackend) and (vm.attached is None or vm.attached[1] != key):
             pid = qemu_pid_of(next(iter(tids.values())))
-            self.backend.attach(name, pid, tids)
+            backend.attach(name, pid, tids)
             vm.attached = (pid, key)
-        current = self.backend.pins().get(name, {})
+        current = backend.pins().get(name, {})
         for vcpu, pcpu in current.items():
             if result.mapping.get(vcpu) != pcpu:
-                self.backend.unpin(name, vcpu)
+                backend.unpin(name, vcpu)
         failures: dict[int, Refusal] = {}
         for vcpu, pcpu in sorted(result.mapping.items()):
             if current.get(vcpu) == pcpu:
                 continue
             try:
-                self.backend.pin(name, vcpu, tids[vcpu], pcpu)
+                backend.pin(name, vcpu, tids[vcpu], pcpu)
             except PartitionInvalid as err:
                 failures[vcpu] = Refusal(
                     RefusalCode.PARTITION_INVALID, f"partition invalid ({err.reason}); undone"
@@ -407,8 +498,9 @@ class Service:
     async def release(self, name: str) -> dict[str, Any]:
         vm = self._vm(name)
         async with self._lock:
-            pins = self.backend.pins().get(name, {})
-            await asyncio.to_thread(self.backend.detach, name)
+            backend = self._backend_of(name)
+            pins = backend.pins().get(name, {})
+            await asyncio.to_thread(backend.detach, name)
             vm.attached = None
             self._count_pinned()
         if vm.last_seq is not None:
@@ -421,7 +513,7 @@ class Service:
                     seq=vm.last_seq,
                     placements=vm.last_result,
                     policy=vm.effective_policy,
-                    backend=self.backend.name,
+                    backend=self._backend_name(vm),
                 )
             )
         return {"vm": name, "released": {str(v): p for v, p in pins.items()}}
@@ -441,10 +533,13 @@ class Service:
         return {"vm": name, "unloaded": program_id}
 
     def _count_pinned(self) -> None:
-        self.metrics.pinned.set(sum(len(p) for p in self.backend.pins().values()))
+        self.metrics.pinned.set(sum(len(p) for p in self._all_pins().values()))
 
     def status(self) -> dict[str, Any]:
         placed = self.backend.describe()
+        placed_vms = dict(placed["vms"])
+        if self.libvirt_placement is not None:
+            placed_vms.update(self.libvirt_placement.describe()["vms"])
         vms = {}
         for name, vm in sorted(self.vms.items()):
             vms[name] = {
@@ -458,7 +553,7 @@ class Service:
                 if vm.last_request_at is None
                 else round(time.monotonic() - vm.last_request_at, 1),
                 "result": [p.model_dump() for p in vm.last_result],
-                "placements": placed["vms"].get(name, {}),
+                "placements": placed_vms.get(name, {}),
             }
         return {
             "backend": self.backend.name,
@@ -470,14 +565,17 @@ class Service:
                 "eligible": sorted(eligible_cpus(self.pool)),
             },
             "vms": vms,
-            "orphans": {k: v for k, v in placed["vms"].items() if k not in self.vms},
+            "orphans": {k: v for k, v in placed_vms.items() if k not in self.vms},
+            "libvirt": self.libvirt.describe() if self.libvirt is not None else None,
         }
 
     async def verify(self) -> dict[str, Any]:
         """``pvctl verify``: re-check every recorded placement against the kernel."""
         async with self._lock:  # not while a plan is being enacted
             findings = await asyncio.to_thread(self.backend.verify)
-            count = sum(len(p) for p in self.backend.pins().values())
+            if self.libvirt_placement is not None:
+                findings += await asyncio.to_thread(self.libvirt_placement.verify)
+            count = sum(len(p) for p in self._all_pins().values())
         return {"placements": count, "findings": [f.model_dump() for f in findings]}
 
 

@@ -38,7 +38,7 @@ import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from extpv.aio import being_cancelled, cancel_and_wait
 from extpv.vcpus import VcpuThread
@@ -62,7 +62,7 @@ from pvproto import (
 )
 from pvproto.session import PeerSession, PeerSilent, SessionClosed, SessionState
 
-__all__ = ["DEFAULT_KEEPALIVE", "Backoff", "ProgramSource", "VmSession"]
+__all__ = ["DEFAULT_KEEPALIVE", "Backoff", "Monitor", "ProgramSource", "VmSession"]
 
 _log = logging.getLogger(__name__)
 
@@ -78,6 +78,20 @@ DEFAULT_KEEPALIVE = (5.0, 15.0)
 #: Guest port open/close changes acted on: a burst, then this many per second.
 PORT_BURST = 5
 PORT_RATE = 1.0
+
+
+class Monitor(Protocol):
+    """Where a session learns a VM's vCPU threads and that it went away (QMP, or libvirt)."""
+
+    vcpus: dict[int, VcpuThread]
+    on_change: Callable[[], Awaitable[None]] | None
+    on_port: Callable[[bool, int], Awaitable[None]] | None
+
+    async def connect(self, timeout: float = 5.0) -> None: ...
+    async def refresh(self, timeout: float = 5.0) -> dict[int, VcpuThread]: ...
+    async def wait_closed(self) -> None: ...
+    async def close(self) -> None: ...
+    async def port_open(self, socket_path: Path, timeout: float = 5.0) -> bool | None: ...
 
 
 class Backoff:
@@ -161,12 +175,19 @@ class VmSession:
         burst: int,
         max_backoff: float,
         keepalive: tuple[float, float] | None = DEFAULT_KEEPALIVE,
+        monitor: Callable[[], Monitor] | None = None,
+        port_events: bool = True,
     ) -> None:
         self.name = name
+        #: Makes the VM's monitor (a QMP connection unless told otherwise: libvirt domains).
+        self._new_monitor = monitor or self._qmp_monitor
+        #: Whether the monitor reports the guest opening/closing the agent's port (QMP does;
+        #: libvirt has no such event for our channel, so the port's state stays unknown).
+        self._port_events = port_events
         self.qmp_path = qmp_path
         self.agent_path = agent_path
         self.status = ChannelStatus()
-        self._monitor: QmpMonitor | None = None
+        self._monitor: Monitor | None = None
         self._applier = applier
         self._on_gone = on_gone
         self._on_vcpus_changed = on_vcpus_changed
@@ -225,19 +246,19 @@ class VmSession:
         }
 
     # -- lifecycle ---------------------------------------------------------------------------
-    async def run(self, monitor: QmpMonitor | None = None) -> None:
+    def _qmp_monitor(self) -> Monitor:
+        return QmpMonitor(self.qmp_path, self.name)
+
+    async def run(self, monitor: Monitor | None = None) -> None:
         """Until cancelled (the VM's directory went away): QMP up → channel; QMP down → undo."""
         backoff = Backoff(self._max_backoff)
         worker = asyncio.create_task(self._apply_loop(), name=f"apply-{self.name}")
         try:
             while True:
                 if monitor is None:
-                    monitor = QmpMonitor(
-                        self.qmp_path,
-                        self.name,
-                        on_change=self._vcpus_changed,
-                        on_port=self._port_changed,
-                    )
+                    monitor = self._new_monitor()
+                    monitor.on_change = self._vcpus_changed
+                    monitor.on_port = self._port_changed
                     try:
                         await monitor.connect()
                     except QmpError as err:
@@ -361,12 +382,14 @@ class VmSession:
 
         An agent that is there (the port is open) but took an earlier Hello of ours for the
         end of its handshake says nothing until asked; the keepalive cannot ask a session
-        that is not ready. One Hello per deadline, only to an open port (QEMU reads it).
+        that is not ready. One Hello per deadline, only to an open port (QEMU reads it); where
+        the monitor reports no port changes (libvirt domains), to whatever is there.
         """
         assert self._keepalive is not None
         while True:
             await asyncio.sleep(self._keepalive[1])
-            if channel.state is SessionState.AWAITING_HELLO and self.status.port == "open":
+            port_open = self.status.port == "open" or not self._port_events
+            if channel.state is SessionState.AWAITING_HELLO and port_open:
                 _log.info("%s: no Hello from the open port's agent: greeting again", self.name)
                 channel.greet()
 

@@ -22,7 +22,10 @@ def isolation_mode(status: dict[str, Any], placement: dict[str, Any]) -> str:
     no other task runs there), ``isolated-from`` (cgroup v1 with ``isolate_from``: the named
     cpusets' tasks are kept off; root-cpuset tasks still share), ``restricted`` (only the
     vCPU thread is confined; other tasks still share the pCPU) or ``invalid`` (the kernel
-    turned the partition invalid: see ``pvctl verify``)."""
+    turned the partition invalid: see ``pvctl verify``); ``libvirt`` for a libvirt domain's
+    vCPU, pinned through libvirt (only the vCPU thread is confined, as ``restricted``)."""
+    if "domain" in placement:
+        return "libvirt"  # a libvirt domain's vCPU, pinned through libvirt (virsh vcpupin)
     partition = str(placement.get("partition", ""))
     if "invalid" in partition:
         return "invalid"
@@ -99,6 +102,10 @@ def format_status(status: dict[str, Any]) -> str:
         f"housekeeping {format_cpulist(host['housekeeping']) or '-'}  "
         f"eligible {format_cpulist(host['eligible']) or '-'}",
     ]
+    lv = status.get("libvirt")
+    if lv:
+        lines.append(f"libvirt {lv['uri']}: {lv['state']}, {len(lv['domains'])} domain(s)")
+        lines += [f"  domain {d!r} skipped: {why}" for d, why in lv["skipped"].items()]
     for name, vm in status["vms"].items():
         lines.append("")
         lines += _vm_lines(status, name, vm)

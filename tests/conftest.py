@@ -1,4 +1,4 @@
-"""Capability gates for the `root`, `ebpf` and `vm` markers.
+"""Capability gates for the `root`, `ebpf`, `vm` and `libvirt` markers.
 
 A marked test skips, with the reason printed, only when the capability is truly
 absent. CI sets ``EXTPV_REQUIRE_CAPABILITIES=1``: there a missing capability is
@@ -43,8 +43,16 @@ def _missing(marker: str) -> str | None:
             return f"cannot mount tracefs/bpffs: {err.stderr.decode().strip()}"
         if not Path("/sys/kernel/tracing/events/syscalls/sys_enter_sched_setaffinity").exists():
             return "kernel has no syscall tracepoints (CONFIG_FTRACE_SYSCALLS)"
-    if marker == "vm" and shutil.which("qemu-system-x86_64") is None:
+    if marker in ("vm", "libvirt") and shutil.which("qemu-system-x86_64") is None:
         return "qemu-system-x86_64 is not installed"
+    if marker == "libvirt":
+        for tool in ("libvirtd", "virtlogd", "virsh"):
+            if shutil.which(tool) is None:
+                return f"{tool} is not installed (.ci/install-system installs libvirt)"
+        try:
+            import libvirt  # noqa: F401
+        except ImportError:
+            return "the libvirt Python binding is not installed (pip install '.[libvirt]')"
     return None
 
 
@@ -59,7 +67,7 @@ _cache: dict[str, str | None] = {}
 
 
 def pytest_runtest_setup(item: pytest.Item) -> None:
-    for marker in ("root", "ebpf", "vm"):
+    for marker in ("root", "ebpf", "vm", "libvirt"):
         if item.get_closest_marker(marker) is None:
             continue
         if marker not in _cache:

@@ -33,7 +33,8 @@ class PvhostDaemon:
 
     ``affinity_program`` defaults to this checkout's built object when there is one (else
     pvhost's own default); the daemon runs in ``cwd``, by default this checkout.
-    ``keepalive`` (Ping interval, silence deadline) replaces pvhost's default.
+    ``keepalive`` (Ping interval, silence deadline) replaces pvhost's default;
+    ``extra_config`` is appended to the file (e.g. a ``[libvirt]`` section).
     """
 
     def __init__(
@@ -46,6 +47,7 @@ class PvhostDaemon:
         group: str | None = None,
         cwd: Path | None = None,
         keepalive: tuple[float, float] | None = None,
+        extra_config: str = "",
     ) -> None:
         self.workdir = workdir
         self.socket = workdir / "pvhost.sock"
@@ -68,7 +70,7 @@ class PvhostDaemon:
             + (f'affinity_program = "{affinity_program}"\n' if affinity_program else "")
             + "\n"
             f'[placement]\nbackend = "auto"\ngroup = "{self.group}"\nhousekeeping = ""\n'
-            'policy = "identity"\nquota = 4\nrate = 1000.0\nburst = 1000\n'
+            'policy = "identity"\nquota = 4\nrate = 1000.0\nburst = 1000\n' + extra_config
         )
         self.proc: subprocess.Popen[bytes] | None = None
 

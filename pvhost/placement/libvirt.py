@@ -1,0 +1,267 @@
+"""Placement of libvirt domains' vCPUs through libvirt itself.
+
+libvirt keeps each vCPU thread in its own cgroup (v1: ``cpuset/machine/<domain>/vcpuN``; v2:
+``machine.slice/…scope/libvirt/vcpuN``) and remembers each vCPU's pinning; moving the threads
+elsewhere would make ``virsh vcpupin`` lie and be undone at libvirt's next change. So a pin is
+``virDomainPinVcpuFlags(…, AFFECT_LIVE)``: libvirt writes its own vcpuN cpuset and the thread's
+affinity, and ``virsh vcpupin DOM`` shows what extpv applied. The pinning libvirt had before is
+recorded first (``<state_dir>/libvirt.json``, replaced atomically) and put back by the undo, also
+after a kill -9 of pvhost. The live pinning dies with the domain's QEMU, so the record of a
+domain that stopped (or runs as another instance: its libvirt id changed) is dropped untouched.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+try:
+    import libvirt
+except ImportError:  # optional: only a [libvirt]-enabled pvhost makes this backend
+    libvirt = None
+from pydantic import BaseModel, ConfigDict, NonNegativeInt, ValidationError
+
+from pvhost.errors import HostError, PlacementError
+from pvhost.libvirt import LibvirtLink
+from pvhost.placement.base import Finding
+
+__all__ = ["LibvirtPlacement"]
+
+_log = logging.getLogger(__name__)
+
+NAME = "libvirt"
+
+
+class _Pin(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+    tid: int
+    pcpu: NonNegativeInt
+    #: libvirt's live pinning of this vCPU before extpv's (host CPU numbers).
+    previous: tuple[NonNegativeInt, ...]
+
+
+class _Vm(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    uuid: str
+    #: libvirt's id of the running instance the pins belong to.
+    instance: int
+    domain: str
+    vcpus: dict[int, _Pin] = {}
+
+
+class _File(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    version: int = 1
+    vms: dict[str, _Vm] = {}
+
+
+def _cpus(cpumap: tuple[bool, ...]) -> tuple[int, ...]:
+    return tuple(i for i, on in enumerate(cpumap) if on)
+
+
+class LibvirtPlacement:
+    """Pins and undoes vCPUs of libvirt domains; same calls as a backend where the service
+    needs them (``pins``, ``pin``, ``unpin``, ``detach``, ``describe``, ``verify``)."""
+
+    name = NAME
+
+    def __init__(self, link: LibvirtLink, state_path: Path) -> None:
+        self.link = link
+        self.path = state_path
+        self._state = self._load()
+        #: pvhost name → (uuid, libvirt name) of the domains the service placed for.
+        self._known: dict[str, tuple[str, str]] = {}
+
+    # -- state file --------------------------------------------------------------------------
+    def _load(self) -> _File:
+        try:
+            return _File.model_validate_json(self.path.read_bytes())
+        except FileNotFoundError:
+            return _File()
+        except (OSError, ValidationError) as err:
+            aside = self.path.with_name(self.path.name + ".unreadable")
+            _log.error("%s is unreadable (%s): kept aside as %s", self.path, err, aside)
+            os.replace(self.path, aside)
+            return _File()
+
+    def _save(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=".libvirt.")
+        with os.fdopen(fd, "w") as f:
+            f.write(self._state.model_dump_json())
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, self.path)
+
+    # -- what the service calls ---------------------------------------------------------------
+    def known(self, vm: str, uuid: str, domain: str) -> None:
+        self._known[vm] = (uuid, domain)
+
+    def pins(self) -> dict[str, dict[int, int]]:
+        return {
+            vm: {v: p.pcpu for v, p in rec.vcpus.items()}
+            for vm, rec in self._state.vms.items()
+            if rec.vcpus
+        }
+
+    def _domain(self, vm: str) -> Any:
+        uuid = self._known[vm][0] if vm in self._known else self._state.vms[vm].uuid
+        try:
+            return self.link.domain(uuid)
+        except HostError as err:
+            raise PlacementError(f"VM {vm}: {err}") from err
+
+    def pin(self, vm: str, vcpu: int, tid: int, pcpu: int) -> None:
+        dom = self._domain(vm)
+        live = libvirt.VIR_DOMAIN_AFFECT_LIVE
+        try:
+            current = dom.vcpuPinInfo(live)
+            instance = dom.ID()
+        except libvirt.libvirtError as err:
+            raise PlacementError(f"VM {vm}: libvirt: {err}") from err
+        if vcpu >= len(current):
+            raise PlacementError(f"VM {vm}: libvirt knows no vCPU {vcpu}")
+        host_cpus = len(current[vcpu])
+        if pcpu >= host_cpus:
+            raise PlacementError(f"VM {vm}: pCPU {pcpu} is not one of libvirt's {host_cpus}")
+        rec = self._state.vms.get(vm)
+        if rec is None or rec.instance != instance:
+            uuid, domain = self._known.get(vm, ("", vm))
+            rec = _Vm(uuid=uuid or dom.UUIDString(), instance=instance, domain=domain)
+            self._state.vms[vm] = rec
+        old = rec.vcpus.get(vcpu)
+        previous = old.previous if old is not None else _cpus(current[vcpu])
+        # Recorded before the change: a kill -9 from here on is undone from the record.
+        rec.vcpus[vcpu] = _Pin(tid=tid, pcpu=pcpu, previous=previous)
+        self._save()
+        cpumap = tuple(i == pcpu for i in range(host_cpus))
+        try:
+            dom.pinVcpuFlags(vcpu, cpumap, live)
+        except libvirt.libvirtError as err:
+            self.unpin(vm, vcpu)
+            raise PlacementError(f"VM {vm} vCPU {vcpu}: libvirt refused the pin: {err}") from err
+        drift = self._check(vm, vcpu, dom)
+        if drift:
+            self.unpin(vm, vcpu)
+            raise PlacementError(f"VM {vm} vCPU {vcpu}: verify failed: {drift[0]}")
+
+    def unpin(self, vm: str, vcpu: int) -> None:
+        """Put back libvirt's pinning from before extpv's; the record goes only once it is."""
+        rec = self._state.vms.get(vm)
+        if rec is None or vcpu not in rec.vcpus:
+            return
+        pin = rec.vcpus[vcpu]
+        try:
+            dom = self.link.domain(rec.uuid)
+        except HostError as err:
+            if not self.link.connected:
+                raise PlacementError(f"VM {vm} vCPU {vcpu}: undo must wait: {err}") from err
+            dom = None  # libvirt knows the domain no more: its live pinning went with it
+        try:
+            if dom is not None and dom.isActive() and dom.ID() == rec.instance:
+                host_cpus = len(dom.vcpuPinInfo(libvirt.VIR_DOMAIN_AFFECT_LIVE)[0])
+                cpumap = tuple(i in pin.previous for i in range(host_cpus))
+                dom.pinVcpuFlags(vcpu, cpumap, libvirt.VIR_DOMAIN_AFFECT_LIVE)
+        except libvirt.libvirtError as err:
+            if not _domain_gone(err):
+                raise PlacementError(f"VM {vm} vCPU {vcpu}: undo failed: {err}") from err
+        del rec.vcpus[vcpu]
+        if not rec.vcpus:
+            del self._state.vms[vm]
+        self._save()
+
+    def detach(self, vm: str) -> None:
+        rec = self._state.vms.get(vm)
+        errors = []
+        for vcpu in sorted(rec.vcpus) if rec is not None else []:
+            try:
+                self.unpin(vm, vcpu)
+            except PlacementError as err:
+                errors.append(str(err))
+        self._known.pop(vm, None)
+        if errors:
+            raise PlacementError("; ".join(errors))
+
+    def forget_stopped(self, running: dict[str, int]) -> None:
+        """Drop records of domains that no longer run (uuid → live id of those that do)."""
+        changed = False
+        for vm, rec in list(self._state.vms.items()):
+            if running.get(rec.uuid) != rec.instance:
+                _log.info("%s: domain %s stopped; its live pinning went with it", vm, rec.domain)
+                del self._state.vms[vm]
+                changed = True
+        if changed:
+            self._save()
+
+    def _check(self, vm: str, vcpu: int, dom: Any) -> list[Finding]:
+        pin = self._state.vms[vm].vcpus[vcpu]
+        findings = []
+        try:
+            shown = _cpus(dom.vcpuPinInfo(libvirt.VIR_DOMAIN_AFFECT_LIVE)[vcpu])
+        except (libvirt.libvirtError, IndexError) as err:
+            shown = ()
+            _log.info("%s: vcpupin of vCPU %d unreadable: %s", vm, vcpu, err)
+        if shown != (pin.pcpu,):
+            findings.append(
+                Finding(
+                    vm=vm,
+                    vcpu=vcpu,
+                    tid=pin.tid,
+                    pcpu=pin.pcpu,
+                    check="cpuset",
+                    expected=str(pin.pcpu),
+                    found=",".join(map(str, shown)) or "nothing",
+                )
+            )
+        try:
+            allowed = tuple(sorted(os.sched_getaffinity(pin.tid)))
+        except OSError:
+            allowed = ()
+        if allowed != (pin.pcpu,):
+            findings.append(
+                Finding(
+                    vm=vm,
+                    vcpu=vcpu,
+                    tid=pin.tid,
+                    pcpu=pin.pcpu,
+                    check="affinity",
+                    expected=str(pin.pcpu),
+                    found=",".join(map(str, allowed)) or "thread gone",
+                )
+            )
+        return findings
+
+    def verify(self) -> list[Finding]:
+        findings: list[Finding] = []
+        for vm, rec in self._state.vms.items():
+            try:
+                dom = self._domain(vm)
+            except PlacementError:
+                continue  # libvirt down: nothing to ask
+            for vcpu in sorted(rec.vcpus):
+                findings += self._check(vm, vcpu, dom)
+        return findings
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "vms": {
+                vm: {
+                    str(v): {
+                        "pcpu": p.pcpu,
+                        "tid": p.tid,
+                        "previous": list(p.previous),
+                        "domain": rec.domain,
+                    }
+                    for v, p in sorted(rec.vcpus.items())
+                }
+                for vm, rec in self._state.vms.items()
+            }
+        }
+
+
+def _domain_gone(err: Exception) -> bool:
+    code = err.get_error_code() if isinstance(err, libvirt.libvirtError) else None
+    return code in (libvirt.VIR_ERR_NO_DOMAIN, libvirt.VIR_ERR_OPERATION_INVALID)
