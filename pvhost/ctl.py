@@ -37,6 +37,11 @@ def format_status(status: dict[str, Any]) -> str:
         )
         for prog, state in vm["programs"].items():
             lines.append(f"  program {prog}: {state}")
+        for service, info in vm.get("services", {}).items():
+            if service == "_dropped":
+                lines.append(f"  records dropped: {info}")
+            else:
+                lines.append(f"  service {service}: {info['state']}")
         for vcpu, info in vm["vcpus"].items():
             placed = vm["placements"].get(vcpu)
             where = (
@@ -50,6 +55,21 @@ def format_status(status: dict[str, Any]) -> str:
             lines.append(f"  vCPU {r['vcpu']} refused: {r['refused']}")
     for name in status.get("orphans", {}):
         lines.append(f"placements of VM {name} without a session (will be reconciled)")
+    return "\n".join(lines)
+
+
+def format_services(result: dict[str, Any]) -> str:
+    """``pvctl service list``: every service found, then which runs in which VM."""
+    lines = []
+    for name, info in result["services"].items():
+        mark = "default" if info["default"] else ""
+        what = info["summary"] if info["usable"] else f"UNUSABLE: {info['error']}"
+        lines.append(f"{name:<16} {mark:<8} {what}")
+        lines.append(f"{'':<16} {'':<8} from {info['origin'] or 'nowhere'}")
+        for other in info.get("shadowed", []):
+            lines.append(f"{'':<16} {'':<8} ignored: another {name!r} from {other}")
+    for vm, states in result["vms"].items():
+        lines.append(f"VM {vm}: " + ", ".join(f"{s} {st}" for s, st in states.items()))
     return "\n".join(lines)
 
 
@@ -105,6 +125,20 @@ def _build_parser() -> argparse.ArgumentParser:
         help="compiled object (*.bpf.o) or bcc source (*.c); "
         "for unload, the file or the program id",
     )
+    service = sub.add_parser(
+        "service",
+        help="paravirtual services (plugins): list them, enable or disable one for a VM",
+        description="`list` shows every service pvhost found (built-in and `extpv.services` "
+        "entry points) and its state in each VM; `enable`/`disable` switch one for a VM until "
+        "pvhost restarts (the config's [services] enabled and [vms.NAME] services persist it).",
+    )
+    service_sub = service.add_subparsers(dest="action", required=True)
+    service_list = service_sub.add_parser("list", help="services and where they run")
+    service_list.add_argument("--json", action="store_true", help="machine-readable output")
+    for action in ("enable", "disable"):
+        switch = service_sub.add_parser(action, help=f"{action} a service for a VM")
+        switch.add_argument("vm")
+        switch.add_argument("service")
     keygen = sub.add_parser(
         "keygen",
         help="create the Ed25519 key pair pvhost signs programs with (signing.key, signing.pem)",
@@ -152,6 +186,15 @@ def main(argv: list[str] | None = None) -> int:
                     args.socket, {"cmd": "program-unload", "vm": args.vm, "program": args.file}
                 )
                 print(f"VM {args.vm}: program {result['unloaded']} unloaded")
+        elif args.command == "service":
+            if args.action == "list":
+                result = request(args.socket, {"cmd": "service-list"})
+                print(json.dumps(result, indent=2) if args.json else format_services(result))
+            else:
+                cmd = {"cmd": f"service-{args.action}", "vm": args.vm, "service": args.service}
+                result = request(args.socket, cmd)
+                print(f"VM {result['vm']}: service {result['service']} {result['state']}"
+                      f" (was {result['was']})")  # fmt: skip
         elif args.command == "keygen":
             return signing.keygen_command(args.dir, force=args.force)
         elif hasattr(args, "func"):

@@ -8,17 +8,20 @@ and when the VM went away (``on_gone``), and offers the operations the service n
 Channel protocol (docs/interfaces.md, docs/session.md): the shared
 :class:`pvproto.session.PeerSession` does Hello, negotiation, liveness and error replies;
 on every guest Hello the host injects what the guest should run (``LoadProgram``): the
-affinity program, and every program the operator loaded into this VM (``pvctl program load``)
-and did not unload — the operator's program replaces the default under the same id, so a
-guest that recorded the operator's newer version is never sent the older one again (which it
-would refuse as a replay). The host answers
-every ``AffinityUpdate`` with an ``AffinityResult`` of the same ``seq``. Updates are applied
-at most ``rate`` per second (token bucket); updates that arrive meanwhile coalesce to the
-newest, and each superseded one is answered compactly (its ``seq``, no placements: the newest
-one's answer follows), so a hostile guest can neither make the host spin nor go unanswered.
-A request the host refuses as a whole (more vCPUs wanted than the VM has) is answered with
-``Error{bad-request}``. Only ``ProgramLoaded`` verdicts on programs the host sent are kept,
-and what the guest can make the host log is rate-limited per VM (:mod:`pvhost.logthrottle`).
+programs of the services enabled for this VM (:mod:`pvhost.services`; affinity by default),
+and every program the operator loaded into this VM (``pvctl program load``) and did not
+unload — the operator's program replaces the default under the same id, so a guest that
+recorded the operator's newer version is never sent the older one again (which it would
+refuse as a replay). The host answers every ``AffinityUpdate`` with an ``AffinityResult`` of
+the same ``seq``. Updates are applied at most ``rate`` per second (token bucket); updates that
+arrive meanwhile coalesce to the newest, and each superseded one is answered compactly (its
+``seq``, no placements: the newest one's answer follows), so a hostile guest can neither make
+the host spin nor go unanswered. A request the host refuses as a whole (more vCPUs wanted than
+the VM has) is answered with ``Error{bad-request}``. Records of the guest's programs
+(``ProgramEvent`` from agents of protocol 2, one hex record each) go to the service that owns
+the program, which decodes them (:meth:`pvhost.services.ServiceManager.records`, bounded per
+VM). Only ``ProgramLoaded`` verdicts on programs the host sent are kept, and what the guest can
+make the host log is rate-limited per VM (:mod:`pvhost.logthrottle`).
 
 The guest's agent can go away and come back while QEMU's socket chardev stays connected
 (docs/session.md draws what each side does): QEMU's ``VSERPORT_CHANGE`` events tell the
@@ -47,6 +50,7 @@ from pvhost.logthrottle import LogThrottle
 from pvhost.programs import SignedProgram
 from pvhost.qmp import QmpMonitor
 from pvhost.ratelimit import TokenBucket
+from pvhost.services.manager import ServiceManager
 from pvproto import (
     SUPPORTED_VERSIONS,
     AffinityResult,
@@ -161,6 +165,7 @@ class VmSession:
         burst: int,
         max_backoff: float,
         keepalive: tuple[float, float] | None = DEFAULT_KEEPALIVE,
+        services: ServiceManager | None = None,
     ) -> None:
         self.name = name
         self.qmp_path = qmp_path
@@ -171,6 +176,8 @@ class VmSession:
         self._on_gone = on_gone
         self._on_vcpus_changed = on_vcpus_changed
         self._program = program
+        #: The paravirtual services: what to inject, and who takes the guest's records.
+        self._services = services
         self._bucket = TokenBucket(rate, burst)
         self._max_backoff = max_backoff
         self._channel: _GuestChannel | None = None
@@ -197,6 +204,19 @@ class VmSession:
             with contextlib.suppress(QmpError):
                 await self._monitor.refresh()
         return self.vcpus
+
+    @property
+    def topology(self) -> GuestTopology | None:
+        """The guest's CPUs as its agent last said (a service's view of the VM)."""
+        return self.status.guest_topology
+
+    @property
+    def protocol_version(self) -> int | None:
+        """The version negotiated with the agent now (None: no agent ready)."""
+        channel = self._channel
+        if channel is None or channel.state is not SessionState.READY:
+            return None
+        return channel.version
 
     def send(self, message: BaseMessage) -> None:
         if self._channel is None or not self._channel.send(message):
@@ -375,9 +395,12 @@ class VmSession:
             self.status.programs[program.program_id] = "loading"
             with contextlib.suppress(ChannelError):
                 self.send(program.message(request_id=self._next_id()))
+        if self._services is not None:
+            self._services.ready(self.name)
 
     def _programs_to_inject(self) -> list[SignedProgram]:
-        """What the guest should run: the default program, unless the operator replaced it."""
+        """What the guest should run: the default program and the enabled services'
+        programs, each unless the operator replaced it under its id."""
         programs: dict[str, SignedProgram] = {}
         if self._program is not None:
             try:
@@ -385,6 +408,8 @@ class VmSession:
                 programs[default.program_id] = default
             except Exception as err:
                 self.status.programs["affinity"] = f"not injected: {err}"
+        if self._services is not None:
+            programs.update((p.program_id, p) for p in self._services.programs(self.name))
         programs.update(self._operator_programs)
         return list(programs.values())
 
@@ -410,11 +435,27 @@ class VmSession:
             if waiter is not None and not waiter.done():
                 waiter.set_result(message)
         elif isinstance(message, ProgramEvent):
-            pass  # no host-side consumer for generic program events yet
+            self._program_event(message)
+        elif self._services is not None and self._services.message(self.name, message):
+            pass  # a service takes it
         else:
             channel.reply_error(
                 message, "bad-request", f"{type(message).__name__} is not for the host"
             )
+
+    def _program_event(self, event: ProgramEvent) -> None:
+        """A protocol-2 agent's record: ``data = {"raw": HEX}`` (the agent's routing rule)."""
+        if self._services is None:
+            return
+        raw = event.data.get("raw")
+        record = None
+        if isinstance(raw, str) and len(event.data) == 1:
+            with contextlib.suppress(ValueError):
+                record = bytes.fromhex(raw)
+        if record is None:
+            self._services.bad_records(self.name)
+        else:
+            self._services.records(self.name, event.program_id, [record])
 
     def _next_id(self) -> int:
         if self._channel is None:
