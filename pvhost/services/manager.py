@@ -413,7 +413,7 @@ class ServiceManager:
             return {}
         out: dict[str, Any] = {}
         for service, plugin in self.plugins.items():
-            entry: dict[str, Any] = {"state": state.states[service]}
+            entry: dict[str, Any] = {}
             if state.states[service] == "enabled":
                 status = self._sync(vm, service, "status", functools.partial(plugin.status, vm))
                 if status is not None and not _is_json_object(status):
@@ -422,7 +422,7 @@ class ServiceManager:
                     status = None
                 if status is not None:
                     entry["status"] = dict(status)
-            out[service] = entry
+            out[service] = {"state": state.states[service], **entry}
         if state.dropped:
             out["_dropped"] = dict(state.dropped)
         return out
