@@ -18,9 +18,10 @@ arrive meanwhile coalesce to the newest, and each superseded one is answered com
 ``seq``, no placements: the newest one's answer follows), so a hostile guest can neither make
 the host spin nor go unanswered. A request the host refuses as a whole (more vCPUs wanted than
 the VM has) is answered with ``Error{bad-request}``. Records of the guest's programs
-(``ProgramEvent`` from agents of protocol 2, one hex record each) go to the service that owns
-the program, which decodes them (:meth:`pvhost.services.ServiceManager.records`, bounded per
-VM). Only ``ProgramLoaded`` verdicts on programs the host sent are kept, and what the guest can
+(``ProgramRecords`` batches from agents of protocol 3, ``ProgramEvent`` with one hex record
+from agents of protocol 2) go to the service that owns the program, which decodes them
+(:meth:`pvhost.services.ServiceManager.records`, bounded per VM). Only ``ProgramLoaded``
+verdicts on programs the host sent are kept, and what the guest can
 make the host log is rate-limited per VM (:mod:`pvhost.logthrottle`).
 
 The guest's agent can go away and come back while QEMU's socket chardev stays connected
@@ -59,9 +60,12 @@ from pvproto import (
     Error,
     GuestTopology,
     Hello,
+    MapContents,
     ProgramEvent,
     ProgramLoaded,
+    ProgramRecords,
     ProtocolError,
+    ReadMap,
     UnloadProgram,
 )
 from pvproto.session import PeerSession, PeerSilent, SessionClosed, SessionState
@@ -185,6 +189,8 @@ class VmSession:
         self._superseded: list[int] = []
         self._wake = asyncio.Event()
         self._waiters: dict[int, asyncio.Future[ProgramLoaded]] = {}
+        #: ReadMap requests waiting for their MapContents, by request id.
+        self._map_waiters: dict[int, asyncio.Future[MapContents]] = {}
         #: Programs the operator loaded into this VM, by id: re-injected at every Hello.
         self._operator_programs: dict[str, SignedProgram] = {}
         self._keepalive = keepalive
@@ -318,7 +324,10 @@ class VmSession:
         self.status.programs.clear()
         for waiter in self._waiters.values():
             waiter.cancel()
+        for map_waiter in self._map_waiters.values():
+            map_waiter.cancel()
         self._waiters.clear()
+        self._map_waiters.clear()
 
     async def _channel_loop(self) -> None:
         backoff = Backoff(self._max_backoff)
@@ -434,8 +443,17 @@ class VmSession:
             waiter = self._waiters.pop(message.request_id, None)
             if waiter is not None and not waiter.done():
                 waiter.set_result(message)
+        elif isinstance(message, ProgramRecords):
+            if self._services is not None:
+                if message.lost:
+                    self._services.lost_records(self.name, message.lost)
+                self._services.records(self.name, message.program_id, message.records)
         elif isinstance(message, ProgramEvent):
             self._program_event(message)
+        elif isinstance(message, MapContents):
+            map_waiter = self._map_waiters.pop(message.request_id, None)
+            if map_waiter is not None and not map_waiter.done():
+                map_waiter.set_result(message)
         elif self._services is not None and self._services.message(self.name, message):
             pass  # a service takes it
         else:
@@ -515,6 +533,44 @@ class VmSession:
             return verdict
         finally:
             self._waiters.pop(request_id, None)
+
+    async def read_map(
+        self, program_id: str, map_name: str, *, max_entries: int = 1024, timeout: float = 5.0
+    ) -> MapContents:
+        """The entries of map ``map_name`` of a program loaded in the guest (protocol 3)."""
+        version = self.protocol_version
+        if version is None or version < 3:
+            raise ChannelError(
+                f"VM {self.name}: the guest agent speaks protocol {version}; reading a "
+                "program's map needs protocol 3"
+            )
+        request_id = self._next_id()
+        waiter: asyncio.Future[MapContents] = asyncio.get_running_loop().create_future()
+        self._map_waiters[request_id] = waiter
+        try:
+            self.send(
+                ReadMap(
+                    program_id=program_id,
+                    map=map_name,
+                    max_entries=max_entries,
+                    request_id=request_id,
+                )
+            )
+            async with asyncio.timeout(timeout):
+                contents = await waiter
+        except TimeoutError as err:
+            raise ChannelError(
+                f"VM {self.name}: no MapContents for {program_id}/{map_name} within {timeout:g} s"
+            ) from err
+        except asyncio.CancelledError as err:
+            if being_cancelled():
+                raise
+            raise ChannelError(f"VM {self.name}: the channel closed while reading a map") from err
+        finally:
+            self._map_waiters.pop(request_id, None)
+        if contents.program_id != program_id or contents.map != map_name:
+            raise ChannelError(f"VM {self.name}: the guest answered another map than asked")
+        return contents
 
     def unload_program(self, program_id: str) -> None:
         self.send(UnloadProgram(program_id=program_id, request_id=self._next_id()))

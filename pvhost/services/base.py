@@ -31,7 +31,7 @@ from pydantic import BaseModel
 
 from extpv.vcpus import VcpuThread
 from pvhost.programs import SignedProgram, sign_program
-from pvproto import BaseMessage, GuestTopology, ProgramKind
+from pvproto import BaseMessage, GuestTopology, MapContents, ProgramKind
 
 if TYPE_CHECKING:
     from pvhost.service import Service
@@ -69,6 +69,13 @@ class VmHandle(Protocol):
 
     def send(self, message: BaseMessage) -> None:
         """Send a message to the guest's agent; raises ChannelError when not connected."""
+        ...
+
+    async def read_map(
+        self, program_id: str, map_name: str, *, max_entries: int = 1024, timeout: float = 5.0
+    ) -> MapContents:
+        """One of its program's maps, read by the guest's agent (protocol 3; ChannelError
+        from an older agent or a closed channel): resynchronise after lost records."""
         ...
 
 

@@ -337,6 +337,12 @@ class ServiceManager:
         if state is not None:
             self._drop(state, vm, "layout", count)
 
+    def lost_records(self, vm: str, count: int) -> None:
+        """Records the guest's agent says it dropped (it had no host, or the host lagged)."""
+        state = self._vms.get(vm)
+        if state is not None:
+            self._drop(state, vm, "guest-lost", count)
+
     def message(self, vm: str, message: BaseMessage) -> bool:
         """A guest message for an enabled service of ``vm``; False when none takes it."""
         state = self._vms.get(vm)
