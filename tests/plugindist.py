@@ -8,9 +8,11 @@ raises, hangs or returns nonsense is disabled for its VM and harms nothing else.
 
 from __future__ import annotations
 
+import os
+import subprocess
 from pathlib import Path
 
-__all__ = ["MODULE", "PLUGINS", "install"]
+__all__ = ["ECHO_SOURCE", "MODULE", "PLUGINS", "build_echo", "install"]
 
 MODULE = "extpv_test_services"
 
@@ -22,12 +24,16 @@ PLUGINS = {
     "nonsense": "Nonsense",
     "badstatus": "BadStatus",
     "noimport": "DoesNotExist",
+    "echobpf": "EchoBpf",
 }
 
 _SOURCE = '''
 """Test services for extpv (see tests/plugindist.py)."""
 import asyncio
+import pathlib
 import struct
+
+import pydantic
 
 from pvhost.services import EventError, ServicePlugin
 
@@ -93,6 +99,38 @@ class Nonsense(_Base):
         return "not a list of programs"
 
 
+class EchoBpf(ServicePlugin):
+    """A real eBPF service: its program (``[services.echobpf] object``) writes a counter of
+    8 bytes per record to its ring buffer; the service keeps the decoded counters."""
+
+    name = "echobpf"
+    summary = "counts a process's getppid() calls in the guest"
+
+    class Config(pydantic.BaseModel):
+        model_config = pydantic.ConfigDict(extra="forbid")
+        object: str = ""
+
+    def __init__(self, context, config):
+        super().__init__(context, config)
+        payload = pathlib.Path(config.object).read_bytes() if config.object else None
+        self._programs = [context.sign("echobpf", "bpf-object", payload)] if payload else []
+        self.events = {}
+
+    def programs(self):
+        return self._programs
+
+    def decode(self, program_id, record):
+        if len(record) != 8:
+            raise EventError(f"an echo record is 8 bytes, not {len(record)}")
+        return struct.unpack("<Q", record)[0]
+
+    async def on_events(self, vm, program_id, events):
+        self.events.setdefault(vm.name, []).extend(events)
+
+    def status(self, vm):
+        return {"events": self.events.get(vm, [])}
+
+
 class BadStatus(_Base):
     name = "badstatus"
 
@@ -102,6 +140,51 @@ class BadStatus(_Base):
     def metrics(self):
         raise RuntimeError("metrics of a broken service")
 '''
+
+
+#: A service's program the agent knows nothing about: every getppid() of process TARGET
+#: counts in pv_count and writes the count (8 bytes) to the ring buffer pv_echo.
+ECHO_SOURCE = """
+#include <linux/types.h>
+#include <linux/bpf.h>
+#include <bpf/bpf_helpers.h>
+struct { __uint(type, BPF_MAP_TYPE_RINGBUF); __uint(max_entries, 1 << 16); } pv_echo SEC(".maps");
+struct {
+    __uint(type, BPF_MAP_TYPE_ARRAY); __uint(max_entries, 1);
+    __type(key, __u32); __type(value, __u64);
+} pv_count SEC(".maps");
+SEC("tp/syscalls/sys_enter_getppid")
+int echo(void *ctx)
+{
+    __u32 zero = 0;
+    __u64 *count, n;
+    if ((bpf_get_current_pid_tgid() >> 32) != TARGET)
+        return 0;
+    count = bpf_map_lookup_elem(&pv_count, &zero);
+    if (!count)
+        return 0;
+    n = __sync_fetch_and_add(count, 1) + 1;
+    bpf_ringbuf_output(&pv_echo, &n, sizeof(n), 0);
+    return 0;
+}
+char LICENSE[] SEC("license") = "Dual BSD/GPL";
+"""
+
+
+def build_echo(directory: Path, target_pid: int) -> Path:
+    """Compile the echo program for process ``target_pid`` (as bpf/ builds: clang, CO-RE)."""
+    multiarch = subprocess.run(
+        ["cc", "-print-multiarch"], capture_output=True, text=True, check=False
+    ).stdout.strip()
+    arch = {"x86_64": "x86", "aarch64": "arm64"}.get(os.uname().machine, os.uname().machine)
+    src = directory / "echo.bpf.c"
+    src.write_text(f"#define TARGET {target_pid}\n" + ECHO_SOURCE)
+    out = directory / "echo.bpf.o"
+    cmd = ["clang", "-O2", "-g", "-Wall", "-target", "bpf", f"-D__TARGET_ARCH_{arch}"]
+    if multiarch:
+        cmd += ["-idirafter", f"/usr/include/{multiarch}"]
+    subprocess.run([*cmd, "-c", str(src), "-o", str(out)], check=True)
+    return out
 
 
 def install(directory: Path) -> Path:

@@ -8,7 +8,6 @@ from __future__ import annotations
 import asyncio
 import os
 import struct
-import subprocess
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
@@ -29,43 +28,13 @@ from pvproto import (
     ProgramRecords,
     ReadMap,
 )
+from tests import plugindist
 from vmlab.hostpeer import HostEnd
 
 pytestmark = [pytest.mark.root, pytest.mark.ebpf]
 
 TOPOLOGY = GuestTopology(online_vcpus=sorted(os.sched_getaffinity(0)))
-_MULTIARCH = subprocess.run(
-    ["cc", "-print-multiarch"], capture_output=True, text=True, check=False
-).stdout.strip()
-_ARCH = {"x86_64": "x86", "aarch64": "arm64"}.get(os.uname().machine, os.uname().machine)
 
-#: A service's program the agent knows nothing about: every getppid() of this process
-#: counts in pv_count and writes the count (8 bytes) to the ring buffer pv_echo.
-ECHO = """
-#include <linux/types.h>
-#include <linux/bpf.h>
-#include <bpf/bpf_helpers.h>
-struct { __uint(type, BPF_MAP_TYPE_RINGBUF); __uint(max_entries, 1 << 16); } pv_echo SEC(".maps");
-struct {
-    __uint(type, BPF_MAP_TYPE_ARRAY); __uint(max_entries, 1);
-    __type(key, __u32); __type(value, __u64);
-} pv_count SEC(".maps");
-SEC("tp/syscalls/sys_enter_getppid")
-int echo(void *ctx)
-{
-    __u32 zero = 0;
-    __u64 *count, n;
-    if ((bpf_get_current_pid_tgid() >> 32) != TARGET)
-        return 0;
-    count = bpf_map_lookup_elem(&pv_count, &zero);
-    if (!count)
-        return 0;
-    n = __sync_fetch_and_add(count, 1) + 1;
-    bpf_ringbuf_output(&pv_echo, &n, sizeof(n), 0);
-    return 0;
-}
-char LICENSE[] SEC("license") = "Dual BSD/GPL";
-"""
 CALLS = 600
 
 
@@ -73,17 +42,12 @@ CALLS = 600
 def echo(tmp_path_factory: pytest.TempPathFactory) -> tuple[bytes, Path, Path]:
     """(the echo object, the host's private key, the guest's trusted.d)."""
     root = tmp_path_factory.mktemp("echo")
-    src = root / "echo.bpf.c"
-    src.write_text(f"#define TARGET {os.getpid()}\n" + ECHO)
-    cmd = ["clang", "-O2", "-g", "-Wall", "-target", "bpf", f"-D__TARGET_ARCH_{_ARCH}"]
-    if _MULTIARCH:
-        cmd += ["-idirafter", f"/usr/include/{_MULTIARCH}"]
-    subprocess.run([*cmd, "-c", str(src), "-o", str(root / "echo.o")], check=True)
+    obj = plugindist.build_echo(root, os.getpid())
     private, public = signing.generate_keypair(root / "host")
     trusted = root / "trusted.d"
     trusted.mkdir()
     (trusted / "host.pem").write_bytes(public.read_bytes())
-    return (root / "echo.o").read_bytes(), private, trusted
+    return obj.read_bytes(), private, trusted
 
 
 def run(
