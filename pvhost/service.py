@@ -252,7 +252,8 @@ class Service:
                 # A session that died of an error must not stop the undo of its VM, of the
                 # other VMs, or of extpv's own cgroup (stop() runs this for every VM).
                 _log.exception("%s: the VM's session had ended with an error", name)
-            await self._undo(name, vm)
+            await self.services.vm_gone(name)
+            await self._undo(name, vm)  # also when the affinity service failed for the VM
         finally:
             await self.services.remove_vm(name)
             del self.vms[name]

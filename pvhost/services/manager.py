@@ -118,6 +118,9 @@ class ServiceManager:
         self.plugins: dict[str, ServicePlugin] = {}
         #: Services that cannot (not installed, failed to load or to start), and why.
         self.unusable: dict[str, str] = {}
+        #: Built-in services: extpv's own code, whose hooks get no deadline (the affinity
+        #: service's undo waits for the placement lock, and must never be cut short).
+        self._builtin = {name for name, item in self.found.items() if item.origin == "built-in"}
         for name, item in sorted(self.found.items()):
             if item.plugin is None:
                 self.unusable[name] = item.error
@@ -162,8 +165,9 @@ class ServiceManager:
     async def guarded(self, service: str, hook: str, call: Call) -> str | None:
         """Run one hook call; None when it went well, else why it failed."""
         task = asyncio.ensure_future(call())
+        timeout = None if service in self._builtin else self.settings.hook_timeout
         try:
-            done, _ = await asyncio.wait({task}, timeout=self.settings.hook_timeout)
+            done, _ = await asyncio.wait({task}, timeout=timeout)
         except asyncio.CancelledError:
             task.cancel()
             raise
