@@ -467,7 +467,8 @@ class VmSession:
             return
         raw = event.data.get("raw")
         record = None
-        if isinstance(raw, str) and len(event.data) == 1:
+        # A protocol-2 agent cuts records at 4096 bytes: anything longer is not its.
+        if isinstance(raw, str) and len(event.data) == 1 and len(raw) <= 2 * 4096:
             with contextlib.suppress(ValueError):
                 record = bytes.fromhex(raw)
         if record is None:
