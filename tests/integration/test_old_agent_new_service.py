@@ -115,6 +115,7 @@ def test_an_agent_older_than_services_runs_a_new_service(
                 sys.executable, "-m", "pvagent", "run", "--unix", str(guest_sock),
                 "--config", str(agent_config),
                 env={**os.environ, "PYTHONPATH": str(old)},
+                cwd=old,  # `-m` puts the working directory first on sys.path
                 stderr=open(tmp_path / "agent.log", "wb"),  # noqa: SIM115 - closed with the process
             )  # fmt: skip
             service = Service(config)
