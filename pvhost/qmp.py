@@ -22,7 +22,14 @@ from extpv.aio import cancel_and_wait
 from extpv.vcpus import VcpuThread, parse_query_cpus_fast, process_of_thread
 from pvhost.errors import QmpError
 
-__all__ = ["AGENT_PORT_NAME", "PortCallback", "QmpMonitor", "VcpuThread", "qemu_pid_of"]
+__all__ = [
+    "AGENT_PORT_NAME",
+    "PortCallback",
+    "QmpMonitor",
+    "VcpuThread",
+    "chardev_open",
+    "qemu_pid_of",
+]
 
 _log = logging.getLogger(__name__)
 
@@ -57,6 +64,24 @@ def qemu_pid_of(tid: int) -> int:
         return process_of_thread(tid)
     except ProcessLookupError as err:
         raise QmpError(str(err)) from err
+
+
+def chardev_open(reply: object, socket_path: Path) -> bool | None:
+    """From a ``query-chardev`` reply: ``frontend-open`` of the unix socket ``socket_path``."""
+    if not isinstance(reply, list):
+        return None
+    for dev in reply:
+        if not isinstance(dev, dict):
+            continue
+        filename = dev.get("filename")
+        opened = dev.get("frontend-open")
+        # A unix socket chardev's filename is "[disconnected:]unix:<path>[,server=on...]".
+        if not isinstance(filename, str) or not isinstance(opened, bool):
+            continue
+        address = filename.removeprefix("disconnected:")
+        if address.startswith("unix:") and address[5:].split(",", 1)[0] == str(socket_path):
+            return opened
+    return None
 
 
 def _accept_none(_event: Message) -> bool:
@@ -177,6 +202,22 @@ class QmpMonitor:
         except ValueError as err:
             raise QmpError(f"{self.path}: {err}") from err
         return self.vcpus
+
+    async def port_open(self, socket_path: Path, timeout: float = 5.0) -> bool | None:
+        """Whether the guest has the port behind the chardev socket ``socket_path`` open.
+
+        QEMU's ``frontend-open`` of that chardev (a virtio-serial port sets it when the guest
+        opens or closes the port, as it emits ``VSERPORT_CHANGE``): how a pvhost that starts
+        while the agent already has its port open learns it without waiting for an event.
+        None when QEMU has no chardev on that socket or cannot be asked.
+        """
+        try:
+            async with asyncio.timeout(timeout):
+                reply = await self._client.execute("query-chardev")
+        except (QMPError, OSError, TimeoutError) as err:
+            _log.info("%s: query-chardev failed: %s", self.path, err or "timed out")
+            return None
+        return chardev_open(reply, socket_path)
 
     @property
     def connected(self) -> bool:

@@ -277,6 +277,10 @@ class VmSession:
                 backoff.reset()
                 self._monitor = monitor
                 self.status.qmp = "connected"
+                # The port's state now (an event says only what changes from here on).
+                opened = await monitor.port_open(self.agent_path)
+                if opened is not None:
+                    self.status.port = "open" if opened else "closed"
                 channel = asyncio.create_task(self._channel_loop(), name=f"channel-{self.name}")
                 try:
                     await monitor.wait_closed()

@@ -25,8 +25,11 @@ States and what moves between them (``docs/session.md`` draws them)::
   taken it as the answer to its own), so a peer that comes later is always greeted.
 * Before the peer's Hello only Hello, Ping, Pong and Error are acted on; anything else is
   answered with ``Error{bad-request}`` and dropped, and, since a peer that talks as if
-  ready has missed our Hello, we greet again (not while our Hello is younger than
-  ``REGREET_S``; rate-limited like restarts).
+  ready has missed our Hello, we greet again (rate-limited like restarts). While our Hello
+  is younger than ``REGREET_S`` the greeting waits until it is that old (the peer's frames
+  may just predate it), and goes out then if the peer has still not said Hello: a peer that
+  took our Hello for the answer to a stale one of its own says nothing more, and would
+  otherwise never be greeted again.
 * A frame that does not decode is answered with ``Error{bad-frame}`` and the session goes
   on with the next frame.
 * Peer restarts are acted on at most ``RESTART_BURST`` at once and ``RESTART_RATE`` per
@@ -120,6 +123,8 @@ class PeerSession(Generic[OwnerT]):
         self._restart_stamp = time.monotonic()
         #: When we sent a Hello the peer has not answered yet (None: no such Hello).
         self._greeted_at: float | None = None
+        #: A greeting put off until our last Hello is REGREET_S old (see _regreet).
+        self._regreet_later: asyncio.TimerHandle | None = None
 
     # -- hooks -------------------------------------------------------------------------------
     def hello(self) -> Hello:
@@ -216,6 +221,9 @@ class PeerSession(Generic[OwnerT]):
                 await writer.drain()
         finally:
             self.state = SessionState.CLOSED
+            if self._regreet_later is not None:
+                self._regreet_later.cancel()
+                self._regreet_later = None
 
     async def feed_chunk(self, chunk: bytes) -> None:
         """Decode ``chunk`` and act on every frame in it, in stream order."""
@@ -257,10 +265,21 @@ class PeerSession(Generic[OwnerT]):
         """
         if self.state is not SessionState.AWAITING_HELLO:
             return
-        if self._greeted_at is not None and time.monotonic() - self._greeted_at < self.REGREET_S:
-            return
+        if self._greeted_at is not None:
+            young = self.REGREET_S - (time.monotonic() - self._greeted_at)
+            if young > 0:
+                if self._regreet_later is None:
+                    self._regreet_later = asyncio.get_running_loop().call_later(
+                        young, self._regreet_now
+                    )
+                return
         if self._restart_allowed():
             self._send_hello()
+
+    def _regreet_now(self) -> None:
+        self._regreet_later = None
+        if self.connected:
+            self._regreet()
 
     async def _on_hello(self, hello: Hello) -> None:
         if hello.role == self.ROLE:

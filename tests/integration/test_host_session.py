@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from pvhost.config import Config
+from pvhost.qmp import QmpMonitor
 from pvproto import SUPPORTED_VERSIONS, GuestTopology, Hello, LoadProgram
 from tests.integration.hostrun import served, service_config
 from vmlab import VirtualMachine
@@ -78,3 +79,20 @@ def test_a_silent_agent_is_found_by_the_keepalive_and_greeted_on_a_new_connectio
 
 def test_keepalive_is_on_by_default() -> None:
     assert Config().service.keepalive == (5.0, 15.0)
+
+
+@pytest.mark.root
+def test_the_port_state_is_read_from_qemu_at_connect(qemu: VirtualMachine) -> None:
+    """A pvhost that starts after the guest opened its port gets no VSERPORT_CHANGE: it asks
+    QEMU (``query-chardev``'s ``frontend-open``). No guest here has the port open."""
+
+    async def body() -> None:
+        monitor = QmpMonitor(qemu.qmp_socket, "t")
+        await monitor.connect()
+        try:
+            assert await monitor.port_open(qemu.dir / "qemu-agent.sock") is False
+            assert await monitor.port_open(qemu.dir / "no-such.sock") is None
+        finally:
+            await monitor.close()
+
+    asyncio.run(body())

@@ -322,6 +322,39 @@ def test_a_peer_that_missed_our_hello_is_greeted_again() -> None:
     run(body)
 
 
+def test_a_peer_that_took_our_hello_for_an_answer_is_greeted_again_once_it_is_old() -> None:
+    """pvhost restarted while the agent was stopped: the agent, ready, takes the new host's
+    Hello for the answer to one it had just sent the old host, so it does not answer, and
+    its stale frames reach the host before the host's Hello is ``REGREET_S`` old. The host
+    must greet again once its Hello is that old, or neither side ever moves (fault matrix:
+    pvhost-restart at program-load)."""
+
+    async def body() -> None:
+        (hr, hw), (gr, gw) = await _streams()
+        guest = Side("guest")
+        guest_task = asyncio.create_task(guest.run(gr, gw))
+        old = Hello(role="host", protocol_versions=list(SUPPORTED_VERSIONS), software_version="h")
+        hw.write(encode(old))
+        await _until(lambda: guest.state is SessionState.READY)
+        async with asyncio.timeout(5):  # the old host read the guest's Hello, then died
+            raw = await hr.read(65536)
+            while _hellos(raw) < 1:
+                raw += await hr.read(65536)
+        # A Hello of ours to the old host went out 1 s ago: a host Hello now "answers" it.
+        guest._greeted_at = time.monotonic() - 1.0
+        host = Side("host")
+        host.REGREET_S = 0.5  # type: ignore[misc]
+        host_task = asyncio.create_task(host.run(hr, hw))
+        await _until(lambda: guest.ready_calls == [False, True])  # taken, not answered
+        guest.send(AffinityUpdate(seq=1, wanted=[0]))  # refused: the host's Hello is young
+        await _until(lambda: host.state is SessionState.READY)
+        assert host.hellos_sent == 2
+        guest_task.cancel()
+        host_task.cancel()
+
+    run(body)
+
+
 @pytest.mark.security
 def test_a_peer_saying_hello_in_a_loop_is_rate_limited() -> None:
     """Each restart makes the host re-inject its programs: a Hello loop must not be served."""
