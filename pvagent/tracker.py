@@ -1,6 +1,6 @@
 """The affinity tracker: which vCPUs the guest's threads want pinned, right now.
 
-Semantics (also in README, "Guest agent"):
+Semantics (also in docs/design.md, "Guest agent"):
 
 * A thread's **request** is the CPU set of its last *successful* ``sched_setaffinity``
   (or, for a thread created by a tracked thread, the mask it inherited at clone/fork — the

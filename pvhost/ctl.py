@@ -13,49 +13,12 @@ from pvhost import signing
 from pvhost.control import request
 from pvhost.errors import HostError
 from pvhost.placement import Finding
+from pvhost.statusview import format_status
 from vmlab.cli import register_cli as register_vm_cli
 
 __all__ = ["main"]
 
 DEFAULT_SOCKET = Path("/run/extpv/pvhost.sock")
-
-
-def format_status(status: dict[str, Any]) -> str:
-    host = status["host"]
-    lines = [
-        f"backend: {status['backend']}  "
-        + " ".join(f"{k}={v}" for k, v in status.get("backend_detail", {}).items()),
-        f"isolation: {status.get('isolation', 'unknown')}",
-        f"host: online {host['online']}  housekeeping {host['housekeeping']}  "
-        f"eligible {host['eligible']}",
-    ]
-    for name, vm in status["vms"].items():
-        lines.append(
-            f"VM {name}: qmp {vm['qmp']}, channel {vm['channel']}, policy {vm['policy']}"
-            f" (remap {'on' if vm['remap'] else 'off'}), quota {vm['quota']},"
-            f" wanted {vm['wanted']} (seq {vm['last_seq']})"
-        )
-        for prog, state in vm["programs"].items():
-            lines.append(f"  program {prog}: {state}")
-        for service, info in vm.get("services", {}).items():
-            if service == "_dropped":
-                lines.append(f"  records dropped: {info}")
-            else:
-                lines.append(f"  service {service}: {info['state']}")
-        for vcpu, info in vm["vcpus"].items():
-            placed = vm["placements"].get(vcpu)
-            where = (
-                f"→ pCPU {placed['pcpu']}  partition {placed['partition']}  {placed['cgroup']}"
-                if placed
-                else "unpinned"
-            )
-            lines.append(f"  vCPU {vcpu}: tid {info['tid']}  {where}")
-        refused = [r for r in vm["result"] if r.get("refused")]
-        for r in refused:
-            lines.append(f"  vCPU {r['vcpu']} refused: {r['refused']}")
-    for name in status.get("orphans", {}):
-        lines.append(f"placements of VM {name} without a session (will be reconciled)")
-    return "\n".join(lines)
 
 
 def format_services(result: dict[str, Any]) -> str:

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -62,6 +63,8 @@ class VmRecord:
     #: The guest's latest request (the whole wanted set) and its sequence number.
     wanted: list[int] = field(default_factory=list)
     last_seq: int | None = None
+    #: When it came (``time.monotonic()``), for the age ``pvctl status`` shows.
+    last_request_at: float | None = None
     #: The placements answered to it.
     last_result: list[VcpuPlacement] = field(default_factory=list)
     #: (QEMU pid, sorted (vCPU, tid) pairs) the backend was last attached with.
@@ -314,6 +317,7 @@ class Service:
             )
         await self._check_size(vm, update)
         vm.wanted, vm.last_seq = list(update.wanted), update.seq
+        vm.last_request_at = time.monotonic()
         return await self._place(vm, update.seq)
 
     async def _check_size(self, vm: VmRecord, update: AffinityUpdate) -> None:
@@ -492,6 +496,9 @@ class Service:
                 "quota": vm.quota,
                 "wanted": vm.wanted,
                 "last_seq": vm.last_seq,
+                "last_request_age_s": None
+                if vm.last_request_at is None
+                else round(time.monotonic() - vm.last_request_at, 1),
                 "result": [p.model_dump() for p in vm.last_result],
                 "placements": placed["vms"].get(name, {}),
                 "services": self.services.describe(name),

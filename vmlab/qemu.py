@@ -162,7 +162,7 @@ def _start_args(spec: VMSpec) -> list[str]:
 
 
 def qemu_argv(spec: VMSpec, accel_args: Sequence[str] | None = None) -> list[str]:
-    """The QEMU command line for ``spec`` (the README shows it for users, libvirt included)."""
+    """The QEMU command line for ``spec`` (docs/guest-images.md shows it, libvirt included)."""
     d = spec.vm_dir
     if accel_args is None:
         accel_args = accel_for(spec)[1]

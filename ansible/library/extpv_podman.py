@@ -79,6 +79,10 @@ options:
   cgroupns:
     description: cgroup namespace mode (C(host) to share the host's).
     type: str
+  network_mode:
+    description: Network namespace (C(host) to share the host's, so that pvhost's loopback
+      metrics listener is the host's).
+    type: str
   volumes:
     description: Bind mounts C(SRC:DST[:OPTS]); sources are created as directories if missing.
     type: list
@@ -124,6 +128,7 @@ EXAMPLES = r"""
     privileged: true
     pid_mode: host
     cgroupns: host
+    network_mode: host
     volumes: [/sys/fs/cgroup:/sys/fs/cgroup:rw, /run/extpv:/run/extpv]
     health_cmd: [pvctl, status]
 """
@@ -327,6 +332,7 @@ def spec_of(params, image_id):
         "privileged",
         "pid_mode",
         "cgroupns",
+        "network_mode",
         "volumes",
         "env",
         "restart_policy",
@@ -374,6 +380,8 @@ def create_container(client, params, image, digest):
         kwargs["pid_mode"] = params["pid_mode"]
     if params["cgroupns"]:
         kwargs["cgroupns"] = params["cgroupns"]
+    if params["network_mode"]:
+        kwargs["network_mode"] = params["network_mode"]
     if params["health_cmd"]:
         second = 1_000_000_000
         kwargs["healthcheck"] = {
@@ -480,6 +488,7 @@ def main():
             "privileged": {"type": "bool", "default": False},
             "pid_mode": {"type": "str"},
             "cgroupns": {"type": "str"},
+            "network_mode": {"type": "str"},
             "volumes": {"type": "list", "elements": "str", "default": []},
             "env": {"type": "dict", "default": {}},
             "restart_policy": {"type": "str", "default": "always"},

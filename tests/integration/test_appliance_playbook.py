@@ -24,6 +24,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import REQUIRE
+from tests.unit.test_readme import commands, readme_blocks
 
 pytestmark = [pytest.mark.root, pytest.mark.slow]
 
@@ -156,6 +157,7 @@ def test_container_runs_with_the_documented_privileges(first_run: Run) -> None:
     assert state["Running"] is True
     assert host["Privileged"] is True
     assert host["PidMode"] == "host"
+    assert host["NetworkMode"] == "host"  # /metrics on the host's loopback
     assert host.get("CgroupnsMode", host.get("CgroupMode")) == "host"  # podman 4.3 says CgroupMode
     assert host["RestartPolicy"]["Name"] == "always"
     assert config["User"] in ("root", "0")
@@ -166,6 +168,26 @@ def test_container_runs_with_the_documented_privileges(first_run: Run) -> None:
     # The image itself defaults to an unprivileged user; only the appliance runs it as root.
     image = json.loads(podman("image", "inspect", "localhost/pvhost:latest").stdout)[0]
     assert image["Config"]["User"] == "extpv"
+
+
+def test_readme_commands_run_on_the_appliance(first_run: Run) -> None:
+    """The README's ```sh appliance blocks, run as written: bash in the checkout, as root, with
+    the user's environment (no CONTAINERS_CONF), on the appliance the playbook provisioned."""
+    lines = [c for b in readme_blocks() if b.lang == "sh" and b.mode == "appliance"
+             for c in commands(b)]  # fmt: skip
+    assert lines
+    env = {k: v for k, v in os.environ.items() if k != "CONTAINERS_CONF"}
+    out = {}
+    for line in lines:
+        res = subprocess.run(
+            ["bash", "-o", "pipefail", "-c", line],
+            cwd=REPO, env=env, capture_output=True, text=True, timeout=120, check=False,
+        )  # fmt: skip
+        assert res.returncode == 0, f"README command {line!r} failed:\n{res.stdout}{res.stderr}"
+        out[line] = res.stdout
+    status = [text for line, text in out.items() if line.endswith("pvctl status")]
+    assert status and all("backend: " in t and "host CPUs: online" in t for t in status), out
+    assert any(re.search(r"^extpv_vms \d", t, re.M) for t in out.values()), out
 
 
 def test_pvctl_status_answers_from_the_container(first_run: Run) -> None:
@@ -223,6 +245,13 @@ def test_demo_shows_a_guest_pin_applied_on_the_host(first_run: Run) -> None:
     # No unexplained refusal: each one is printed with pvhost's reason, and the demo closes
     # with what it showed (the pin undone after the workload).
     refused = re.findall(r'"vcpu": (\d+), "pcpu": null, "refused"', demo.output)
+    # The host's CPUs come first: on a 2-CPU host with CPU 0 kept for the host, it says that
+    # only one vCPU can be pinned, so the refusal that follows is announced.
+    flat = re.sub(r"\s+", " ", demo.output)  # the YAML callback wraps long lines
+    capacity = re.search(r"host CPUs: online [^']*?eligible ([\d,-]+|none)(:[^']*)?'", flat)
+    assert capacity, demo.explain()
+    if refused and re.fullmatch(r"\d+|none", capacity.group(1)):
+        assert "a refusal below is expected" in (capacity.group(2) or ""), demo.explain()
     for vcpu in refused:
         assert f"vCPU {vcpu} was not pinned: " in demo.output, demo.explain()
     assert "was undone when the workload exited" in demo.output, demo.explain()

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import signal
 import urllib.request
 from pathlib import Path
@@ -47,8 +48,16 @@ def test_kill9_restart_adopts_then_sigterm_restores(
             assert vm["vcpus"]["2"]["tid"] == tid and vm["wanted"] == [2]
             assert vm["placements"]["2"]["pcpu"] == 1
             assert vm["programs"] == {"affinity": "loaded"}
+            assert 0 <= vm["last_request_age_s"] < 30, vm
             rc, text = await daemon.pvctl("status")
-            assert rc == 0 and "pCPU 1" in text, text
+            assert rc == 0, text
+            # The compact table: vCPU 2's row reads tid, wanted, pCPU 1, restricted (cgroup v1
+            # without isolate_from); vCPU 1 is no longer wanted; the request's age and seq.
+            rows = {line.split()[0]: line.split() for line in text.splitlines()[4:]
+                    if line.startswith("  ") and line.split()[0].isdigit()}  # fmt: skip
+            assert rows["2"] == ["2", str(tid), "yes", "1", "restricted"], text
+            assert rows["1"][2:] == ["no", "-", "-"], text
+            assert re.search(r"last request \d+ s ago \(seq 2\)", text), text
 
             metrics = await asyncio.to_thread(
                 lambda: urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5)

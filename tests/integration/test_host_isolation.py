@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -247,6 +248,9 @@ def test_through_the_daemon_a_spinning_vcpu_gets_its_pcpu_to_itself_while_pinned
                 assert isolation["withheld"] == {f"/{path.name}": "0-1"}
                 rc, text = await daemon.pvctl("status")
                 assert f"isolation: isolated from /{path.name}" in text, text
+                # vCPU 0's row in the VM's table: tid, wanted, its pCPU, mode isolated-from.
+                row = rf"^\s+0\s+{tid}\s+yes\s+{PCPU}\s+isolated-from$"
+                assert re.search(row, text, re.MULTILINE), text
                 assert f"isolated from /{path.name}" in daemon.log()  # the start-up line
 
                 await guest.update(2, [])

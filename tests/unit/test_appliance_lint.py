@@ -97,6 +97,7 @@ def test_quadlet_unit_runs_pvhost_privileged_in_host_namespaces(tmp_path: Path) 
     }
     podman_args = next(v for k, v in container if k == "PodmanArgs").split()
     assert {"--privileged", "--pid=host", "--cgroupns=host"} <= set(podman_args)
+    assert ("Network", "host") in container
     assert ("Service", "Restart", "always") in entries
     assert ("Install", "WantedBy", "multi-user.target default.target") in entries
     quadlet = shutil.which("quadlet") or "/usr/libexec/podman/quadlet"

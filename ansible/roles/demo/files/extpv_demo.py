@@ -94,6 +94,76 @@ def spscq(vm: Any, args: argparse.Namespace, duration: int, hold: int = 0) -> di
     return json.loads(res.stdout)
 
 
+def _cpus(cpus: list[int]) -> str:
+    return ",".join(str(c) for c in cpus) if cpus else "none"
+
+
+def capacity_line(status: dict[str, Any], wanted: int) -> str | None:
+    """Why pvhost can pin fewer vCPUs than the guest asks for on this host, when it can."""
+    host = status.get("host")
+    if not isinstance(host, dict):
+        return None
+    eligible = list(host.get("eligible", []))
+    line = (
+        f"host CPUs: online {_cpus(host.get('online', []))}, housekeeping "
+        f"{_cpus(host.get('housekeeping', []))} (kept for the host), eligible {_cpus(eligible)}"
+    )
+    if len(eligible) < wanted:
+        line += (
+            f": at most {len(eligible)} of the {wanted} vCPUs the guest pins can be pinned on "
+            "this host, so a refusal below is expected (more host CPUs, or fewer housekeeping "
+            "CPUs with -e pvhost_housekeeping_cpus=..., pin both)"
+        )
+    return line
+
+
+def summarize(
+    args: argparse.Namespace,
+    *,
+    accel: str,
+    boot_s: float,
+    baseline: dict[int, str],
+    placement: dict[str, str],
+    after: dict[int, str],
+    result: dict[str, Any],
+    status: dict[str, Any],
+) -> list[str]:
+    """What the demo showed, line by line: every refusal with its reason, and a closing line."""
+    mpps = result.get("mpps")
+    vm_status = status.get("vms", {}).get(args.name, {})
+    summary = [
+        f"VM {args.name}: {args.smp} vCPUs, {accel}, booted in {boot_s:.0f} s",
+        f"guest: spscq producer on vCPU {args.producer_cpu}, consumer on vCPU {args.consumer_cpu}",
+    ]
+    capacity = capacity_line(status, wanted=2)
+    if capacity:
+        summary.append(capacity)
+    summary += [
+        "host placement while pinned: "
+        + ", ".join(f"{k} -> pCPU {v}" for k, v in placement.items())
+        + f" (before: {', '.join(f'vcpu{k} {v}' for k, v in sorted(baseline.items()))})",
+        f"throughput: {mpps} Mpps over {args.duration} s"
+        if mpps is not None
+        else f"throughput: {result}",
+        f"after the workload exited: {', '.join(f'vcpu{k} {v}' for k, v in sorted(after.items()))}",
+        f"pvhost's answer to the guest (pvctl status): {json.dumps(vm_status.get('result'))}",
+    ]
+    # Every vCPU the guest asked for and did not get, with pvhost's reason (which says what
+    # to change): a refusal is part of what the demo shows, never left unexplained.
+    for placed in vm_status.get("result") or []:
+        if placed.get("refused"):
+            summary.append(f"vCPU {placed['vcpu']} was not pinned: {placed['refused']}")
+    pinned = sorted(v for v, p in placement.items() if p != baseline[int(v[4:])])
+    summary.append(
+        "shown: the guest's sched_setaffinity reached the host as a cpuset placement of "
+        + (", ".join(pinned) if pinned else "no vCPU")
+        + ", and was undone when the workload exited"
+        if after == baseline
+        else "shown: the guest's pins reached the host; NOT undone after the workload exited"
+    )
+    return summary
+
+
 def run_demo(args: argparse.Namespace) -> dict[str, Any]:
     spec = vmlab.VMSpec(
         name=args.name,
@@ -150,33 +220,16 @@ def run_demo(args: argparse.Namespace) -> dict[str, Any]:
         vm.stop()
 
     placement = {f"vcpu{v}": watch.pinned.get(v, baseline[v]) for v in sorted(threads)}
-    mpps = result.get("mpps")
     status = status_box.get("status") or {}
-    vm_status = status.get("vms", {}).get(args.name, {}) if isinstance(status, dict) else {}
-    summary = [
-        f"VM {args.name}: {args.smp} vCPUs, {vm.accel}, booted in {boot_s:.0f} s",
-        f"guest: spscq producer on vCPU {args.producer_cpu}, consumer on vCPU {args.consumer_cpu}",
-        "host placement while pinned: "
-        + ", ".join(f"{k} -> pCPU {v}" for k, v in placement.items())
-        + f" (before: {', '.join(f'vcpu{k} {v}' for k, v in sorted(baseline.items()))})",
-        f"throughput: {mpps} Mpps over {args.duration} s"
-        if mpps is not None
-        else f"throughput: {result}",
-        f"after the workload exited: {', '.join(f'vcpu{k} {v}' for k, v in sorted(after.items()))}",
-        f"pvhost's answer to the guest (pvctl status): {json.dumps(vm_status.get('result'))}",
-    ]
-    # Every vCPU the guest asked for and did not get, with pvhost's reason (which says what
-    # to change): a refusal is part of what the demo shows, never left unexplained.
-    for placed in vm_status.get("result") or []:
-        if placed.get("refused"):
-            summary.append(f"vCPU {placed['vcpu']} was not pinned: {placed['refused']}")
-    pinned = sorted(v for v, p in placement.items() if p != baseline[int(v[4:])])
-    summary.append(
-        "shown: the guest's sched_setaffinity reached the host as a cpuset placement of "
-        + (", ".join(pinned) if pinned else "no vCPU")
-        + ", and was undone when the workload exited"
-        if after == baseline
-        else "shown: the guest's pins reached the host; NOT undone after the workload exited"
+    summary = summarize(
+        args,
+        accel=vm.accel,
+        boot_s=boot_s,
+        baseline=baseline,
+        placement=placement,
+        after=after,
+        result=result,
+        status=status if isinstance(status, dict) else {},
     )
     return {
         "summary": summary,
