@@ -1,7 +1,7 @@
-"""Build hook: compile the eBPF programs (``make -C bpf``) before packaging pvagent.
+"""Build hook: compile the eBPF programs (``make -C bpf``) before packaging extpv.bpfobj.
 
 Everything else is in pyproject.toml. A wheel built from a source tree therefore carries
-``pvagent/bpfobj/*.bpf.o`` and ``*.bcc.c`` (package data) even though the compiled objects
+``extpv/bpfobj/*.bpf.o`` and ``*.bcc.c`` (package data) even though the compiled objects
 are not committed. Without clang the build fails with a hint, unless the objects were
 built already (e.g. by ``./dev setup``).
 """
@@ -21,7 +21,7 @@ ROOT = Path(__file__).resolve().parent
 class BuildWithBpf(build_py):
     def run(self) -> None:
         bpf = ROOT / "bpf"
-        built = list((ROOT / "pvagent" / "bpfobj").glob("*.bpf.o"))
+        built = list((ROOT / "extpv" / "bpfobj").glob("*.bpf.o"))
         if (bpf / "Makefile").exists() and shutil.which("make") and shutil.which("clang"):
             subprocess.run(["make", "-s", "-C", str(bpf)], check=True)
         elif not built:

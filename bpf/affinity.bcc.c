@@ -2,7 +2,7 @@
 /*
  * Affinity tracker, bcc flavour: the twin of affinity.bpf.c (same maps, same logic),
  * for guests that carry bcc. `make -C bpf` inlines affinity.h into the copy it writes
- * to pvagent/bpfobj/affinity.bcc.c, because the host sends one self-contained source.
+ * to extpv/bpfobj/affinity.bcc.c, because the host sends one self-contained source.
  * License (bcc passes it to the kernel): Dual BSD/GPL.
  */
 #include "affinity.h"

@@ -7,5 +7,6 @@ service (``pvhost``, ``pvctl``) and the VM lab (``vmlab``) share besides lives h
 * :mod:`extpv.tomlconfig` — loading a TOML file into a pydantic model, one error policy;
 * :mod:`extpv.names` — the VM-name rule (runtime directories, cgroups, config keys);
 * :mod:`extpv.vcpus` — QEMU's vCPU threads from ``query-cpus-fast``;
-* :mod:`extpv.aio` — cancelling a child task without swallowing our own cancellation.
+* :mod:`extpv.aio` — cancelling a child task without swallowing our own cancellation;
+* :mod:`extpv.bpfobj` — the eBPF programs built from ``bpf/`` (the host injects them).
 """

@@ -7,7 +7,10 @@ Programs and tracker state outlive connections, so a host that reconnects gets a
 
 Routing rule (the contract): a ring buffer named ``pv_affinity`` carries
 ``struct pv_affinity_event`` and feeds the tracker; any other ring buffer's records are
-forwarded verbatim as ``ProgramEvent{data: {"raw": <hex>}}``.
+forwarded verbatim, undecoded (the host's service for the program knows their layout): in
+batches as ``ProgramRecords`` (bytes) to a host of protocol 3, one
+``ProgramEvent{data: {"raw": <hex>}}`` each to a host of protocol 2. The host may read any map
+of a program it loaded (``ReadMap`` → ``MapContents``, protocol 3) to resynchronise.
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ import json
 import logging
 import os
 import struct
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from pvagent import libbpf_ctypes
@@ -40,11 +43,16 @@ from pvproto import (
     GuestTopology,
     Hello,
     LoadProgram,
+    MapContents,
+    MapEntry,
     ProgramEvent,
     ProgramLoaded,
+    ProgramRecords,
     ProtocolError,
+    ReadMap,
     UnloadProgram,
 )
+from pvproto.messages import MAX_MAP_KEY_BYTES, MAX_MAP_VALUE_BYTES, MAX_RECORD_BYTES, MAX_RECORDS
 from pvproto.session import PeerSession, SessionClosed, SessionState
 
 __all__ = ["AFFINITY_RINGBUF", "Agent", "ProgramLimits"]
@@ -86,6 +94,12 @@ class _Running:
     sha256: str
     lost_seen: int = 0
     lost_check_due: bool = False
+    #: Records waiting for the end of this wake-up, per ring buffer (protocol 3).
+    batches: dict[str, list[bytes]] = field(default_factory=dict)
+    #: Records taken from each ring buffer so far (the next batch's ``first_seq``).
+    taken: dict[str, int] = field(default_factory=dict)
+    #: Records dropped since the last batch that went out (no host, or the host lagging).
+    lost: int = 0
 
 
 class _HostSession(PeerSession["Agent"]):
@@ -217,6 +231,12 @@ class Agent:
         elif isinstance(message, LoadProgram):
             reply = await self.load_program(message)
             session.send(reply.model_copy(update={"request_id": rid}))
+        elif isinstance(message, ReadMap):
+            answer = self.read_map(message)
+            if isinstance(answer, str):
+                session.reply_error(message, "bad-request", answer)
+            else:
+                session.send(answer.model_copy(update={"request_id": rid}))
         elif isinstance(message, UnloadProgram):
             if message.program_id not in self.programs:
                 session.reply_error(
@@ -331,13 +351,23 @@ class Agent:
                         log.warning("program %s: %s", pid, err)
                 return
             self._event_seq += 1
-            if self._conn is None or not self._conn.ready:
+            running = self.programs.get(pid)
+            conn = self._conn
+            if running is None or conn is None or not conn.ready:
                 self.dropped_events += 1
+                if running is not None:
+                    running.lost += 1
+            elif (conn.version or 0) >= 3:
+                # Batched until the end of this wake-up (_drain flushes), as bytes.
+                batch = running.batches.setdefault(ringbuf, [])
+                batch.append(record[:MAX_RECORD_BYTES])
+                if len(batch) >= MAX_RECORDS:
+                    self._flush(running)
             else:
                 event = ProgramEvent(
                     program_id=pid, seq=self._event_seq, data={"raw": record[:_MAX_RAW_EVENT].hex()}
                 )
-                if not self._conn.send(event, droppable=True):
+                if not conn.send(event, droppable=True):
                     self.dropped_events += 1
 
         return sink
@@ -351,6 +381,7 @@ class Agent:
             running.program.consume()
         except Exception:
             log.exception("program %s: event handling failed", pid)
+        self._flush(running)
         if self._records - before >= _STORM_BATCH:
             # A storm: stop waking up per record; let them gather for a moment (the ring
             # buffer holds seconds of them), then take them in one batch. Bounded delay.
@@ -361,6 +392,63 @@ class Agent:
             # At most one loss check per interval, however many wake-ups a storm causes.
             running.lost_check_due = True
             asyncio.get_running_loop().call_later(_LOST_CHECK_S, self._check_lost, running)
+
+    def _flush(self, running: _Running) -> None:
+        """Send the records gathered per ring buffer as ``ProgramRecords`` (protocol 3)."""
+        conn = self._conn
+        for ringbuf, records in running.batches.items():
+            if not records:
+                continue
+            first = running.taken.get(ringbuf, 0)
+            running.taken[ringbuf] = first + len(records)
+            batch = ProgramRecords(
+                program_id=running.program.program_id,
+                ringbuf=ringbuf,
+                first_seq=first,
+                records=records,
+                lost=running.lost,
+            )
+            if conn is not None and conn.ready and conn.send(batch, droppable=True):
+                running.lost = 0
+            else:
+                self.dropped_events += len(records)
+                running.lost += len(records)
+        running.batches.clear()
+
+    def read_map(self, request: ReadMap) -> MapContents | str:
+        """The entries of one map of a loaded program (for the host to resynchronise), or why
+        not. Hash and array maps with keys and values of at most 256 bytes."""
+        running = self.programs.get(request.program_id)
+        if running is None:
+            return f"no program {request.program_id!r} is loaded"
+        fd = running.program.map_fd(request.map)
+        if fd is None:
+            return f"program {request.program_id!r} has no map {request.map!r}"
+        info = libbpf_ctypes.fdinfo(fd)
+        try:
+            key_size, value_size = int(info["key_size"]), int(info["value_size"])
+        except (KeyError, ValueError):
+            return f"map {request.map!r} cannot be described (no fdinfo)"
+        if not 0 < key_size <= MAX_MAP_KEY_BYTES or not 0 < value_size <= MAX_MAP_VALUE_BYTES:
+            return (
+                f"map {request.map!r} has {key_size}-byte keys and {value_size}-byte values; "
+                f"at most {MAX_MAP_KEY_BYTES} and {MAX_MAP_VALUE_BYTES} can be read"
+            )
+        try:
+            keys = libbpf_ctypes.map_keys(fd, key_size, limit=request.max_entries + 1)
+            entries = []
+            for key in keys[: request.max_entries]:
+                value = libbpf_ctypes.map_lookup(fd, key, value_size)
+                if value is not None:  # deleted meanwhile
+                    entries.append(MapEntry(key=key, value=value))
+        except (OSError, AgentError) as err:
+            return f"cannot read map {request.map!r}: {err}"
+        return MapContents(
+            program_id=request.program_id,
+            map=request.map,
+            entries=entries,
+            truncated=len(keys) > request.max_entries,
+        )
 
     def _resume(self, pid: str, running: _Running) -> None:
         if self.programs.get(pid) is not running:

@@ -26,11 +26,17 @@ Example::
     [libvirt]                           # domains libvirt runs (docs/libvirt.md)
     enabled = false
     uri = "qemu:///system"
+    [services]                          # paravirtual services (plugins; docs/services.md)
+    enabled = ["affinity"]              # what runs in a VM whose own entry does not say
+    hook_timeout = 5.0                  # a service hook running longer fails the service
+    max_records_per_s = 20000           # guest program records per VM and second
+    [services.example]                  # a service's own settings (its Config model)
 
     [vms.db1]                           # VMs besides those found in runtime_dir
     qmp = "/run/db1/qmp.sock"
     agent = "/run/db1/agent.sock"
     policy = "ht-aware"
+    services = ["affinity"]             # this VM's services (default: services.enabled)
 """
 
 from __future__ import annotations
@@ -52,6 +58,7 @@ __all__ = [
     "PlacementConfig",
     "PolicyName",
     "ServiceConfig",
+    "ServicesConfig",
     "VmConfig",
     "load_config",
 ]
@@ -157,11 +164,41 @@ class PlacementConfig(_Strict):
         return parse_cpulist(self.pool) if self.pool.strip() else None
 
 
+ServiceName = Annotated[str, Field(pattern=r"^[a-z0-9][a-z0-9_-]{0,31}$")]
+
+
+class ServicesConfig(BaseModel):
+    """``[services]``: which paravirtual services run, and each one's own table
+    (``[services.NAME]``, validated by the service when pvhost starts)."""
+
+    model_config = ConfigDict(frozen=True, extra="allow")
+
+    enabled: Annotated[list[ServiceName], Field(max_length=64)] = ["affinity"]
+    hook_timeout: Annotated[float, Field(gt=0, le=600)] = 5.0
+    max_records_per_s: Annotated[float, Field(gt=0, le=10_000_000)] = 20_000.0
+    max_queued: Annotated[int, Field(ge=1, le=1_000_000)] = 256
+
+    @model_validator(mode="after")
+    def _tables(self) -> ServicesConfig:
+        for key, value in (self.model_extra or {}).items():
+            if not isinstance(value, dict):
+                raise ValueError(  # noqa: TRY004 - pydantic reports ValueErrors, not TypeErrors
+                    f"{key!r}: a service's settings are a table [services.{key}]"
+                )
+        return self
+
+    def tables(self) -> dict[str, dict[str, object]]:
+        """Each service's ``[services.NAME]`` table."""
+        return dict(self.model_extra or {})
+
+
 class VmConfig(_Strict):
     qmp: Path
     agent: Path
     policy: PolicyName | None = None
     quota: Annotated[int, Field(ge=0, le=8192)] | None = None
+    #: The services that run in this VM (None: ``[services] enabled``).
+    services: Annotated[list[ServiceName], Field(max_length=64)] | None = None
 
 
 class LibvirtConfig(_Strict):
@@ -177,6 +214,7 @@ class Config(_Strict):
     service: ServiceConfig = ServiceConfig()
     placement: PlacementConfig = PlacementConfig()
     libvirt: LibvirtConfig = LibvirtConfig()
+    services: ServicesConfig = ServicesConfig()
     vms: dict[VmName, VmConfig] = {}
 
 

@@ -2,7 +2,8 @@
 
 Request ``{"cmd": "status"}`` → response ``{"ok": true, "result": {...}}`` or
 ``{"ok": false, "error": "...", "hint": "..."}``. Commands: ``status``, ``verify``,
-``remap`` (vm, on), ``release`` (vm), ``program-load`` (vm, path), ``program-unload`` (vm, program).
+``remap`` (vm, on), ``release`` (vm), ``program-load`` (vm, path), ``program-unload`` (vm, program),
+``service-list``, ``service-enable`` / ``service-disable`` (vm, service).
 The socket is mode 0600 and every peer's uid is checked (SO_PEERCRED) to be 0.
 """
 
@@ -95,6 +96,14 @@ class ControlServer:
                 result = await svc.unload_program(
                     _field(req, "vm", str), _field(req, "program", str)
                 )
+            elif cmd == "service-list":
+                result = svc.service_list()
+            elif cmd in ("service-enable", "service-disable"):
+                vm, service = _field(req, "vm", str), _field(req, "service", str)
+                if cmd == "service-enable":
+                    result = await svc.service_enable(vm, service)
+                else:
+                    result = await svc.service_disable(vm, service)
             else:
                 return {"ok": False, "error": f"unknown command {cmd!r}"}
         except ValueError as err:  # BadRequest, or a line that is not JSON

@@ -22,6 +22,21 @@ __all__ = ["main"]
 DEFAULT_SOCKET = Path("/run/extpv/pvhost.sock")
 
 
+def format_services(result: dict[str, Any]) -> str:
+    """``pvctl service list``: every service found, then which runs in which VM."""
+    lines = []
+    for name, info in result["services"].items():
+        mark = "default" if info["default"] else ""
+        what = info["summary"] if info["usable"] else f"UNUSABLE: {info['error']}"
+        lines.append(f"{name:<16} {mark:<8} {what}")
+        lines.append(f"{'':<16} {'':<8} from {info['origin'] or 'nowhere'}")
+        for other in info.get("shadowed", []):
+            lines.append(f"{'':<16} {'':<8} ignored: another {name!r} from {other}")
+    for vm, states in result["vms"].items():
+        lines.append(f"VM {vm}: " + ", ".join(f"{s} {st}" for s, st in states.items()))
+    return "\n".join(lines)
+
+
 def report_verify(result: dict[str, Any]) -> None:
     """Print each drifted placement and exit 1 when any drifted; else say how many were checked."""
     findings = [Finding.model_validate(f) for f in result["findings"]]
@@ -74,6 +89,20 @@ def _build_parser() -> argparse.ArgumentParser:
         help="compiled object (*.bpf.o) or bcc source (*.c); "
         "for unload, the file or the program id",
     )
+    service = sub.add_parser(
+        "service",
+        help="paravirtual services (plugins): list them, enable or disable one for a VM",
+        description="`list` shows every service pvhost found (built-in and `extpv.services` "
+        "entry points) and its state in each VM; `enable`/`disable` switch one for a VM until "
+        "pvhost restarts (the config's [services] enabled and [vms.NAME] services persist it).",
+    )
+    service_sub = service.add_subparsers(dest="action", required=True)
+    service_list = service_sub.add_parser("list", help="services and where they run")
+    service_list.add_argument("--json", action="store_true", help="machine-readable output")
+    for action in ("enable", "disable"):
+        switch = service_sub.add_parser(action, help=f"{action} a service for a VM")
+        switch.add_argument("vm")
+        switch.add_argument("service")
     keygen = sub.add_parser(
         "keygen",
         help="create the Ed25519 key pair pvhost signs programs with (signing.key, signing.pem)",
@@ -132,6 +161,15 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"VM {args.vm}: program {result['unloaded']} unloaded")
         elif args.command == "libvirt":
             print(set_channel(args.uri, args.domain, args.action == "enable"))
+        elif args.command == "service":
+            if args.action == "list":
+                result = request(args.socket, {"cmd": "service-list"})
+                print(json.dumps(result, indent=2) if args.json else format_services(result))
+            else:
+                cmd = {"cmd": f"service-{args.action}", "vm": args.vm, "service": args.service}
+                result = request(args.socket, cmd)
+                print(f"VM {result['vm']}: service {result['service']} {result['state']}"
+                      f" (was {result['was']})")  # fmt: skip
         elif args.command == "keygen":
             return signing.keygen_command(args.dir, force=args.force)
         elif hasattr(args, "func"):

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+from collections.abc import Callable, Iterable, Iterator
 
 from prometheus_client import (
     CollectorRegistry,
@@ -20,7 +21,9 @@ from prometheus_client import (
     ProcessCollector,
     generate_latest,
 )
+from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
+from prometheus_client.registry import Collector
 
 from pvhost.errors import HostError
 from pvhost.refusal import RefusalCode
@@ -61,12 +64,53 @@ class Metrics:
             registry=self.registry,
         )
 
+        self.service_records = Counter(
+            "extpv_service_records",
+            "Ring-buffer records from guest programs handed to their service, per VM.",
+            ["vm", "service"],
+            registry=self.registry,
+        )
+        self.service_dropped = Counter(
+            "extpv_service_dropped",
+            "Guest program records dropped, per VM and reason (layout: not the service's "
+            "layout; rate: over max_records_per_s; backlog: the service is behind; unclaimed: "
+            "no enabled service owns the program).",
+            ["vm", "reason"],
+            registry=self.registry,
+        )
+        self.service_failures = Counter(
+            "extpv_service_failures",
+            "Times a service raised, hung or returned nonsense and was disabled for a VM.",
+            ["service"],
+            registry=self.registry,
+        )
+
+    def add_service_collector(self, source: Callable[[], Iterable[tuple[str, str, float]]]) -> None:
+        """Export ``(service, name, value)`` triples as ``extpv_service_value``."""
+        self.registry.register(_ServiceValues(source))
+
     def requests_of(self, vm: str) -> float:
         """AffinityUpdates received from ``vm`` so far."""
         return self.registry.get_sample_value("extpv_affinity_requests_total", {"vm": vm}) or 0.0
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
+
+
+class _ServiceValues(Collector):
+    def __init__(self, source: Callable[[], Iterable[tuple[str, str, float]]]) -> None:
+        self._source = source
+
+    def collect(self) -> Iterator[Metric]:
+        family = GaugeMetricFamily(
+            "extpv_service_value", "A value a service exports.", labels=["service", "name"]
+        )
+        for service, name, value in self._source():
+            family.add_metric([service, name], value)
+        yield family
+
+    def describe(self) -> Iterator[Metric]:
+        return iter(())  # collected lazily: the services' names are not known in advance
 
 
 async def serve_metrics(metrics: Metrics, host: str, port: int) -> asyncio.Server:

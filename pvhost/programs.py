@@ -1,7 +1,8 @@
 """Programs the host injects: where their bytes come from and how they are signed.
 
-The affinity program is the agent's compiled object (``pvagent.bpfobj.read("affinity.bpf.o")``,
-built by ``make -C bpf``) unless the config names a file. Signatures come from
+The affinity program is the compiled object ``extpv.bpfobj.read("affinity.bpf.o")`` (built by
+``make -C bpf`` into a package of neither daemon: the host never imports the agent) unless the
+config names a file. Signatures come from
 ``pvhost.signing`` (Ed25519) when the signing key exists; otherwise the program goes
 unsigned and only a guest configured with ``trust = "any"`` will load it.
 
@@ -20,8 +21,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from pvagent import bpfobj
-from pvagent.errors import ObjectMissing
+from extpv import bpfobj
+from extpv.bpfobj import ObjectMissing
 from pvhost import signing
 from pvhost.errors import ChannelError
 from pvproto import LoadProgram, ProgramKind, program_envelope

@@ -1,4 +1,5 @@
-"""Token bucket: how many AffinityUpdates per second one VM may make the host apply."""
+"""Token bucket: how many AffinityUpdates (or service records) per second one VM may make the
+host handle."""
 
 from __future__ import annotations
 
@@ -30,3 +31,11 @@ class TokenBucket:
         while (wait := self.delay()) > 0:
             await asyncio.sleep(wait)
         self._tokens -= 1
+
+    def try_take(self, count: int = 1) -> bool:
+        """Consume ``count`` tokens if they are there now; never waits."""
+        self._refill()
+        if self._tokens < count:
+            return False
+        self._tokens -= count
+        return True

@@ -8,6 +8,11 @@ channel) ever runs under the lock, so one VM cannot slow another's placements.
 The service owns each VM's :class:`VmRecord` (policy, quota, remap switch, the guest's
 latest wish and the answer it got); the VM's :class:`~pvhost.session.VmSession` owns its
 connections and is driven only through the operations it exposes.
+
+What runs in each VM is chosen per VM among the paravirtual services (:mod:`pvhost.services`,
+plugins found through the ``extpv.services`` entry points); this placement engine is the host
+side of the built-in one, ``affinity``, which answers the guest's ``AffinityUpdate`` only
+while that service is enabled for the VM.
 """
 
 from __future__ import annotations
@@ -32,10 +37,11 @@ from pvhost.metrics import Metrics
 from pvhost.placement import PlacementBackend, detect_backend
 from pvhost.placement.libvirt import LibvirtPlacement
 from pvhost.policy import HostPool, Plan, VmView, eligible_cpus, guest_sibling_groups, plan
-from pvhost.programs import SignedAffinityProgram, program_from_file, sign_program
+from pvhost.programs import program_from_file, sign_program
 from pvhost.qmp import QmpMonitor, qemu_pid_of
 from pvhost.refusal import Refusal, RefusalCode
 from pvhost.registry import DirWatcher, VmSpec, scan_vms
+from pvhost.services import ServiceContext, ServiceManager, ServicesSettings, discover
 from pvhost.session import Monitor, VmSession
 from pvhost.topology import HostTopology, read_host_topology
 from pvproto import AffinityResult, AffinityUpdate, VcpuPlacement
@@ -97,8 +103,8 @@ class Service:
             tuple(placement.isolate_from),
         )
         self.metrics = metrics or Metrics()
-        self._program = SignedAffinityProgram(
-            config.service.affinity_program, config.service.signing_key
+        self.services = ServiceManager(
+            discover(), _services_settings(config), self._service_context, self.metrics
         )
         self.vms: dict[str, VmRecord] = {}
         self._lock = asyncio.Lock()
@@ -117,6 +123,13 @@ class Service:
             self.libvirt_placement = LibvirtPlacement(
                 self.libvirt, config.service.state_dir / "libvirt.json"
             )
+
+    def _service_context(self, name: str) -> ServiceContext:
+        return ServiceContext(
+            signing_key=self.config.service.signing_key,
+            log=logging.getLogger(f"pvhost.services.{name}"),
+            host=self,
+        )
 
     @property
     def sessions(self) -> dict[str, VmSession]:
@@ -149,6 +162,7 @@ class Service:
             if name in self.adopted:
                 first = next(iter(monitor.vcpus.values()))
                 self._adopted_attach[name] = (qemu_pid_of(first.tid), _tids(monitor.vcpus))
+        await self.services.reconcile(specs)
         for name, spec in specs.items():
             self._start_session(spec, monitors.get(name))
         runtime = self.config.service.runtime_dir
@@ -196,6 +210,7 @@ class Service:
             await self.libvirt.stop()
         async with self._lock:
             await asyncio.to_thread(self.backend.teardown)
+        await self.services.close()
 
     def rescan(self) -> None:
         if self._stopping:
@@ -258,14 +273,16 @@ class Service:
             applier=self.apply,
             on_gone=self.vm_gone,
             on_vcpus_changed=self.vcpus_changed,
-            program=self._program,
+            program=None,
             rate=placement.rate,
             burst=placement.burst,
             max_backoff=self.config.service.max_backoff,
             keepalive=self.config.service.keepalive,
             monitor=new_monitor,
             port_events=spec.libvirt is None,
+            services=self.services,
         )
+        self.services.add_vm(session)
         policy = spec.policy or placement.policy
         task = asyncio.get_running_loop().create_task(session.run(monitor), name=f"vm-{spec.name}")
         self.vms[spec.name] = VmRecord(
@@ -305,15 +322,26 @@ class Service:
                 # A session that died of an error must not stop the undo of its VM, of the
                 # other VMs, or of extpv's own cgroup (stop() runs this for every VM).
                 _log.exception("%s: the VM's session had ended with an error", name)
-            await self._undo(name, vm)
+            await self.services.vm_gone(name)
+            await self._undo(name, vm)  # also when the affinity service failed for the VM
         finally:
+            await self.services.remove_vm(name)
             del self.vms[name]
             self.metrics.vms.set(len(self.vms))
         self.rescan()
 
     async def vm_gone(self, name: str) -> None:
-        """The VM's QEMU went away (QMP closed): undo all its placements."""
-        await self._undo(name, self.vms.get(name))
+        """The VM's QEMU went away (QMP closed): each of its services undoes its part (the
+        affinity service: all its placements, :meth:`undo_placements`)."""
+        await self.services.vm_gone(name)
+
+    async def undo_placements(self, name: str, *, forget_wish: bool = False) -> None:
+        """Undo every placement of VM ``name`` (``forget_wish``: the affinity service was
+        disabled for it, so a later remap or hot-plug places nothing)."""
+        vm = self.vms.get(name)
+        if forget_wish and vm is not None:
+            vm.wanted, vm.last_seq, vm.last_result = [], None, []
+        await self._undo(name, vm)
 
     async def _undo(self, name: str, vm: VmRecord | None) -> None:
         async with self._lock:
@@ -369,6 +397,11 @@ class Service:
         """
         self.metrics.requests.labels(vm=name).inc()
         vm = self._vm(name)
+        if not self.services.enabled(name, "affinity"):
+            raise GuestRequestError(
+                f"the affinity service is not enabled for VM {name} "
+                f"(pvctl service enable {name} affinity)"
+            )
         await self._check_size(vm, update)
         vm.wanted, vm.last_seq = list(update.wanted), update.seq
         vm.last_request_at = time.monotonic()
@@ -532,6 +565,15 @@ class Service:
         vm.session.unload_program(program_id)
         return {"vm": name, "unloaded": program_id}
 
+    def service_list(self) -> dict[str, Any]:
+        return self.services.catalogue()
+
+    async def service_enable(self, name: str, service: str) -> dict[str, Any]:
+        return await self.services.enable(name, service)
+
+    async def service_disable(self, name: str, service: str) -> dict[str, Any]:
+        return await self.services.disable(name, service)
+
     def _count_pinned(self) -> None:
         self.metrics.pinned.set(sum(len(p) for p in self._all_pins().values()))
 
@@ -554,6 +596,7 @@ class Service:
                 else round(time.monotonic() - vm.last_request_at, 1),
                 "result": [p.model_dump() for p in vm.last_result],
                 "placements": placed_vms.get(name, {}),
+                "services": self.services.describe(name),
             }
         return {
             "backend": self.backend.name,
@@ -581,3 +624,15 @@ class Service:
 
 def _tids(vcpus: dict[int, Any]) -> tuple[tuple[int, int], ...]:
     return tuple(sorted((i, v.tid) for i, v in vcpus.items()))
+
+
+def _services_settings(config: Config) -> ServicesSettings:
+    services = config.services
+    return ServicesSettings(
+        default=tuple(services.enabled),
+        per_vm={n: tuple(v.services) for n, v in config.vms.items() if v.services is not None},
+        tables=services.tables(),
+        hook_timeout=services.hook_timeout,
+        max_records_per_s=services.max_records_per_s,
+        max_queued=services.max_queued,
+    )

@@ -8,17 +8,21 @@ and when the VM went away (``on_gone``), and offers the operations the service n
 Channel protocol (docs/interfaces.md, docs/session.md): the shared
 :class:`pvproto.session.PeerSession` does Hello, negotiation, liveness and error replies;
 on every guest Hello the host injects what the guest should run (``LoadProgram``): the
-affinity program, and every program the operator loaded into this VM (``pvctl program load``)
-and did not unload — the operator's program replaces the default under the same id, so a
-guest that recorded the operator's newer version is never sent the older one again (which it
-would refuse as a replay). The host answers
-every ``AffinityUpdate`` with an ``AffinityResult`` of the same ``seq``. Updates are applied
-at most ``rate`` per second (token bucket); updates that arrive meanwhile coalesce to the
-newest, and each superseded one is answered compactly (its ``seq``, no placements: the newest
-one's answer follows), so a hostile guest can neither make the host spin nor go unanswered.
-A request the host refuses as a whole (more vCPUs wanted than the VM has) is answered with
-``Error{bad-request}``. Only ``ProgramLoaded`` verdicts on programs the host sent are kept,
-and what the guest can make the host log is rate-limited per VM (:mod:`pvhost.logthrottle`).
+programs of the services enabled for this VM (:mod:`pvhost.services`; affinity by default),
+and every program the operator loaded into this VM (``pvctl program load``) and did not
+unload — the operator's program replaces the default under the same id, so a guest that
+recorded the operator's newer version is never sent the older one again (which it would
+refuse as a replay). The host answers every ``AffinityUpdate`` with an ``AffinityResult`` of
+the same ``seq``. Updates are applied at most ``rate`` per second (token bucket); updates that
+arrive meanwhile coalesce to the newest, and each superseded one is answered compactly (its
+``seq``, no placements: the newest one's answer follows), so a hostile guest can neither make
+the host spin nor go unanswered. A request the host refuses as a whole (more vCPUs wanted than
+the VM has) is answered with ``Error{bad-request}``. Records of the guest's programs
+(``ProgramRecords`` batches from agents of protocol 3, ``ProgramEvent`` with one hex record
+from agents of protocol 2) go to the service that owns the program, which decodes them
+(:meth:`pvhost.services.ServiceManager.records`, bounded per VM). Only ``ProgramLoaded``
+verdicts on programs the host sent are kept, and what the guest can
+make the host log is rate-limited per VM (:mod:`pvhost.logthrottle`).
 
 The guest's agent can go away and come back while QEMU's socket chardev stays connected
 (docs/session.md draws what each side does): QEMU's ``VSERPORT_CHANGE`` events tell the
@@ -47,6 +51,7 @@ from pvhost.logthrottle import LogThrottle
 from pvhost.programs import SignedProgram
 from pvhost.qmp import QmpMonitor
 from pvhost.ratelimit import TokenBucket
+from pvhost.services.manager import ServiceManager
 from pvproto import (
     SUPPORTED_VERSIONS,
     AffinityResult,
@@ -55,9 +60,12 @@ from pvproto import (
     Error,
     GuestTopology,
     Hello,
+    MapContents,
     ProgramEvent,
     ProgramLoaded,
+    ProgramRecords,
     ProtocolError,
+    ReadMap,
     UnloadProgram,
 )
 from pvproto.session import PeerSession, PeerSilent, SessionClosed, SessionState
@@ -177,6 +185,7 @@ class VmSession:
         keepalive: tuple[float, float] | None = DEFAULT_KEEPALIVE,
         monitor: Callable[[], Monitor] | None = None,
         port_events: bool = True,
+        services: ServiceManager | None = None,
     ) -> None:
         self.name = name
         #: Makes the VM's monitor (a QMP connection unless told otherwise: libvirt domains).
@@ -192,6 +201,8 @@ class VmSession:
         self._on_gone = on_gone
         self._on_vcpus_changed = on_vcpus_changed
         self._program = program
+        #: The paravirtual services: what to inject, and who takes the guest's records.
+        self._services = services
         self._bucket = TokenBucket(rate, burst)
         self._max_backoff = max_backoff
         self._channel: _GuestChannel | None = None
@@ -199,6 +210,8 @@ class VmSession:
         self._superseded: list[int] = []
         self._wake = asyncio.Event()
         self._waiters: dict[int, asyncio.Future[ProgramLoaded]] = {}
+        #: ReadMap requests waiting for their MapContents, by request id.
+        self._map_waiters: dict[int, asyncio.Future[MapContents]] = {}
         #: Programs the operator loaded into this VM, by id: re-injected at every Hello.
         self._operator_programs: dict[str, SignedProgram] = {}
         self._keepalive = keepalive
@@ -218,6 +231,19 @@ class VmSession:
             with contextlib.suppress(QmpError):
                 await self._monitor.refresh()
         return self.vcpus
+
+    @property
+    def topology(self) -> GuestTopology | None:
+        """The guest's CPUs as its agent last said (a service's view of the VM)."""
+        return self.status.guest_topology
+
+    @property
+    def protocol_version(self) -> int | None:
+        """The version negotiated with the agent now (None: no agent ready)."""
+        channel = self._channel
+        if channel is None or channel.state is not SessionState.READY:
+            return None
+        return channel.version
 
     def send(self, message: BaseMessage) -> None:
         if self._channel is None or not self._channel.send(message):
@@ -323,7 +349,10 @@ class VmSession:
         self.status.programs.clear()
         for waiter in self._waiters.values():
             waiter.cancel()
+        for map_waiter in self._map_waiters.values():
+            map_waiter.cancel()
         self._waiters.clear()
+        self._map_waiters.clear()
 
     async def _channel_loop(self) -> None:
         backoff = Backoff(self._max_backoff)
@@ -402,9 +431,12 @@ class VmSession:
             self.status.programs[program.program_id] = "loading"
             with contextlib.suppress(ChannelError):
                 self.send(program.message(request_id=self._next_id()))
+        if self._services is not None:
+            self._services.ready(self.name)
 
     def _programs_to_inject(self) -> list[SignedProgram]:
-        """What the guest should run: the default program, unless the operator replaced it."""
+        """What the guest should run: the default program and the enabled services'
+        programs, each unless the operator replaced it under its id."""
         programs: dict[str, SignedProgram] = {}
         if self._program is not None:
             try:
@@ -412,6 +444,8 @@ class VmSession:
                 programs[default.program_id] = default
             except Exception as err:
                 self.status.programs["affinity"] = f"not injected: {err}"
+        if self._services is not None:
+            programs.update((p.program_id, p) for p in self._services.programs(self.name))
         programs.update(self._operator_programs)
         return list(programs.values())
 
@@ -436,12 +470,38 @@ class VmSession:
             waiter = self._waiters.pop(message.request_id, None)
             if waiter is not None and not waiter.done():
                 waiter.set_result(message)
+        elif isinstance(message, ProgramRecords):
+            if self._services is not None:
+                if message.lost:
+                    self._services.lost_records(self.name, message.lost)
+                self._services.records(self.name, message.program_id, message.records)
         elif isinstance(message, ProgramEvent):
-            pass  # no host-side consumer for generic program events yet
+            self._program_event(message)
+        elif isinstance(message, MapContents):
+            map_waiter = self._map_waiters.pop(message.request_id, None)
+            if map_waiter is not None and not map_waiter.done():
+                map_waiter.set_result(message)
+        elif self._services is not None and self._services.message(self.name, message):
+            pass  # a service takes it
         else:
             channel.reply_error(
                 message, "bad-request", f"{type(message).__name__} is not for the host"
             )
+
+    def _program_event(self, event: ProgramEvent) -> None:
+        """A protocol-2 agent's record: ``data = {"raw": HEX}`` (the agent's routing rule)."""
+        if self._services is None:
+            return
+        raw = event.data.get("raw")
+        record = None
+        # A protocol-2 agent cuts records at 4096 bytes: anything longer is not its.
+        if isinstance(raw, str) and len(event.data) == 1 and len(raw) <= 2 * 4096:
+            with contextlib.suppress(ValueError):
+                record = bytes.fromhex(raw)
+        if record is None:
+            self._services.bad_records(self.name)
+        else:
+            self._services.records(self.name, event.program_id, [record])
 
     def _next_id(self) -> int:
         if self._channel is None:
@@ -501,6 +561,44 @@ class VmSession:
             return verdict
         finally:
             self._waiters.pop(request_id, None)
+
+    async def read_map(
+        self, program_id: str, map_name: str, *, max_entries: int = 1024, timeout: float = 5.0
+    ) -> MapContents:
+        """The entries of map ``map_name`` of a program loaded in the guest (protocol 3)."""
+        version = self.protocol_version
+        if version is None or version < 3:
+            raise ChannelError(
+                f"VM {self.name}: the guest agent speaks protocol {version}; reading a "
+                "program's map needs protocol 3"
+            )
+        request_id = self._next_id()
+        waiter: asyncio.Future[MapContents] = asyncio.get_running_loop().create_future()
+        self._map_waiters[request_id] = waiter
+        try:
+            self.send(
+                ReadMap(
+                    program_id=program_id,
+                    map=map_name,
+                    max_entries=max_entries,
+                    request_id=request_id,
+                )
+            )
+            async with asyncio.timeout(timeout):
+                contents = await waiter
+        except TimeoutError as err:
+            raise ChannelError(
+                f"VM {self.name}: no MapContents for {program_id}/{map_name} within {timeout:g} s"
+            ) from err
+        except asyncio.CancelledError as err:
+            if being_cancelled():
+                raise
+            raise ChannelError(f"VM {self.name}: the channel closed while reading a map") from err
+        finally:
+            self._map_waiters.pop(request_id, None)
+        if contents.program_id != program_id or contents.map != map_name:
+            raise ChannelError(f"VM {self.name}: the guest answered another map than asked")
+        return contents
 
     def unload_program(self, program_id: str) -> None:
         self.send(UnloadProgram(program_id=program_id, request_id=self._next_id()))

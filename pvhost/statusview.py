@@ -85,6 +85,13 @@ def _vm_lines(status: dict[str, Any], name: str, vm: dict[str, Any]) -> list[str
     lines += [f"  vCPU {v} refused: {reason}" for v, reason in sorted(refused.items())]
     for prog, state in vm.get("programs", {}).items():
         lines.append(f"  program {prog}: {state}")
+    # Services: only what is not running as configured (`pvctl service list` shows them all).
+    for service, info in vm.get("services", {}).items():
+        if service == "_dropped":
+            dropped = ", ".join(f"{n} {reason}" for reason, n in sorted(info.items()))
+            lines.append(f"  service records dropped: {dropped}")
+        elif info.get("state") != "enabled":
+            lines.append(f"  service {service}: {info.get('state')}")
     return lines
 
 

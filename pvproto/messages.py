@@ -30,17 +30,29 @@ __all__ = [
     "GuestTopology",
     "Hello",
     "LoadProgram",
+    "MapContents",
+    "MapEntry",
     "Message",
     "Ping",
     "Pong",
     "ProgramEvent",
     "ProgramKind",
     "ProgramLoaded",
+    "ProgramRecords",
+    "ReadMap",
     "ThreadRequest",
     "UnloadProgram",
     "VcpuPlacement",
     "program_envelope",
 ]
+
+#: Bounds of the protocol-3 record and map messages (one frame stays under MAX_BODY_SIZE with
+#: base64: 256 records x 2 KiB, or 1024 map entries x (256 B key + 256 B value)).
+MAX_RECORDS = 256
+MAX_RECORD_BYTES = 2048
+MAX_MAP_ENTRIES = 1024
+MAX_MAP_KEY_BYTES = 256
+MAX_MAP_VALUE_BYTES = 256
 
 #: Largest program payload: base64 (4/3) of it plus the envelope fits in MAX_BODY_SIZE.
 MAX_PAYLOAD_BYTES = 700 * 1024
@@ -245,6 +257,63 @@ class ProgramEvent(BaseMessage):
     data: Annotated[dict[Annotated[str, Field(max_length=64)], EventValue], Field(max_length=64)]
 
 
+MapName = Annotated[str, Field(pattern=r"^[A-Za-z_][A-Za-z0-9_.]{0,63}$")]
+
+
+class ProgramRecords(BaseMessage):
+    """Guest → host (protocol 3): a batch of ring-buffer records of one loaded program, as
+    bytes; the host's service for the program decodes them (the agent knows no layouts).
+
+    ``first_seq`` numbers the batch's first record (the agent counts every record it takes
+    from any ring buffer); ``lost`` counts the program's records the agent dropped since its
+    previous batch (no host connected, or a host too slow to read them).
+    """
+
+    TYPE_CODE: ClassVar[int] = 20
+    type: Literal["program-records"] = "program-records"
+    program_id: ProgramId
+    ringbuf: MapName
+    first_seq: Annotated[int, Field(ge=0, le=2**63 - 1)]
+    records: Annotated[
+        list[Annotated[bytes, Field(max_length=MAX_RECORD_BYTES)]],
+        Field(min_length=1, max_length=MAX_RECORDS),
+    ]
+    lost: Annotated[int, Field(ge=0, le=2**63 - 1)] = 0
+
+
+class ReadMap(BaseMessage):
+    """Host → guest (protocol 3): the entries of one map of a loaded program (a service
+    resynchronises from the kernel's own table after it lost records). Answered with
+    ``MapContents`` echoing the request id, or ``Error{bad-request}``."""
+
+    TYPE_CODE: ClassVar[int] = 21
+    type: Literal["read-map"] = "read-map"
+    program_id: ProgramId
+    map: MapName
+    max_entries: Annotated[int, Field(ge=1, le=MAX_MAP_ENTRIES)] = MAX_MAP_ENTRIES
+
+
+class MapEntry(BaseModel):
+    model_config = ConfigDict(
+        frozen=True, extra="forbid", ser_json_bytes="base64", val_json_bytes="base64"
+    )
+
+    key: Annotated[bytes, Field(max_length=MAX_MAP_KEY_BYTES)]
+    value: Annotated[bytes, Field(max_length=MAX_MAP_VALUE_BYTES)]
+
+
+class MapContents(BaseMessage):
+    """Guest → host (protocol 3): the answer to ``ReadMap`` (a snapshot: the map may change
+    while it is read). ``truncated``: the map holds more than ``max_entries``."""
+
+    TYPE_CODE: ClassVar[int] = 22
+    type: Literal["map-contents"] = "map-contents"
+    program_id: ProgramId
+    map: MapName
+    entries: Annotated[list[MapEntry], Field(max_length=MAX_MAP_ENTRIES)]
+    truncated: bool = False
+
+
 class ThreadRequest(BaseModel):
     """One live guest thread whose affinity mask is a strict subset of the online vCPUs."""
 
@@ -321,6 +390,9 @@ Message = Annotated[
     | ProgramLoaded
     | UnloadProgram
     | ProgramEvent
+    | ProgramRecords
+    | ReadMap
+    | MapContents
     | AffinityUpdate
     | AffinityResult,
     Field(discriminator="type"),
@@ -338,6 +410,9 @@ MESSAGE_TYPES: dict[int, type[BaseMessage]] = {
         ProgramLoaded,
         UnloadProgram,
         ProgramEvent,
+        ProgramRecords,
+        ReadMap,
+        MapContents,
         AffinityUpdate,
         AffinityResult,
     )

@@ -12,9 +12,13 @@ __all__ = ["PROTOCOL_VERSION", "SUPPORTED_VERSIONS", "negotiate"]
 #: 2: ``LoadProgram`` carries ``version`` and its signature covers the program envelope
 #: (id, kind, digest, version), not the bare payload. Version 1 is not spoken any more: a
 #: v1 agent would accept payload-only signatures, which can be replayed under any id.
-PROTOCOL_VERSION = 2
+#: 3: the generic agent's messages: ``ProgramRecords`` (a program's ring-buffer records, in
+#: batches, as bytes) and ``ReadMap``/``MapContents``. A side sends them only in a session of
+#: version 3; with a peer of version 2 (an agent image built before them) it falls back to
+#: one ``ProgramEvent{data: {"raw": HEX}}`` per record and no map reads.
+PROTOCOL_VERSION = 3
 #: Every version this software can read and write.
-SUPPORTED_VERSIONS: tuple[int, ...] = (2,)
+SUPPORTED_VERSIONS: tuple[int, ...] = (2, 3)
 
 
 def negotiate(ours: Iterable[int], theirs: Iterable[int]) -> int:

@@ -25,7 +25,7 @@ __all__ = ["PvhostDaemon"]
 
 CPUSET_V1 = Path("/sys/fs/cgroup/cpuset")
 #: The affinity program this checkout's agent wheel (and so the test image) was built with.
-CHECKOUT_AFFINITY_PROGRAM = CHECKOUT / "pvagent" / "bpfobj" / "affinity.bpf.o"
+CHECKOUT_AFFINITY_PROGRAM = CHECKOUT / "extpv" / "bpfobj" / "affinity.bpf.o"
 
 
 class PvhostDaemon:

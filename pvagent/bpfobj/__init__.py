@@ -1,32 +1,26 @@
-"""The agent's built-in eBPF programs, built by ``make -C bpf`` into this package.
+"""The built eBPF programs, as the agent sees them (they live in :mod:`extpv.bpfobj`).
 
-``read("affinity.bpf.o")`` returns the CO-RE object, ``read("affinity.bcc.c")`` the
-self-contained bcc source. The host reads the object it injects from here too.
+Kept so that ``pvagent trace`` and agent code raise the agent's own
+:class:`~pvagent.errors.ObjectMissing`; the objects themselves are built into the neutral
+package that the host also reads, so the host never imports the agent.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
+from extpv import bpfobj as _built
 from pvagent.errors import ObjectMissing
 
 __all__ = ["path", "read"]
 
-_HERE = Path(__file__).resolve().parent
-
 
 def path(name: str) -> Path:
     """Path of the built program ``name`` (e.g. ``"affinity.bpf.o"``); it must exist."""
-    if "/" in name or name.startswith("."):
-        raise ObjectMissing(f"{name!r} is not a program file name")
-    found = _HERE / name
-    if not found.is_file():
-        built = sorted(p.name for p in _HERE.iterdir() if p.suffix in {".o", ".c"})
-        raise ObjectMissing(
-            f"eBPF program {name!r} is not built (have: {', '.join(built) or 'nothing'}); "
-            "hint: run `make -C bpf` in the source tree (./dev setup does it)"
-        )
-    return found
+    try:
+        return _built.path(name)
+    except _built.ObjectMissing as err:
+        raise ObjectMissing(str(err)) from err
 
 
 def read(name: str) -> bytes:

@@ -1,0 +1,152 @@
+"""An agent built before services existed runs a new service unchanged (issue #12).
+
+The agent is the code of the last commit before services as plugins (``PREVIOUS_AGENT``: its
+pvagent, pvproto and extpv, taken from git), run as its daemon (``pvagent run --unix``) on
+this host's kernel; pvhost is this checkout's, with a service the old agent never heard of
+(``echobpf``, a test distribution on sys.path; its program is real eBPF). Between them a
+byte relay plays QEMU's chardev. The old agent speaks protocol 2 and forwards the unknown ring
+buffer's records as hex ``ProgramEvent``s; the new service must get every one, decoded.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import subprocess
+import sys
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+
+from pvhost import signing
+from pvhost.config import ServicesConfig
+from pvhost.service import Service
+from tests import plugindist
+from tests.integration.hostrun import service_config
+from vmlab import VirtualMachine
+
+pytestmark = [pytest.mark.root, pytest.mark.ebpf, pytest.mark.vm]
+
+ROOT = Path(__file__).resolve().parents[2]
+#: The last commit whose agent predates services (protocol 2 only).
+PREVIOUS_AGENT = "fef00c3"
+CALLS = 40
+
+
+def old_agent(into: Path) -> Path:
+    """The agent's packages as of PREVIOUS_AGENT, extracted from git into ``into``."""
+    archive = subprocess.run(
+        ["git", "-C", str(ROOT), "archive", PREVIOUS_AGENT, "pvagent", "pvproto", "extpv"],
+        capture_output=True,
+        check=False,
+    )
+    if archive.returncode != 0:
+        pytest.fail(f"cannot take the old agent from git: {archive.stderr.decode()[:300]}")
+    into.mkdir()
+    subprocess.run(["tar", "-x", "-C", str(into)], input=archive.stdout, check=True)
+    return into
+
+
+@contextlib.asynccontextmanager
+async def relay(host_side: Path, guest_side: Path) -> AsyncIterator[None]:
+    """QEMU's chardev, played: the agent connects to ``guest_side``, pvhost to
+    ``host_side``; bytes are copied both ways while both are connected."""
+    guest: asyncio.Queue[tuple[asyncio.StreamReader, asyncio.StreamWriter]] = asyncio.Queue()
+    pumps: set[asyncio.Task[None]] = set()
+
+    async def pump(src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
+        with contextlib.suppress(OSError):
+            while data := await src.read(65536):
+                dst.write(data)
+                await dst.drain()
+        dst.close()
+
+    async def on_guest(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        await guest.put((r, w))
+
+    async def on_host(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        gr, gw = await guest.get()
+        for task in (pump(r, gw), pump(gr, w)):
+            pumps.add(asyncio.create_task(task))
+
+    servers = [
+        await asyncio.start_unix_server(on_guest, str(guest_side)),
+        await asyncio.start_unix_server(on_host, str(host_side)),
+    ]
+    try:
+        yield
+    finally:
+        for server in servers:
+            server.close()
+        for task in pumps:
+            task.cancel()
+        await asyncio.gather(*pumps, return_exceptions=True)
+
+
+def test_an_agent_older_than_services_runs_a_new_service(
+    tmp_path: Path, qemu: VirtualMachine, cpuset_group: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    old = old_agent(tmp_path / "old")
+    assert "SUPPORTED_VERSIONS: tuple[int, ...] = (2,)" in (old / "pvproto/version.py").read_text()
+    monkeypatch.syspath_prepend(str(plugindist.install(tmp_path / "site")))
+    obj = plugindist.build_echo(tmp_path, os.getpid())
+    private, public = signing.generate_keypair(tmp_path / "keys")
+    trusted = tmp_path / "trusted.d"
+    trusted.mkdir()
+    (trusted / "host.pem").write_bytes(public.read_bytes())
+    agent_config = tmp_path / "pvagent.toml"
+    agent_config.write_text(f'trusted_dir = "{trusted}"\nstate_dir = ""\nplacement_file = ""\n')
+    base = service_config(tmp_path, qemu, cpuset_group)
+    config = base.model_copy(
+        update={
+            "service": base.service.model_copy(update={"signing_key": private}),
+            "services": ServicesConfig.model_validate(
+                {"enabled": ["echobpf"], "echobpf": {"object": str(obj)}}
+            ),
+        }
+    )
+    guest_sock = tmp_path / "guest.sock"
+
+    async def scenario() -> None:
+        async with relay(qemu.dir / "agent.sock", guest_sock):
+            agent = await asyncio.create_subprocess_exec(
+                sys.executable, "-m", "pvagent", "run", "--unix", str(guest_sock),
+                "--config", str(agent_config),
+                env={**os.environ, "PYTHONPATH": str(old)},
+                cwd=old,  # `-m` puts the working directory first on sys.path
+                stderr=open(tmp_path / "agent.log", "wb"),  # noqa: SIM115 - closed with the process
+            )  # fmt: skip
+            service = Service(config)
+            await service.start()
+            try:
+
+                def vm() -> dict[str, object]:
+                    return service.status()["vms"]["t"]  # type: ignore[no-any-return]
+
+                async with asyncio.timeout(60):
+                    while vm()["programs"] != {"echobpf": "loaded"}:
+                        await asyncio.sleep(0.05)
+                assert vm()["protocol_version"] == 2
+                assert vm()["guest"] == "pvagent 0.1.0"
+                for _ in range(CALLS):
+                    os.getppid()
+                async with asyncio.timeout(10):
+                    while len(vm()["services"]["echobpf"]["status"]["events"]) < CALLS:  # type: ignore[index]
+                        await asyncio.sleep(0.05)
+                services = vm()["services"]
+                assert services["echobpf"] == {  # type: ignore[index]
+                    "state": "enabled",
+                    "status": {"events": list(range(1, CALLS + 1))},
+                }
+                assert "_dropped" not in services  # type: ignore[operator]
+            finally:
+                await service.stop()
+                agent.terminate()
+                await asyncio.wait_for(agent.wait(), 15)
+
+    try:
+        asyncio.run(scenario())
+    finally:
+        print((tmp_path / "agent.log").read_text()[-3000:], file=sys.stderr)

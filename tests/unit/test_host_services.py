@@ -1,0 +1,76 @@
+"""Services are found through entry points (issue #12): a distribution on sys.path with an
+``extpv.services`` entry point is a service pvhost can run; one that cannot load is listed
+with its error and breaks nothing else."""
+
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+
+import pytest
+
+from pvhost.config import Config
+from pvhost.errors import ConfigError
+from pvhost.metrics import Metrics
+from pvhost.services import ENTRY_POINT_GROUP, ServiceContext, ServiceManager, discover
+from pvhost.services.affinity import AffinityService
+from pvhost.services.manager import ServicesSettings
+from tests import plugindist
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture
+def installed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    directory = plugindist.install(tmp_path / "site")
+    monkeypatch.syspath_prepend(str(directory))
+    return directory
+
+
+def test_entry_points_are_discovered_and_broken_ones_listed(installed: Path) -> None:
+    found = discover()
+    assert found["affinity"].plugin is AffinityService
+    assert found["echo"].plugin is not None
+    assert found["echo"].plugin.__module__ == plugindist.MODULE
+    assert found["echo"].origin.startswith("extpv-test-services 0.1")
+    assert found["noimport"].plugin is None
+    assert "DoesNotExist" in found["noimport"].error
+
+
+def test_pyproject_declares_affinity_as_an_entry_point() -> None:
+    """The built-in service is declared like any other, so an installed extpv lists it."""
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    target = project["entry-points"][ENTRY_POINT_GROUP]["affinity"]
+    module, _, attr = target.partition(":")
+    assert (module, attr) == (AffinityService.__module__, AffinityService.__name__)
+
+
+def _manager(tables: dict[str, dict[str, object]]) -> ServiceManager:
+    return ServiceManager(
+        discover(),
+        ServicesSettings(default=("echo",), tables=tables),
+        lambda name: ServiceContext(signing_key=Path("/nonexistent"), log=None),  # type: ignore[arg-type]
+        Metrics(),
+    )
+
+
+def test_a_table_for_a_service_that_takes_no_settings_is_a_config_error(installed: Path) -> None:
+    with pytest.raises(ConfigError, match=r"\[services.echo\]: the service takes no settings"):
+        _manager({"echo": {"x": 1}})
+    with pytest.raises(ConfigError, match="no service named 'nosuch'"):
+        _manager({"nosuch": {}})
+
+
+def test_config_names_services_per_vm() -> None:
+    config = Config.model_validate(
+        {
+            "services": {"enabled": ["affinity", "memory"], "memory": {"floor_mib": 512}},
+            "vms": {"a": {"qmp": "/q", "agent": "/a", "services": ["memory"]}},
+        }
+    )
+    assert config.services.tables() == {"memory": {"floor_mib": 512}}
+    assert config.vms["a"].services == ["memory"]
+    with pytest.raises(ValueError, match="a service's settings are a table"):
+        Config.model_validate({"services": {"memory": 3}})
+    with pytest.raises(ValueError, match="String should match pattern"):
+        Config.model_validate({"services": {"enabled": ["Not A Name"]}})
