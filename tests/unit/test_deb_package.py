@@ -66,8 +66,8 @@ def test_package_contents(deb: Path) -> None:
     for path in (
         "/usr/bin/pvagent",
         f"{lib}/pvagent/cli.py",
-        f"{lib}/pvagent/bpfobj/affinity.bpf.o",
-        f"{lib}/pvagent/bpfobj/affinity.bcc.c",
+        f"{lib}/extpv/bpfobj/affinity.bpf.o",
+        f"{lib}/extpv/bpfobj/affinity.bcc.c",
         f"{lib}/pvproto/messages.py",
         f"{lib}/extpv/tomlconfig.py",
         "/usr/lib/pvagent/vendor/python3.11/pydantic/__init__.py",
