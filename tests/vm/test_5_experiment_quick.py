@@ -10,6 +10,7 @@ The harness boots its own VM (its own name, runtime directory and pvhost), not t
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -18,6 +19,7 @@ import subprocess
 import sys
 import time
 import xml.etree.ElementTree as ET
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -32,6 +34,22 @@ CPUSET = Path("/sys/fs/cgroup/cpuset")
 def _env() -> dict[str, str]:
     # This checkout's code, also in the pvhost daemon the harness starts.
     return {**os.environ, "PYTHONPATH": str(REPO)}
+
+
+@contextlib.contextmanager
+def _interruptible_children() -> Iterator[None]:
+    """Children started meanwhile take SIGINT as a terminal's foreground job does.
+
+    A job started with ``&`` by a script (as a CI runner may start the suite) inherits SIGINT
+    *ignored*, exec keeps it ignored, and Python then installs no KeyboardInterrupt handler:
+    the Ctrl-C below would be lost (seen: the run went on to the end). A handled signal is
+    reset to the default by exec, so handling it here for the moment of the spawn is enough.
+    """
+    old = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, old)
 
 
 def _group_pids(pgid: int) -> list[str]:
@@ -91,10 +109,11 @@ def test_quick_experiment_interrupted_resumed_tables_and_plots(
     results = out / "results.json"
 
     # 1. Interrupt like a terminal's Ctrl-C once a point with extpv on has a sample.
-    proc = subprocess.Popen(
-        [*argv, "--quick"], env=_env(), start_new_session=True,
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-    )  # fmt: skip
+    with _interruptible_children():
+        proc = subprocess.Popen(
+            [*argv, "--quick"], env=_env(), start_new_session=True,
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        )  # fmt: skip
     pgid = proc.pid
     end = time.monotonic() + 240
     measured = 0
