@@ -44,6 +44,7 @@ from pvhost.placement.base import (
     thread_alive,
     write_text,
 )
+from pvhost.placement.isolation import Isolation, cgroup2_isolation
 from pvhost.state import AttachRecord, Cgroup2Pin, PinRecord, StateFile, StateStore
 from pvproto import format_cpulist
 
@@ -246,6 +247,16 @@ class Cgroup2Backend(PlacementBackend):
             remove_cgroup(child)
         remove_cgroup(vm_dir)
 
+    def _achieved(
+        self, records: Mapping[tuple[str, int], PinRecord]
+    ) -> dict[tuple[str, int], Isolation]:
+        out = {}
+        for vm, vcpu in records:
+            part = self._vcpu_dir(vm, vcpu) / "cpuset.cpus.partition"
+            state = read_setting(part) if self.remote and part.exists() else None
+            out[vm, vcpu] = cgroup2_isolation(state)
+        return out
+
     def isolation_summary(self) -> str:
         if self.remote:
             return "isolated: each pinned pCPU becomes an isolated remote partition"
@@ -256,6 +267,7 @@ class Cgroup2Backend(PlacementBackend):
 
     def describe(self) -> dict[str, Any]:
         vms: dict[str, Any] = {}
+        achieved = self.achieved()
         for vm in self.state.vms():
             out: dict[str, Any] = {}
             for vcpu, record in sorted(self.state.pin_records(vm).items()):
@@ -270,6 +282,7 @@ class Cgroup2Backend(PlacementBackend):
                     if part.exists()
                     else "member (kernel has no cpuset partitions)",
                     "isolated": self.remote,
+                    **achieved[vm][vcpu].fields(),
                 }
             vms[vm] = out
         return {
