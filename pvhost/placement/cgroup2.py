@@ -252,8 +252,12 @@ class Cgroup2Backend(PlacementBackend):
     ) -> dict[tuple[str, int], Isolation]:
         out = {}
         for vm, vcpu in records:
+            # Read back whatever made the pin: a partition (remote, or the local chain) reads
+            # "isolated"; a pin without partitions leaves the vCPU cgroup a "member".
             part = self._vcpu_dir(vm, vcpu) / "cpuset.cpus.partition"
-            state = read_setting(part) if self.remote and part.exists() else None
+            state = read_setting(part) if part.exists() else None
+            if state == "member" and not self.remote:
+                state = None
             out[vm, vcpu] = cgroup2_isolation(state)
         return out
 
