@@ -165,8 +165,10 @@ def sharing_tasks(hierarchy: Path, skip: Path, cpus: frozenset[int]) -> TaskScan
         allowed = []
         for tid in tids:
             with contextlib.suppress(OSError, ValueError, IndexError):
-                if not _kernel_thread(tid):
-                    allowed.append(frozenset(os.sched_getaffinity(int(tid))))
+                mask = frozenset(os.sched_getaffinity(int(tid)))
+                # The affinity first (a syscall); /proc only for a task that may run there.
+                if mask & cpus and not _kernel_thread(tid):
+                    allowed.append(mask)
         rel = "/" + str(path.relative_to(hierarchy)) if path != hierarchy else "/"
         out[rel] = tuple(allowed)
     return TaskScan(out)
