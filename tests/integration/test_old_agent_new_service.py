@@ -162,6 +162,7 @@ def test_an_agent_older_than_services_runs_a_new_service(
                     async with asyncio.timeout(30):
                         while not _pinned_in(placement_file, vcpu=1):
                             await asyncio.sleep(0.05)
+                    result = vm()["result"]  # before the pin goes away with the sleep
                 finally:
                     pinned.kill()
                     pinned.wait()
@@ -170,7 +171,7 @@ def test_an_agent_older_than_services_runs_a_new_service(
                 assert {"vcpu": 1, "pcpu": 1, "refused": None} in doc["placements"], doc
                 assert all(set(p) == {"vcpu", "pcpu", "refused"} for p in doc["placements"])
                 # The host knew what the pin achieved; it only left it out for this agent.
-                (mine,) = [r for r in vm()["result"] if r["vcpu"] == 1]  # type: ignore[attr-defined]
+                (mine,) = [r for r in result if r["vcpu"] == 1]  # type: ignore[attr-defined]
                 assert mine["isolation"] == "restricted", mine
                 assert "bad-frame" not in (tmp_path / "agent.log").read_text()
             finally:
