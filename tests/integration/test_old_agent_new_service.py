@@ -114,7 +114,7 @@ def test_an_agent_older_than_services_runs_a_new_service(
                 update={"signing_key": private, "affinity_program": None}
             ),
             "services": ServicesConfig.model_validate(
-                {"enabled": ["echobpf"], "echobpf": {"object": str(obj)}}
+                {"enabled": ["echobpf", "affinity"], "echobpf": {"object": str(obj)}}
             ),
         }
     )
@@ -137,7 +137,7 @@ def test_an_agent_older_than_services_runs_a_new_service(
                     return service.status()["vms"]["t"]  # type: ignore[no-any-return]
 
                 async with asyncio.timeout(60):
-                    while vm()["programs"] != {"echobpf": "loaded"}:
+                    while vm()["programs"] != {"echobpf": "loaded", "affinity": "loaded"}:
                         await asyncio.sleep(0.05)
                 assert vm()["protocol_version"] == 2
                 assert vm()["guest"] == "pvagent 0.1.0"
@@ -153,10 +153,6 @@ def test_an_agent_older_than_services_runs_a_new_service(
                 }
                 assert "_dropped" not in services  # type: ignore[operator]
 
-                await service.service_enable("t", "affinity")
-                async with asyncio.timeout(60):
-                    while vm()["programs"].get("affinity") != "loaded":  # type: ignore[attr-defined]
-                        await asyncio.sleep(0.05)
                 pinned = subprocess.Popen(["taskset", "-c", "1", "sleep", "60"])
                 try:
                     async with asyncio.timeout(30):
