@@ -30,7 +30,7 @@ import os
 import re
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pvhost.errors import BackendUnavailable, PartitionInvalid, PlacementError
 from pvhost.placement.base import (
@@ -47,7 +47,15 @@ from pvhost.placement.base import (
 from pvhost.state import AttachRecord, Cgroup2Pin, PinRecord, StateFile, StateStore
 from pvproto import format_cpulist
 
-__all__ = ["Cgroup2Backend", "partition_reason", "thread_cgroup2"]
+__all__ = ["MODES", "Cgroup2Backend", "Mode", "partition_reason", "probe_mode", "thread_cgroup2"]
+
+#: How a pin is made, chosen by :meth:`Cgroup2Backend.setup` from what the kernel accepts:
+#: ``remote``: the vCPU cgroup is a remote isolated partition made of ``cpuset.cpus.exclusive``;
+#: ``local``: the kernel has the ``isolated`` partition type but no remote partitions (older
+#: than 6.7, e.g. Debian 12's 6.1): a chain of local partitions; ``restricted``: no partitions,
+#: ``cpuset.cpus`` restricts the vCPU thread only.
+Mode = Literal["remote", "local", "restricted"]
+MODES: tuple[Mode, ...] = ("remote", "local", "restricted")
 
 _INVALID = re.compile(r"^(\w+) invalid(?: \((.*)\))?$")
 
@@ -71,6 +79,37 @@ def thread_cgroup2(tid: int) -> str:
     raise PlacementError(f"thread {tid} is in no cgroup v2 hierarchy")
 
 
+def probe_mode(parent: Path) -> Mode:
+    """What the kernel accepts, tried in a scratch cgroup under ``parent`` (which has
+    ``+cpuset`` in its subtree_control), never inferred from a version string.
+
+    ``cpuset.cpus.exclusive`` present: ``remote``. Otherwise, a write of ``isolated`` to
+    ``cpuset.cpus.partition`` that the kernel keeps (valid or ``isolated invalid (…)``: the
+    scratch cgroup has no CPUs, so invalid is the expected answer) shows the partition type
+    exists: ``local``. A refused write (EINVAL: no such type) or no partition file:
+    ``restricted``. The scratch cgroup is removed again in every case."""
+    scratch = parent / "extpv-probe"
+    try:
+        scratch.mkdir(exist_ok=True)
+    except OSError as err:
+        raise PlacementError(f"cannot create scratch cgroup {scratch}: {err.strerror}") from err
+    try:
+        if (scratch / "cpuset.cpus.exclusive").exists():
+            return "remote"
+        part = scratch / "cpuset.cpus.partition"
+        if not part.exists():
+            return "restricted"
+        try:
+            write_text(part, "isolated")
+        except PlacementError:
+            return "restricted"
+        kept = read_text(part).startswith("isolated")
+        write_text(part, "member")
+        return "local" if kept else "restricted"
+    finally:
+        remove_cgroup(scratch)
+
+
 class Cgroup2Backend(PlacementBackend):
     name = "cgroup2"
     attaches_for_life = True
@@ -85,7 +124,13 @@ class Cgroup2Backend(PlacementBackend):
                 "(on hybrid hosts cpuset lives in v1: use the cgroup1 backend)"
             )
         super().__init__(root, group, StateStore[Cgroup2Pin](state, StateFile[Cgroup2Pin]))
-        self.remote = False
+        #: What the kernel accepted in a scratch cgroup at :meth:`setup` (see :data:`MODES`).
+        self.mode: Mode = "restricted"
+
+    @property
+    def remote(self) -> bool:
+        """Pins are remote isolated partitions (``cpuset.cpus.exclusive``, Linux >= 6.7)."""
+        return self.mode == "remote"
 
     # -- helpers -----------------------------------------------------------------------------
     def _thread_cgroup(self, tid: int) -> str:
@@ -115,7 +160,7 @@ class Cgroup2Backend(PlacementBackend):
         self._enable_cpuset(self.root)
         self._mkdir(self.base)
         self._enable_cpuset(self.base)
-        self.remote = (self.base / "cpuset.cpus.exclusive").exists()
+        self.mode = probe_mode(self.base)
         if self.remote:
             write_text(self.base / "cpuset.cpus.exclusive", format_cpulist(eligible | self._held()))
 
@@ -247,11 +292,19 @@ class Cgroup2Backend(PlacementBackend):
         remove_cgroup(vm_dir)
 
     def isolation_summary(self) -> str:
-        if self.remote:
+        if self.mode == "remote":
             return "isolated: each pinned pCPU becomes an isolated remote partition"
+        if self.mode == "local":
+            return (
+                "restricted: this kernel has local cpuset partitions only (no "
+                "cpuset.cpus.exclusive: remote partitions need Linux >= 6.7) and the "
+                "local-partition chain is not implemented yet, so a pin restricts the vCPU "
+                "thread only"
+            )
         return (
-            "restricted: this kernel has no cpuset.cpus.exclusive (remote partitions need "
-            "Linux >= 6.7), so a pin restricts the vCPU thread only"
+            "restricted: this kernel has no cpuset partitions extpv can use (no "
+            "cpuset.cpus.exclusive, no isolated partition type), so a pin restricts the "
+            "vCPU thread only"
         )
 
     def describe(self) -> dict[str, Any]:
@@ -276,6 +329,7 @@ class Cgroup2Backend(PlacementBackend):
             "backend": self.name,
             "base": str(self.base),
             "remote_partitions": self.remote,
+            "partition_mode": self.mode,
             "vms": vms,
         }
 
