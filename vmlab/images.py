@@ -185,7 +185,7 @@ def ensure_test_image_kernel61(repo: Path = CHECKOUT) -> GuestImage:
     the same root file system plus that kernel's package), for the cgroup v2 tests of kernels
     without remote partitions; rebuilt when the test image or add-kernel changes."""
     base = ensure_test_image(repo)
-    out = base.path.parent / f"{base.path.name}-6.1"
+    out = repo / "images" / "out" / "test" / f"{base.path.name}-6.1"  # also for EXTPV_TEST_IMAGE
     add = repo / "images" / "add-kernel"
     h = hashlib.sha256((base.path / "inputs.sha256").read_bytes() + add.read_bytes())
     stamp = out / "inputs.sha256"
