@@ -14,10 +14,12 @@ import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 import vmlab
+from tests.vm.isolation_run import assert_isolated_under_load, run_isolation_probe
 from vmlab import ImageError, VMSpec, start
 from vmlab.images import ensure_test_image_kernel61
 
@@ -79,5 +81,79 @@ def test_the_backend_finds_local_partitions_only(observed: dict) -> None:
 
 
 def test_describe_and_summary_say_what_a_pin_achieves(observed: dict) -> None:
-    assert "local cpuset partitions" in observed["summary"], observed["summary"]
+    assert observed["summary"].startswith("isolated:"), observed["summary"]
+    assert "chain of local partitions" in observed["summary"], observed["summary"]
+    assert "extra CPU" in observed["summary"], observed["summary"]
     assert observed["describe"]["partition_mode"] == "local"
+
+
+# -- (b) the local-partition chain: isolation under a real load, its edge cases, kill -9 ------
+
+
+@pytest.fixture(scope="module")
+def chained(vm61: vmlab.VirtualMachine) -> dict[str, Any]:
+    return run_isolation_probe(vm61)
+
+
+@pytest.mark.isolation
+def test_the_local_chain_isolates_the_pinned_pcpu_from_a_yes_load(chained: dict) -> None:
+    assert chained["mode"] == "local"
+    assert_isolated_under_load(chained)
+    # The pCPU and the VM's extra CPU (where its other threads run) leave the host.
+    assert chained["isolation"]["taken"] == [1, 2]
+    view = chained["isolation"]["pinned_view"]
+    assert view["slice"] == "1-2|root" and view["vm"] == "1-2|root", view
+    assert view["vcpu0"] == "1|isolated", view
+    assert view["emulator_allowed"] == "2" and view["allowed"]["1"] == "2", view
+    unpinned = chained["isolation"]["unpinned_view"]
+    assert unpinned["slice"] == "|member" and unpinned["vm"] == "|member", unpinned
+    assert unpinned["root_effective"] == chained["before"]["root_effective"]
+
+
+@pytest.mark.isolation
+def test_a_pin_that_would_confine_another_vm_is_refused_and_changes_nothing(
+    chained: dict,
+) -> None:
+    case = chained["chain"]
+    assert chained["errors"].get("chain") is None, chained["errors"]["chain"]
+    assert case["refused_for_other"] is not None, "the pin must be refused"
+    assert "VM other holds no pin" in case["refused_for_other"], case["refused_for_other"]
+    assert case["refused_unchanged"] is True
+
+
+@pytest.mark.isolation
+def test_two_pins_of_one_vm_share_one_extra_cpu_and_a_third_is_refused(chained: dict) -> None:
+    case = chained["chain"]
+    assert case["pin0"] is None and case["pin1"] is None, case
+    s1 = case["s1"]
+    assert s1["vcpu0"] == "1|isolated" and s1["vcpu1"] == "3|isolated", s1
+    assert s1["vm"] == "1-3|root" and s1["slice"] == "1-3|root", s1
+    assert s1["emulator_allowed"] == "2", s1
+    assert case["verify_two"] == []
+    # pCPU 2 is the VM's extra CPU, the last one its other threads have: refused with why.
+    assert case["pin2"] is not None, "the third pin must be refused"
+    assert case["after_pin2"] == s1, "the refused pin must leave the others as they were"
+    assert case["unpin1"] is None and case["back_to_s0"] is True
+
+
+@pytest.mark.isolation
+@pytest.mark.faults
+def test_kill9_at_every_write_of_a_pin_and_an_unpin_restarts_to_the_last_valid_request(
+    chained: dict,
+) -> None:
+    crashes = chained["chain"]["crashes"]
+    assert {c["op"] for c in crashes} == {"pin", "unpin"}
+    for crash in crashes:
+        assert crash["exit"] == 137, crash
+        where = f"write {crash['index']} of the {crash['op']}"
+        assert crash["ok"], f"after kill -9 before {where}: {crash}"
+    print(f"\n[chain] kill -9 points checked: {len(crashes)}", file=sys.stderr)
+
+
+@pytest.mark.isolation
+def test_the_chain_is_gone_after_the_last_unpin_and_teardown(chained: dict) -> None:
+    for name in ("detach", "teardown"):
+        assert chained["errors"].get(name) is None, chained["errors"][name]
+    assert chained["chain"]["unpin0"] is None
+    done = chained["chain"]["all_unpinned"]
+    assert done["slice"] == "|member" and done["vm"] == "|member", done
