@@ -216,20 +216,33 @@ class Cgroup2Backend(PlacementBackend):
             vm: {v: p for v, p in vcpus.items() if (vm, v) != without}
             for vm, vcpus in self.pins().items()
         }
-        current = {}
+        current, resident = {}, set()
         for vm, path in chain.vm_dirs(self.base).items():
             if read_text(path / "cpuset.cpus.partition") == "root" and read_text(
                 path / "cpuset.cpus"
             ):
                 current[vm] = read_cpus(path / "cpuset.cpus")
-        return chain.plan(pins, self.eligible, current)
+            if chain.populated(path):
+                resident.add(vm)
+        return chain.plan(pins, self.eligible, current, frozenset(resident))
 
     def _sync_chain(self, without: tuple[str, int] | None = None) -> None:
         chain.sync(self.root, self.base, self._chain_target(without), self.eligible)
+        # A VM partition that was invalid for a moment (a refused growth, undone) leaves its
+        # vCPU partitions invalid ("Parent is an invalid partition root"): enable them again.
+        for vm, vcpus in self.pins().items():
+            for vcpu in vcpus:
+                path = self._vcpu_dir(vm, vcpu)
+                part = path / "cpuset.cpus.partition"
+                stale = part.exists() and read_text(part).startswith("isolated invalid")
+                if (vm, vcpu) != without and stale:
+                    chain.set_partition(path, "isolated")
 
     def _apply_local(self, vm: str, vcpu: int, pcpu: int) -> None:
+        chain.refuse_confining(self.base, vm, {v for v, pins in self.pins().items() if pins})
         self._sync_chain()
         path = self._vcpu_dir(vm, vcpu)
+        chain.make_room(path, frozenset({pcpu}))
         chain.set_cpus(path, frozenset({pcpu}))
         chain.set_partition(path, "isolated")
         try:
@@ -241,7 +254,7 @@ class Cgroup2Backend(PlacementBackend):
         path = self._vcpu_dir(vm, vcpu)
         if path.is_dir():
             chain.set_partition(path, "member")
-            chain.clear_cpus(path)
+            chain.release_cpus(path)
         self._sync_chain(without=(vm, vcpu))
 
     def _apply(self, vm: str, vcpu: int, record: PinRecord) -> None:
@@ -322,7 +335,12 @@ class Cgroup2Backend(PlacementBackend):
             with contextlib.suppress(PlacementError):
                 write_text(prev / "cgroup.procs", str(attach.pid))
         if vm_dir.is_dir():
+            if self.mode == "local":  # a VM parked in the chain: its partition goes first
+                with contextlib.suppress(PlacementError):
+                    chain.set_partition(vm_dir, "member")
             self._remove_tree(vm_dir)
+        if self.mode == "local":
+            self._sync_chain()  # its CPUs leave the slice
 
     def _orphan(self, vm_dir: Path) -> None:
         # Its QEMU's cgroup before attach is unknown: the root is the only safe home.

@@ -36,11 +36,13 @@ from pvhost.placement.base import read_cpus, read_text, write_text
 from pvproto import format_cpulist
 
 __all__ = [
-    "clear_cpus",
     "expect_valid",
+    "make_room",
     "partition_reason",
     "plan",
     "populated",
+    "refuse_confining",
+    "release_cpus",
     "set_cpus",
     "set_partition",
     "sync",
@@ -78,15 +80,21 @@ def plan(
     pins: Mapping[str, Mapping[int, int]],
     eligible: frozenset[int],
     current: Mapping[str, frozenset[int]],
+    resident: frozenset[str] = frozenset(),
 ) -> dict[str, frozenset[int]]:
     """VM → the CPUs its partition holds: its pinned pCPUs plus one extra CPU from
     ``eligible`` that nobody pins. A VM keeps the extra it has (``current``: its partition's
     CPUs now) while that stays free, so pinning a second vCPU does not move its other
-    threads. PlacementError, naming the VM, when no eligible CPU is left for an extra."""
+    threads. While any VM holds a pin, a VM with threads (``resident``) that holds none keeps
+    a partition of its extra CPU alone (it dropped its last pin while others hold theirs: the
+    slice is a partition, and a member inside it would have no CPU). PlacementError, naming
+    the VM, when no eligible CPU is left for an extra."""
     taken = {p for vcpus in pins.values() for p in vcpus.values()}
     out: dict[str, frozenset[int]] = {}
-    for vm in sorted(vm for vm, vcpus in pins.items() if vcpus):
-        own = frozenset(pins[vm].values())
+    holders = {vm for vm, vcpus in pins.items() if vcpus}
+    parked = set(resident) - holders if holders else set()
+    for vm in sorted(holders | parked):
+        own = frozenset(pins.get(vm, {}).values())
         mine = sorted((current.get(vm, frozenset()) - own) & eligible - taken)
         free = mine or sorted(eligible - taken)
         if not free:
@@ -99,6 +107,21 @@ def plan(
         out[vm] = own | {free[0]}
         taken.add(free[0])
     return out
+
+
+def refuse_confining(base: Path, vm: str, holders: set[str]) -> None:
+    """PlacementError when a pin of ``vm`` would confine another VM: one with threads, no pin
+    (not in ``holders``) and no partition of its own, whose threads the slice's partition
+    would leave on the pinned VMs' CPUs."""
+    for other, path in vm_dirs(base).items():
+        if other == vm or other in holders or not populated(path):
+            continue
+        if read_text(path / "cpuset.cpus.partition") != "root":
+            raise PlacementError(
+                f"VM {other} holds no pin: isolating on this kernel makes {base.name} a local "
+                f"partition, which would confine VM {other}'s threads to CPUs taken from the "
+                "host (no remote partitions: Linux < 6.7; see docs/cgroup2-local-partitions.md)"
+            )
 
 
 def expect_valid(path: Path, want: str) -> None:
@@ -114,10 +137,56 @@ def set_partition(path: Path, state: str) -> None:
         write_text(path / "cpuset.cpus.partition", state)
 
 
-def clear_cpus(path: Path) -> None:
-    """Back to inheriting the parent's CPUs (empty ``cpuset.cpus``)."""
-    if read_text(path / "cpuset.cpus") != "":
+def online_cpus() -> frozenset[int]:
+    return read_cpus(Path("/sys/devices/system/cpu/online"))
+
+
+def _partitions_beside(path: Path) -> frozenset[int]:
+    """The CPUs of ``path``'s siblings that are partitions (exclusive: nobody may overlap)."""
+    out: set[int] = set()
+    for sib in path.parent.iterdir():
+        if sib == path or not (sib / "cpuset.cpus.partition").exists():
+            continue
+        if read_text(sib / "cpuset.cpus.partition") != "member" and read_text(sib / "cpuset.cpus"):
+            out |= read_cpus(sib / "cpuset.cpus")
+    return frozenset(out)
+
+
+def release_cpus(path: Path) -> None:
+    """A member cgroup back to what inheriting its parent's CPUs gives. Empty ``cpuset.cpus``
+    where the kernel allows it; a populated cgroup's can never be emptied again (ENOSPC, also
+    on 6.1), so there every online CPU but those of its partition siblings (an explicit set may
+    not overlap an exclusive sibling): its effective CPUs are then the parent's, as inherited."""
+    now = read_text(path / "cpuset.cpus")
+    if now == "":
+        return
+    if not populated(path):
         write_text(path / "cpuset.cpus", "")
+        return
+    wide = online_cpus() - _partitions_beside(path)
+    if wide and read_cpus(path / "cpuset.cpus") != wide:
+        write_text(path / "cpuset.cpus", format_cpulist(wide))
+
+
+def release_members(parent: Path) -> None:
+    """:func:`release_cpus` for every member child of ``parent`` with explicit CPUs: after a
+    partition among them is gone, the CPUs they gave up for it come back."""
+    for child in sorted(p for p in parent.iterdir() if p.is_dir()):
+        part = child / "cpuset.cpus.partition"
+        if part.exists() and read_text(part) == "member":
+            release_cpus(child)
+
+
+def make_room(path: Path, cpus: frozenset[int]) -> None:
+    """Before ``path`` becomes a partition on ``cpus``: member siblings with explicit CPUs
+    (left by :func:`release_cpus`) give those up, or the partition would be invalid."""
+    for sib in sorted(p for p in path.parent.iterdir() if p.is_dir() and p != path):
+        part = sib / "cpuset.cpus.partition"
+        if not part.exists() or read_text(part) != "member" or not read_text(sib / "cpuset.cpus"):
+            continue
+        mine = read_cpus(sib / "cpuset.cpus")
+        if mine & cpus:
+            write_text(sib / "cpuset.cpus", format_cpulist(mine - cpus))
 
 
 def set_cpus(path: Path, cpus: frozenset[int]) -> None:
@@ -127,7 +196,7 @@ def set_cpus(path: Path, cpus: frozenset[int]) -> None:
 
 def _leave(path: Path) -> None:
     set_partition(path, "member")
-    clear_cpus(path)
+    release_cpus(path)
 
 
 def sync(
@@ -136,9 +205,8 @@ def sync(
     """Make the chain above the vCPU cgroups exactly ``target`` (VM → partition CPUs; see
     :func:`plan`); nothing pinned (empty target): every cgroup of ours ``member`` with empty
     ``cpuset.cpus``. Idempotent, so it also repairs what a crash left half done. Each VM named
-    in ``target`` must exist. PlacementError (nothing more changed) when the slice would
-    confine a VM that holds no pin; PartitionInvalid with the kernel's reason when a
-    partition reads back invalid (the caller undoes)."""
+    in ``target`` must exist. PartitionInvalid with the kernel's reason when a partition reads
+    back invalid (the caller undoes)."""
     vms = vm_dirs(base)
     total = frozenset().union(*target.values())
     # VMs that hold no pin leave the chain first, so their CPUs go back to the slice.
@@ -148,14 +216,8 @@ def sync(
     if not total:
         if base.is_dir():
             _leave(base)
+        _release_all(base, vms)
         return
-    for vm, path in vms.items():
-        if vm not in target and populated(path):
-            raise PlacementError(
-                f"VM {vm} holds no pin: making {base.name} a local partition would confine its "
-                "threads to the pinned VMs' CPUs (this kernel has no remote partitions; see "
-                "docs/cgroup2-local-partitions.md)"
-            )
     slice_now = (
         read_cpus(base / "cpuset.cpus")
         if read_text(base / "cpuset.cpus.partition") == "root" and read_text(base / "cpuset.cpus")
@@ -168,6 +230,7 @@ def sync(
     set_partition(base, "root")
     expect_valid(base, "root")
     for vm, cpus in sorted(target.items()):
+        make_room(vms[vm], cpus)
         set_cpus(vms[vm], cpus)
         set_partition(vms[vm], "root")
         expect_valid(vms[vm], "root")
@@ -175,3 +238,12 @@ def sync(
     expect_valid(base, "root")
     for vm in sorted(target):
         expect_valid(vms[vm], "root")
+    _release_all(base, vms)
+
+
+def _release_all(base: Path, vms: Mapping[str, Path]) -> None:
+    """Give every member cgroup of ours back what a gone partition beside it took."""
+    if base.is_dir():
+        release_members(base)
+    for path in vms.values():
+        release_members(path)

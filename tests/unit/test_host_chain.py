@@ -39,3 +39,13 @@ def test_partition_reason_reads_the_kernels_words() -> None:
     assert partition_reason("root invalid (Parent unable to distribute cpu downstream)") == (
         "Parent unable to distribute cpu downstream"
     )
+
+
+def test_a_vm_that_drops_its_last_pin_while_others_hold_theirs_keeps_its_extra_alone() -> None:
+    # The slice stays a partition for "a": "b" (threads, no pin) would have no CPU as a member.
+    got = plan({"a": {0: 3}, "b": {}}, POOL, {"b": frozenset({2, 4})}, frozenset({"a", "b"}))
+    assert got == {"a": frozenset({1, 3}), "b": frozenset({2})}
+
+
+def test_with_no_pin_anywhere_nobody_is_parked() -> None:
+    assert plan({"b": {}}, POOL, {"b": frozenset({2})}, frozenset({"a", "b"})) == {}

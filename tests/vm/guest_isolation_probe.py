@@ -33,7 +33,8 @@ from tests.faultpoints import killed_before_write
 
 ROOT = Path("/sys/fs/cgroup")
 VM = "spin"
-POOL = frozenset({1, 2, 3})  # CPU 0 stays the host's housekeeping CPU
+# CPU 0 stays the host's housekeeping CPU; the rest may be pinned.
+POOL = frozenset(range(1, os.cpu_count() or 1))
 PCPU = 1
 
 FAKE_QEMU = """
@@ -117,7 +118,10 @@ def snapshot(b: Cgroup2Backend, pid: int, tids: dict[int, int]) -> dict[str, Any
     for name, d in [("slice", b.base), ("vm", vm_dir)] + [
         (f"vcpu{v}", vm_dir / f"vcpu{v}") for v in tids
     ]:
-        out[name] = f"{read(d / 'cpuset.cpus')}|{read(d / 'cpuset.cpus.partition')}"
+        # A member's own CPUs are whatever makes it inherit (empty, or every CPU once it was
+        # populated: see chain.release_cpus); what it may run on shows in the allowed lists.
+        part = read(d / "cpuset.cpus.partition")
+        out[name] = f"{read(d / 'cpuset.cpus') if part != 'member' else '*'}|{part}"
     return out
 
 
@@ -160,6 +164,7 @@ def main() -> None:
         step("setup", lambda: b.setup(POOL))
         obs["mode"] = b.mode
         obs["summary"] = b.isolation_summary()
+        obs["probe_left"] = sorted(p.name for p in b.base.iterdir() if p.is_dir())
         step("attach", lambda: b.attach(VM, vm.pid, tids))
         for _ in range(4 * len(os.sched_getaffinity(0))):
             yes.append(subprocess.Popen(["yes"], stdout=subprocess.DEVNULL, start_new_session=True))
@@ -236,15 +241,18 @@ def chain_cases(
         other.kill()
         other.wait(timeout=30)
 
-    # Two pins of one VM: pCPUs 1 and 3 plus one extra CPU.
+    # Two pins of one VM: pCPUs 1 and 3 plus one extra CPU (2); growing the VM's partition
+    # takes a spare CPU (4) for a moment: the guest needs 5 CPUs for this.
+    out["cpus"] = os.cpu_count()
     out["pin0"] = attempt(lambda: b.pin(VM, 0, tids[0], 1))
     s0 = snapshot(b, pid, tids)
     out["s0"] = s0
     out["pin1"] = attempt(lambda: b.pin(VM, 1, tids[1], 3))
     out["s1"] = snapshot(b, pid, tids)
     out["verify_two"] = [str(f) for f in b.verify()]
-    # A third pin leaves no CPU for the VM's other threads: refused, the others stay.
-    out["pin2"] = attempt(lambda: b.pin(VM, 2, tids[2], 2))
+    # A third pin (onto pCPU 4) leaves the host no spare CPU for the growth step: the kernel
+    # refuses, the backend says why and undoes it; the two others stay.
+    out["pin2"] = attempt(lambda: b.pin(VM, 2, tids[2], 4))
     out["after_pin2"] = snapshot(b, pid, tids)
     out["unpin1"] = attempt(lambda: b.unpin(VM, 1))
     out["back_to_s0"] = snapshot(b, pid, tids) == s0
@@ -260,8 +268,8 @@ def chain_cases(
     crashes = []
     for op in ("pin", "unpin"):
         if op == "unpin":
-            b.pin(VM, 1, tids[1], 3)
-        s_op = snapshot(b, pid, tids)
+            cur[0].pin(VM, 1, tids[1], 3)
+        start = snapshot(cur[0], pid, tids)
 
         def run(op: str = op) -> None:
             if op == "pin":
@@ -269,29 +277,34 @@ def chain_cases(
             else:
                 cur[0].unpin(VM, 1)
 
+        def back(op: str = op) -> None:  # to the state the op starts from
+            pinned = 1 in cur[0].pins().get(VM, {})
+            if op == "pin" and pinned:
+                cur[0].unpin(VM, 1)
+            elif op == "unpin" and not pinned:
+                cur[0].pin(VM, 1, tids[1], 3)
+
         writes = recorded_writes(run)
-        b = restarted()  # back to the state the op started from (reconcile undoes vCPU 1)
-        if op == "unpin":
-            b.pin(VM, 1, tids[1], 3)
+        end = snapshot(cur[0], pid, tids)
+        back()
         for i, path in enumerate(writes):
             nth = writes[: i + 1].count(path)
             code = killed_before_write(chain, path, run, nth)
-            b = restarted()
-            found = snapshot(b, pid, tids)
+            found = snapshot(restarted(), pid, tids)
+            # A pin killed before its last write never completed: the state it started from.
+            # An unpin: completed by reconcile, or untouched when killed before its first write.
+            ok = found == start if op == "pin" else found == end or (i == 0 and found == start)
             crashes.append({
                 "op": op, "index": i, "write": str(path.relative_to(ROOT)), "nth": nth,
-                "exit": code, "ok": found == s0 or (op == "unpin" and i == 0 and found == s_op),
-                "found": found,
+                "exit": code, "ok": ok, "found": found, "expected": start if op == "pin" else end,
             })  # fmt: skip
-            if op == "unpin" and found != s_op:
-                b.pin(VM, 1, tids[1], 3)
-            elif op == "pin" and found != s0:
-                b.unpin(VM, 1)
-        if op == "unpin" and 1 in b.pins().get(VM, {}):
-            b.unpin(VM, 1)
+            back()
+        if op == "unpin":
+            cur[0].unpin(VM, 1)
+    b = cur[0]
     out["crashes"] = crashes
-    out["unpin0"] = attempt(lambda: b.unpin(VM, 0))
-    out["all_unpinned"] = snapshot(b, pid, tids)
+    out["unpin0"] = attempt(lambda: cur[0].unpin(VM, 0))
+    out["all_unpinned"] = snapshot(cur[0], pid, tids)
     return out
 
 

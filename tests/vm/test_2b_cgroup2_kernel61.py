@@ -1,15 +1,16 @@
-"""(d') The cgroup v2 backend on Debian 12's own 6.1 kernel: local partitions only.
+"""(d') and issue 9 (b): the cgroup v2 backend on Debian 12's own 6.1 kernel, local partitions.
 
 The test image's root file system booting Debian 12's 6.1 kernel (vmlab.images.
 ensure_test_image_kernel61: images/add-kernel) acts as a host, like test (d) on trixie's 6.12,
-and runs the same in-guest probe (guest_cgroup2_probe.py) against its /sys/fs/cgroup. 6.1 has
-the ``isolated`` partition type but no ``cpuset.cpus.exclusive``: the backend must find that
-out in its scratch cgroup (mode ``local``) and say truthfully what a pin achieves there.
+and runs the in-guest isolation probe (guest_isolation_probe.py) against its /sys/fs/cgroup.
+6.1 has the ``isolated`` partition type but no ``cpuset.cpus.exclusive``: the backend must find
+that out in its scratch cgroup (mode ``local``) and isolate through the chain of local
+partitions (pvhost.placement.chain), proven with a ``yes`` load, its refusals and kill -9 at
+every write of a pin and an unpin.
 """
 
 from __future__ import annotations
 
-import json
 import sys
 import time
 from collections.abc import Iterator
@@ -37,7 +38,7 @@ def vm61(runtime_dir: Path) -> Iterator[vmlab.VirtualMachine]:
     spec = VMSpec(
         name="k61",
         image=image.path,
-        smp=4,
+        smp=5,  # housekeeping CPU 0, two pins, the VM's extra CPU, the spare for growing
         memory_mib=1536,
         runtime_dir=runtime_dir,
         virtfs=((REPO, "extpv"),),
@@ -54,45 +55,36 @@ def vm61(runtime_dir: Path) -> Iterator[vmlab.VirtualMachine]:
 
 
 @pytest.fixture(scope="module")
-def observed(vm61: vmlab.VirtualMachine) -> dict:
+def chained(vm61: vmlab.VirtualMachine) -> dict[str, Any]:
+    """One run of the in-guest isolation probe (guest_isolation_probe.py) for every test here:
+    mode detection, isolation under a yes load, the chain's edge cases, kill -9 points."""
     kernel = vm61.guest(["uname", "-r"], timeout_s=30).stdout.strip()
-    r = vm61.guest(
-        [
-            "env",
-            "PYTHONDONTWRITEBYTECODE=1",
-            "python3",
-            "/mnt/extpv/tests/vm/guest_cgroup2_probe.py",
-        ],
-        timeout_s=300,
-    )
-    assert r.returncode == 0, f"the in-guest probe failed:\n{r.stderr[-3000:]}"
-    return {"kernel": kernel, **json.loads(r.stdout)}
+    return {"kernel": kernel, **run_isolation_probe(vm61)}
 
 
-def test_the_guest_runs_debian_12s_kernel(observed: dict) -> None:
-    assert observed["kernel"].startswith("6.1."), observed["kernel"]
+def test_the_guest_runs_debian_12s_kernel(chained: dict) -> None:
+    assert chained["kernel"].startswith("6.1."), chained["kernel"]
 
 
-def test_the_backend_finds_local_partitions_only(observed: dict) -> None:
-    assert observed["errors"].get("setup") is None, observed["errors"]["setup"]
-    assert observed["remote_partitions"] is False
-    assert observed["mode"] == "local"
-    assert observed["probe_left"] == [], "the scratch cgroup must be removed"
+def test_the_backend_finds_local_partitions_only(chained: dict) -> None:
+    assert chained["errors"].get("setup") is None, chained["errors"]["setup"]
+    assert chained["mode"] == "local"
+    assert chained["probe_left"] == [], "the scratch cgroup must be removed"
 
 
-def test_describe_and_summary_say_what_a_pin_achieves(observed: dict) -> None:
-    assert observed["summary"].startswith("isolated:"), observed["summary"]
-    assert "chain of local partitions" in observed["summary"], observed["summary"]
-    assert "extra CPU" in observed["summary"], observed["summary"]
-    assert observed["describe"]["partition_mode"] == "local"
+def test_describe_and_summary_say_what_a_pin_achieves(chained: dict) -> None:
+    assert chained["summary"].startswith("isolated:"), chained["summary"]
+    assert "chain of local partitions" in chained["summary"], chained["summary"]
+    assert "extra CPU" in chained["summary"], chained["summary"]
+    describe = chained["isolation"]["describe"]
+    assert describe["partition_mode"] == "local"
+    assert describe["local_chain"] == {
+        "extpv.slice": {"cpus": "1-2", "partition": "root"},
+        "vm-spin": {"cpus": "1-2", "partition": "root"},
+    }, describe
 
 
 # -- (b) the local-partition chain: isolation under a real load, its edge cases, kill -9 ------
-
-
-@pytest.fixture(scope="module")
-def chained(vm61: vmlab.VirtualMachine) -> dict[str, Any]:
-    return run_isolation_probe(vm61)
 
 
 @pytest.mark.isolation
@@ -101,12 +93,15 @@ def test_the_local_chain_isolates_the_pinned_pcpu_from_a_yes_load(chained: dict)
     assert_isolated_under_load(chained)
     # The pCPU and the VM's extra CPU (where its other threads run) leave the host.
     assert chained["isolation"]["taken"] == [1, 2]
+    # The spare CPU (4) used to enable the VM's partition went back to the host.
     view = chained["isolation"]["pinned_view"]
     assert view["slice"] == "1-2|root" and view["vm"] == "1-2|root", view
     assert view["vcpu0"] == "1|isolated", view
     assert view["emulator_allowed"] == "2" and view["allowed"]["1"] == "2", view
     unpinned = chained["isolation"]["unpinned_view"]
-    assert unpinned["slice"] == "|member" and unpinned["vm"] == "|member", unpinned
+    assert unpinned["slice"] == "*|member" and unpinned["vm"] == "*|member", unpinned
+    assert set(unpinned["allowed"].values()) == {"0-4"}, unpinned
+    assert unpinned["emulator_allowed"] == "0-4", unpinned
     assert unpinned["root_effective"] == chained["before"]["root_effective"]
 
 
@@ -128,10 +123,12 @@ def test_two_pins_of_one_vm_share_one_extra_cpu_and_a_third_is_refused(chained: 
     s1 = case["s1"]
     assert s1["vcpu0"] == "1|isolated" and s1["vcpu1"] == "3|isolated", s1
     assert s1["vm"] == "1-3|root" and s1["slice"] == "1-3|root", s1
-    assert s1["emulator_allowed"] == "2", s1
+    assert s1["emulator_allowed"] == "2" and s1["root_effective"] == "0,4", s1
     assert case["verify_two"] == []
-    # pCPU 2 is the VM's extra CPU, the last one its other threads have: refused with why.
+    # pCPU 4 would leave the host no spare CPU for growing the VM's partition: the kernel
+    # refuses, and the backend says so with the kernel's reason.
     assert case["pin2"] is not None, "the third pin must be refused"
+    assert "Parent unable to distribute cpu downstream" in case["pin2"], case["pin2"]
     assert case["after_pin2"] == s1, "the refused pin must leave the others as they were"
     assert case["unpin1"] is None and case["back_to_s0"] is True
 
@@ -156,4 +153,5 @@ def test_the_chain_is_gone_after_the_last_unpin_and_teardown(chained: dict) -> N
         assert chained["errors"].get(name) is None, chained["errors"][name]
     assert chained["chain"]["unpin0"] is None
     done = chained["chain"]["all_unpinned"]
-    assert done["slice"] == "|member" and done["vm"] == "|member", done
+    assert done["slice"] == "*|member" and done["vm"] == "*|member", done
+    assert set(done["allowed"].values()) == {"0-4"}, done
