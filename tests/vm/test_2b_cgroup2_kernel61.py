@@ -20,7 +20,12 @@ from typing import Any
 import pytest
 
 import vmlab
-from tests.vm.isolation_run import assert_isolated_under_load, run_isolation_probe
+from tests.vm.isolation_run import (
+    assert_daemon_isolates,
+    assert_isolated_under_load,
+    run_daemon_probe,
+    run_isolation_probe,
+)
 from vmlab import ImageError, VMSpec, start
 from vmlab.images import ensure_test_image_kernel61
 
@@ -155,3 +160,16 @@ def test_the_chain_is_gone_after_the_last_unpin_and_teardown(chained: dict) -> N
     done = chained["chain"]["all_unpinned"]
     assert done["slice"] == "*|member" and done["vm"] == "*|member", done
     assert set(done["allowed"].values()) == {"0-4"}, done
+
+
+@pytest.mark.isolation
+def test_through_the_daemon_a_spinning_vcpu_gets_its_pcpu_to_itself(
+    vm61: vmlab.VirtualMachine, chained: dict
+) -> None:
+    """After the backend-level run (``chained``: it must leave the guest clean), the same
+    proof through ``pvhost run`` on the local chain."""
+    obs = run_daemon_probe(vm61)
+    assert_daemon_isolates(obs, "local")
+    chain_cgroups = obs["local_chain"]
+    assert chain_cgroups["extpv.slice"]["partition"] == "root", chain_cgroups
+    assert chain_cgroups["vm-t"]["partition"] == "root", chain_cgroups

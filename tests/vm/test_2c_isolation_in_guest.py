@@ -14,7 +14,12 @@ from typing import Any
 import pytest
 
 import vmlab
-from tests.vm.isolation_run import assert_isolated_under_load, run_isolation_probe
+from tests.vm.isolation_run import (
+    assert_daemon_isolates,
+    assert_isolated_under_load,
+    run_daemon_probe,
+    run_isolation_probe,
+)
 
 pytestmark = [pytest.mark.vm, pytest.mark.slow, pytest.mark.isolation]
 
@@ -29,3 +34,9 @@ def test_remote_partitions_isolate_the_pinned_pcpu_from_a_yes_load(observed: dic
     assert_isolated_under_load(observed)
     # Remote partitions take exactly the pinned pCPU from the host, nothing else.
     assert observed["isolation"]["taken"] == [1]
+
+
+def test_through_the_daemon_a_spinning_vcpu_gets_its_pcpu_to_itself(
+    guest_vm: vmlab.VirtualMachine,
+) -> None:
+    assert_daemon_isolates(run_daemon_probe(guest_vm), "remote")
