@@ -80,7 +80,7 @@ def assert_isolated_under_load(obs: dict[str, Any], pcpu: int = 1) -> None:
     assert after == {**obs["before"], "base_left": False}, (obs["before"], after)
 
 
-def run_daemon_probe(vm: vmlab.VirtualMachine, timeout_s: int = 240) -> dict[str, Any]:
+def run_daemon_probe(vm: vmlab.VirtualMachine, timeout_s: int = 450) -> dict[str, Any]:
     """guest_daemon_isolation.py in ``vm``: ``pvhost run`` with a spinning nested QEMU."""
     _guest_pylib()
     r = vm.guest(
@@ -98,7 +98,8 @@ def assert_daemon_isolates(obs: dict[str, Any], mode: str) -> None:
     status says so, and the release gives it back."""
     print(
         f"\n[isolation/daemon/{mode}] {obs['load']} yes; vCPU 0 share contended "
-        f"{obs['contended']:.0%}, pinned {obs['pinned']:.0%}, released {obs['released']:.0%}; "
+        f"{obs['contended']:.0%}, pinned {obs['pinned']:.1%} (pCPU idle {obs['pcpu_idle']:.1%}), "
+        f"released {obs['released']:.0%}; "
         f"pin {obs['pin_ms']:.0f} ms, unpin {obs['unpin_ms']:.0f} ms (guest call to result)",
         file=sys.stderr,
     )
@@ -106,7 +107,12 @@ def assert_daemon_isolates(obs: dict[str, Any], mode: str) -> None:
     pcpu = obs["pcpu"]
     assert pcpu != 0, "CPU 0 is housekeeping"
     assert obs["load_on_pcpu"] == 0, f"a yes process ran on the pinned pCPU {pcpu}"
-    assert obs["pinned"] >= 0.9, f"vCPU 0 got {obs['pinned']:.0%} of its pCPU"
+    # A nested QEMU's TCG vCPU thread waits for QEMU's big lock now and then (timer
+    # interrupts, the main loop on the VM's extra CPU): what it does not use of its pCPU must
+    # be idle time, not another task's.
+    got, idle = obs["pinned"], obs["pcpu_idle"]
+    why = f"vCPU 0 got {got:.1%} of pCPU {pcpu}, idle {idle:.1%}"
+    assert got >= 0.85 and got + idle >= 0.95, why
     assert obs["load_after"] > 0, "the load must have the pCPU again after the release"
     assert obs["contended"] < 0.6 and obs["released"] < 0.6, obs
     placed = obs["status_placements"]["0"]
