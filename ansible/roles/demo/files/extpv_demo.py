@@ -73,7 +73,7 @@ def shares(qemu_pid: int, threads: dict[int, int], seconds: float) -> dict[int, 
     return out
 
 
-def _cpus(text: str) -> set[int]:
+def _cpu_set(text: str) -> set[int]:
     out: set[int] = set()
     for part in filter(None, text.strip().split(",")):
         lo, _, hi = part.partition("-")
@@ -84,11 +84,11 @@ def _cpus(text: str) -> set[int]:
 def shared_cpus() -> str:
     """The root cpuset's CPUs but those of exclusive top-level cpusets (such as extpv's own
     when the kernel let pvhost make it exclusive): v1 refuses a sibling that overlaps them."""
-    cpus = _cpus((CPUSET / "cpuset.cpus").read_text())
+    cpus = _cpu_set((CPUSET / "cpuset.cpus").read_text())
     for child in CPUSET.iterdir():
         flag = child / "cpuset.cpu_exclusive"
         if child.is_dir() and flag.exists() and flag.read_text().strip() == "1":
-            cpus -= _cpus((child / "cpuset.cpus").read_text())
+            cpus -= _cpu_set((child / "cpuset.cpus").read_text())
     return ",".join(str(c) for c in sorted(cpus))
 
 
