@@ -363,6 +363,19 @@ class ServiceManager:
                 return True
         return False
 
+    async def closing(self, vm: str) -> None:
+        """pvhost is about to close the VM's session (monitor still up): ``on_closing``."""
+        state = self._vms.get(vm)
+        if state is None:
+            return
+        for service, plugin in self.plugins.items():
+            if state.states[service] == "enabled":
+                reason = await self.guarded(
+                    service, "on_closing", functools.partial(plugin.on_closing, state.handle)
+                )
+                if reason is not None:
+                    self.fail(vm, service, reason)
+
     async def vm_gone(self, vm: str) -> None:
         """The VM's QEMU went away: each enabled service undoes what it did for it."""
         state = self._vms.get(vm)
