@@ -72,8 +72,8 @@ class VMSpec:
     virtfs: tuple[tuple[Path, str], ...] = ()
     #: Serve the guest's test hook on ``test.sock`` (test images only).
     test_hook: bool = False
-    #: A virtio-balloon device (``balloon0``) for the memory service (image VMs only: an empty
-    #: machine runs no guest driver that could answer it).
+    #: A virtio-balloon device (``balloon0``) for the memory service (also on an empty machine:
+    #: QEMU takes balloon commands without a guest driver, which the storm test uses).
     balloon: bool = True
     #: Forward ``127.0.0.1:ssh_port`` on the host to the guest's port 22 (its only network).
     ssh_port: int | None = None
@@ -198,7 +198,7 @@ def qemu_argv(spec: VMSpec, accel_args: Sequence[str] | None = None) -> list[str
                    f"id={AGENT_PORT_ID}",
         "-pidfile", str(d / "qemu.pid"),
     ]  # fmt: skip
-    if spec.balloon and spec.image is not None:
+    if spec.balloon:
         argv += ["-device", "virtio-balloon-pci,id=balloon0"]
     if spec.test_hook:
         argv += [
