@@ -164,3 +164,11 @@ def test_host_available_is_read_from_meminfo(tmp_path: Path) -> None:
 def test_the_memory_service_is_found_and_off_by_default() -> None:
     assert discover()["memory"].plugin is MemoryService
     assert "memory" not in ServicesConfig().enabled
+
+
+def test_pyproject_declares_memory_as_an_entry_point() -> None:
+    import tomllib
+
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    target = project["entry-points"]["extpv.services"]["memory"]
+    assert target == f"{MemoryService.__module__}:{MemoryService.__name__}"
