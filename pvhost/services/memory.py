@@ -235,7 +235,10 @@ class MemoryService(ServicePlugin):
         if reclaims or ooms:
             if known.first_pressure is None:
                 known.first_pressure = time.monotonic()
-            await self._evaluate(known)  # answer pressure now, not at the window's end
+            try:  # answer pressure now, not at the window's end
+                await self._evaluate(known)
+            except (QmpError, ChannelError) as err:  # QEMU's monitor: retried next window
+                known.problem = str(err)[:300]
 
     async def on_closing(self, vm: VmHandle) -> None:
         await self._restore(vm.name)
