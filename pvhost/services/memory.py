@@ -146,6 +146,8 @@ class _Vm:
     #: balloon change took from there (ms; the service's reaction time).
     first_pressure: float | None = None
     reaction_ms: float | None = None
+    #: Deflated since the last inflation: later pressure is the same episode.
+    deflated: bool = False
     history: collections.deque[dict[str, Any]] = field(
         default_factory=lambda: collections.deque(maxlen=_HISTORY)
     )
@@ -233,7 +235,7 @@ class MemoryService(ServicePlugin):
         w = known.window
         known.window = WindowStats(w.reclaims + reclaims, w.stall_ns + stall, w.ooms + ooms)
         if reclaims or ooms:
-            if known.first_pressure is None:
+            if known.first_pressure is None and not known.deflated:
                 known.first_pressure = time.monotonic()
             try:  # answer pressure now, not at the window's end
                 await self._evaluate(known)
@@ -291,6 +293,8 @@ class MemoryService(ServicePlugin):
                 known.state.last_pressure = now
             self.counts[f"decisions_{decision.code}"] += 1
             if decision.target_mib is None:
+                if decision.code in {"host-floor", "at-max"}:
+                    known.first_pressure = None  # not answerable: no reaction to time
                 self._hold(known, decision, stats)
                 return
             await known.handle.qmp("balloon", {"value": decision.target_mib * MIB})
@@ -300,6 +304,7 @@ class MemoryService(ServicePlugin):
             if decision.action == "deflate" and known.first_pressure is not None:
                 known.reaction_ms = round((time.monotonic() - known.first_pressure) * 1e3, 3)
                 known.first_pressure = None
+            known.deflated = decision.action == "deflate"
             self.counts[decision.action] += 1
             self._record(known, decision, available)
 
