@@ -212,6 +212,8 @@ def _sticky(
             kept = [v for v in members if v in keep]
             if not kept:
                 continue
+            if len(members) + sum(1 for v in keep if v not in group) > vm.quota:
+                continue  # the quota cannot pin the whole group: moving it would just churn
             usable = eligible - set(others) - {p for v, p in keep.items() if v not in group}
             cores = {host.topology.siblings(keep[v]) for v in kept}
             if len(cores) == 1 and len(next(iter(cores)) & usable) >= len(members):

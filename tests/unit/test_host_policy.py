@@ -136,3 +136,18 @@ def test_pool_exhausted_is_a_reason() -> None:
     assert result.mapping == {}
     assert all(r.code == RefusalCode.POOL_EXHAUSTED for r in result.refused.values())
     assert all(r.message.startswith("pool exhausted") for r in result.refused.values())
+
+
+def test_ht_aware_keeps_a_pinned_vcpu_whose_group_the_quota_cannot_hold_whole() -> None:
+    """Found by hypothesis: vCPU 8 held a pCPU; its sibling 9 was wanted too but the quota
+    (2, one spent on vCPU 0) could not pin both, yet the next plan of the same request moved
+    8 away "to regroup" and gave its room to vCPU 2 — churn on an unchanged request."""
+    host = HostPool(HostTopology.flat({0, 1, 2, 3}, smt=2))
+    siblings = tuple(frozenset({i, i + 1}) for i in range(0, 10, 2))
+    vm = VmView("b", frozenset(range(10)), quota=2, policy="ht-aware", guest_siblings=siblings)
+    first = plan([8], vm, host, {})
+    after = apply_plan({}, first)
+    second = plan([0, 2, 8, 9], vm, host, after)
+    assert second.mapping[8] == first.mapping[8]
+    again = plan([0, 2, 8, 9], vm, host, apply_plan(after, second))
+    assert dict(again.mapping) == dict(second.mapping)
