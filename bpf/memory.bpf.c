@@ -5,12 +5,13 @@
  *
  * Only stable tracepoints: vmscan/mm_vmscan_direct_reclaim_{begin,end} and oom/mark_victim,
  * so one object runs on every kernel with BTF. The start time of a reclaim is kept per tid
- * between begin and end; one record per finished reclaim (kind, tid, duration, pages freed)
+ * between begin and end (user tasks only); one record per finished reclaim (kind, tid, duration, pages freed)
  * and one per OOM victim go to the ring buffer pv_memory, which the agent forwards as bytes.
  * The host (pvhost/services/memory.py) turns them into balloon decisions. Layout: memory.h.
  */
 #include <linux/bpf.h>
 #include <bpf/bpf_helpers.h>
+#include <bpf/bpf_core_read.h>
 
 #include "memory.h"
 
@@ -21,6 +22,12 @@ char LICENSE[] SEC("license") = "Dual BSD/GPL";
 struct trace_event_raw_mm_vmscan_direct_reclaim_end_template {
 	unsigned long nr_reclaimed;
 } __attribute__((preserve_access_index));
+
+struct task_struct {
+	unsigned int flags;
+} __attribute__((preserve_access_index));
+
+#define PF_KTHREAD 0x00200000 /* include/linux/sched.h, stable since 2.6 */
 
 struct trace_event_raw_mark_victim {
 	int pid;
@@ -57,11 +64,24 @@ static __always_inline void count_lost(void)
 		__sync_fetch_and_add(value, 1);
 }
 
+/* A kernel thread in direct reclaim is not the guest's workload short of memory: chiefly
+ * the balloon driver's worker taking the pages the host asked back (its reclaim would read
+ * as pressure and undo every inflation). */
+static __always_inline int in_kthread(void)
+{
+	struct task_struct *task = (struct task_struct *)bpf_get_current_task();
+
+	return BPF_CORE_READ(task, flags) & PF_KTHREAD;
+}
+
 SEC("tracepoint/vmscan/mm_vmscan_direct_reclaim_begin")
 int pv_memory_reclaim_begin(void *ctx)
 {
 	__u32 tid = (__u32)bpf_get_current_pid_tgid();
 	__u64 now = bpf_ktime_get_ns();
+
+	if (in_kthread())
+		return 0;
 
 	bpf_map_update_elem(&pv_reclaim_start, &tid, &now, BPF_ANY);
 	return 0;

@@ -142,6 +142,8 @@ class _Vm:
     reclaims: int = 0
     stall_ns: int = 0
     ooms: int = 0
+    #: The guest pid the OOM killer last picked (what the guest said; shown, never acted on).
+    last_oom_pid: int | None = None
     #: When the first pressure of the current episode arrived, and how long its first
     #: balloon change took from there (ms; the service's reaction time).
     first_pressure: float | None = None
@@ -227,6 +229,7 @@ class MemoryService(ServicePlugin):
                 stall += event.duration_ns
             elif event.kind is MemoryKind.OOM:
                 ooms += 1
+                known.last_oom_pid = event.pid
         known.reclaims += reclaims
         known.stall_ns += stall
         known.ooms += ooms
@@ -383,6 +386,7 @@ class MemoryService(ServicePlugin):
             reclaims=known.reclaims,
             stall_ms=round(known.stall_ns / 1e6, 3),
             oom_kills=known.ooms,
+            last_oom_pid=known.last_oom_pid,
             reaction_ms=known.reaction_ms,
             decisions=list(known.history),
         )
