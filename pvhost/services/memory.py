@@ -148,6 +148,8 @@ class _Vm:
     #: balloon change took from there (ms; the service's reaction time).
     first_pressure: float | None = None
     reaction_ms: float | None = None
+    #: How long QEMU took to answer the last ``balloon`` command (ms).
+    balloon_qmp_ms: float | None = None
     #: Deflated since the last inflation: later pressure is the same episode.
     deflated: bool = False
     history: collections.deque[dict[str, Any]] = field(
@@ -300,7 +302,9 @@ class MemoryService(ServicePlugin):
                     known.first_pressure = None  # not answerable: no reaction to time
                 self._hold(known, decision, stats)
                 return
+            sent = time.monotonic()
             await known.handle.qmp("balloon", {"value": decision.target_mib * MIB})
+            known.balloon_qmp_ms = round((time.monotonic() - sent) * 1e3, 3)
             known.state.target_mib = decision.target_mib
             known.state.last_change = now
             known.problem = ""
@@ -388,6 +392,7 @@ class MemoryService(ServicePlugin):
             oom_kills=known.ooms,
             last_oom_pid=known.last_oom_pid,
             reaction_ms=known.reaction_ms,
+            balloon_qmp_ms=known.balloon_qmp_ms,
             decisions=list(known.history),
         )
         return out
