@@ -211,7 +211,8 @@ def test_pressure_deflates_so_an_allocation_completes_and_quiet_inflates_back(
     print(
         f"\n[memory] first deflation {deflations[0]['at'] - t0:.2f} s after the allocation "
         f"began; allocation of {ALLOC_MIB} MiB completed in {t_done - t0:.2f} s; "
-        f"host reaction (first pressure record → balloon set) {after['reaction_ms']} ms (QMP balloon {after['balloon_qmp_ms']} ms); "
+        f"host reaction (first pressure record → balloon set) {after['reaction_ms']} ms "
+        f"(QMP balloon {after['balloon_qmp_ms']} ms); "
         f"{len(deflations)} deflations to {max(d['target_mib'] for d in deflations)} MiB; "
         f"{after['reclaims'] - before['reclaims']} reclaim records, "
         f"{after['stall_ms'] - before['stall_ms']:.0f} ms stalled; agent CPU "
