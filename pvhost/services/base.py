@@ -74,6 +74,11 @@ class VmHandle(Protocol):
         """Send a message to the guest's agent; raises ChannelError when not connected."""
         ...
 
+    def unload_program(self, program_id: str) -> None:
+        """Unload one of the VM's programs from the guest, and from ``pvctl status``'s
+        ``programs``; raises ChannelError when not connected."""
+        ...
+
     async def read_map(
         self, program_id: str, map_name: str, *, max_entries: int = 1024, timeout: float = 5.0
     ) -> MapContents:

@@ -40,7 +40,7 @@ from pvhost.services.discovery import Found
 from pvhost.services.guard import MAX_REASON, Call, Runner, guarded
 from pvhost.services.intake import decode_records
 from pvhost.services.vmstate import VmState
-from pvproto import BaseMessage, UnloadProgram
+from pvproto import BaseMessage
 
 __all__ = ["ServiceManager", "ServicesSettings"]
 
@@ -160,7 +160,7 @@ class ServiceManager:
         for program_id in [p for p, s in state.owners.items() if s == service]:
             del state.owners[program_id]
             with contextlib.suppress(ChannelError):  # not connected: no Hello injects it now
-                state.handle.send(UnloadProgram(program_id=program_id))
+                state.handle.unload_program(program_id)  # also out of `pvctl status`
         plugin = self.plugins[service]
         reason = await self.guarded(service, "on_disable", lambda: plugin.on_disable(vm))
         if reason is not None:
