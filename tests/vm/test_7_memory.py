@@ -216,7 +216,8 @@ def test_pressure_deflates_so_an_allocation_completes_and_quiet_inflates_back(
         f"{len(deflations)} deflations to {max(d['target_mib'] for d in deflations)} MiB; "
         f"{after['reclaims'] - before['reclaims']} reclaim records, "
         f"{after['stall_ms'] - before['stall_ms']:.0f} ms stalled; agent CPU "
-        f"{idle_cpu * 100:.2f}% idle, {cpu_alloc / (t_done - t0) * 100:.2f}% under reclaim",
+        f"{idle_cpu * 100:.2f}% idle, {cpu_alloc / (t_done - t0) * 100:.2f}% under reclaim; "
+        f"agent VmLck {locked_kb} kB",
         file=sys.stderr,
     )
 
