@@ -16,9 +16,12 @@ __all__ = ["PROTOCOL_VERSION", "SUPPORTED_VERSIONS", "negotiate"]
 #: batches, as bytes) and ``ReadMap``/``MapContents``. A side sends them only in a session of
 #: version 3; with a peer of version 2 (an agent image built before them) it falls back to
 #: one ``ProgramEvent{data: {"raw": HEX}}`` per record and no map reads.
-PROTOCOL_VERSION = 3
+#: 4: each pinned ``VcpuPlacement`` of an ``AffinityResult`` says what the pin achieved
+#: (``isolation``: isolated | restricted, and ``isolation_reason``). Additive: a host leaves
+#: both out of the frames of a session of version 2 or 3, whose agents reject unknown fields.
+PROTOCOL_VERSION = 4
 #: Every version this software can read and write.
-SUPPORTED_VERSIONS: tuple[int, ...] = (2, 3)
+SUPPORTED_VERSIONS: tuple[int, ...] = (2, 3, 4)
 
 
 def negotiate(ours: Iterable[int], theirs: Iterable[int]) -> int:

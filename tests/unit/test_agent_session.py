@@ -186,7 +186,8 @@ def test_untrusted_programs_are_refused_over_the_protocol(tmp_path: Path, case: 
 
 
 def test_host_answer_is_visible_in_the_guest(tmp_path: Path) -> None:
-    """The host's AffinityResult lands in the placement file, refusals included."""
+    """The host's AffinityResult lands in the placement file, refusals included, and what
+    each pin achieved (protocol 4: isolated, or restricted and why)."""
     status = tmp_path / "run" / "placement.json"
 
     async def main() -> None:
@@ -203,7 +204,10 @@ def test_host_answer_is_visible_in_the_guest(tmp_path: Path) -> None:
                     policy="identity",
                     backend="cgroup1",
                     placements=[
-                        VcpuPlacement(vcpu=0, pcpu=2),
+                        VcpuPlacement(vcpu=0, pcpu=2, isolation="isolated"),
+                        VcpuPlacement(
+                            vcpu=1, pcpu=3, isolation="restricted", isolation_reason="v1 root"
+                        ),
                         VcpuPlacement(vcpu=3, refused="pool exhausted"),
                     ],
                 )
@@ -218,7 +222,10 @@ def test_host_answer_is_visible_in_the_guest(tmp_path: Path) -> None:
     asyncio.run(main())
     doc = json.loads(status.read_text())
     assert doc["seq"] == 4 and doc["backend"] == "cgroup1"
+    none = {"isolation": None, "isolation_reason": None}
     assert doc["placements"] == [
-        {"vcpu": 0, "pcpu": 2, "refused": None},
-        {"vcpu": 3, "pcpu": None, "refused": "pool exhausted"},
-    ]
+        {"vcpu": 0, "pcpu": 2, "refused": None, **none, "isolation": "isolated"},
+        {"vcpu": 1, "pcpu": 3, "refused": None, "isolation": "restricted",
+         "isolation_reason": "v1 root"},
+        {"vcpu": 3, "pcpu": None, "refused": "pool exhausted", **none},
+    ]  # fmt: skip
