@@ -11,16 +11,22 @@ connection says what runs.
 :class:`LibvirtVcpus` gives a session a domain's vCPU threads the way a QMP monitor would: the
 QEMU process is the one started with the domain's UUID, and each vCPU thread is the one libvirt
 put in that domain's ``vcpuN`` cgroup (QEMU's ``CPU N/…`` thread name where libvirt made no
-per-vCPU cgroup); the session learns that the domain stopped from the process's pidfd.
+per-vCPU cgroup); the session learns that the domain stopped from the process's pidfd. libvirt
+emits no event for a vCPU hot-plug (``virsh setvcpus --live``: checked with every event id on
+libvirt 11.3), but it makes the new vCPU's ``vcpuN`` cgroup and writes the thread into it:
+:class:`VcpuCgroupWatch` follows that with inotify, and the map is read again then.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
+import ctypes.util
 import logging
 import os
 import re
+import struct
 import threading
 import unicodedata
 import xml.etree.ElementTree as ET
@@ -34,6 +40,7 @@ try:
 except ImportError:  # optional: pvhost serves plain-QEMU VMs without it
     libvirt = None
 
+from extpv.aio import cancel_and_wait
 from extpv.names import VM_NAME_MAX
 from extpv.vcpus import VcpuThread
 from pvhost.errors import HostError, QmpError
@@ -44,7 +51,9 @@ __all__ = [
     "LibvirtDomain",
     "LibvirtLink",
     "LibvirtVcpus",
+    "VcpuCgroupWatch",
     "channel_xml",
+    "domain_cgroup",
     "parse_domain",
     "safe_name",
     "set_channel",
@@ -363,6 +372,7 @@ def _threadsafe(loop: asyncio.AbstractEventLoop, call: Callable[[], object]) -> 
 
 # -- vCPU threads ------------------------------------------------------------------------------
 _VCPU_CGROUP = re.compile(r"/vcpu(\d+)$")
+_VCPU_DIR = re.compile(r"^vcpu(\d+)$")
 _VCPU_COMM = re.compile(r"^CPU (\d+)/")
 
 
@@ -420,6 +430,97 @@ def vcpu_threads(pid: int, topology: tuple[int, int, int, int]) -> dict[int, Vcp
     return out
 
 
+def domain_cgroup(pid: int, cgroups: Path = Path("/sys/fs/cgroup")) -> Path | None:
+    """The directory libvirt keeps the domain's ``vcpuN`` cgroups in: the parent of the QEMU
+    process's own (``emulator``) cgroup, in the v1 cpuset hierarchy or the unified one."""
+    found: list[Path] = []
+    for line in Path(f"/proc/{pid}/cgroup").read_text().splitlines():
+        hierarchy, controllers, path = line.split(":", 2)
+        if not path.endswith("/emulator"):
+            continue
+        if "cpuset" in controllers.split(","):
+            found.insert(0, cgroups / controllers / path.lstrip("/"))  # v1 cpuset first
+        elif hierarchy == "0" and not controllers:
+            found.append(cgroups / path.lstrip("/"))
+    return next((p.parent for p in found if p.parent.is_dir()), None)
+
+
+_IN_MODIFY = 0x2
+_IN_CREATE = 0x100
+_IN_DELETE = 0x200
+_IN_ISDIR = 0x40000000
+_EVENT = struct.Struct("iIII")
+
+
+class VcpuCgroupWatch:
+    """Calls ``on_event`` (debounced) when a ``vcpuN`` cgroup appears in or goes from a
+    domain's cgroup directory, or a thread is written into one (inotify: no polling).
+
+    libvirt makes the cgroup first and moves the thread into it after, so the thread file of
+    each ``vcpuN`` is watched too; one made before its watch was added is seen by the read that
+    the directory's own event already scheduled."""
+
+    def __init__(self, directory: Path, on_event: Callable[[], None]) -> None:
+        self.directory = directory
+        self._on_event = on_event
+        self._libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+        self._fd = self._libc.inotify_init1(os.O_NONBLOCK | os.O_CLOEXEC)
+        if self._fd < 0:
+            raise OSError(ctypes.get_errno(), "inotify_init1 failed")
+        try:
+            self._add(directory, _IN_CREATE | _IN_DELETE)
+            for child in directory.iterdir():
+                if _VCPU_DIR.match(child.name):
+                    self._watch_threads(child)
+        except OSError:
+            os.close(self._fd)
+            raise
+        self._loop = asyncio.get_running_loop()
+        self._loop.add_reader(self._fd, self._readable)
+        self._scheduled: asyncio.TimerHandle | None = None
+
+    def _add(self, path: Path, mask: int) -> None:
+        if self._libc.inotify_add_watch(self._fd, os.fsencode(path), mask) < 0:
+            err = ctypes.get_errno()
+            raise OSError(err, f"cannot watch {path}: {os.strerror(err)}")
+
+    def _watch_threads(self, vcpu_dir: Path) -> None:
+        """v1 lists a cgroup's threads in ``tasks``, v2 (threaded) in ``cgroup.threads``."""
+        for name in ("tasks", "cgroup.threads"):
+            with contextlib.suppress(FileNotFoundError):
+                self._add(vcpu_dir / name, _IN_MODIFY)
+                return
+
+    def _readable(self) -> None:
+        try:
+            while buf := os.read(self._fd, 65536):
+                offset = 0
+                while offset < len(buf):
+                    _wd, mask, _cookie, size = _EVENT.unpack_from(buf, offset)
+                    name = buf[offset + _EVENT.size : offset + _EVENT.size + size].rstrip(b"\0")
+                    offset += _EVENT.size + size
+                    if mask & _IN_CREATE and mask & _IN_ISDIR:
+                        child = self.directory / os.fsdecode(name)
+                        if _VCPU_DIR.match(child.name):
+                            with contextlib.suppress(OSError):  # removed meanwhile
+                                self._watch_threads(child)
+        except BlockingIOError:
+            pass
+        if self._scheduled is None:
+            # Debounce: libvirt writes the cgroup's settings and then its thread in a burst.
+            self._scheduled = self._loop.call_later(0.05, self._fire)
+
+    def _fire(self) -> None:
+        self._scheduled = None
+        self._on_event()
+
+    def close(self) -> None:
+        if self._scheduled is not None:
+            self._scheduled.cancel()
+        self._loop.remove_reader(self._fd)
+        os.close(self._fd)
+
+
 class LibvirtVcpus:
     """A domain's vCPU threads for a session (the part of a QMP monitor it uses)."""
 
@@ -431,6 +532,9 @@ class LibvirtVcpus:
         self._pid: int | None = None
         self._pidfd: int | None = None
         self._gone: asyncio.Future[None] | None = None
+        self._watch: VcpuCgroupWatch | None = None
+        self._rereads: asyncio.Task[None] | None = None
+        self._again = asyncio.Event()
 
     async def connect(self, timeout: float = 5.0) -> None:
         pid = await asyncio.to_thread(qemu_pid_of_domain, self.domain.uuid)
@@ -450,10 +554,46 @@ class LibvirtVcpus:
                 gone.set_result(None)
 
         loop.add_reader(self._pidfd, ended)
+        try:
+            cgroup = await asyncio.to_thread(domain_cgroup, pid)
+            if cgroup is not None:
+                self._watch = VcpuCgroupWatch(cgroup, self._again.set)
+                self._rereads = loop.create_task(self._reread(), name="libvirt-vcpus")
+            else:
+                _log.info(
+                    "domain %r: no vcpuN cgroups: a hot-plug is followed on request only",
+                    self.domain.domain,
+                )
+        except OSError as err:
+            _log.warning("domain %r: vCPU hot-plug not followed: %s", self.domain.domain, err)
         await self.refresh()
         if not self.vcpus:
             await self.close()
             raise QmpError(f"domain {self.domain.domain!r}: no vCPU threads found yet")
+
+    async def _reread(self) -> None:
+        """Read the map again after each burst of cgroup events; tell the session if it
+        changed (a vCPU hot-plugged or unplugged)."""
+        while True:
+            await self._again.wait()
+            self._again.clear()
+            before = dict(self.vcpus)
+            with contextlib.suppress(QmpError):  # the domain is stopping: its pidfd says so
+                await self.refresh()
+            if self.vcpus != before:
+                _log.info(
+                    "domain %r: vCPUs %s → %s",
+                    self.domain.domain,
+                    sorted(before),
+                    sorted(self.vcpus),
+                )
+                if self.on_change is not None:
+                    try:
+                        await self.on_change()
+                    except Exception:  # the next change must still be followed
+                        _log.exception(
+                            "domain %r: following the vCPU change failed", self.domain.domain
+                        )
 
     async def refresh(self, timeout: float = 5.0) -> dict[int, VcpuThread]:
         if self._pid is None:
@@ -475,6 +615,12 @@ class LibvirtVcpus:
             await asyncio.shield(self._gone)
 
     async def close(self) -> None:
+        if self._rereads is not None:
+            await cancel_and_wait(self._rereads)
+            self._rereads = None
+        if self._watch is not None:
+            self._watch.close()
+            self._watch = None
         if self._pidfd is not None:
             asyncio.get_running_loop().remove_reader(self._pidfd)
             os.close(self._pidfd)
