@@ -34,7 +34,7 @@ from pydantic import BaseModel, ConfigDict, NonNegativeInt, ValidationError
 
 from pvhost.errors import HostError, PlacementError
 from pvhost.libvirt import LibvirtLink
-from pvhost.placement.base import Finding
+from pvhost.placement.base import Check, Finding
 
 __all__ = ["LibvirtPlacement"]
 
@@ -222,42 +222,34 @@ class LibvirtPlacement:
             self._isolate()
 
     def _check(self, vm: str, vcpu: int, dom: Any) -> list[Finding]:
+        """libvirt's live pinning of the vCPU, and the thread's affinity, against the record."""
         pin = self._state.vms[vm].vcpus[vcpu]
-        findings = []
         try:
             shown = _cpus(dom.vcpuPinInfo(libvirt.VIR_DOMAIN_AFFECT_LIVE)[vcpu])
         except (libvirt.libvirtError, IndexError) as err:
             shown = ()
             _log.info("%s: vcpupin of vCPU %d unreadable: %s", vm, vcpu, err)
-        if shown != (pin.pcpu,):
-            findings.append(
-                Finding(
-                    vm=vm,
-                    vcpu=vcpu,
-                    tid=pin.tid,
-                    pcpu=pin.pcpu,
-                    check="cpuset",
-                    expected=str(pin.pcpu),
-                    found=",".join(map(str, shown)) or "nothing",
-                )
-            )
         try:
             allowed = tuple(sorted(os.sched_getaffinity(pin.tid)))
         except OSError:
             allowed = ()
-        if allowed != (pin.pcpu,):
-            findings.append(
-                Finding(
-                    vm=vm,
-                    vcpu=vcpu,
-                    tid=pin.tid,
-                    pcpu=pin.pcpu,
-                    check="affinity",
-                    expected=str(pin.pcpu),
-                    found=",".join(map(str, allowed)) or "thread gone",
-                )
+        seen: list[tuple[Check, tuple[int, ...], str]] = [
+            ("cpuset", shown, "nothing"),
+            ("affinity", allowed, "thread gone"),
+        ]
+        return [
+            Finding(
+                vm=vm,
+                vcpu=vcpu,
+                tid=pin.tid,
+                pcpu=pin.pcpu,
+                check=check,
+                expected=str(pin.pcpu),
+                found=",".join(map(str, cpus)) or empty,
             )
-        return findings
+            for check, cpus, empty in seen
+            if cpus != (pin.pcpu,)
+        ]
 
     def verify(self) -> list[Finding]:
         findings: list[Finding] = []
