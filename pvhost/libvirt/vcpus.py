@@ -96,11 +96,13 @@ def vcpu_threads(pid: int, topology: tuple[int, int, int, int]) -> dict[int, Vcp
     return out
 
 
-def domain_cgroup(pid: int, cgroups: Path = Path("/sys/fs/cgroup")) -> Path | None:
+def domain_cgroup(
+    pid: int, proc: Path = Path("/proc"), cgroups: Path = Path("/sys/fs/cgroup")
+) -> Path | None:
     """The directory libvirt keeps the domain's ``vcpuN`` cgroups in: the parent of the QEMU
     process's own (``emulator``) cgroup, in the v1 cpuset hierarchy or the unified one."""
     found: list[Path] = []
-    for line in Path(f"/proc/{pid}/cgroup").read_text().splitlines():
+    for line in (proc / str(pid) / "cgroup").read_text().splitlines():
         hierarchy, controllers, path = line.split(":", 2)
         if not path.endswith("/emulator"):
             continue
@@ -112,6 +114,8 @@ def domain_cgroup(pid: int, cgroups: Path = Path("/sys/fs/cgroup")) -> Path | No
 
 
 _IN_MODIFY = 0x2
+_IN_MOVED_FROM = 0x40
+_IN_MOVED_TO = 0x80
 _IN_CREATE = 0x100
 _IN_DELETE = 0x200
 _IN_ISDIR = 0x40000000
@@ -120,7 +124,8 @@ _EVENT = struct.Struct("iIII")
 
 class VcpuCgroupWatch:
     """Calls ``on_event`` (debounced) when a ``vcpuN`` cgroup appears in or goes from a
-    domain's cgroup directory, or a thread is written into one (inotify: no polling).
+    domain's cgroup directory (made, removed, or renamed: v1 allows it), or a thread is written
+    into one (inotify: no polling).
 
     libvirt makes the cgroup first and moves the thread into it after, so the thread file of
     each ``vcpuN`` is watched too; one made before its watch was added is seen by the read that
@@ -134,7 +139,7 @@ class VcpuCgroupWatch:
         if self._fd < 0:
             raise OSError(ctypes.get_errno(), "inotify_init1 failed")
         try:
-            self._add(directory, _IN_CREATE | _IN_DELETE)
+            self._add(directory, _IN_CREATE | _IN_DELETE | _IN_MOVED_TO | _IN_MOVED_FROM)
             for child in directory.iterdir():
                 if _VCPU_DIR.match(child.name):
                     self._watch_threads(child)
@@ -165,7 +170,7 @@ class VcpuCgroupWatch:
                     _wd, mask, _cookie, size = _EVENT.unpack_from(buf, offset)
                     name = buf[offset + _EVENT.size : offset + _EVENT.size + size].rstrip(b"\0")
                     offset += _EVENT.size + size
-                    if mask & _IN_CREATE and mask & _IN_ISDIR:
+                    if mask & (_IN_CREATE | _IN_MOVED_TO) and mask & _IN_ISDIR:
                         child = self.directory / os.fsdecode(name)
                         if _VCPU_DIR.match(child.name):
                             with contextlib.suppress(OSError):  # removed meanwhile
