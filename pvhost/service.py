@@ -34,7 +34,7 @@ from pvhost.errors import (
 )
 from pvhost.libvirt import LibvirtLink, LibvirtVcpus
 from pvhost.metrics import Metrics
-from pvhost.placement import PlacementBackend, detect_backend
+from pvhost.placement import Cgroup1Backend, PlacementBackend, detect_backend
 from pvhost.placement.isolation import Isolation, libvirt_isolation
 from pvhost.placement.libvirt import LibvirtPlacement
 from pvhost.policy import HostPool, Plan, VmView, eligible_cpus, guest_sibling_groups, plan
@@ -127,6 +127,10 @@ class Service:
             self.libvirt_placement = LibvirtPlacement(
                 self.libvirt, config.service.state_dir / "libvirt.json"
             )
+            if isinstance(self.backend, Cgroup1Backend):
+                # isolate_from withholds the domains' pinned pCPUs too (docs/libvirt.md).
+                self.backend.also_held = self.libvirt_placement.held
+                self.libvirt_placement.isolate = self.backend.isolate_held
 
     def _service_context(self, name: str) -> ServiceContext:
         return ServiceContext(

@@ -26,7 +26,7 @@ from __future__ import annotations
 import contextlib
 import os
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -72,6 +72,9 @@ class Cgroup1Backend(PlacementBackend):
         super().__init__(hierarchy, group, StateStore[Cgroup1Pin](state, StateFile[Cgroup1Pin]))
         self.exclusive: dict[str, bool] = {}
         self.isolate_from = tuple(hierarchy / c.strip("/") for c in isolate_from)
+        #: pCPUs pinned by someone else that ``isolate_from`` withholds too: libvirt domains'
+        #: vCPUs (:mod:`pvhost.placement.libvirt`), read at every isolation step.
+        self.also_held: Callable[[], frozenset[int]] = frozenset
 
     # -- helpers -------------------------------------------------------------------------
     def _mkdir(self, path: Path, cpus: frozenset[int]) -> None:
@@ -152,7 +155,13 @@ class Cgroup1Backend(PlacementBackend):
                     out.append(Path(here))
         return out
 
+    def isolate_held(self) -> None:
+        """Withhold exactly what is pinned now (after ``also_held`` changed); PlacementError,
+        changing nothing, where a cpuset would be left without a CPU."""
+        self._isolate(frozenset(self._held()))
+
     def _isolate(self, held: frozenset[int]) -> None:
+        held |= self.also_held()
         withheld = self.state.withheld()
         if not self.isolate_from and not withheld:
             return
