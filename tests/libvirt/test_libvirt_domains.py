@@ -359,6 +359,7 @@ PLAY = """- name: The pvhost role's libvirt part
         dest: "{{ result_file }}"
         mode: "0600"
       changed_when: false
+      check_mode: false  # the test's own record, written also when the role runs --check
 """
 
 
