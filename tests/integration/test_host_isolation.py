@@ -26,7 +26,7 @@ import pytest
 from pvhost.errors import PlacementError
 from pvhost.placement import Cgroup1Backend, cgroup1, detect_backend
 from tests.conftest import absent
-from tests.faultpoints import KILLED, killed_before_write
+from tests.faultpoints import KILLED, killed_before_write, recorded_writes
 from tests.integration.hostrun import daemon_and_guest, free_port, write_config
 from vmlab import VMSpec, start
 from vmlab.bootsector import SPIN
@@ -245,6 +245,78 @@ def test_kill9_while_the_load_is_shrunk_is_given_back_by_the_next_start(
     assert restarted.state.withheld() == {} and restarted.pins() == {}
     restarted.teardown()
     assert not (CPUSET / cpuset_group).exists()
+
+
+def _view(backend: Cgroup1Backend, load: Path, tid: int) -> dict[str, object]:
+    """Every cpuset of ours and the load's, the thread's cpuset and affinity, the records."""
+    tree = sorted(p for p in backend.base.rglob("*") if p.is_dir())
+    return {
+        "load": (load / "cpuset.cpus").read_text().strip(),
+        "ours": {
+            str(p.relative_to(CPUSET)): (p / "cpuset.cpus").read_text().strip()
+            for p in [backend.base, *tree]
+            if p.exists()
+        },
+        "thread_cpuset": Path(f"/proc/{tid}/cpuset").read_text().strip(),
+        "affinity": sorted(os.sched_getaffinity(tid)),
+        "pins": backend.pins(),
+        "withheld": backend.state.withheld(),
+    }
+
+
+@pytest.mark.faults
+def test_kill9_at_every_write_of_the_first_pin_and_the_last_unpin_restarts_to_the_last_request(
+    tmp_path: Path, cpuset_group: str, load: tuple[Path, list[int]], spinner: int
+) -> None:
+    """v1 ``isolate_from``: the pin that takes the pCPU from the load's cpuset (the first: no
+    CPU withheld before) and the unpin that gives it back (the last), killed before each of
+    their cgroupfs writes; a restart (setup, reconcile with the VM alive) must leave exactly
+    what the last valid request implies."""
+    path, _ = load
+    live = {"vm": {0: spinner}}
+    box = [backend_for(tmp_path, cpuset_group, path)]
+
+    def restarted() -> Cgroup1Backend:
+        box[0] = backend_for(tmp_path, cpuset_group, path)
+        box[0].reconcile(live)
+        return box[0]
+
+    def goto(pinned: bool) -> None:
+        if pinned and not box[0].pins():
+            box[0].pin("vm", 0, spinner, PCPU)
+        elif not pinned and box[0].pins():
+            box[0].unpin("vm", 0)
+
+    try:
+        checked = []
+        for op in ("pin", "unpin"):
+            goto(op == "unpin")
+            start = _view(box[0], path, spinner)
+
+            def run(op: str = op) -> None:
+                box[0].pin("vm", 0, spinner, PCPU) if op == "pin" else box[0].unpin("vm", 0)
+
+            writes = recorded_writes(cgroup1, run)
+            end = _view(box[0], path, spinner)
+            assert any(w == path / "cpuset.cpus" for w in writes), writes  # the load's cpuset
+            for i, write in enumerate(writes):
+                goto(op == "unpin")
+                nth = writes[: i + 1].count(write)
+                assert killed_before_write(cgroup1, write, run, nth) == KILLED, (op, i, write)
+                found = _view(restarted(), path, spinner)
+                # A pin killed before its last write never completed; an unpin is completed
+                # by the restart, or untouched when killed before its first write.
+                want = [start] if op == "pin" else [end, start] if i == 0 else [end]
+                assert found in want, (
+                    f"kill -9 before write {i} ({write}) of the {op}:\nfound    {found}\n"
+                    f"expected {want[0]}"
+                )
+                checked.append((op, i))
+        print(f"\n[crashes/isolate_from] kill -9 points checked: {len(checked)}", file=sys.stderr)
+        assert {op for op, _ in checked} == {"pin", "unpin"}
+    finally:
+        box[0].teardown()
+    assert (path / "cpuset.cpus").read_text().strip() == "0-1"
 
 
 def test_isolate_from_that_does_not_exist_is_refused_at_start(
