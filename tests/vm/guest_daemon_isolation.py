@@ -33,51 +33,10 @@ os.environ["PYTHONPATH"] = f"{SRC}:{PYLIB}"  # for the daemon and pvctl subproce
 os.environ.pop("PYTHONDONTWRITEBYTECODE", None)
 os.environ["PYTHONPYCACHEPREFIX"] = "/tmp/extpv-pycache"
 
+from tests.cpuacct import load_on, share, share_and_idle  # noqa: E402
 from tests.integration.hostrun import Daemon, daemon_and_guest, free_port  # noqa: E402
 from vmlab import VMSpec, start  # noqa: E402
 from vmlab.bootsector import SPIN  # noqa: E402
-
-
-def last_cpu(pid: int) -> int | None:
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    return int(stat.rsplit(")", 1)[1].split()[36])
-
-
-def share(tid: int, seconds: float = 2.0) -> float:
-    def run_ns() -> int:
-        return int(Path(f"/proc/{tid}/schedstat").read_text().split()[0])
-
-    t0, r0 = time.monotonic_ns(), run_ns()
-    time.sleep(seconds)
-    return (run_ns() - r0) / (time.monotonic_ns() - t0)
-
-
-def idle_ticks(cpu: int) -> int:
-    """idle + iowait of ``cpu`` in /proc/stat (USER_HZ ticks)."""
-    for line in Path("/proc/stat").read_text().splitlines():
-        if line.startswith(f"cpu{cpu} "):
-            fields = line.split()
-            return int(fields[4]) + int(fields[5])
-    raise LookupError(f"cpu{cpu} not in /proc/stat")
-
-
-def share_and_idle(tid: int, cpu: int, seconds: float = 3.0) -> tuple[float, float]:
-    """``tid``'s share of one CPU and ``cpu``'s idle fraction over the same ``seconds``."""
-    hz = os.sysconf("SC_CLK_TCK")
-    t0, i0 = time.monotonic(), idle_ticks(cpu)
-    got = share(tid, seconds)
-    return got, (idle_ticks(cpu) - i0) / hz / (time.monotonic() - t0)
-
-
-def load_on(pids: list[int], cpu: int, seconds: float = 1.5) -> int:
-    hits, end = 0, time.monotonic() + seconds
-    while time.monotonic() < end:
-        hits += sum(last_cpu(p) == cpu for p in pids)
-        time.sleep(0.01)
-    return hits
 
 
 class GuestHostDaemon(Daemon):

@@ -29,6 +29,7 @@ sys.path.insert(0, os.environ.get("EXTPV_SRC", "/mnt/extpv"))
 from pvhost.placement import cgroup2, chain
 from pvhost.placement.cgroup2 import Cgroup2Backend
 from pvproto import parse_cpulist
+from tests.cpuacct import load_on, share
 from tests.faultpoints import killed_before_write, recorded_writes
 
 ROOT = Path("/sys/fs/cgroup")
@@ -69,31 +70,6 @@ def allowed(tid: int) -> str | None:
         if line.startswith("Cpus_allowed_list:"):
             return line.split(":", 1)[1].strip()
     return None
-
-
-def last_cpu(pid: int) -> int | None:
-    stat = read(Path(f"/proc/{pid}/stat"))
-    return None if stat is None else int(stat.rsplit(")", 1)[1].split()[36])
-
-
-def run_ns(tid: int) -> int:
-    return int(Path(f"/proc/{tid}/schedstat").read_text().split()[0])
-
-
-def share(tid: int, seconds: float = 2.0) -> float:
-    """The fraction of one CPU ``tid`` got over ``seconds`` of wall time."""
-    t0, r0 = time.monotonic_ns(), run_ns(tid)
-    time.sleep(seconds)
-    return (run_ns(tid) - r0) / (time.monotonic_ns() - t0)
-
-
-def load_on(pids: list[int], cpus: set[int], seconds: float = 1.5) -> int:
-    """Samples (every 10 ms) that found a load process last running on one of ``cpus``."""
-    hits, end = 0, time.monotonic() + seconds
-    while time.monotonic() < end:
-        hits += sum(last_cpu(p) in cpus for p in pids)
-        time.sleep(0.01)
-    return hits
 
 
 def fake_vm() -> tuple[subprocess.Popen[str], dict[int, int]]:
