@@ -19,7 +19,6 @@ import subprocess
 import sys
 import tempfile
 import time
-import traceback
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -31,8 +30,8 @@ from pvhost.placement.cgroup2 import Cgroup2Backend
 from pvproto import parse_cpulist
 from tests.cpuacct import load_on, share
 from tests.faultpoints import killed_before_write, recorded_writes
+from tests.vm.guesthost import ROOT, allowed, read, stepper
 
-ROOT = Path("/sys/fs/cgroup")
 VM = "spin"
 # CPU 0 stays the host's housekeeping CPU; the rest may be pinned.
 POOL = frozenset(range(1, os.cpu_count() or 1))
@@ -56,20 +55,6 @@ for t in threads:
 print(" ".join(map(str, tids)), flush=True)
 sys.stdin.read()
 """
-
-
-def read(path: Path) -> str | None:
-    try:
-        return path.read_text().strip()
-    except OSError:
-        return None
-
-
-def allowed(tid: int) -> str | None:
-    for line in (read(Path(f"/proc/{tid}/status")) or "").splitlines():
-        if line.startswith("Cpus_allowed_list:"):
-            return line.split(":", 1)[1].strip()
-    return None
 
 
 def fake_vm() -> tuple[subprocess.Popen[str], dict[int, int]]:
@@ -106,12 +91,7 @@ def snapshot(b: Cgroup2Backend, pid: int, tids: dict[int, int]) -> dict[str, Any
 def main() -> None:
     obs: dict[str, Any] = {"errors": {}}
 
-    def step(name: str, fn: Callable[[], Any]) -> Any:
-        try:
-            return fn()
-        except Exception as err:
-            obs["errors"][name] = f"{type(err).__name__}: {err}\n{traceback.format_exc()[-1500:]}"
-            return None
+    step = stepper(obs)
 
     vm, tids = fake_vm()
     spinner = tids[0]
