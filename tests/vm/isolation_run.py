@@ -38,7 +38,7 @@ def _guest_pylib() -> None:
         shutil.copytree(source, target, ignore=shutil.ignore_patterns("__pycache__"))
 
 
-def run_isolation_probe(vm: vmlab.VirtualMachine, timeout_s: int = 240) -> dict[str, Any]:
+def run_isolation_probe(vm: vmlab.VirtualMachine, timeout_s: int = 360) -> dict[str, Any]:
     r = vm.guest(
         [
             "env",
