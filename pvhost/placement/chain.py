@@ -256,18 +256,22 @@ def growth_spare(
     none. ``valid_now``: the CPUs of each VM's valid partition now; ``slice_now``: the slice's
     partition CPUs now; ``free``: the CPUs the host keeps beside the chain.
 
-    The spare is the highest pool CPU of ``free``, taken only when the host keeps another one.
+    The spare is the highest pool CPU of ``free``, taken only when the host keeps another one,
+    and only for a step that enables or grows a VM partition (a refused pin's undo, an unpin
+    and a restart that finds the chain whole write nothing for it).
     A kernel without remote partitions refuses to enable or grow a VM partition that would
     take *all* of the slice's CPUs (its subtree holds QEMU's threads: "Parent unable to
     distribute cpu downstream"), so when such a step has no spare it is refused here, with
     the reason, before anything is written."""
+    growing = {vm for vm, cpus in target.items() if not cpus <= valid_now.get(vm, frozenset())}
+    if not growing:
+        return frozenset()  # partitions that keep or shrink their CPUs need no room
     spare = frozenset(sorted(free & eligible)[-1:]) if len(free) >= 2 else frozenset()
     if spare:
         return spare
     whole = slice_now | frozenset().union(*target.values())
     for vm, cpus in sorted(target.items()):
-        grows = not cpus <= valid_now.get(vm, frozenset())
-        if grows and cpus >= whole:
+        if vm in growing and cpus >= whole:
             raise PlacementError(
                 f"VM {vm}: no spare CPU for the local-partition chain's growth step (this "
                 f"kernel has no remote partitions): {slice_name} must borrow one more CPU of "

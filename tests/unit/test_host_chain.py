@@ -77,10 +77,12 @@ def test_a_first_pin_on_a_host_with_no_cpu_to_lend_is_refused() -> None:
         growth_spare({"a": frozenset({1, 2})}, {}, frozenset(), frozenset({0}), frozenset({1, 2}))
 
 
-def test_no_spare_is_needed_to_shrink_or_to_keep_a_partition() -> None:
+def test_no_spare_is_needed_or_taken_to_shrink_or_to_keep_a_partition() -> None:
+    # Without a CPU to lend: nothing refused. With one: not taken from the host (no writes).
     now = frozenset({1, 2, 3})
-    assert growth_spare({"a": frozenset({1, 2})}, {"a": now}, now, frozenset({0}), POOL) == set()
-    assert growth_spare({"a": now}, {"a": now}, now, frozenset({0}), POOL) == set()
+    for free in (frozenset({0}), frozenset({0, 4})):
+        assert growth_spare({"a": frozenset({1, 2})}, {"a": now}, now, free, POOL) == set()
+        assert growth_spare({"a": now}, {"a": now}, now, free, POOL) == set()
 
 
 def test_no_spare_is_needed_while_another_vm_keeps_cpus_in_the_slice() -> None:
