@@ -28,9 +28,12 @@ class DemoShare:
 
 
 def _flat(output: str) -> str:
-    """The playbook's output as one line: the YAML result format wraps long strings and
-    doubles the single quotes of a quoted one."""
-    return re.sub(r"\s+", " ", output).replace("''", "'")
+    """The playbook's output as one line: the YAML result format wraps long strings, doubles
+    the single quotes of a single-quoted one, and folds a double-quoted one (chosen when a line
+    holds a character YAML must escape) with a backslash at the break and ``\\ `` for a space
+    that starts the next line."""
+    unfolded = re.sub(r"\\\n\s*(\\ )?", lambda m: " " if m[1] else "", output)
+    return re.sub(r"\s+", " ", unfolded).replace("''", "'")
 
 
 def demo_shares(output: str) -> list[DemoShare]:

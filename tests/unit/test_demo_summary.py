@@ -130,10 +130,13 @@ def test_the_pinned_vcpu_shows_its_cpu_share_under_the_load_and_what_its_pin_ach
     assert any(line.startswith("vcpu1 CPU share under the load: ? before") for line in lines)
 
 
-def _as_the_playbook_prints(lines: list[str]) -> str:
+def _as_the_playbook_prints(lines: list[str], style: str | None = None) -> str:
     """The debug task's result as ansible.cfg's ``callback_result_format = yaml`` shows it:
-    long strings wrapped, quoted ones with doubled single quotes."""
-    return "ok: [localhost] =>\n" + yaml.safe_dump({"msg": lines}, default_flow_style=False)
+    long strings wrapped, quoted ones with doubled single quotes (``style='"'``: folded in
+    double quotes, as YAML does for a line holding a character it must escape)."""
+    return "ok: [localhost] =>\n" + yaml.safe_dump(
+        {"msg": lines}, default_flow_style=False, default_style=style, width=60
+    )
 
 
 def test_the_appliance_checks_find_the_share_and_mode_lines_and_fail_without_them() -> None:
@@ -155,14 +158,15 @@ def test_the_appliance_checks_find_the_share_and_mode_lines_and_fail_without_the
         share_before={1: 0.23},
         share_pinned={1: 0.991},
     )
-    (got,) = demo_shares(_as_the_playbook_prints(full))
-    assert (got.vcpu, got.before, got.pinned, got.pcpu, got.isolation) == (
-        "vcpu1",
-        23,
-        99,
-        1,
-        "restricted",
-    )
+    for style in (None, '"'):
+        (got,) = demo_shares(_as_the_playbook_prints(full, style))
+        assert (got.vcpu, got.before, got.pinned, got.pcpu, got.isolation) == (
+            "vcpu1",
+            23,
+            99,
+            1,
+            "restricted",
+        )
     # The demo stops printing any of them, or prints a share it did not measure: the check
     # (and so the appliance test) fails, saying what is missing.
     for drop, why in [
