@@ -36,6 +36,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
 from exp_stats import latency_summary  # noqa: E402
+from isolation_common import cycles, pinned, share, spinner, stop_all, yes_load  # noqa: E402
 
 from pvhost.placement import Cgroup1Backend  # noqa: E402
 
@@ -49,15 +50,6 @@ def last_cpu(pid: int) -> int | None:
         return None
 
 
-def share(tid: int, seconds: float) -> float:
-    def run_ns() -> int:
-        return int(Path(f"/proc/{tid}/schedstat").read_text().split()[0])
-
-    t0, r0 = time.monotonic_ns(), run_ns()
-    time.sleep(seconds)
-    return (run_ns() - r0) / (time.monotonic_ns() - t0)
-
-
 def load_seen_on(pids: list[int], cpu: int, seconds: float) -> float:
     """The fraction of 10 ms samples in which some load process last ran on ``cpu``."""
     hits = samples = 0
@@ -69,34 +61,24 @@ def load_seen_on(pids: list[int], cpu: int, seconds: float) -> float:
     return hits / max(samples, 1)
 
 
-def measure(mode: str, cycles: int, pcpu: int, *, load: Path, yes: list[int], tid: int) -> Any:
+def measure(mode: str, n: int, pcpu: int, *, load: Path, yes: list[int], tid: int) -> Any:
     with tempfile.TemporaryDirectory() as tmp:
         isolate = ("/" + load.name,) if mode == "isolate_from" else ()
         backend = Cgroup1Backend(CPUSET, Path(tmp) / "state.json", "extpv-bench-iso", isolate)
         backend.setup(frozenset({pcpu}))
-        pins: list[float] = []
-        unpins: list[float] = []
         try:
-            for _ in range(cycles):
-                t0 = time.perf_counter()
-                backend.pin("bench", 0, tid, pcpu)
-                t1 = time.perf_counter()
-                backend.unpin("bench", 0)
-                pins.append(t1 - t0)
-                unpins.append(time.perf_counter() - t1)
+            pins, unpins = cycles(backend, n, tid, pcpu)
             unpinned = share(tid, 3.0)
-            backend.pin("bench", 0, tid, pcpu)
-            time.sleep(0.2)
-            pinned = share(tid, 3.0)
-            seen = load_seen_on(yes, pcpu, 2.0)
-            backend.unpin("bench", 0)
+            with pinned(backend, tid, pcpu):
+                pinned_share = share(tid, 3.0)
+                seen = load_seen_on(yes, pcpu, 2.0)
         finally:
             backend.teardown()
     return {
         "pin": latency_summary(pins),
         "unpin": latency_summary(unpins),
         "share_unpinned": round(unpinned, 3),
-        "share_pinned": round(pinned, 3),
+        "share_pinned": round(pinned_share, 3),
         "load_seen_on_pinned_pcpu": round(seen, 3),
     }
 
@@ -115,26 +97,16 @@ def main() -> int:
     load = CPUSET / "extpv-bench-load"
     load.mkdir()
     procs: list[subprocess.Popen[bytes]] = []
-    spin = subprocess.Popen(
-        [sys.executable, "-c", "import os; print(os.getpid(), flush=True)\nwhile True: pass"],
-        stdout=subprocess.PIPE, text=True,
-    )  # fmt: skip
+    spin, tid = spinner()
     try:
         (load / "cpuset.mems").write_text((CPUSET / "cpuset.mems").read_text())
         (load / "cpuset.cpus").write_text(",".join(map(str, cpus)))
-        for _ in range(n):
-            p = subprocess.Popen(["yes"], stdout=subprocess.DEVNULL, start_new_session=True)
-            (load / "tasks").write_text(str(p.pid))
-            procs.append(p)
-        assert spin.stdout is not None
-        tid = int(spin.stdout.readline())
+        procs = yes_load(n, load)
         modes = {m: measure(m, args.cycles, pcpu, load=load, yes=[p.pid for p in procs], tid=tid)
                  for m in ("restricted", "isolate_from")}  # fmt: skip
     finally:
         spin.kill()
-        for p in procs:
-            p.kill()
-            p.wait()
+        stop_all(procs)
         with contextlib.suppress(OSError):
             for t in (load / "tasks").read_text().split():
                 (CPUSET / "tasks").write_text(t)

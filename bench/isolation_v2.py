@@ -29,9 +29,10 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, os.environ.get("EXTPV_SRC", str(ROOT)))
 
+from isolation_common import cycles, pinned, share, spinner, stop_all, yes_load  # noqa: E402
+
 CGROUP = Path("/sys/fs/cgroup")
 PCPU = 1
-SPIN = "import os, threading\nprint(threading.get_native_id(), flush=True)\nwhile True: pass"
 
 
 def pct(samples: list[float], q: float) -> float:
@@ -49,22 +50,11 @@ def ms_summary(samples_s: list[float]) -> dict[str, float]:
     }
 
 
-def share(tid: int, seconds: float) -> float:
-    def run_ns() -> int:
-        return int(Path(f"/proc/{tid}/schedstat").read_text().split()[0])
-
-    t0, r0 = time.monotonic_ns(), run_ns()
-    time.sleep(seconds)
-    return (run_ns() - r0) / (time.monotonic_ns() - t0)
-
-
-def in_guest(cycles: int, loaded_cycles: int) -> dict[str, Any]:
+def in_guest(n_idle: int, loaded_cycles: int) -> dict[str, Any]:
     """The measurement, inside the guest: JSON on stdout."""
     from pvhost.placement.cgroup2 import Cgroup2Backend
 
-    spin = subprocess.Popen([sys.executable, "-c", SPIN], stdout=subprocess.PIPE, text=True)
-    assert spin.stdout is not None
-    tid = int(spin.stdout.readline())
+    spin, tid = spinner()
     yes: list[subprocess.Popen[bytes]] = []
     out: dict[str, Any] = {"kernel": platform.release(), "cpus": os.cpu_count()}
     with tempfile.TemporaryDirectory() as tmp:
@@ -75,33 +65,18 @@ def in_guest(cycles: int, loaded_cycles: int) -> dict[str, Any]:
             backend.attach("bench", spin.pid, {0: tid})
 
             def cycle(n: int) -> dict[str, Any]:
-                pins: list[float] = []
-                unpins: list[float] = []
-                for _ in range(n):
-                    t0 = time.perf_counter()
-                    backend.pin("bench", 0, tid, PCPU)
-                    t1 = time.perf_counter()
-                    backend.unpin("bench", 0)
-                    pins.append(t1 - t0)
-                    unpins.append(time.perf_counter() - t1)
+                pins, unpins = cycles(backend, n, tid, PCPU)
                 return {"pin": ms_summary(pins), "unpin": ms_summary(unpins)}
 
-            out["idle"] = cycle(cycles)
-            for _ in range(4 * (os.cpu_count() or 1)):
-                yes.append(
-                    subprocess.Popen(["yes"], stdout=subprocess.DEVNULL, start_new_session=True)
-                )
+            out["idle"] = cycle(n_idle)
+            yes = yes_load(4 * (os.cpu_count() or 1))
             out["load_processes"] = len(yes)
             out["loaded"] = cycle(loaded_cycles)
             out["share_unpinned"] = round(share(tid, 3.0), 3)
-            backend.pin("bench", 0, tid, PCPU)
-            time.sleep(0.2)
-            out["share_pinned"] = round(share(tid, 3.0), 3)
-            backend.unpin("bench", 0)
+            with pinned(backend, tid, PCPU):
+                out["share_pinned"] = round(share(tid, 3.0), 3)
         finally:
-            for p in yes:
-                p.kill()
-                p.wait()
+            stop_all(yes)
             spin.kill()
             spin.wait()
             backend.teardown()

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from extpv.cli import die, setup_logging
 from pvhost.config import DEFAULT_CONFIG_PATH, load_config
-from pvhost.daemon import run_daemon
+from pvhost.daemon import run_daemon, set_priority
 from pvhost.errors import HostError
 
 __all__ = ["main"]
@@ -37,6 +37,7 @@ def main(argv: list[str] | None = None) -> int:
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
     try:
         config = load_config(args.config)
+        set_priority(config.service.nice)
         asyncio.run(run_daemon(config))
     except HostError as err:
         die("pvhost", str(err), hint="see `pvhost run --help` and docs/interfaces.md")

@@ -12,6 +12,7 @@ Example::
     metrics = "127.0.0.1:9464"          # "" disables /metrics
     keepalive_interval = 5.0            # Ping a silent guest agent every N s (0: never)
     keepalive_deadline = 15.0           # reset its session after N s without a word
+    nice = -10                          # the daemon's CPU priority (0: the default)
 
     [placement]
     backend = "auto"                    # auto | cgroup2 | cgroup1
@@ -97,6 +98,10 @@ class ServiceConfig(_Strict):
     #: only has to cover a guest that is slow, not one that is busy.
     keepalive_interval: Annotated[float, Field(ge=0, le=3600)] = 5.0
     keepalive_deadline: Annotated[float, Field(gt=0, le=86400)] = 15.0
+    #: The daemon's nice value, set at start for all its threads. A guest's pin waits for
+    #: pvhost's few milliseconds of work; at the default nice a loaded host (the very load
+    #: the pin shields a vCPU from) stretched them to 50-120 ms (bench/results/vm-stages.md).
+    nice: Annotated[int, Field(ge=-20, le=19)] = -10
 
     @model_validator(mode="after")
     def _keepalive(self) -> ServiceConfig:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import signal
 
 from pvhost.config import Config
@@ -11,9 +12,20 @@ from pvhost.control import ControlServer
 from pvhost.metrics import Metrics, serve_metrics
 from pvhost.service import Service
 
-__all__ = ["run_daemon"]
+__all__ = ["run_daemon", "set_priority"]
 
 _log = logging.getLogger(__name__)
+
+
+def set_priority(nice: int) -> None:
+    """Give this process ``[service] nice`` before it starts a thread: Linux keeps a nice
+    value per thread and a new thread takes its creator's, so every thread of the daemon
+    (the event loop, the placement worker) gets it. Not allowed (not root): logged, and
+    the daemon runs at the priority it has."""
+    try:
+        os.setpriority(os.PRIO_PROCESS, 0, nice)
+    except OSError as err:
+        _log.warning("cannot set pvhost's nice value to %d: %s", nice, err.strerror)
 
 
 async def run_daemon(config: Config) -> None:

@@ -71,6 +71,14 @@ class Metrics:
             buckets=BUCKETS,
             registry=self.registry,
         )
+        self.stage_seconds = Histogram(
+            "extpv_apply_stage_seconds",
+            "Time one placement change spent in each stage on the host (queue, policy, "
+            "thread, record, isolate, cgroup, verify, readback: pvhost.placement.stages).",
+            ["stage"],
+            buckets=BUCKETS,
+            registry=self.registry,
+        )
 
         self.service_records = Counter(
             "extpv_service_records",

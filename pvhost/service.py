@@ -37,6 +37,7 @@ from pvhost.metrics import Metrics
 from pvhost.placement import Cgroup1Backend, PlacementBackend, detect_backend
 from pvhost.placement.isolation import Isolation, libvirt_isolation
 from pvhost.placement.libvirt import LibvirtPlacement
+from pvhost.placement.stages import StageClock
 from pvhost.policy import HostPool, Plan, VmView, eligible_cpus, guest_sibling_groups, plan
 from pvhost.programs import program_from_file, sign_program
 from pvhost.qmp import QmpMonitor, qemu_pid_of
@@ -107,6 +108,10 @@ class Service:
             tuple(placement.isolate_from),
         )
         self.metrics = metrics or Metrics()
+        #: Where the time of the change under way goes (shared with the backend; one change
+        #: at a time, under the lock).
+        self.stages = StageClock()
+        self.backend.stages = self.stages
         self.services = ServiceManager(
             discover(), _services_settings(config), self._service_context, self.metrics
         )
@@ -443,9 +448,13 @@ class Service:
             # A vCPU we do not know may have been hot-plugged (QEMU emits no event for an add
             # until the guest acknowledges it): ask QEMU again, before taking the lock.
             await vm.session.refresh_vcpus()
+        begun = time.monotonic()
         try:
             async with self._lock:
+                self.stages.reset()
+                self.stages.add("queue", time.monotonic() - begun)
                 placements = await self._apply_locked(vm, wanted)
+                self._report_stages(vm.spec.name, seq, wanted, begun)
         except (HostError, OSError) as err:
             # Whatever failed (a vCPU thread gone, an undo that could not complete) is
             # reported for every wanted vCPU; the session and the service go on.
@@ -497,10 +506,12 @@ class Service:
         allocations = {
             p: (name, v) for name, pins in self._all_pins().items() for v, p in pins.items()
         }
-        result = plan(wanted, view, self.pool, allocations)
+        with self.stages.stage("policy"):
+            result = plan(wanted, view, self.pool, allocations)
         tids = {i: v.tid for i, v in vcpus.items()}
         with self.metrics.apply_seconds.time():
-            failures = await asyncio.to_thread(self._enact, vm, result, tids)
+            handed = time.perf_counter()
+            failures = await asyncio.to_thread(self._enact, vm, result, tids, handed)
         self._count_pinned()
         out: list[tuple[int, int | Refusal]] = []
         for vcpu in wanted:
@@ -512,8 +523,12 @@ class Service:
                 out.append((vcpu, result.refused[vcpu]))
         return out
 
-    def _enact(self, vm: VmRecord, result: Plan, tids: dict[int, int]) -> dict[int, Refusal]:
-        """Make the backend match the plan: unpin what changed, then pin. Runs in a thread."""
+    def _enact(
+        self, vm: VmRecord, result: Plan, tids: dict[int, int], handed: float
+    ) -> dict[int, Refusal]:
+        """Make the backend match the plan: unpin what changed, then pin. Runs in a thread
+        (``handed``: when the loop handed it over, ``time.perf_counter()``)."""
+        self.stages.add("thread", time.perf_counter() - handed)
         name = vm.spec.name
         key = tuple(sorted(tids.items()))
         backend = self._backend_of(name)
@@ -537,8 +552,20 @@ class Service:
                 )
             except PlacementError as err:
                 failures[vcpu] = Refusal(RefusalCode.PLACEMENT_FAILED, f"placement failed: {err}")
-        vm.isolation = self._read_isolation(name, backend)
+        with self.stages.stage("readback"):
+            vm.isolation = self._read_isolation(name, backend)
         return failures
+
+    def _report_stages(self, name: str, seq: int, wanted: list[int], begun: float) -> None:
+        """Export where the change's time went (``begun``: host CLOCK_MONOTONIC when the
+        service took the guest's update; the debug line lets a bench line it up)."""
+        for stage, seconds in self.stages.spent.items():
+            self.metrics.stage_seconds.labels(stage=stage).observe(seconds)
+        if _log.isEnabledFor(logging.DEBUG):
+            _log.debug(
+                "%s: applied seq %d wanted %s begun %.6f done %.6f stages %s",
+                name, seq, wanted, begun, time.monotonic(), self.stages.summary(),
+            )  # fmt: skip
 
     def _read_isolation(
         self, name: str, backend: PlacementBackend | LibvirtPlacement

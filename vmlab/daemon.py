@@ -48,6 +48,7 @@ class PvhostDaemon:
         cwd: Path | None = None,
         keepalive: tuple[float, float] | None = None,
         extra_config: str = "",
+        verbose: bool = False,
     ) -> None:
         self.workdir = workdir
         self.socket = workdir / "pvhost.sock"
@@ -73,13 +74,16 @@ class PvhostDaemon:
             'policy = "identity"\nquota = 4\nrate = 1000.0\nburst = 1000\n' + extra_config
         )
         self.proc: subprocess.Popen[bytes] | None = None
+        #: ``pvhost run -v``: debug lines (e.g. each change's stages) in the log too.
+        self.verbose = verbose
 
     def start(self, deadline_s: float = 30.0) -> None:
         """Start ``pvhost run`` and wait for its control socket."""
         self.socket.unlink(missing_ok=True)
         with open(self.log, "ab") as log:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "pvhost.cli", "run", "--config", str(self.config)],
+                [sys.executable, "-m", "pvhost.cli", "run", "--config", str(self.config)]
+                + (["-v"] if self.verbose else []),
                 stdin=subprocess.DEVNULL,
                 stdout=log,
                 stderr=log,

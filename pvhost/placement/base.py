@@ -29,6 +29,7 @@ from pydantic import BaseModel, ConfigDict
 
 from pvhost.errors import PlacementError
 from pvhost.placement.isolation import Isolation
+from pvhost.placement.stages import StageClock
 from pvhost.state import PinRecord, StateStore
 from pvproto import CpuListError, format_cpulist, parse_cpulist
 
@@ -89,6 +90,8 @@ class PlacementBackend(ABC):
         self.root = root
         self.base = root / group
         self.state = state
+        #: Time per stage of the change under way (reset and read by the service).
+        self.stages = StageClock()
 
     # -- what each backend implements ---------------------------------------------------------
     @abstractmethod
@@ -195,13 +198,18 @@ class PlacementBackend(ABC):
         """Restrict vCPU thread ``tid`` to ``pcpu``; verified, or undone and raised."""
         if self.state.pin(vm, vcpu) is not None:
             self.unpin(vm, vcpu)
-        record = self._record(vm, vcpu, tid, pcpu)
-        # Saved before the first change: a crash from here on is undone by reconcile.
-        self.state.set_pin(vm, vcpu, record)
+        clock = self.stages
+        with clock.stage("record"):
+            record = self._record(vm, vcpu, tid, pcpu)
+            # Saved before the first change: a crash from here on is undone by reconcile.
+            self.state.set_pin(vm, vcpu, record)
         try:
-            self._isolate(frozenset(self._held()))
-            self._apply(vm, vcpu, record)
-            self._verify_pin(vm, vcpu, record)
+            with clock.stage("isolate"):
+                self._isolate(frozenset(self._held()))
+            with clock.stage("cgroup"):
+                self._apply(vm, vcpu, record)
+            with clock.stage("verify"):
+                self._verify_pin(vm, vcpu, record)
         except PlacementError:
             self.unpin(vm, vcpu)
             raise
@@ -216,12 +224,17 @@ class PlacementBackend(ABC):
 
     def unpin(self, vm: str, vcpu: int) -> None:
         """Undo ``pin`` exactly."""
+        clock = self.stages
         record = self.state.pin(vm, vcpu)
-        self._undo(vm, vcpu)
+        with clock.stage("cgroup"):
+            self._undo(vm, vcpu)
         gone = {record.pcpu} if record is not None else set()
-        self._isolate(frozenset(self._held() - gone))
-        # Cleared only now: a crash during the undo leaves the record, and reconcile redoes it.
-        self.state.set_pin(vm, vcpu, None)
+        with clock.stage("isolate"):
+            self._isolate(frozenset(self._held() - gone))
+        with clock.stage("record"):
+            # Cleared only now: a crash during the undo leaves the record, and reconcile
+            # redoes it.
+            self.state.set_pin(vm, vcpu, None)
 
     def detach(self, vm: str) -> None:
         """Undo everything done for ``vm`` and remove its cgroups."""

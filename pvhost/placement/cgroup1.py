@@ -43,7 +43,12 @@ from pvhost.placement.base import (
     thread_alive,
     write_text,
 )
-from pvhost.placement.isolation import Isolation, cgroup1_isolation, sharing_tasks
+from pvhost.placement.isolation import (
+    Isolation,
+    KernelThreads,
+    cgroup1_isolation,
+    sharing_tasks,
+)
 from pvhost.state import Cgroup1Pin, PinRecord, StateFile, StateStore
 from pvproto import format_cpulist, parse_cpulist
 
@@ -75,6 +80,8 @@ class Cgroup1Backend(PlacementBackend):
         #: pCPUs pinned by someone else that ``isolate_from`` withholds too: libvirt domains'
         #: vCPUs (:mod:`pvhost.placement.libvirt`), read at every isolation step.
         self.also_held: Callable[[], frozenset[int]] = frozenset
+        #: Which tasks are kernel threads, kept between the read-backs of isolation.
+        self.kernel_threads = KernelThreads()
 
     # -- helpers -------------------------------------------------------------------------
     def _mkdir(self, path: Path, cpus: frozenset[int]) -> None:
@@ -220,7 +227,8 @@ class Cgroup1Backend(PlacementBackend):
             return {}
         # One read of every other cpuset's tasks; isolate_from cpusets that gave the pCPU up
         # no longer show it in their effective CPUs, so they count only where that failed.
-        scan = sharing_tasks(self.root, self.base, frozenset(r.pcpu for r in records.values()))
+        pcpus = frozenset(r.pcpu for r in records.values())
+        scan = sharing_tasks(self.root, self.base, pcpus, self.kernel_threads)
         names = [self._rel(p) for p in self.isolate_from]
         return {
             key: cgroup1_isolation(names, scan.sharing(record.pcpu))
@@ -238,7 +246,7 @@ class Cgroup1Backend(PlacementBackend):
         if not eligible:
             return "restricted: extpv's cpuset is not set up (no eligible pCPU)"
         pcpu = min(eligible)
-        scan = sharing_tasks(self.root, self.base, frozenset({pcpu}))
+        scan = sharing_tasks(self.root, self.base, frozenset({pcpu}), self.kernel_threads)
         sharing = {
             cpuset: n
             for cpuset, n in scan.sharing(pcpu).items()

@@ -25,6 +25,7 @@ __all__ = [
     "ISOLATED",
     "Isolation",
     "IsolationMode",
+    "KernelThreads",
     "TaskScan",
     "cgroup1_isolation",
     "cgroup2_isolation",
@@ -140,15 +141,68 @@ class TaskScan:
         return {c: sum(pcpu in a for a in allowed) for c, allowed in self.tasks.items()}
 
 
+def _read_proc(path: str) -> bytes:
+    # os.open/os.read: a third of the cost of Path.read_text (no text layer), which counts
+    # when every task of the host is read after each placement change.
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        return os.read(fd, 4096)
+    finally:
+        os.close(fd)
+
+
 def _kernel_thread(tid: str) -> bool:
-    stat = Path(f"/proc/{tid}/stat").read_text()
-    return bool(int(stat.rsplit(")", 1)[1].split()[6]) & _PF_KTHREAD)
+    stat = _read_proc(f"/proc/{tid}/stat")
+    return bool(int(stat.rsplit(b")", 1)[1].split()[6]) & _PF_KTHREAD)
 
 
-def sharing_tasks(hierarchy: Path, skip: Path, cpus: frozenset[int]) -> TaskScan:
+class KernelThreads:
+    """Which tasks are user tasks, remembered per task (not per number) between scans.
+
+    A user task never becomes a kernel thread (the flag is set only when a kernel thread is
+    created), but its tid can be given to another task once it exits. So each user task is
+    remembered with the inode number of its ``/proc/<tid>`` directory, which procfs makes
+    anew for a new task of the same tid (the old entry fails revalidation: its ``struct
+    pid`` has no task), and the answer is reused only while ``/proc/<tid>`` still has that
+    inode; a stat of that directory costs a fraction of reading ``/proc/<tid>/stat``. An
+    entry merely evicted from the dentry cache gets a new inode too: a miss, never a stale
+    hit. Kernel threads are read every time: nothing is assumed about what they may become.
+
+    Only tasks seen in the latest scan are kept, so the memory is that of the host's tasks.
+    """
+
+    def __init__(self) -> None:
+        self._users: dict[str, int] = {}
+        self._seen: dict[str, int] = {}
+        #: Tasks whose /proc/<tid>/stat was read (not answered from memory): for tests.
+        self.reads = 0
+
+    def __call__(self, tid: str) -> bool:
+        """Whether task ``tid`` is a kernel thread; OSError when it is gone."""
+        inode = os.stat(f"/proc/{tid}").st_ino
+        if self._users.get(tid) == inode:
+            self._seen[tid] = inode
+            return False
+        self.reads += 1
+        if _kernel_thread(tid):
+            return True
+        # Read after the stat: a new task under this tid since then has another inode.
+        self._seen[tid] = inode
+        return False
+
+    def scanned(self) -> None:
+        """A scan is over: keep the user tasks it saw, forget the others."""
+        self._users, self._seen = self._seen, {}
+
+
+def sharing_tasks(
+    hierarchy: Path, skip: Path, cpus: frozenset[int], kernel_threads: KernelThreads | None = None
+) -> TaskScan:
     """Read every cpuset of the v1 ``hierarchy`` but ``skip`` (extpv's own) whose effective
     CPUs meet ``cpus``: which of its tasks may run where (affinity, which the kernel keeps
-    inside the cpuset). Tasks that exit meanwhile are left out."""
+    inside the cpuset). Tasks that exit meanwhile are left out. ``kernel_threads``: the
+    answers of earlier scans (:class:`KernelThreads`), to read each task's flags only once."""
+    is_kernel_thread = kernel_threads or _kernel_thread
     out: dict[str, tuple[frozenset[int], ...]] = {}
     for here, dirs, _files in os.walk(hierarchy):
         path = Path(here)
@@ -167,8 +221,10 @@ def sharing_tasks(hierarchy: Path, skip: Path, cpus: frozenset[int]) -> TaskScan
             with contextlib.suppress(OSError, ValueError, IndexError):
                 mask = frozenset(os.sched_getaffinity(int(tid)))
                 # The affinity first (a syscall); /proc only for a task that may run there.
-                if mask & cpus and not _kernel_thread(tid):
+                if mask & cpus and not is_kernel_thread(tid):
                     allowed.append(mask)
         rel = "/" + str(path.relative_to(hierarchy)) if path != hierarchy else "/"
         out[rel] = tuple(allowed)
+    if kernel_threads is not None:
+        kernel_threads.scanned()
     return TaskScan(out)

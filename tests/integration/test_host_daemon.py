@@ -21,6 +21,15 @@ pytestmark = [pytest.mark.root, pytest.mark.vm]
 CPUSET = Path("/sys/fs/cgroup/cpuset")
 
 
+def thread_nices(pid: int) -> set[int]:
+    """The nice value of each thread of process ``pid`` (field 19 of its stat)."""
+    out = set()
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        stat = (task / "stat").read_text()
+        out.add(int(stat.rsplit(")", 1)[1].split()[16]))
+    return out
+
+
 def test_kill9_restart_adopts_then_sigterm_restores(
     tmp_path: Path, qemu: VirtualMachine, cpuset_group: str
 ) -> None:
@@ -66,6 +75,12 @@ def test_kill9_restart_adopts_then_sigterm_restores(
             assert 'extpv_refusals_total{code="quota"} 1.0' in metrics
             assert "extpv_pinned_vcpus 1.0" in metrics
             assert 'extpv_affinity_requests_total{vm="t"} 2.0' in metrics
+            # Where each change's time went, per stage (two changes so far, each one pinned).
+            assert 'extpv_apply_stage_seconds_count{stage="cgroup"} 2.0' in metrics
+            assert 'extpv_apply_stage_seconds_count{stage="readback"} 2.0' in metrics
+            # Every thread of the daemon (loop, placement worker) runs at [service] nice.
+            assert daemon.proc is not None
+            assert thread_nices(daemon.proc.pid) == {-10}
 
             # kill -9: the pin survives the crash ...
             await daemon.stop(signal.SIGKILL)

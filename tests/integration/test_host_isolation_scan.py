@@ -1,0 +1,112 @@
+"""The cgroup v1 isolation read-back's memory of which tasks are kernel threads
+(:class:`pvhost.placement.isolation.KernelThreads`), against this host's real cpusets and
+tasks: it saves reading each task's flags again, and never answers for a task that is not the
+one it read (tasks that exit, and a new task given the tid of one that exited)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from pvhost.placement.isolation import KernelThreads, sharing_tasks
+from tests.conftest import absent
+
+pytestmark = pytest.mark.root
+
+CPUSET = Path("/sys/fs/cgroup/cpuset")
+NS_LAST_PID = Path("/proc/sys/kernel/ns_last_pid")
+
+
+@pytest.fixture
+def scratch(cpuset_group: str) -> Iterator[Path]:
+    """A cpuset of ours (every CPU) holding only the tasks a test puts there."""
+    if not (CPUSET / "cpuset.cpus").exists():
+        absent("needs a cgroup v1 cpuset hierarchy")
+    path = CPUSET / cpuset_group
+    path.mkdir()
+    try:
+        (path / "cpuset.mems").write_text((CPUSET / "cpuset.mems").read_text())
+        (path / "cpuset.cpus").write_text((CPUSET / "cpuset.cpus").read_text())
+        yield path
+    finally:
+        for tid in (path / "tasks").read_text().split():
+            (CPUSET / "tasks").write_text(tid)
+        path.rmdir()
+
+
+def sleeper(cpuset: Path) -> subprocess.Popen[bytes]:
+    child = subprocess.Popen(["sleep", "300"])
+    (cpuset / "tasks").write_text(str(child.pid))
+    return child
+
+
+def stop(child: subprocess.Popen[bytes]) -> None:
+    child.kill()
+    child.wait(timeout=10)
+
+
+def scan(cpuset: Path, memory: KernelThreads | None) -> dict[str, int]:
+    cpus = frozenset(os.sched_getaffinity(0))
+    return sharing_tasks(cpuset, CPUSET / "none", cpus, memory).sharing(min(cpus))
+
+
+def test_user_tasks_are_read_once_and_scans_match_uncached_ones(scratch: Path) -> None:
+    memory = KernelThreads()
+    children = [sleeper(scratch) for _ in range(3)]
+    try:
+        assert scan(scratch, memory) == scan(scratch, None) == {"/": 3}
+        first = memory.reads
+        assert first == 3
+        assert scan(scratch, memory) == {"/": 3}
+        assert memory.reads == first  # answered from memory
+        # Tasks come and go between scans: every scan still counts exactly what is there.
+        stop(children.pop())
+        assert scan(scratch, memory) == scan(scratch, None) == {"/": 2}
+        children.append(sleeper(scratch))
+        children.append(sleeper(scratch))
+        assert scan(scratch, memory) == scan(scratch, None) == {"/": 4}
+        assert memory.reads == first + 2  # only the two new tasks were read
+    finally:
+        for child in children:
+            stop(child)
+    assert scan(scratch, memory) == {"/": 0}
+
+
+def test_a_new_task_with_an_old_tid_is_read_again(scratch: Path) -> None:
+    """The tid of a task that exited, given to a new task: the memory does not answer for it
+    (a kernel thread taking a user task's tid would otherwise be counted as sharing, and a
+    user task taking a remembered tid must be read, whatever it is)."""
+    if not NS_LAST_PID.exists():
+        absent("needs /proc/sys/kernel/ns_last_pid to give a tid again")
+    memory = KernelThreads()
+    old = sleeper(scratch)
+    tid = old.pid
+    try:
+        assert scan(scratch, memory) == {"/": 1}
+        reads = memory.reads
+        stop(old)
+        # Ask the kernel for the same number again (other tasks of the host may take it
+        # first: retry a few times).
+        for _ in range(50):
+            NS_LAST_PID.write_text(str(tid - 1))
+            new = subprocess.Popen(["sleep", "300"])
+            if new.pid == tid:
+                break
+            stop(new)
+            time.sleep(0.01)
+        else:
+            pytest.fail(f"the kernel never gave tid {tid} again")
+    except BaseException:
+        stop(old)
+        raise
+    try:
+        (scratch / "tasks").write_text(str(new.pid))
+        assert scan(scratch, memory) == {"/": 1}
+        assert memory.reads == reads + 1  # the new task was read, not taken for the old one
+    finally:
+        stop(new)
