@@ -267,8 +267,18 @@ def test_c_isolate_from_takes_the_pinned_pcpu_from_the_load_and_gives_it_back(
         time.sleep(0.2)  # the kernel moves the load off at its next scheduling point
         assert load_on(yes_load, PCPU) == 0, "a yes process ran on the pinned pCPU"
         pinned = share(tid)
-        status = pvhost.status()["backend_detail"]["isolation"]
+        st = pvhost.status()
+        status = st["backend_detail"]["isolation"]
         assert status["withheld"] == {"/" + load_cpuset.name: "0-1"}, status
+        # What the pin achieved is read back, as for plain-QEMU VMs: the load's cpuset gave the
+        # pCPU up; the tasks cgroup v1 leaves there (the root cpuset's) are what is named.
+        placed = st["vms"][domain.name]["placements"]["1"]
+        result = {r["vcpu"]: r for r in st["vms"][domain.name]["result"]}[1]
+        for said in (placed, result):  # pvctl status, and what the guest was told
+            assert said["isolation"] == "restricted", said
+            why = said["isolation_reason"] or ""
+            assert re.match(r"\d+ task\(s\) of the root cpuset may still run on its pCPU", why)
+            assert f"/{load_cpuset.name} off it" in why, why
     finally:
         domain.guest(f"kill {gpid}").check()
     pvhost.wait_status("release", unpinned(domain), 120)
