@@ -1,34 +1,30 @@
 """Where VMs come from: the config file, and the runtime directory watched with inotify.
 
 A VM in the runtime directory is a subdirectory ``<runtime_dir>/<name>/`` holding
-``qmp.sock`` and ``agent.sock``. The directory is watched with inotify (through ctypes:
-no dependency, no polling); any change triggers a rescan, which is cheap and idempotent.
+``qmp.sock`` and ``agent.sock``. The directory is watched with inotify
+(:mod:`pvhost.inotify`: no polling); any change triggers a rescan, which is cheap and idempotent.
 """
 
 from __future__ import annotations
 
-import asyncio
-import ctypes
-import ctypes.util
-import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 from extpv.names import is_vm_name
 from pvhost.config import Config
+from pvhost.inotify import (
+    IN_CREATE,
+    IN_DELETE,
+    IN_DELETE_SELF,
+    IN_MOVED_FROM,
+    IN_MOVED_TO,
+    IN_ONLYDIR,
+    InotifyWatch,
+)
 from pvhost.libvirt import LibvirtDomain
 
 __all__ = ["DirWatcher", "VmSpec", "scan_vms"]
-
-IN_MOVED_FROM = 0x40
-IN_MOVED_TO = 0x80
-IN_CREATE = 0x100
-IN_DELETE = 0x200
-IN_DELETE_SELF = 0x400
-IN_ONLYDIR = 0x1000000
-IN_NONBLOCK = os.O_NONBLOCK
-IN_CLOEXEC = os.O_CLOEXEC
 
 
 @dataclass(frozen=True)
@@ -61,36 +57,16 @@ class DirWatcher:
 
     def __init__(self, directory: Path, on_change: Callable[[], None]) -> None:
         self.directory = directory
-        self._on_change = on_change
-        libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
-        self._fd = libc.inotify_init1(IN_NONBLOCK | IN_CLOEXEC)
-        if self._fd < 0:
-            raise OSError(ctypes.get_errno(), "inotify_init1 failed")
-        mask = IN_CREATE | IN_DELETE | IN_MOVED_FROM | IN_MOVED_TO | IN_DELETE_SELF | IN_ONLYDIR
-        if libc.inotify_add_watch(self._fd, os.fsencode(directory), mask) < 0:
-            err = ctypes.get_errno()
-            os.close(self._fd)
-            raise OSError(err, f"cannot watch {directory}: {os.strerror(err)}")
-        self._loop = asyncio.get_running_loop()
-        self._loop.add_reader(self._fd, self._readable)
-        self._scheduled: asyncio.TimerHandle | None = None
-
-    def _readable(self) -> None:
+        # Debounced: a VM directory and its sockets appear together.
+        self._watch = InotifyWatch(on_change)
         try:
-            while os.read(self._fd, 65536):
-                pass
-        except BlockingIOError:
-            pass
-        if self._scheduled is None:
-            # Debounce bursts (a VM directory and its sockets appear together).
-            self._scheduled = self._loop.call_later(0.05, self._fire)
-
-    def _fire(self) -> None:
-        self._scheduled = None
-        self._on_change()
+            self._watch.add(
+                directory,
+                IN_CREATE | IN_DELETE | IN_MOVED_FROM | IN_MOVED_TO | IN_DELETE_SELF | IN_ONLYDIR,
+            )
+        except OSError:
+            self._watch.close()
+            raise
 
     def close(self) -> None:
-        if self._scheduled is not None:
-            self._scheduled.cancel()
-        self._loop.remove_reader(self._fd)
-        os.close(self._fd)
+        self._watch.close()

@@ -35,7 +35,7 @@ from pvhost.errors import (
 from pvhost.libvirt import LibvirtLink, LibvirtVcpus
 from pvhost.metrics import Metrics
 from pvhost.placement import Cgroup1Backend, PlacementBackend, detect_backend
-from pvhost.placement.isolation import Isolation, libvirt_isolation
+from pvhost.placement.isolation import Isolation
 from pvhost.placement.libvirt import LibvirtPlacement
 from pvhost.placement.stages import StageClock
 from pvhost.policy import HostPool, Plan, VmView, eligible_cpus, guest_sibling_groups, plan
@@ -136,6 +136,7 @@ class Service:
                 # isolate_from withholds the domains' pinned pCPUs too (docs/libvirt.md).
                 self.backend.also_held = self.libvirt_placement.held
                 self.libvirt_placement.isolate = self.backend.isolate_held
+                self.libvirt_placement.read_back = self.backend.threads_achieved
 
     def _service_context(self, name: str) -> ServiceContext:
         return ServiceContext(
@@ -570,10 +571,8 @@ class Service:
     def _read_isolation(
         self, name: str, backend: PlacementBackend | LibvirtPlacement
     ) -> dict[int, tuple[int, Isolation]]:
-        """What VM ``name``'s pins achieved, read back now (libvirt: its pins only confine)."""
+        """What VM ``name``'s pins achieved, read back now."""
         pins = backend.pins().get(name, {})
-        if not isinstance(backend, PlacementBackend):
-            return {v: (p, libvirt_isolation()) for v, p in pins.items()}
         try:
             achieved = backend.achieved().get(name, {})
         except (PlacementError, OSError) as err:
@@ -643,9 +642,16 @@ class Service:
         placed = self.backend.describe()
         placed_vms = dict(placed["vms"])
         if self.libvirt_placement is not None:
+            try:
+                achieved = self.libvirt_placement.achieved()
+            except (PlacementError, OSError) as err:
+                _log.warning("libvirt domains: cannot read back what pins achieved: %s", err)
+                achieved = {}
+            unknown = Isolation("restricted", "unknown", "not read back (see pvhost's log)")
             for name, vcpus in self.libvirt_placement.describe()["vms"].items():
                 placed_vms[name] = {
-                    v: {**libvirt_isolation().fields(), **info} for v, info in vcpus.items()
+                    v: {**achieved.get(name, {}).get(int(v), unknown).fields(), **info}
+                    for v, info in vcpus.items()
                 }
         vms = {}
         for name, vm in sorted(self.vms.items()):

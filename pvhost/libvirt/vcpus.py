@@ -13,18 +13,24 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ctypes
-import ctypes.util
 import logging
 import os
 import re
-import struct
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 from extpv.aio import cancel_and_wait
 from extpv.vcpus import VcpuThread
 from pvhost.errors import QmpError
+from pvhost.inotify import (
+    IN_CREATE,
+    IN_DELETE,
+    IN_ISDIR,
+    IN_MODIFY,
+    IN_MOVED_FROM,
+    IN_MOVED_TO,
+    InotifyWatch,
+)
 from pvhost.libvirt.domain import LibvirtDomain
 
 __all__ = [
@@ -113,15 +119,6 @@ def domain_cgroup(
     return next((p.parent for p in found if p.parent.is_dir()), None)
 
 
-_IN_MODIFY = 0x2
-_IN_MOVED_FROM = 0x40
-_IN_MOVED_TO = 0x80
-_IN_CREATE = 0x100
-_IN_DELETE = 0x200
-_IN_ISDIR = 0x40000000
-_EVENT = struct.Struct("iIII")
-
-
 class VcpuCgroupWatch:
     """Calls ``on_event`` (debounced) when a ``vcpuN`` cgroup appears in or goes from a
     domain's cgroup directory (made, removed, or renamed: v1 allows it), or a thread is written
@@ -133,63 +130,31 @@ class VcpuCgroupWatch:
 
     def __init__(self, directory: Path, on_event: Callable[[], None]) -> None:
         self.directory = directory
-        self._on_event = on_event
-        self._libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
-        self._fd = self._libc.inotify_init1(os.O_NONBLOCK | os.O_CLOEXEC)
-        if self._fd < 0:
-            raise OSError(ctypes.get_errno(), "inotify_init1 failed")
+        # Debounced: libvirt writes the cgroup's settings and then its thread in a burst.
+        self._watch = InotifyWatch(on_event, on_event=self._event)
         try:
-            self._add(directory, _IN_CREATE | _IN_DELETE | _IN_MOVED_TO | _IN_MOVED_FROM)
+            self._watch.add(directory, IN_CREATE | IN_DELETE | IN_MOVED_TO | IN_MOVED_FROM)
             for child in directory.iterdir():
                 if _VCPU_DIR.match(child.name):
                     self._watch_threads(child)
         except OSError:
-            os.close(self._fd)
+            self._watch.close()
             raise
-        self._loop = asyncio.get_running_loop()
-        self._loop.add_reader(self._fd, self._readable)
-        self._scheduled: asyncio.TimerHandle | None = None
-
-    def _add(self, path: Path, mask: int) -> None:
-        if self._libc.inotify_add_watch(self._fd, os.fsencode(path), mask) < 0:
-            err = ctypes.get_errno()
-            raise OSError(err, f"cannot watch {path}: {os.strerror(err)}")
 
     def _watch_threads(self, vcpu_dir: Path) -> None:
         """v1 lists a cgroup's threads in ``tasks``, v2 (threaded) in ``cgroup.threads``."""
         for name in ("tasks", "cgroup.threads"):
             with contextlib.suppress(FileNotFoundError):
-                self._add(vcpu_dir / name, _IN_MODIFY)
+                self._watch.add(vcpu_dir / name, IN_MODIFY)
                 return
 
-    def _readable(self) -> None:
-        try:
-            while buf := os.read(self._fd, 65536):
-                offset = 0
-                while offset < len(buf):
-                    _wd, mask, _cookie, size = _EVENT.unpack_from(buf, offset)
-                    name = buf[offset + _EVENT.size : offset + _EVENT.size + size].rstrip(b"\0")
-                    offset += _EVENT.size + size
-                    if mask & (_IN_CREATE | _IN_MOVED_TO) and mask & _IN_ISDIR:
-                        child = self.directory / os.fsdecode(name)
-                        if _VCPU_DIR.match(child.name):
-                            with contextlib.suppress(OSError):  # removed meanwhile
-                                self._watch_threads(child)
-        except BlockingIOError:
-            pass
-        if self._scheduled is None:
-            # Debounce: libvirt writes the cgroup's settings and then its thread in a burst.
-            self._scheduled = self._loop.call_later(0.05, self._fire)
-
-    def _fire(self) -> None:
-        self._scheduled = None
-        self._on_event()
+    def _event(self, mask: int, name: str) -> None:
+        if mask & (IN_CREATE | IN_MOVED_TO) and mask & IN_ISDIR and _VCPU_DIR.match(name):
+            with contextlib.suppress(OSError):  # removed meanwhile
+                self._watch_threads(self.directory / name)
 
     def close(self) -> None:
-        if self._scheduled is not None:
-            self._scheduled.cancel()
-        self._loop.remove_reader(self._fd)
-        os.close(self._fd)
+        self._watch.close()
 
 
 class LibvirtVcpus:

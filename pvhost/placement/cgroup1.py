@@ -235,6 +235,26 @@ class Cgroup1Backend(PlacementBackend):
             for key, record in records.items()
         }
 
+    def threads_achieved(
+        self, pins: Mapping[tuple[str, int], tuple[int, int]]
+    ) -> dict[tuple[str, int], Isolation]:
+        """What pins made outside extpv's cpusets achieved (``(vm, vcpu)`` → ``(pcpu, tid)``:
+        libvirt's, in its own vcpuN cpusets), read back as for this backend's own: the tasks
+        that may run on the pCPU, the pinned threads themselves not counted."""
+        if not pins:
+            return {}
+        scan = sharing_tasks(
+            self.root,
+            self.base,
+            frozenset(pcpu for pcpu, _ in pins.values()),
+            self.kernel_threads,
+            ignore=frozenset(tid for _, tid in pins.values()),
+        )
+        names = [self._rel(p) for p in self.isolate_from]
+        return {
+            key: cgroup1_isolation(names, scan.sharing(pcpu)) for key, (pcpu, _) in pins.items()
+        }
+
     def isolation_summary(self) -> str:
         """What a pin of the lowest eligible pCPU achieves now: the tasks that may run there
         but in extpv's and the ``isolate_from`` cpusets (which give the pCPU up on a pin)."""

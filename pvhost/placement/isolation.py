@@ -121,10 +121,13 @@ def cgroup1_isolation(isolate_from: Iterable[str], sharing: Mapping[str, int]) -
 
 
 def libvirt_isolation() -> Isolation:
+    """A libvirt domain's pin where extpv isolates nothing (no cgroup v1 ``isolate_from``
+    backend: libvirt's own vcpuN cgroups are no partitions extpv made)."""
     return Isolation(
         "restricted",
         "libvirt",
-        "pinned through libvirt (vcpupin): the vCPU thread is confined, other tasks may still "
+        "pinned through libvirt (vcpupin): the vCPU thread is confined; extpv isolates "
+        "libvirt domains on cgroup v1 only (placement.isolate_from), other tasks may still "
         "run on its pCPU",
     )
 
@@ -196,12 +199,18 @@ class KernelThreads:
 
 
 def sharing_tasks(
-    hierarchy: Path, skip: Path, cpus: frozenset[int], kernel_threads: KernelThreads | None = None
+    hierarchy: Path,
+    skip: Path,
+    cpus: frozenset[int],
+    kernel_threads: KernelThreads | None = None,
+    ignore: frozenset[int] = frozenset(),
 ) -> TaskScan:
     """Read every cpuset of the v1 ``hierarchy`` but ``skip`` (extpv's own) whose effective
     CPUs meet ``cpus``: which of its tasks may run where (affinity, which the kernel keeps
-    inside the cpuset). Tasks that exit meanwhile are left out. ``kernel_threads``: the
-    answers of earlier scans (:class:`KernelThreads`), to read each task's flags only once."""
+    inside the cpuset). Tasks that exit meanwhile are left out, and so are the ``ignore``
+    ones (pinned vCPU threads that live outside ``skip``: libvirt keeps them in its own).
+    ``kernel_threads``: the answers of earlier scans (:class:`KernelThreads`), to read each
+    task's flags only once."""
     is_kernel_thread = kernel_threads or _kernel_thread
     out: dict[str, tuple[frozenset[int], ...]] = {}
     for here, dirs, _files in os.walk(hierarchy):
@@ -218,6 +227,8 @@ def sharing_tasks(
             continue
         allowed = []
         for tid in tids:
+            if ignore and int(tid) in ignore:
+                continue
             with contextlib.suppress(OSError, ValueError, IndexError):
                 mask = frozenset(os.sched_getaffinity(int(tid)))
                 # The affinity first (a syscall); /proc only for a task that may run there.

@@ -22,7 +22,7 @@ from __future__ import annotations
 import logging
 import os
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +35,7 @@ from pydantic import BaseModel, ConfigDict, NonNegativeInt, ValidationError
 from pvhost.errors import HostError, PlacementError
 from pvhost.libvirt import LibvirtLink
 from pvhost.placement.base import Check, Finding
+from pvhost.placement.isolation import Isolation, libvirt_isolation
 
 __all__ = ["LibvirtPlacement"]
 
@@ -84,6 +85,12 @@ class LibvirtPlacement:
         self._known: dict[str, tuple[str, str]] = {}
         #: Withholds :meth:`held` from other cpusets (cgroup v1 ``isolate_from``), or None.
         self.isolate: Callable[[], None] | None = None
+        #: Reads back what pins achieved (``(vm, vcpu)`` → ``(pcpu, tid)``): the cgroup v1
+        #: backend's, or None where extpv isolates nothing for libvirt domains.
+        self.read_back: (
+            Callable[[Mapping[tuple[str, int], tuple[int, int]]], dict[tuple[str, int], Isolation]]
+            | None
+        ) = None
 
     # -- state file --------------------------------------------------------------------------
     def _load(self) -> _File:
@@ -120,6 +127,23 @@ class LibvirtPlacement:
     def held(self) -> frozenset[int]:
         """Every pCPU a recorded pin holds."""
         return frozenset(p.pcpu for rec in self._state.vms.values() for p in rec.vcpus.values())
+
+    def achieved(self) -> dict[str, dict[int, Isolation]]:
+        """Every recorded pin's isolation (VM → vCPU → it), read back now where it can be."""
+        pins = {
+            (vm, v): (p.pcpu, p.tid)
+            for vm, rec in self._state.vms.items()
+            for v, p in rec.vcpus.items()
+        }
+        found = (
+            self.read_back(pins)
+            if self.read_back is not None
+            else {key: libvirt_isolation() for key in pins}
+        )
+        out: dict[str, dict[int, Isolation]] = {}
+        for (vm, vcpu), isolation in found.items():
+            out.setdefault(vm, {})[vcpu] = isolation
+        return out
 
     def _isolate(self) -> None:
         if self.isolate is not None:

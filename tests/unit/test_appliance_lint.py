@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -154,6 +155,34 @@ def test_isolate_from_is_rendered_as_a_list_of_cpusets(tmp_path: Path) -> None:
         tmp_path, ROLE / "templates" / "pvhost.toml.j2", {"pvhost_isolate_from": cpusets}
     )
     assert tomllib.loads(text)["placement"]["isolate_from"] == cpusets
+
+
+def test_libvirt_domains_turn_on_libvirt_in_the_containerized_pvhost(tmp_path: Path) -> None:
+    """pvhost_libvirt_domains set: the rendered pvhost.toml has ``[libvirt] enabled`` with the
+    role's URI, and the container gets libvirtd's sockets and the agent channels' directory;
+    unset: neither."""
+    toml = ROLE / "templates" / "pvhost.toml.j2"
+    unit = ROLE / "templates" / "pvhost.container.j2"
+    libvirt_volumes = {
+        "/run/libvirt:/run/libvirt:rw",
+        "/var/lib/libvirt/qemu/channel:/var/lib/libvirt/qemu/channel:rw",
+    }
+    assert "libvirt" not in tomllib.loads(_render(tmp_path, toml, {}))
+    assert not libvirt_volumes & set(
+        re.findall(r"^Volume=(.*)$", _render(tmp_path, unit, {}), re.M)
+    )
+    on = {"pvhost_libvirt_domains": ["web 1", "db.ø"], "pvhost_libvirt_uri": 'qemu:///system?x="y"'}
+    data = tomllib.loads(_render(tmp_path, toml, on))
+    assert data["libvirt"] == {"enabled": True, "uri": 'qemu:///system?x="y"'}
+    volumes = set(re.findall(r"^Volume=(.*)$", _render(tmp_path, unit, on), re.M))
+    assert libvirt_volumes <= volumes
+    data = tomllib.loads(_render(tmp_path, toml, {"pvhost_libvirt_domains": "all"}))
+    assert data["libvirt"]["enabled"] is True
+    try:
+        from pvhost.config import load_config
+    except ImportError:
+        return
+    assert load_config(tmp_path / "pvhost.toml").libvirt.enabled
 
 
 @pytest.mark.parametrize(

@@ -8,8 +8,10 @@ The wire check runs the old agents' own pvproto (taken from git: the agent of fe
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -21,6 +23,7 @@ from pvhost.placement.isolation import (
     cgroup1_isolation,
     cgroup2_isolation,
     libvirt_isolation,
+    sharing_tasks,
 )
 from pvproto import (
     HEADER_SIZE,
@@ -29,6 +32,7 @@ from pvproto import (
     FrameDecoder,
     VcpuPlacement,
     encode,
+    format_cpulist,
 )
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -70,6 +74,22 @@ def test_a_task_counts_only_where_its_affinity_lets_it_run() -> None:
     assert scan.sharing(1) == {"/": 1, "/load": 1}
     assert scan.sharing(0) == {"/": 2, "/load": 0}
     assert cgroup1_isolation(["/load"], scan.sharing(2)) == ISOLATED
+
+
+def test_the_read_leaves_out_extpvs_cpuset_and_the_ignored_pinned_threads(tmp_path: Path) -> None:
+    """A pinned vCPU thread outside extpv's cpuset (libvirt keeps it in its own vcpuN) is not
+    one of the tasks sharing its pCPU; every other task there is."""
+    me = threading.get_native_id()
+    cpus = frozenset(os.sched_getaffinity(0))
+    for cpuset in (tmp_path, tmp_path / "extpv", tmp_path / "machine" / "vcpu1"):
+        cpuset.mkdir(parents=True, exist_ok=True)
+        (cpuset / "cpuset.effective_cpus").write_text(format_cpulist(cpus) + "\n")
+        (cpuset / "tasks").write_text(f"{me}\n")
+    pcpu = min(cpus)
+    scan = sharing_tasks(tmp_path, tmp_path / "extpv", frozenset({pcpu}))
+    assert scan.sharing(pcpu) == {"/": 1, "/machine/vcpu1": 1}
+    scan = sharing_tasks(tmp_path, tmp_path / "extpv", frozenset({pcpu}), ignore=frozenset({me}))
+    assert scan.sharing(pcpu) == {"/": 0, "/machine/vcpu1": 0}
 
 
 def test_libvirt_pins_only_confine() -> None:
