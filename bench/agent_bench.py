@@ -34,11 +34,11 @@ import time
 from pathlib import Path
 
 from pvagent import bpfobj
-from pvagent.affinity_event import decode
 from pvagent.loaders import load
 from pvagent.program import ProgramKind
-from pvagent.tracker import AffinityTracker
 from pvagent.trust import TrustPolicy
+from pvhost.services.affinity_event import decode
+from pvhost.services.affinity_tracker import AffinityTracker
 from pvproto import (
     SUPPORTED_VERSIONS,
     AffinityUpdate,

@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -51,6 +52,7 @@ from pvhost.logthrottle import LogThrottle
 from pvhost.programs import SignedProgram
 from pvhost.qmp import QmpMonitor
 from pvhost.ratelimit import TokenBucket
+from pvhost.services.affinity import GENERIC_PROTOCOL
 from pvhost.services.manager import ServiceManager
 from pvproto import (
     SUPPORTED_VERSIONS,
@@ -58,6 +60,7 @@ from pvproto import (
     AffinityUpdate,
     BaseMessage,
     Error,
+    GuestDocument,
     GuestTopology,
     Hello,
     MapContents,
@@ -250,9 +253,26 @@ class VmSession:
             raise ChannelError(f"VM {self.name}: the guest channel is not connected")
 
     def send_result(self, result: AffinityResult) -> None:
-        """Send an answer if the guest is there to read it; a guest gone will ask again."""
+        """Send an answer if the guest is there to read it; a guest gone will ask again.
+
+        A generic agent (protocol 4) asked nothing: the host's affinity service tracked its
+        wish. It gets the answer as the ``placement`` document it publishes in the guest."""
+        version = self.protocol_version
+        message: BaseMessage = result
+        if version is not None and version >= GENERIC_PROTOCOL:
+            doc = result.model_dump(mode="json", exclude={"type"})
+            message = GuestDocument(name="placement", content=json.dumps(doc, indent=1))
         with contextlib.suppress(ChannelError):
-            self.send(result)
+            self.send(message)
+
+    def submit_update(self, update: AffinityUpdate) -> None:
+        """The guest's whole wish (its own ``AffinityUpdate``, or the host-side tracker's for
+        a generic agent) → the placement path: applied at most ``rate`` per second, the
+        newest one wins, every one answered."""
+        if self._pending is not None:
+            self._superseded.append(self._pending.seq)
+        self._pending = update
+        self._wake.set()
 
     def describe(self) -> dict[str, Any]:
         st = self.status
@@ -451,10 +471,17 @@ class VmSession:
 
     def guest_message(self, channel: _GuestChannel, message: BaseMessage) -> None:
         if isinstance(message, AffinityUpdate):
-            if self._pending is not None:
-                self._superseded.append(self._pending.seq)
-            self._pending = message
-            self._wake.set()
+            version = self.protocol_version
+            if version is not None and version >= GENERIC_PROTOCOL:
+                # Its wish is the host's tracker's (from the program's records): a second
+                # source would fight it.
+                channel.reply_error(
+                    message,
+                    "bad-request",
+                    f"an agent of protocol {version} reports affinity as its program's records",
+                )
+                return
+            self.submit_update(message)
         elif isinstance(message, ProgramLoaded):
             if message.program_id not in self.status.programs:
                 # Not a program the host sent: keeping it would let a guest grow the host's
@@ -470,10 +497,12 @@ class VmSession:
             waiter = self._waiters.pop(message.request_id, None)
             if waiter is not None and not waiter.done():
                 waiter.set_result(message)
+            if message.ok and self._services is not None:
+                self._services.loaded(self.name, message.program_id)
         elif isinstance(message, ProgramRecords):
             if self._services is not None:
                 if message.lost:
-                    self._services.lost_records(self.name, message.lost)
+                    self._services.lost_records(self.name, message.lost, message.program_id)
                 self._services.records(self.name, message.program_id, message.records)
         elif isinstance(message, ProgramEvent):
             self._program_event(message)
@@ -524,14 +553,17 @@ class VmSession:
                 refused = err
             # A superseded update is answered with its seq alone: a full copy per update
             # would let a guest make the host send (and hold) its largest answer again and
-            # again. The newest one's answer, right after, says where things stand.
-            for seq in superseded:
+            # again. The newest one's answer, right after, says where things stand. (A
+            # generic agent asked nothing: it gets the newest placement document only.)
+            version = self.protocol_version
+            generic = version is not None and version >= GENERIC_PROTOCOL
+            for seq in [] if generic else superseded:
                 self.send_result(AffinityResult(seq=seq, placements=[]))
             if result is not None:
                 self.send_result(result)
             else:
                 self.guest_log.warning("%s: refused request: %s", self.name, refused)
-                if self._channel is not None:
+                if self._channel is not None and not generic:
                     self._channel.reply_error(update, "bad-request", str(refused))
 
     # -- programs ----------------------------------------------------------------------------

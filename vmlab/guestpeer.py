@@ -12,7 +12,6 @@ import contextlib
 from pathlib import Path
 
 from pvproto import (
-    SUPPORTED_VERSIONS,
     AffinityResult,
     AffinityUpdate,
     BaseMessage,
@@ -27,7 +26,10 @@ from pvproto import (
     encode,
 )
 
-__all__ = ["FakeGuestChannel"]
+#: Protocol versions of agents that track affinity in the guest (AffinityUpdate/Result).
+TRACKING_AGENT_VERSIONS = (2, 3)
+
+__all__ = ["TRACKING_AGENT_VERSIONS", "FakeGuestChannel"]
 
 
 class FakeGuestChannel:
@@ -71,7 +73,9 @@ class FakeGuestChannel:
             encode(
                 Hello(
                     role="guest",
-                    protocol_versions=list(SUPPORTED_VERSIONS),
+                    # An agent that tracks affinity itself and sends AffinityUpdate (the
+                    # protocols before the generic agent's 4): pvhost serves those too.
+                    protocol_versions=list(TRACKING_AGENT_VERSIONS),
                     software_version="test-guest",
                     topology=GuestTopology(online_vcpus=list(range(self.vcpus))),
                 )

@@ -230,12 +230,22 @@ class ServiceManager:
             runner = state.runners[service] = _Runner(self, vm, service)
         return runner
 
-    def _submit(self, vm: str, service: str, hook: str, call: Call) -> None:
+    def _submit(self, vm: str, service: str, hook: str, call: Call) -> bool:
         state = self._vms.get(vm)
         if state is None or state.states.get(service) != "enabled":
-            return
+            return False
         if not self._runner(vm, state, service).submit(hook, call):
             self._drop(state, vm, "backlog")
+            return False
+        return True
+
+    def _lost(self, state: _VmState, vm: str, service: str, program_id: str, count: int) -> None:
+        """Tell ``service`` that records of its program were lost (it may resynchronise)."""
+        if count <= 0 or state.states.get(service) != "enabled":
+            return
+        plugin = self.plugins[service]
+        self._sync(vm, service, "on_records_lost",
+                   lambda: plugin.on_records_lost(state.handle, program_id, count))  # fmt: skip
 
     def _drop(self, state: _VmState, vm: str, reason: str, count: int = 1) -> None:
         state.dropped[reason] = state.dropped.get(reason, 0) + count
@@ -274,7 +284,9 @@ class ServiceManager:
         for service, plugin in self.plugins.items():
             if state.states[service] != "enabled":
                 continue
-            programs = self._sync(vm, service, "programs", plugin.programs)
+            programs = self._sync(
+                vm, service, "programs", functools.partial(plugin.programs_for, state.handle)
+            )
             if programs is None:
                 continue
             if not isinstance(programs, Sequence) or not all(
@@ -313,6 +325,7 @@ class ServiceManager:
             return
         if not state.bucket.try_take(len(records)):
             self._drop(state, vm, "rate", len(records))
+            self._lost(state, vm, service, program_id, len(records))
             return
         state.records += len(records)
         self.metrics.service_records.labels(vm=vm, service=service).inc(len(records))
@@ -329,11 +342,11 @@ class ServiceManager:
                 return
         if bad:
             self._drop(state, vm, "layout", bad)
-        if events:
-            self._submit(
-                vm, service, "on_events",
-                lambda: plugin.on_events(state.handle, program_id, events),
-            )  # fmt: skip
+        if events and not self._submit(
+            vm, service, "on_events",
+            lambda: plugin.on_events(state.handle, program_id, events),
+        ):  # fmt: skip
+            self._lost(state, vm, service, program_id, len(events))
 
     def bad_records(self, vm: str, count: int = 1) -> None:
         """Records that are not even a record (a malformed ``ProgramEvent``): counted, dropped."""
@@ -341,11 +354,25 @@ class ServiceManager:
         if state is not None:
             self._drop(state, vm, "layout", count)
 
-    def lost_records(self, vm: str, count: int) -> None:
+    def lost_records(self, vm: str, count: int, program_id: str | None = None) -> None:
         """Records the guest's agent says it dropped (it had no host, or the host lagged)."""
         state = self._vms.get(vm)
         if state is not None:
             self._drop(state, vm, "guest-lost", count)
+            service = state.owners.get(program_id) if program_id is not None else None
+            if service is not None and program_id is not None:
+                self._lost(state, vm, service, program_id, count)
+
+    def loaded(self, vm: str, program_id: str) -> None:
+        """The guest's agent loaded ``program_id`` (or had it loaded): its service's
+        ``on_loaded``, in order with its records."""
+        state = self._vms.get(vm)
+        service = state.owners.get(program_id) if state is not None else None
+        if state is None or service is None:
+            return
+        plugin = self.plugins[service]
+        self._submit(vm, service, "on_loaded",
+                     functools.partial(plugin.on_loaded, state.handle, program_id))  # fmt: skip
 
     def message(self, vm: str, message: BaseMessage) -> bool:
         """A guest message for an enabled service of ``vm``; False when none takes it."""

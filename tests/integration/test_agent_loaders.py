@@ -19,10 +19,10 @@ from typing import Any
 import pytest
 
 from pvagent import bpfobj
-from pvagent.affinity_event import AffinityEvent, EventFlag, EventKind, decode
 from pvagent.loaders import load
 from pvagent.program import LoadedProgram
 from pvagent.trust import TrustPolicy
+from pvhost.services.affinity_event import AffinityEvent, EventFlag, EventKind, decode
 
 pytestmark = [pytest.mark.root, pytest.mark.ebpf]
 
