@@ -12,9 +12,12 @@ programs of the services enabled for this VM (:mod:`pvhost.services`; affinity b
 and every program the operator loaded into this VM (``pvctl program load``) and did not
 unload — the operator's program replaces the default under the same id, so a guest that
 recorded the operator's newer version is never sent the older one again (which it would
-refuse as a replay). The host answers every ``AffinityUpdate`` with an ``AffinityResult`` of
-the same ``seq``. Updates are applied at most ``rate`` per second (token bucket); updates that
-arrive meanwhile coalesce to the newest, and each superseded one is answered compactly (its
+refuse as a replay). The host answers every ``AffinityUpdate`` (from agents of protocol 2
+and 3, which track affinity in the guest; for a generic agent of protocol 4 the affinity
+service's tracker submits them, :meth:`VmSession.submit_update`, and the answer goes to the
+guest as the ``placement`` ``GuestDocument``) with an ``AffinityResult`` of the same
+``seq``. Updates are applied at most ``rate`` per second (token bucket); updates that arrive
+meanwhile coalesce to the newest, and each superseded one is answered compactly (its
 ``seq``, no placements: the newest one's answer follows), so a hostile guest can neither make
 the host spin nor go unanswered. A request the host refuses as a whole (more vCPUs wanted than
 the VM has) is answered with ``Error{bad-request}``. Records of the guest's programs
