@@ -65,7 +65,8 @@ def host_config(
 
 
 class Host:
-    """The real pvhost Service and the real agent(s) it talks to over the VM's socket."""
+    """The real pvhost Service and the real agent it talks to over the VM's socket: one agent
+    across connections, as the guest's daemon (``new_agent`` plays its restart)."""
 
     def __init__(self, config: Config, trusted: Path, qemu: VirtualMachine) -> None:
         self.config, self.trusted, self.qemu = config, trusted, qemu
@@ -75,13 +76,16 @@ class Host:
         self.server: asyncio.Server | None = None
 
     async def serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        agent = Agent(TOPOLOGY, TrustPolicy.from_config(self.trusted))
-        self.agents.append(agent)
+        if not self.agents:
+            self.agents.append(Agent(TOPOLOGY, TrustPolicy.from_config(self.trusted)))
         self.writers.append(writer)
-        try:
-            await agent.serve(reader, writer)
-        finally:
-            agent.close()
+        await self.agents[-1].serve(reader, writer)
+
+    def new_agent(self) -> None:
+        """The agent restarts: its programs go with it; the next connection meets a new one."""
+        self.agents[-1].close()
+        self.agents.append(Agent(TOPOLOGY, TrustPolicy.from_config(self.trusted)))
+        self.writers[-1].close()
 
     async def start_agent_socket(self) -> None:
         path = str(self.qemu.dir / "agent.sock")
@@ -131,6 +135,8 @@ class Host:
         if self.server is not None:
             self.server.close()
             await self.server.wait_closed()
+        for agent in self.agents:
+            agent.close()
 
 
 def with_host(
@@ -251,7 +257,7 @@ def test_threads_pinned_before_the_agent_started_are_found(
             assert isinstance(answer, MapContents)
             assert struct.pack("<I", early.tid) in {e.key for e in answer.entries}
             await host.until({early.tid: [ONLINE[-1]]})
-            host.writers[0].close()  # the agent goes; a new one comes and loads afresh
+            host.new_agent()  # the agent goes; a new one comes and loads afresh
             await host.loaded(2)
             await host.until({early.tid: [ONLINE[-1]]})
             early.release()
