@@ -33,6 +33,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from exp_stats import percentile
+
 from pvagent import bpfobj
 from pvagent.loaders import load
 from pvagent.program import ProgramKind
@@ -76,11 +78,6 @@ os.sched_setaffinity(0, {cpus[-1]})
 print(os.getpid(), threading.get_native_id(), n, time.monotonic_ns(), flush=True)
 sys.stdin.read()
 """
-
-
-def pct(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, round(q / 100 * (len(ordered) - 1)))]
 
 
 def cpu_split(pid: int) -> tuple[float, float]:
@@ -151,10 +148,10 @@ async def bench_latency(kind: ProgramKind, rate: float, seconds: float) -> dict[
     return {
         "calls_per_s": rate,
         "events": len(event_lat),
-        "event_p50_us": pct(event_lat, 50),
-        "event_p99_us": pct(event_lat, 99),
-        "update_p50_us": pct(publish_lat, 50),
-        "update_p99_us": pct(publish_lat, 99),
+        "event_p50_us": percentile(event_lat, 50),
+        "event_p99_us": percentile(event_lat, 99),
+        "update_p50_us": percentile(publish_lat, 50),
+        "update_p99_us": percentile(publish_lat, 99),
         "updates": len(publish_lat),
     }
 

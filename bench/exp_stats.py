@@ -1,7 +1,8 @@
-"""Mean and 90 % confidence interval (Student's t) of a point's samples, without scipy.
+"""The statistics every benchmark reports, defined once, without scipy.
 
-The paper plots every point with its 90 % confidence interval over repeated runs; this is the
-two-sided interval mean ± t(0.95, n-1) · s / √n.
+Throughput points: mean and 90 % confidence interval (Student's t) — the paper plots every
+point with its 90 % confidence interval over repeated runs, the two-sided interval
+mean ± t(0.95, n-1) · s / √n. Latencies: nearest-rank percentiles, p50/p99 in milliseconds.
 """
 
 from __future__ import annotations
@@ -9,7 +10,7 @@ from __future__ import annotations
 import math
 import statistics
 
-__all__ = ["ci90", "t95"]
+__all__ = ["ci90", "latency_summary", "percentile", "t95"]
 
 # The 0.95 quantile of Student's t by degrees of freedom (two-sided 90 % interval).
 _T95 = {
@@ -37,3 +38,24 @@ def ci90(samples: list[float]) -> tuple[float, float]:
     if len(samples) < 2:
         return mean, math.nan
     return mean, t95(len(samples) - 1) * statistics.stdev(samples) / math.sqrt(len(samples))
+
+
+def percentile(values: list[float], q: float) -> float:
+    """The ``q``-th percentile (0-100) of ``values``: nearest rank over the sorted values."""
+    if not values:
+        raise ValueError("no values")
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, max(0, round(q / 100 * (len(ordered) - 1))))]
+
+
+def latency_summary(seconds: list[float], digits: int = 3) -> dict[str, float]:
+    """n, p50/p99, mean, min and max in milliseconds of latencies given in seconds."""
+    ms = [s * 1000 for s in seconds]
+    return {
+        "n": len(ms),
+        "p50_ms": round(percentile(ms, 50), digits),
+        "p99_ms": round(percentile(ms, 99), digits),
+        "mean_ms": round(statistics.fmean(ms), digits),
+        "min_ms": round(min(ms), digits),
+        "max_ms": round(max(ms), digits),
+    }

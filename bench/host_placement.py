@@ -19,7 +19,6 @@ import json
 import os
 import platform
 import resource
-import statistics
 import sys
 import tempfile
 import threading
@@ -29,6 +28,9 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+
+from exp_stats import latency_summary  # noqa: E402
 
 from pvhost.config import Config  # noqa: E402
 from pvhost.placement import detect_backend  # noqa: E402
@@ -46,21 +48,6 @@ from pvproto import (  # noqa: E402
 )
 from vmlab import VMSpec, start  # noqa: E402
 from vmlab.guestpeer import FakeGuestChannel  # noqa: E402
-
-
-def pct(samples: list[float], q: float) -> float:
-    ordered = sorted(samples)
-    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
-
-
-def summary(samples_s: list[float]) -> dict[str, float]:
-    ms = [s * 1000 for s in samples_s]
-    return {
-        "n": len(ms),
-        "p50_ms": round(pct(ms, 0.5), 3),
-        "p99_ms": round(pct(ms, 0.99), 3),
-        "mean_ms": round(statistics.fmean(ms), 3),
-    }
 
 
 def bench_backend(iterations: int, tmp: Path) -> dict[str, object]:
@@ -91,7 +78,7 @@ def bench_backend(iterations: int, tmp: Path) -> dict[str, object]:
         backend.teardown()
         stop.set()
         worker.join()
-    return {"backend": backend.name, "pin": summary(pins), "unpin": summary(unpins)}
+    return {"backend": backend.name, "pin": latency_summary(pins), "unpin": latency_summary(unpins)}
 
 
 def bench_round_trip(iterations: int, tmp: Path) -> dict[str, object]:
@@ -134,7 +121,7 @@ def bench_round_trip(iterations: int, tmp: Path) -> dict[str, object]:
         pin, unpin = asyncio.run(run())
     finally:
         qemu.stop()
-    return {"pin_update": summary(pin), "unpin_update": summary(unpin)}
+    return {"pin_update": latency_summary(pin), "unpin_update": latency_summary(unpin)}
 
 
 # -- 256 simulated VMs ---------------------------------------------------------------------------

@@ -33,25 +33,13 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+
+from exp_stats import latency_summary  # noqa: E402
 
 from pvhost.placement import Cgroup1Backend  # noqa: E402
 
 CPUSET = Path("/sys/fs/cgroup/cpuset")
-
-
-def pct(samples: list[float], q: float) -> float:
-    ordered = sorted(samples)
-    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
-
-
-def ms_summary(samples_s: list[float]) -> dict[str, float]:
-    ms = [s * 1000 for s in samples_s]
-    return {
-        "n": len(ms),
-        "p50_ms": round(pct(ms, 0.5), 3),
-        "p99_ms": round(pct(ms, 0.99), 3),
-        "max_ms": round(max(ms), 3),
-    }
 
 
 def last_cpu(pid: int) -> int | None:
@@ -105,8 +93,8 @@ def measure(mode: str, cycles: int, pcpu: int, *, load: Path, yes: list[int], ti
         finally:
             backend.teardown()
     return {
-        "pin": ms_summary(pins),
-        "unpin": ms_summary(unpins),
+        "pin": latency_summary(pins),
+        "unpin": latency_summary(unpins),
         "share_unpinned": round(unpinned, 3),
         "share_pinned": round(pinned, 3),
         "load_seen_on_pinned_pcpu": round(seen, 3),

@@ -24,6 +24,9 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+
+from exp_stats import latency_summary  # noqa: E402
 
 from pvhost.libvirt import LibvirtLink, qemu_pid_of_domain  # noqa: E402
 from pvhost.libvirt import vcpu_threads as libvirt_vcpus  # noqa: E402
@@ -41,21 +44,6 @@ PAUSED_DOMAIN = """<domain type='qemu'>
 </domain>"""
 
 
-def pct(samples: list[float], q: float) -> float:
-    ordered = sorted(samples)
-    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
-
-
-def summary(samples_s: list[float]) -> dict[str, float]:
-    ms = [s * 1000 for s in samples_s]
-    return {
-        "n": len(ms),
-        "p50_ms": round(pct(ms, 0.5), 3),
-        "p99_ms": round(pct(ms, 0.99), 3),
-        "mean_ms": round(sum(ms) / len(ms), 3),
-    }
-
-
 def cycles(backend: Any, vm: str, tid: int, n: int) -> dict[str, Any]:
     pins, unpins = [], []
     for _ in range(n):
@@ -65,7 +53,7 @@ def cycles(backend: Any, vm: str, tid: int, n: int) -> dict[str, Any]:
         backend.unpin(vm, 1)
         pins.append(t1 - t0)
         unpins.append(time.perf_counter() - t1)
-    return {"pin": summary(pins), "unpin": summary(unpins)}
+    return {"pin": latency_summary(pins), "unpin": latency_summary(unpins)}
 
 
 async def bench_libvirt(lv: Libvirtd, tmp: Path, n: int) -> dict[str, Any]:

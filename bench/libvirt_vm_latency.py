@@ -27,7 +27,8 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "bench"))
 
-from vm_latency import CYCLER, Poller, percentile  # noqa: E402
+from exp_stats import percentile  # noqa: E402
+from vm_latency import CYCLER, Poller, match_events  # noqa: E402
 
 from pvhost.libvirt import qemu_pid_of_domain, safe_name, vcpu_threads  # noqa: E402
 from vmlab import VMSpec, start  # noqa: E402
@@ -52,16 +53,7 @@ def cycle(hook: TestHook, tid: int, cycles: int, hold: float) -> dict[str, Any]:
     off1, err1 = hook.clock_offset(30)
     offset = (off0 + off1) / 2
     error = max(err0, err1) + abs(off1 - off0) / 2
-    lat: dict[str, list[float]] = {"pin": [], "unpin": []}
-    missed = 0
-    for kind, gtime in json.loads(r.stdout):
-        host_t = gtime - offset
-        want = (lambda v: v == "1") if kind == "pin" else (lambda v: v != "1")
-        hit = next((t for t, v in poller.changes if t >= host_t - error and want(v)), None)
-        if hit is None:
-            missed += 1
-        else:
-            lat[kind].append((hit - host_t) * 1000)
+    lat, missed = match_events(json.loads(r.stdout), poller.changes, offset, error)
     out: dict[str, Any] = {"unmatched": missed, "clock_error_ms": round(error * 1000, 2)}
     for kind, values in lat.items():
         out[kind] = {

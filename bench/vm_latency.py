@@ -27,6 +27,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from exp_stats import percentile  # noqa: E402
+
 from vmlab import VMSpec, start  # noqa: E402
 from vmlab.daemon import PvhostDaemon  # noqa: E402
 from vmlab.images import ensure_test_image  # noqa: E402
@@ -69,9 +71,25 @@ class Poller(threading.Thread):
             time.sleep(0.0002)
 
 
-def percentile(values: list[float], q: float) -> float:
-    s = sorted(values)
-    return s[min(len(s) - 1, max(0, round(q / 100 * (len(s) - 1))))]
+def match_events(
+    events: list[tuple[str, float]], changes: list[tuple[float, str]], offset: float, error: float
+) -> tuple[dict[str, list[float]], int]:
+    """Latency (ms) of each guest pin/unpin to the first matching host change, and the misses.
+
+    ``events`` are the guest's (kind, guest time) pairs, ``changes`` the poller's (host time,
+    value) pairs; a guest time maps to host time by ``offset``, within ``error`` either side.
+    """
+    lat: dict[str, list[float]] = {"pin": [], "unpin": []}
+    missed = 0
+    for kind, gtime in events:
+        host_t = gtime - offset
+        want = (lambda v: v == "1") if kind == "pin" else (lambda v: v != "1")
+        hit = next((t for t, v in changes if t >= host_t - error and want(v)), None)
+        if hit is None:
+            missed += 1
+        else:
+            lat[kind].append((hit - host_t) * 1000)
+    return lat, missed
 
 
 def main() -> int:
@@ -120,16 +138,7 @@ def main() -> int:
     events = json.loads(r.stdout)
     offset = (off0 + off1) / 2
     error = max(err0, err1) + abs(off1 - off0) / 2
-    lat: dict[str, list[float]] = {"pin": [], "unpin": []}
-    missed = 0
-    for kind, gtime in events:
-        host_t = gtime - offset
-        want = (lambda v: v == "1") if kind == "pin" else (lambda v: v != "1")
-        hit = next((t for t, v in poller.changes if t >= host_t - error and want(v)), None)
-        if hit is None:
-            missed += 1
-        else:
-            lat[kind].append((hit - host_t) * 1000)
+    lat, missed = match_events(events, poller.changes, offset, error)
     summary = {
         "what": "guest sched_setaffinity return -> host vCPU thread placement observed",
         "cycles": args.cycles,

@@ -46,7 +46,7 @@ import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 from extpv.aio import being_cancelled, cancel_and_wait
 from extpv.vcpus import VcpuThread
@@ -83,6 +83,8 @@ _log = logging.getLogger(__name__)
 SOFTWARE_VERSION = "pvhost 0.1.0"
 #: A program to inject: (program id, kind, payload, signature).
 ProgramSource = Callable[[], SignedProgram]
+#: What a request to the guest gets back (ProgramLoaded, MapContents).
+ReplyT = TypeVar("ReplyT")
 #: Plans and enacts one guest request for the named VM; returns the answer (same seq).
 Applier = Callable[[str, AffinityUpdate], Awaitable[AffinityResult]]
 #: Told the VM's name when its vCPU map changed or when it went away.
@@ -573,29 +575,24 @@ class VmSession:
     async def load_program(self, program: SignedProgram, timeout: float) -> ProgramLoaded:
         program_id = program.program_id
         request_id = self._next_id()
-        waiter: asyncio.Future[ProgramLoaded] = asyncio.get_running_loop().create_future()
-        self._waiters[request_id] = waiter
         self.status.programs[program_id] = "loading"
-        self.send(program.message(request_id=request_id))
-        # The operator's wish from now on, also for a guest that reconnects before it answers.
-        self._operator_programs[program_id] = program
-        try:
-            async with asyncio.timeout(timeout):
-                verdict = await waiter
-        except TimeoutError as err:
-            raise ChannelError(
-                f"VM {self.name}: no ProgramLoaded for {program_id} within {timeout:g} s"
-            ) from err
-        except asyncio.CancelledError as err:
-            if being_cancelled():  # our own task is being cancelled: never turn that into an error
-                raise
-            raise ChannelError(f"VM {self.name}: the channel closed while loading") from err
-        else:
-            if not verdict.ok and self._operator_programs.get(program_id) is program:
-                del self._operator_programs[program_id]  # refused: not worth sending again
-            return verdict
-        finally:
-            self._waiters.pop(request_id, None)
+
+        def send() -> None:
+            self.send(program.message(request_id=request_id))
+            # The operator's wish from now on, also for a guest that reconnects before it answers.
+            self._operator_programs[program_id] = program
+
+        verdict = await self._request(
+            self._waiters,
+            request_id,
+            send,
+            timeout=timeout,
+            awaited=f"ProgramLoaded for {program_id}",
+            doing="loading",
+        )
+        if not verdict.ok and self._operator_programs.get(program_id) is program:
+            del self._operator_programs[program_id]  # refused: not worth sending again
+        return verdict
 
     async def read_map(
         self, program_id: str, map_name: str, *, max_entries: int = 1024, timeout: float = 5.0
@@ -608,32 +605,56 @@ class VmSession:
                 "program's map needs protocol 3"
             )
         request_id = self._next_id()
-        waiter: asyncio.Future[MapContents] = asyncio.get_running_loop().create_future()
-        self._map_waiters[request_id] = waiter
-        try:
-            self.send(
-                ReadMap(
-                    program_id=program_id,
-                    map=map_name,
-                    max_entries=max_entries,
-                    request_id=request_id,
-                )
-            )
-            async with asyncio.timeout(timeout):
-                contents = await waiter
-        except TimeoutError as err:
-            raise ChannelError(
-                f"VM {self.name}: no MapContents for {program_id}/{map_name} within {timeout:g} s"
-            ) from err
-        except asyncio.CancelledError as err:
-            if being_cancelled():
-                raise
-            raise ChannelError(f"VM {self.name}: the channel closed while reading a map") from err
-        finally:
-            self._map_waiters.pop(request_id, None)
+        message = ReadMap(
+            program_id=program_id, map=map_name, max_entries=max_entries, request_id=request_id
+        )
+        contents = await self._request(
+            self._map_waiters,
+            request_id,
+            lambda: self.send(message),
+            timeout=timeout,
+            awaited=f"MapContents for {program_id}/{map_name}",
+            doing="reading a map",
+        )
         if contents.program_id != program_id or contents.map != map_name:
             raise ChannelError(f"VM {self.name}: the guest answered another map than asked")
+        if len(contents.entries) > max_entries:
+            # A service sizes its work by what it asked for; the guest does not get to decide.
+            raise ChannelError(
+                f"VM {self.name}: the guest answered {len(contents.entries)} entries of "
+                f"{program_id}/{map_name}, more than the {max_entries} asked"
+            )
         return contents
+
+    async def _request(
+        self,
+        waiters: dict[int, asyncio.Future[ReplyT]],
+        request_id: int,
+        send: Callable[[], None],
+        *,
+        timeout: float,
+        awaited: str,
+        doing: str,
+    ) -> ReplyT:
+        """Send a request (``send``) and wait for the guest's reply filed under ``request_id``.
+
+        The reply's future is registered before sending (an answer may come back at once) and
+        always removed after; a timeout or a channel that closes meanwhile is a ChannelError.
+        """
+        waiter: asyncio.Future[ReplyT] = asyncio.get_running_loop().create_future()
+        waiters[request_id] = waiter
+        try:
+            send()
+            async with asyncio.timeout(timeout):
+                return await waiter
+        except TimeoutError as err:
+            raise ChannelError(f"VM {self.name}: no {awaited} within {timeout:g} s") from err
+        except asyncio.CancelledError as err:
+            if being_cancelled():  # our own task is being cancelled: never turn that into an error
+                raise
+            raise ChannelError(f"VM {self.name}: the channel closed while {doing}") from err
+        finally:
+            waiters.pop(request_id, None)
 
     def unload_program(self, program_id: str) -> None:
         self.send(UnloadProgram(program_id=program_id, request_id=self._next_id()))

@@ -9,8 +9,18 @@ from pathlib import Path
 import pytest
 
 from pvhost.config import Config
+from pvhost.errors import ChannelError
 from pvhost.qmp import QmpMonitor
-from pvproto import SUPPORTED_VERSIONS, GuestTopology, Hello, LoadProgram
+from pvproto import (
+    SUPPORTED_VERSIONS,
+    GuestTopology,
+    Hello,
+    LoadProgram,
+    MapContents,
+    MapEntry,
+    ReadMap,
+)
+from pvproto.messages import MAX_MAP_ENTRIES
 from tests.integration.hostrun import served, service_config
 from vmlab import VirtualMachine
 
@@ -96,3 +106,46 @@ def test_the_port_state_is_read_from_qemu_at_connect(qemu: VirtualMachine) -> No
             await monitor.close()
 
     asyncio.run(body())
+
+
+def test_a_map_read_answered_beyond_what_was_asked_is_refused_and_the_channel_stays_up(
+    tmp_path: Path, qemu: VirtualMachine, cpuset_group: str
+) -> None:
+    """A hostile guest answers ReadMap with more entries than asked (or another map): the
+    host's reader gets a clear error, the session keeps serving, nothing is kept."""
+
+    async def scenario() -> None:
+        config = service_config(tmp_path, qemu, cpuset_group)
+        async with served(config, qemu.dir / "agent.sock") as (service, guest):
+            await guest.expect(LoadProgram)
+            session = service.sessions["t"]
+
+            async def answer(entries: int, map_name: str = "tracked") -> None:
+                ask = await guest.expect(ReadMap)
+                assert isinstance(ask, ReadMap)
+                guest.send(
+                    MapContents(
+                        program_id=ask.program_id,
+                        map=map_name,
+                        entries=[MapEntry(key=bytes([i % 256, i // 256]), value=b"\x01")
+                                 for i in range(entries)],
+                        request_id=ask.request_id,
+                    )
+                )  # fmt: skip
+
+            for entries, map_name, error in (
+                (MAX_MAP_ENTRIES, "tracked", "1024 entries of affinity/tracked, more than the 4"),
+                (1, "other", "answered another map than asked"),
+            ):
+                guest_task = asyncio.create_task(answer(entries, map_name))
+                with pytest.raises(ChannelError, match=error):
+                    await session.read_map("affinity", "tracked", max_entries=4)
+                await guest_task
+            guest_task = asyncio.create_task(answer(4))
+            contents = await session.read_map("affinity", "tracked", max_entries=4)
+            await guest_task
+            assert len(contents.entries) == 4
+            assert (await guest.update(1, [1])).placements[0].pcpu == 1  # still served
+            assert guest.connections == 1
+
+    asyncio.run(asyncio.wait_for(scenario(), 60))

@@ -15,6 +15,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.debbuild import build_deb
+
 REPO = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
 #: What the agent may import besides the standard library and its own packages: Debian
@@ -25,16 +27,7 @@ PACKAGED = ("pvagent", "pvproto", "extpv")
 
 @pytest.fixture(scope="module")
 def deb(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    out = tmp_path_factory.mktemp("deb")
-    res = subprocess.run(
-        [str(REPO / "packaging" / "build-deb"), "--out", str(out)],
-        capture_output=True, text=True, timeout=600, check=False,
-        env={**os.environ, "EXTPV_PYTHON": sys.executable},
-    )  # fmt: skip
-    assert res.returncode == 0, res.stderr[-3000:]
-    (pkg,) = out.glob("pvagent_*_amd64.deb")
-    assert res.stdout.strip() == str(pkg), "build-deb prints the package's path"
-    return pkg
+    return build_deb(tmp_path_factory.mktemp("deb"))
 
 
 def _dpkg_deb(*args: str) -> str:

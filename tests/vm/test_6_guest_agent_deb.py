@@ -27,6 +27,7 @@ from typing import Any
 
 import pytest
 
+from tests.debbuild import build_deb
 from vmlab import VirtualMachine, VMSpec, start
 from vmlab.daemon import PvhostDaemon
 from vmlab.errors import ImageError
@@ -103,15 +104,7 @@ def stock_image() -> StockImage:
 
 @pytest.fixture(scope="module")
 def deb(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    out = tmp_path_factory.mktemp("deb")
-    res = subprocess.run(
-        [str(REPO / "packaging" / "build-deb"), "--out", str(out)],
-        capture_output=True, text=True, timeout=600, check=False,
-        env={**os.environ, "EXTPV_PYTHON": sys.executable},
-    )  # fmt: skip
-    assert res.returncode == 0, res.stderr[-3000:]
-    (pkg,) = out.glob("pvagent_*_amd64.deb")
-    return pkg
+    return build_deb(tmp_path_factory.mktemp("deb"))
 
 
 @pytest.fixture(scope="module")
