@@ -128,7 +128,7 @@ def test_run_unix_serves_a_restarting_host(tmp_path: Path, _ebpf_ready: None) ->
             thread = threading.Thread(target=pin)
             thread.start()
             try:  # the program stayed loaded across the host's restart: its records come
-                while (EventKind.SET, tid[0], {cpus[-1]}) not in {
+                while (EventKind.SET, tid[0], frozenset({cpus[-1]})) not in {
                     (e.kind, e.target_tid, e.cpus) for e in await events()
                 }:
                     pass
