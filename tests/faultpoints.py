@@ -19,17 +19,23 @@ __all__ = ["KILLED", "killed_before_write"]
 KILLED = 137
 
 
-def killed_before_write(module: ModuleType, path: Path, operation: Callable[[], object]) -> int:
+def killed_before_write(
+    module: ModuleType, path: Path, operation: Callable[[], object], nth: int = 1
+) -> int:
     """Run ``operation`` in a forked child in which ``module.write_text`` (a placement
-    backend's writer) kills the child just before writing ``path``; return the child's exit
-    code: :data:`KILLED` when it got there, 0 when the operation never wrote ``path``."""
+    backend's writer) kills the child just before its ``nth`` write of ``path``; return the
+    child's exit code: :data:`KILLED` when it got there, 0 when it never did."""
     child = os.fork()
     if child == 0:
         real = module.write_text
+        seen = 0
 
         def write_or_die(target: Path, value: str) -> None:
+            nonlocal seen
             if target == path:
-                os._exit(KILLED)
+                seen += 1
+                if seen == nth:
+                    os._exit(KILLED)
             real(target, value)
 
         module.write_text = write_or_die  # type: ignore[attr-defined]  # a backend module

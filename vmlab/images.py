@@ -22,7 +22,14 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from vmlab.errors import ImageError
 
-__all__ = ["CHECKOUT", "GuestImage", "StockImage", "ensure_stock_image", "ensure_test_image"]
+__all__ = [
+    "CHECKOUT",
+    "GuestImage",
+    "StockImage",
+    "ensure_stock_image",
+    "ensure_test_image",
+    "ensure_test_image_kernel61",
+]
 
 log = logging.getLogger(__name__)
 
@@ -171,3 +178,28 @@ def ensure_test_image(repo: Path = CHECKOUT) -> GuestImage:
         stamp.write_text(digest + "\n")
         log.warning("built the test image in %.0f s", time.monotonic() - t0)
     return GuestImage(out / "small", key)
+
+
+def ensure_test_image_kernel61(repo: Path = CHECKOUT) -> GuestImage:
+    """The test image booting Debian 12's 6.1 kernel instead of trixie's (images/add-kernel:
+    the same root file system plus that kernel's package), for the cgroup v2 tests of kernels
+    without remote partitions; rebuilt when the test image or add-kernel changes."""
+    base = ensure_test_image(repo)
+    out = repo / "images" / "out" / "test" / f"{base.path.name}-6.1"  # also for EXTPV_TEST_IMAGE
+    add = repo / "images" / "add-kernel"
+    h = hashlib.sha256((base.path / "inputs.sha256").read_bytes() + add.read_bytes())
+    stamp = out / "inputs.sha256"
+    if not (stamp.exists() and stamp.read_text().strip() == h.hexdigest()):
+        stamp.unlink(missing_ok=True)
+        t0 = time.monotonic()
+        proc = subprocess.run(
+            [str(add), "--from", str(base.path), "--out", str(out)],
+            capture_output=True, text=True, timeout=BUILD_DEADLINE_S, check=False,
+        )  # fmt: skip
+        if proc.returncode != 0:
+            raise ImageError(
+                f"images/add-kernel failed (rc {proc.returncode}):\n{proc.stderr[-4000:]}"
+            )
+        stamp.write_text(h.hexdigest() + "\n")
+        log.warning("added the 6.1 kernel to the test image in %.0f s", time.monotonic() - t0)
+    return GuestImage(out, base.signing_key)

@@ -13,10 +13,13 @@ Layout (under the unified hierarchy, default ``/sys/fs/cgroup``)::
                               (cpuset.cpus is never written: see _apply_pin)
 
 Thread migration takes a global rwsem (tens of ms), so threads move only at attach; the
-pin/unpin path only rewrites cpuset files. Remote partitions need ``cpuset.cpus.exclusive``
-(kernel ≥ 6.7). On older kernels the fallback pins with ``cpuset.cpus`` alone (the thread is
-restricted, the pCPU is not isolated; unpin writes the parent's CPUs back, since a populated
-cgroup's ``cpuset.cpus`` cannot be emptied) and ``describe()`` says so. After every partition write
+pin/unpin path only rewrites cpuset files. The mode is what the kernel accepts in a scratch
+cgroup at setup: ``remote`` (``cpuset.cpus.exclusive``, kernel ≥ 6.7) is the layout above;
+``local`` (the ``isolated`` partition type only, e.g. Debian 12's 6.1) makes extpv.slice and
+the VM's cgroup partition roots too, grown and shrunk per pin (:mod:`pvhost.placement.chain`);
+``restricted`` (no partitions) pins with ``cpuset.cpus`` alone (the thread is restricted, the
+pCPU is not isolated; unpin writes the parent's CPUs back, since a populated cgroup's
+``cpuset.cpus`` cannot be emptied) and ``describe()`` says so. After every partition write
 the state is read back: ``isolated invalid (<reason>)`` is undone at once and raised as
 :class:`PartitionInvalid` carrying the kernel's reason. The state record of a pin
 (:class:`~pvhost.state.Cgroup2Pin`) is cleared only once the VM's exclusive CPUs have shrunk
@@ -27,12 +30,12 @@ from __future__ import annotations
 
 import contextlib
 import os
-import re
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pvhost.errors import BackendUnavailable, PartitionInvalid, PlacementError
+from pvhost.placement import chain
 from pvhost.placement.base import (
     Check,
     PlacementBackend,
@@ -44,20 +47,19 @@ from pvhost.placement.base import (
     thread_alive,
     write_text,
 )
+from pvhost.placement.chain import partition_reason
 from pvhost.state import AttachRecord, Cgroup2Pin, PinRecord, StateFile, StateStore
 from pvproto import format_cpulist
 
-__all__ = ["Cgroup2Backend", "partition_reason", "thread_cgroup2"]
+__all__ = ["MODES", "Cgroup2Backend", "Mode", "partition_reason", "probe_mode", "thread_cgroup2"]
 
-_INVALID = re.compile(r"^(\w+) invalid(?: \((.*)\))?$")
-
-
-def partition_reason(state: str) -> str | None:
-    """The kernel's reason from ``isolated invalid (<reason>)``, or None for a valid state."""
-    m = _INVALID.match(state.strip())
-    if m is None:
-        return None
-    return m.group(2) or "invalid (no reason given)"
+#: How a pin is made, chosen by :meth:`Cgroup2Backend.setup` from what the kernel accepts:
+#: ``remote``: the vCPU cgroup is a remote isolated partition made of ``cpuset.cpus.exclusive``;
+#: ``local``: the kernel has the ``isolated`` partition type but no remote partitions (older
+#: than 6.7, e.g. Debian 12's 6.1): a chain of local partitions; ``restricted``: no partitions,
+#: ``cpuset.cpus`` restricts the vCPU thread only.
+Mode = Literal["remote", "local", "restricted"]
+MODES: tuple[Mode, ...] = ("remote", "local", "restricted")
 
 
 def thread_cgroup2(tid: int) -> str:
@@ -69,6 +71,37 @@ def thread_cgroup2(tid: int) -> str:
     except OSError as err:
         raise PlacementError(f"cannot read /proc/{tid}/cgroup: {err.strerror}") from err
     raise PlacementError(f"thread {tid} is in no cgroup v2 hierarchy")
+
+
+def probe_mode(parent: Path) -> Mode:
+    """What the kernel accepts, tried in a scratch cgroup under ``parent`` (which has
+    ``+cpuset`` in its subtree_control), never inferred from a version string.
+
+    ``cpuset.cpus.exclusive`` present: ``remote``. Otherwise, a write of ``isolated`` to
+    ``cpuset.cpus.partition`` that the kernel keeps (valid or ``isolated invalid (…)``: the
+    scratch cgroup has no CPUs, so invalid is the expected answer) shows the partition type
+    exists: ``local``. A refused write (EINVAL: no such type) or no partition file:
+    ``restricted``. The scratch cgroup is removed again in every case."""
+    scratch = parent / "extpv-probe"
+    try:
+        scratch.mkdir(exist_ok=True)
+    except OSError as err:
+        raise PlacementError(f"cannot create scratch cgroup {scratch}: {err.strerror}") from err
+    try:
+        if (scratch / "cpuset.cpus.exclusive").exists():
+            return "remote"
+        part = scratch / "cpuset.cpus.partition"
+        if not part.exists():
+            return "restricted"
+        try:
+            write_text(part, "isolated")
+        except PlacementError:
+            return "restricted"
+        kept = read_text(part).startswith("isolated")
+        write_text(part, "member")
+        return "local" if kept else "restricted"
+    finally:
+        remove_cgroup(scratch)
 
 
 class Cgroup2Backend(PlacementBackend):
@@ -85,7 +118,16 @@ class Cgroup2Backend(PlacementBackend):
                 "(on hybrid hosts cpuset lives in v1: use the cgroup1 backend)"
             )
         super().__init__(root, group, StateStore[Cgroup2Pin](state, StateFile[Cgroup2Pin]))
-        self.remote = False
+        #: What the kernel accepted in a scratch cgroup at :meth:`setup` (see :data:`MODES`).
+        self.mode: Mode = "restricted"
+        #: The CPUs that may be pinned (the pool minus housekeeping), from :meth:`setup`; the
+        #: local chain takes its extra CPUs from them too.
+        self.eligible: frozenset[int] = frozenset()
+
+    @property
+    def remote(self) -> bool:
+        """Pins are remote isolated partitions (``cpuset.cpus.exclusive``, Linux >= 6.7)."""
+        return self.mode == "remote"
 
     # -- helpers -----------------------------------------------------------------------------
     def _thread_cgroup(self, tid: int) -> str:
@@ -115,7 +157,8 @@ class Cgroup2Backend(PlacementBackend):
         self._enable_cpuset(self.root)
         self._mkdir(self.base)
         self._enable_cpuset(self.base)
-        self.remote = (self.base / "cpuset.cpus.exclusive").exists()
+        self.mode = probe_mode(self.base)
+        self.eligible = eligible
         if self.remote:
             write_text(self.base / "cpuset.cpus.exclusive", format_cpulist(eligible | self._held()))
 
@@ -166,8 +209,59 @@ class Cgroup2Backend(PlacementBackend):
             prev_effective=tuple(sorted(read_cpus(path / "cpuset.cpus.effective"))),
         )
 
+    # -- local mode: the chain of local partitions (pvhost.placement.chain) ---------------------
+    def _chain_target(self, without: tuple[str, int] | None = None) -> dict[str, frozenset[int]]:
+        """VM → CPUs of its partition for the recorded pins (less ``without``, being undone)."""
+        pins = {
+            vm: {v: p for v, p in vcpus.items() if (vm, v) != without}
+            for vm, vcpus in self.pins().items()
+        }
+        current, resident = {}, set()
+        for vm, path in chain.vm_dirs(self.base).items():
+            if read_text(path / "cpuset.cpus.partition") == "root" and read_text(
+                path / "cpuset.cpus"
+            ):
+                current[vm] = read_cpus(path / "cpuset.cpus")
+            if chain.populated(path):
+                resident.add(vm)
+        return chain.plan(pins, self.eligible, current, frozenset(resident))
+
+    def _sync_chain(self, without: tuple[str, int] | None = None) -> None:
+        chain.sync(self.root, self.base, self._chain_target(without), self.eligible)
+        # A VM partition that was invalid for a moment (a refused growth, undone) leaves its
+        # vCPU partitions invalid ("Parent is an invalid partition root"): enable them again.
+        for vm, vcpus in self.pins().items():
+            for vcpu in vcpus:
+                path = self._vcpu_dir(vm, vcpu)
+                part = path / "cpuset.cpus.partition"
+                stale = part.exists() and read_text(part).startswith("isolated invalid")
+                if (vm, vcpu) != without and stale:
+                    chain.set_partition(path, "isolated")
+
+    def _apply_local(self, vm: str, vcpu: int, pcpu: int) -> None:
+        chain.refuse_confining(self.base, vm, {v for v, pins in self.pins().items() if pins})
+        self._sync_chain()
+        path = self._vcpu_dir(vm, vcpu)
+        chain.make_room(path, frozenset({pcpu}))
+        chain.set_cpus(path, frozenset({pcpu}))
+        chain.set_partition(path, "isolated")
+        try:
+            chain.expect_valid(path, "isolated")
+        except PartitionInvalid as err:
+            raise PartitionInvalid(f"VM {vm} vCPU {vcpu} → pCPU {pcpu}: {err}", err.reason) from err
+
+    def _undo_local(self, vm: str, vcpu: int) -> None:
+        path = self._vcpu_dir(vm, vcpu)
+        if path.is_dir():
+            chain.set_partition(path, "member")
+            chain.release_cpus(path)
+        self._sync_chain(without=(vm, vcpu))
+
     def _apply(self, vm: str, vcpu: int, record: PinRecord) -> None:
         path, pcpu = self._vcpu_dir(vm, vcpu), record.pcpu
+        if self.mode == "local":
+            self._apply_local(vm, vcpu, pcpu)
+            return
         if not self.remote:
             write_text(path / "cpuset.cpus", str(pcpu))
             return
@@ -189,6 +283,18 @@ class Cgroup2Backend(PlacementBackend):
 
     def _check_cgroup(self, vm: str, vcpu: int, record: PinRecord) -> list[tuple[Check, str, str]]:
         path = self._vcpu_dir(vm, vcpu)
+        if self.mode == "local":
+            # The whole chain: the vCPU's isolated partition is only valid under valid roots.
+            want = [(path, "isolated"), (path.parent, "root"), (self.base, "root")]
+            out: list[tuple[Check, str, str]] = []
+            for where, state in want:
+                found = read_setting(where / "cpuset.cpus.partition")
+                if found != state:
+                    out.append(("partition", f"{self._rel(where)} {state}", found))
+            cpus = read_setting(path / "cpuset.cpus")
+            if cpus != str(record.pcpu):
+                out.append(("cpuset", str(record.pcpu), cpus))
+            return out
         if self.remote:
             state = read_setting(path / "cpuset.cpus.partition")
             return [] if state == "isolated" else [("partition", "isolated", state)]
@@ -200,7 +306,9 @@ class Cgroup2Backend(PlacementBackend):
         # vCPU's and the VM's exclusive CPUs used to leave the VM holding the pCPU for good.
         record = self.state.pin(vm, vcpu)
         path = self._vcpu_dir(vm, vcpu)
-        if path.is_dir():
+        if self.mode == "local":
+            self._undo_local(vm, vcpu)
+        elif path.is_dir():
             if self.remote:
                 write_text(path / "cpuset.cpus.partition", "member")
                 write_text(path / "cpuset.cpus.exclusive", "")
@@ -227,7 +335,12 @@ class Cgroup2Backend(PlacementBackend):
             with contextlib.suppress(PlacementError):
                 write_text(prev / "cgroup.procs", str(attach.pid))
         if vm_dir.is_dir():
+            if self.mode == "local":  # a VM parked in the chain: its partition goes first
+                with contextlib.suppress(PlacementError):
+                    chain.set_partition(vm_dir, "member")
             self._remove_tree(vm_dir)
+        if self.mode == "local":
+            self._sync_chain()  # its CPUs leave the slice
 
     def _orphan(self, vm_dir: Path) -> None:
         # Its QEMU's cgroup before attach is unknown: the root is the only safe home.
@@ -235,6 +348,9 @@ class Cgroup2Backend(PlacementBackend):
             if (child / "cpuset.cpus.partition").exists():
                 with contextlib.suppress(PlacementError):
                     write_text(child / "cpuset.cpus.partition", "member")
+        if self.mode == "local":  # a VM partition of the chain: back to a plain member first
+            with contextlib.suppress(PlacementError):
+                chain.set_partition(vm_dir, "member")
         for pid in read_text(vm_dir / "cgroup.procs").split():
             with contextlib.suppress(PlacementError):
                 write_text(self.root / "cgroup.procs", pid)
@@ -247,12 +363,29 @@ class Cgroup2Backend(PlacementBackend):
         remove_cgroup(vm_dir)
 
     def isolation_summary(self) -> str:
-        if self.remote:
+        if self.mode == "remote":
             return "isolated: each pinned pCPU becomes an isolated remote partition"
+        if self.mode == "local":
+            return (
+                "isolated: each pinned pCPU becomes an isolated partition in a chain of local "
+                "partitions (this kernel has no remote partitions, Linux < 6.7): a VM holding "
+                "pins also takes one extra CPU of the pool from the host, where its other "
+                "threads run; a pin is refused while another VM under extpv.slice holds none"
+            )
         return (
-            "restricted: this kernel has no cpuset.cpus.exclusive (remote partitions need "
-            "Linux >= 6.7), so a pin restricts the vCPU thread only"
+            "restricted: this kernel has no cpuset partitions extpv can use (no "
+            "cpuset.cpus.exclusive, no isolated partition type), so a pin restricts the "
+            "vCPU thread only"
         )
+
+    def _isolation(self, vcpu_dir: Path) -> dict[str, Any]:
+        """``isolated`` or ``restricted`` with why, for one pinned vCPU cgroup."""
+        if self.mode == "restricted":
+            return {"mode": "restricted", "reason": "kernel has no cpuset partitions extpv can use"}
+        state = read_setting(vcpu_dir / "cpuset.cpus.partition")
+        if state != "isolated":
+            return {"mode": "restricted", "reason": f"partition is {state!r}"}
+        return {"mode": "isolated", "reason": None, "partitions": self.mode}
 
     def describe(self) -> dict[str, Any]:
         vms: dict[str, Any] = {}
@@ -269,17 +402,43 @@ class Cgroup2Backend(PlacementBackend):
                     "partition": read_text(part)
                     if part.exists()
                     else "member (kernel has no cpuset partitions)",
-                    "isolated": self.remote,
+                    "isolated": self.mode != "restricted" and read_setting(part) == "isolated",
+                    "isolation": self._isolation(path),
                 }
             vms[vm] = out
+        chain_top = None
+        if self.mode == "local" and self.base.is_dir():
+            # The chain above the vCPU partitions: the CPUs each holds, taken from the host.
+            chain_top = {
+                name: {
+                    "cpus": read_setting(path / "cpuset.cpus"),
+                    "partition": read_setting(path / "cpuset.cpus.partition"),
+                }
+                for name, path in [(self.base.name, self.base)]
+                + [(p.name, p) for p in chain.vm_dirs(self.base).values()]
+            }
         return {
             "backend": self.name,
             "base": str(self.base),
             "remote_partitions": self.remote,
+            "partition_mode": self.mode,
+            "local_chain": chain_top,
             "vms": vms,
         }
 
+    def reconcile(self, live: Mapping[str, Mapping[int, int]]) -> dict[str, dict[int, int]]:
+        adopted = super().reconcile(live)
+        if self.mode == "local":
+            # A crash between two steps of the chain (slice grown by its spare CPU, a VM
+            # partition not yet shrunk) is not visible to the per-pin check: rebuild the chain
+            # exactly for the pins that were adopted.
+            self._sync_chain()
+        return adopted
+
     def _remove_base(self) -> None:
+        if self.mode == "local" and self.base.is_dir():
+            with contextlib.suppress(PlacementError):
+                chain.sync(self.root, self.base, {}, self.eligible)
         if (self.base / "cpuset.cpus.exclusive").exists():
             with contextlib.suppress(PlacementError):
                 write_text(self.base / "cpuset.cpus.exclusive", "")

@@ -141,6 +141,9 @@ def main() -> None:
             b = Cgroup2Backend(ROOT, Path(tmp) / "state.json")
             step("setup", lambda: b.setup(frozenset({0, 1, 2, 3})))
             obs["remote_partitions"] = b.remote
+            obs["mode"] = b.mode
+            obs["summary"] = b.isolation_summary()
+            obs["probe_left"] = sorted(p.name for p in b.base.iterdir() if p.is_dir())
             step("attach", lambda: b.attach(VM, proc.pid, tids))
             obs["attached"] = snapshot(proc.pid, tids)
             for vcpu in (0, 1, 2):

@@ -34,6 +34,10 @@ def observed(guest_vm: vmlab.VirtualMachine) -> dict:
 def test_kernel_offers_remote_partitions(observed: dict) -> None:
     assert observed["errors"].get("setup") is None, observed["errors"]["setup"]
     assert observed["remote_partitions"] is True
+    # Chosen by what the kernel accepted in a scratch cgroup, which is gone again.
+    assert observed["mode"] == "remote"
+    assert observed["summary"].startswith("isolated:"), observed["summary"]
+    assert observed["probe_left"] == [], observed["probe_left"]
 
 
 def test_vcpu_threads_move_into_their_threaded_cgroups(observed: dict) -> None:

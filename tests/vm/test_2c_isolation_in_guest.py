@@ -1,0 +1,42 @@
+"""(a) Isolation under a real load on trixie's 6.12 kernel (remote partitions).
+
+The shared -smp 4 guest acts as a host: this checkout's cgroup v2 backend, driven as the
+daemon drives it, pins a spinning thread (a vCPU thread's stand-in) while 16 ``yes`` processes
+load its CPUs; the guest kernel's own accounting says who ran where
+(guest_isolation_probe.py). The same run on Debian 12's 6.1 kernel (local-partition chain) is
+in test_2b_cgroup2_kernel61.py, sharing that module's VM.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+import vmlab
+from tests.vm.isolation_run import (
+    assert_daemon_isolates,
+    assert_isolated_under_load,
+    run_daemon_probe,
+    run_isolation_probe,
+)
+
+pytestmark = [pytest.mark.vm, pytest.mark.slow, pytest.mark.isolation]
+
+
+@pytest.fixture(scope="module")
+def observed(guest_vm: vmlab.VirtualMachine) -> dict[str, Any]:
+    return run_isolation_probe(guest_vm)
+
+
+def test_remote_partitions_isolate_the_pinned_pcpu_from_a_yes_load(observed: dict) -> None:
+    assert observed["mode"] == "remote"
+    assert_isolated_under_load(observed)
+    # Remote partitions take exactly the pinned pCPU from the host, nothing else.
+    assert observed["isolation"]["taken"] == [1]
+
+
+def test_through_the_daemon_a_spinning_vcpu_gets_its_pcpu_to_itself(
+    guest_vm: vmlab.VirtualMachine,
+) -> None:
+    assert_daemon_isolates(run_daemon_probe(guest_vm), "remote")
