@@ -30,6 +30,7 @@ from pvagent.replay import VersionBook
 from pvagent.trust import TrustPolicy
 from pvproto import (
     AGENT_VERSIONS,
+    SUPPORTED_VERSIONS,
     BaseMessage,
     Error,
     GuestDocument,
@@ -91,7 +92,10 @@ class _HostSession(PeerSession["Agent"]):
     ROLE = "guest"
 
     def __init__(self, owner: Agent) -> None:
-        super().__init__(owner, versions=AGENT_VERSIONS)
+        # Negotiates protocol 4 only, but reads (and greets in) every version pvproto knows:
+        # a host's Hello is written in its lowest version, and an older host must be able
+        # to read ours to answer ``unsupported``.
+        super().__init__(owner, versions=AGENT_VERSIONS, readable=SUPPORTED_VERSIONS)
 
     def hello(self) -> Hello:
         return self.owner.hello()

@@ -134,7 +134,9 @@ def test_protocol_4_only_and_no_affinity_messages() -> None:
         assert agent.hello().protocol_versions == [4]
         host, task = await connect(agent)
         await host.expect(Hello)
-        host.hello()
+        # pvhost writes its Hello in its lowest version (2): the agent must read it.
+        hello = Hello(role="host", protocol_versions=[2, 3, 4], software_version="pvhost")
+        host.send_raw(encode(hello, version=2))
         await ready(host)
         host.send(AffinityResult(seq=1, placements=[], request_id=4))
         error = await host.expect(Error)
