@@ -147,19 +147,32 @@ def backend_modes(cgroup: str) -> tuple[str | None, str]:
     if cgroup == "v1":
         return "restrict", (
             "this host has cgroup v1 cpusets: pvhost's cgroup1 backend restricts each pinned "
-            "vCPU thread to its pCPU but cannot isolate the pCPU (host tasks such as the yes "
-            "load still run there); isolated partitions need cgroup v2 "
-            "(cpuset.cpus.partition=isolated)"
+            "vCPU thread to its pCPU; it isolates the pCPU only from the cpusets named in "
+            "[placement] isolate_from, never from tasks of the root cpuset, where this "
+            "harness's yes load runs (as the paper's: anywhere on the host). Isolated "
+            "partitions need cgroup v2 (cpuset.cpus.partition=isolated)"
         )
     if cgroup == "v2":
-        if Path("/sys/kernel/cgroup/features").exists() and platform.release() >= "6.7":
+        from pvhost.errors import PlacementError
+        from pvhost.placement.cgroup2 import probe_mode
+
+        try:  # what the kernel accepts, tried as pvhost tries it (never a version string)
+            mode = probe_mode(Path("/sys/fs/cgroup"))
+        except PlacementError as err:
+            return "restrict", f"pvhost could not probe cpuset partitions here: {err}"
+        if mode == "remote":
             return "isolate", (
                 "this host's cgroup v2 backend isolates every pinned pCPU (remote partitions); "
                 "it has no restrict-only setting"
             )
+        if mode == "local":
+            return "isolate", (
+                "this host's cgroup v2 backend isolates every pinned pCPU with a chain of local "
+                "partitions (one extra CPU per pinned VM); it has no restrict-only setting"
+            )
         return "restrict", (
-            "this kernel has no cpuset.cpus.exclusive (before 6.7): pvhost's cgroup2 backend "
-            "only restricts, it cannot make remote isolated partitions"
+            "this kernel has no isolated cpuset partitions: pvhost's cgroup2 backend only "
+            "restricts the vCPU threads"
         )
     return None, "no cpuset controller is mounted: pvhost cannot place vCPU threads here"
 

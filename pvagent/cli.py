@@ -21,6 +21,7 @@ from pvagent.agent import Agent, ProgramLimits
 from pvagent.config import AgentConfig, load_config
 from pvagent.errors import AgentError
 from pvagent.loaders import load
+from pvagent.memlock import lock_memory
 from pvagent.mounts import ensure_tracing_mounts
 from pvagent.topology import read_topology
 from pvagent.trust import TrustPolicy
@@ -116,6 +117,8 @@ async def _run(args: argparse.Namespace) -> None:
     from pvagent.port import run_device, run_port, run_unix  # noqa: PLC0415 - needs pyudev
 
     config = load_config(args.config)
+    if (why := lock_memory()) is not None:  # see pvagent.memlock: pressure reports stay timely
+        logging.getLogger("pvagent").warning("memory not locked: %s", why)
     agent = Agent(
         read_topology(),
         _policy(config),

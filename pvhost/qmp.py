@@ -219,6 +219,16 @@ class QmpMonitor:
             return None
         return chardev_open(reply, socket_path)
 
+    async def execute(
+        self, command: str, arguments: dict[str, object] | None = None, timeout: float = 5.0
+    ) -> object:
+        """One command (callers choose which: sessions let services send only a few)."""
+        try:
+            async with asyncio.timeout(timeout):
+                return await self._client.execute(command, arguments)
+        except (QMPError, OSError, TimeoutError) as err:
+            raise QmpError(f"{command} on {self.path} failed: {err or 'timed out'}") from err
+
     @property
     def connected(self) -> bool:
         return self._client.runstate.name == "RUNNING"

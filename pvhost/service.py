@@ -313,6 +313,8 @@ class Service:
 
     async def _stop_session(self, name: str, vm: VmRecord) -> None:
         try:
+            # Services undo what needs QEMU's monitor while the session still holds it.
+            await self.services.closing(name)
             vm.task.cancel()
             try:
                 await vm.task

@@ -43,7 +43,7 @@ import asyncio
 import contextlib
 import json
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol, TypeVar
@@ -56,6 +56,7 @@ from pvhost.programs import SignedProgram
 from pvhost.qmp import QmpMonitor
 from pvhost.ratelimit import TokenBucket
 from pvhost.services.affinity import GENERIC_PROTOCOL
+from pvhost.services.base import QMP_ALLOWED
 from pvhost.services.manager import ServiceManager
 from pvproto import (
     SUPPORTED_VERSIONS,
@@ -593,6 +594,15 @@ class VmSession:
         if not verdict.ok and self._operator_programs.get(program_id) is program:
             del self._operator_programs[program_id]  # refused: not worth sending again
         return verdict
+
+    async def qmp(self, command: str, arguments: Mapping[str, Any] | None = None) -> object:
+        """One of the QMP commands a service may send (``QMP_ALLOWED``), to this VM's QEMU."""
+        if command not in QMP_ALLOWED:
+            raise ChannelError(f"QMP command {command!r} is not one a service may send")
+        monitor = self._monitor
+        if not isinstance(monitor, QmpMonitor):
+            raise ChannelError(f"VM {self.name}: no QMP monitor (not connected, or libvirt)")
+        return await monitor.execute(command, dict(arguments or {}))
 
     async def read_map(
         self, program_id: str, map_name: str, *, max_entries: int = 1024, timeout: float = 5.0

@@ -35,9 +35,11 @@ log = logging.getLogger(__name__)
 
 #: The checkout this package runs from (an editable install, as the tests and benches use).
 CHECKOUT = Path(__file__).resolve().parents[1]
-#: What the image is built from (the agent wheel carries pvagent, pvproto, extpv and bpf/).
+#: What the image is built from (the agent's wheel carries pvagent, pvproto, extpv and bpf/).
 IMAGE_INPUTS = (
     "images",
+    "packaging/build-wheel",
+    "setup.py",
     "bench/spscq.c",
     "bench/Makefile",
     "pvagent",

@@ -72,6 +72,9 @@ class VMSpec:
     virtfs: tuple[tuple[Path, str], ...] = ()
     #: Serve the guest's test hook on ``test.sock`` (test images only).
     test_hook: bool = False
+    #: A virtio-balloon device (``balloon0``) for the memory service (also on an empty machine:
+    #: QEMU takes balloon commands without a guest driver, which the storm test uses).
+    balloon: bool = True
     #: Forward ``127.0.0.1:ssh_port`` on the host to the guest's port 22 (its only network).
     ssh_port: int | None = None
     #: ``auto`` probes KVM and falls back to TCG (an empty machine is always TCG).
@@ -195,6 +198,8 @@ def qemu_argv(spec: VMSpec, accel_args: Sequence[str] | None = None) -> list[str
                    f"id={AGENT_PORT_ID}",
         "-pidfile", str(d / "qemu.pid"),
     ]  # fmt: skip
+    if spec.balloon:
+        argv += ["-device", "virtio-balloon-pci,id=balloon0"]
     if spec.test_hook:
         argv += [
             "-chardev", f"socket,id=test0,path={d / 'test.sock'},server=on,wait=off",

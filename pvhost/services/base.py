@@ -36,7 +36,10 @@ from pvproto import BaseMessage, GuestTopology, MapContents, ProgramKind
 if TYPE_CHECKING:
     from pvhost.service import Service
 
-__all__ = ["EventError", "ServiceContext", "ServicePlugin", "VmHandle"]
+__all__ = ["QMP_ALLOWED", "EventError", "ServiceContext", "ServicePlugin", "VmHandle"]
+
+#: The QMP commands a service may send through :meth:`VmHandle.qmp` (never the monitor itself).
+QMP_ALLOWED = frozenset({"balloon", "query-balloon", "query-memory-size-summary"})
 
 #: What ``status()`` and ``metrics()`` may return: JSON values.
 JsonValue = Any
@@ -71,11 +74,22 @@ class VmHandle(Protocol):
         """Send a message to the guest's agent; raises ChannelError when not connected."""
         ...
 
+    def unload_program(self, program_id: str) -> None:
+        """Unload one of the VM's programs from the guest, and from ``pvctl status``'s
+        ``programs``; raises ChannelError when not connected."""
+        ...
+
     async def read_map(
         self, program_id: str, map_name: str, *, max_entries: int = 1024, timeout: float = 5.0
     ) -> MapContents:
         """One of its program's maps, read by the guest's agent (protocol 3; ChannelError
         from an older agent or a closed channel): resynchronise after lost records."""
+        ...
+
+    async def qmp(self, command: str, arguments: Mapping[str, Any] | None = None) -> object:
+        """One QMP command to the VM's QEMU, of the few a service may send (``QMP_ALLOWED``:
+        the balloon and the memory size); QmpError when it fails or the monitor is down,
+        ChannelError for another command or a VM without a QMP monitor (libvirt)."""
         ...
 
 
@@ -167,6 +181,11 @@ class ServicePlugin(abc.ABC):
         """The service was disabled for this VM (operator, or it failed): undo for it.
         Default: the same as :meth:`on_vm_gone`. Its programs are unloaded by pvhost."""
         await self.on_vm_gone(vm)
+
+    async def on_closing(self, vm: VmHandle) -> None:  # noqa: B027 - optional hook
+        """pvhost is about to close the VM's session (pvhost stops, or the VM's directory
+        went away): QEMU's monitor is still connected (if QEMU lives): undo what needs it.
+        :meth:`on_vm_gone` follows."""
 
     async def reconcile(self, vms: Sequence[str]) -> None:  # noqa: B027 - optional hook
         """pvhost (re)started with these VMs: adopt or undo state a previous run left."""

@@ -43,8 +43,9 @@ class Found:
 
 def _builtin() -> list[type[ServicePlugin]]:
     from pvhost.services.affinity import AffinityService  # noqa: PLC0415 - avoids a cycle
+    from pvhost.services.memory import MemoryService  # noqa: PLC0415 - avoids a cycle
 
-    return [AffinityService]
+    return [AffinityService, MemoryService]
 
 
 def _load(ep: importlib.metadata.EntryPoint) -> Found:

@@ -11,6 +11,10 @@ What a guest sends to a service is bounded per VM: records per second (``[servic
 max_records_per_s``), queued calls per service (``max_queued``); what exceeds them, records
 that do not match the service's layout and records of programs no service owns are counted
 (``extpv_service_dropped_total{reason}``) and dropped.
+
+The parts: :mod:`pvhost.services.guard` (a guarded call, the per-VM-per-service runner),
+:mod:`pvhost.services.intake` (records decoded and checked), :mod:`pvhost.services.vmstate`
+(per-VM bookkeeping); this module decides what runs where and when each hook is called.
 """
 
 from __future__ import annotations
@@ -21,27 +25,26 @@ import functools
 import json
 import logging
 import math
-from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from pydantic import BaseModel, ValidationError
 
-from extpv.aio import being_cancelled
 from pvhost.errors import ChannelError, ConfigError, HostError
 from pvhost.metrics import Metrics
 from pvhost.programs import SignedProgram
 from pvhost.ratelimit import TokenBucket
 from pvhost.services.base import ServiceContext, ServicePlugin, VmHandle
 from pvhost.services.discovery import Found
-from pvproto import BaseMessage, UnloadProgram
+from pvhost.services.guard import MAX_REASON, Call, Runner, guarded
+from pvhost.services.intake import decode_records
+from pvhost.services.vmstate import VmState
+from pvproto import BaseMessage
 
 __all__ = ["ServiceManager", "ServicesSettings"]
 
 _log = logging.getLogger(__name__)
-
-#: Longest failure reason kept (a plugin's exception text is its own).
-_MAX_REASON = 300
 
 
 @dataclass(frozen=True)
@@ -57,48 +60,6 @@ class ServicesSettings:
     hook_timeout: float = 5.0
     max_records_per_s: float = 20_000.0
     max_queued: int = 256
-
-
-Call = Callable[[], Awaitable[object]]
-
-
-class _Runner:
-    """One VM's calls into one service, in order, each under the deadline."""
-
-    def __init__(self, manager: ServiceManager, vm: str, service: str) -> None:
-        self.manager, self.vm, self.service = manager, vm, service
-        self.queue: asyncio.Queue[tuple[str, Call]] = asyncio.Queue(manager.settings.max_queued)
-        self.task = asyncio.get_running_loop().create_task(
-            self._run(), name=f"service-{service}-{vm}"
-        )
-
-    def submit(self, hook: str, call: Call) -> bool:
-        try:
-            self.queue.put_nowait((hook, call))
-        except asyncio.QueueFull:
-            return False
-        return True
-
-    async def _run(self) -> None:
-        while True:
-            hook, call = await self.queue.get()
-            reason = await self.manager.guarded(self.service, hook, call)
-            if reason is not None:
-                self.manager.fail(self.vm, self.service, reason)
-                return
-
-
-@dataclass
-class _VmState:
-    handle: VmHandle
-    #: service → "enabled" | "disabled" | "failed: REASON"
-    states: dict[str, str]
-    runners: dict[str, _Runner] = field(default_factory=dict)
-    #: program id → the service whose program it is (in this VM).
-    owners: dict[str, str] = field(default_factory=dict)
-    bucket: TokenBucket = field(default_factory=lambda: TokenBucket(1.0, 1))
-    records: int = 0
-    dropped: dict[str, int] = field(default_factory=dict)
 
 
 class ServiceManager:
@@ -131,7 +92,7 @@ class ServiceManager:
             except ConfigError:
                 raise
             except Exception as err:  # its constructor is its own code
-                self.unusable[name] = f"failed to start: {type(err).__name__}: {err}"[:_MAX_REASON]
+                self.unusable[name] = f"failed to start: {type(err).__name__}: {err}"[:MAX_REASON]
         for name in settings.tables:
             if name not in self.found:
                 raise ConfigError(f"[services.{name}]: no service named {name!r} is installed")
@@ -140,7 +101,7 @@ class ServiceManager:
                 self.unusable[name] = "not installed (no extpv.services entry point)"
         for name, why in sorted(self.unusable.items()):
             _log.error("service %s cannot run: %s", name, why)
-        self._vms: dict[str, _VmState] = {}
+        self._vms: dict[str, VmState] = {}
         #: Disables under way (a failed service being stopped), awaited at close.
         self._background: set[asyncio.Task[None]] = set()
         metrics.add_service_collector(self._collect)
@@ -163,29 +124,10 @@ class ServiceManager:
 
     # -- guarded calls -----------------------------------------------------------------------
     async def guarded(self, service: str, hook: str, call: Call) -> str | None:
-        """Run one hook call; None when it went well, else why it failed."""
-        task = asyncio.ensure_future(call())
+        """Run one hook call (:func:`pvhost.services.guard.guarded`; built-in services get no
+        deadline); None when it went well, else why it failed."""
         timeout = None if service in self._builtin else self.settings.hook_timeout
-        try:
-            done, _ = await asyncio.wait({task}, timeout=timeout)
-        except asyncio.CancelledError:
-            task.cancel()
-            raise
-        if not done:
-            task.cancel()  # not awaited: a hook that ignores cancellation stays its own problem
-            return f"{hook} did not finish within {self.settings.hook_timeout:g} s"
-        try:
-            result = task.result()
-        except asyncio.CancelledError:
-            if being_cancelled():
-                raise
-            return f"{hook} was cancelled"
-        except Exception as err:
-            _log.debug("service %s: %s raised", service, hook, exc_info=True)
-            return f"{hook} raised {type(err).__name__}: {err}"
-        if result is not None:
-            return f"{hook} returned {type(result).__name__}, not None"
-        return None
+        return await guarded(service, hook, call, timeout)
 
     def _sync(self, vm: str, service: str, hook: str, call: Callable[[], Any]) -> Any:
         """A synchronous hook; on an exception the service fails for ``vm`` (None returned)."""
@@ -200,7 +142,7 @@ class ServiceManager:
         state = self._vms.get(vm)
         if state is None or state.states.get(service) != "enabled":
             return
-        reason = reason[:_MAX_REASON]
+        reason = reason[:MAX_REASON]
         _log.error("%s: service %s failed and is disabled for this VM: %s", vm, service, reason)
         self.metrics.service_failures.labels(service=service).inc()
         state.states[service] = f"failed: {reason}"
@@ -210,7 +152,7 @@ class ServiceManager:
         self._background.add(task)
         task.add_done_callback(self._background.discard)
 
-    async def _stop_in(self, vm: str, state: _VmState, service: str) -> None:
+    async def _stop_in(self, vm: str, state: VmState, service: str) -> None:
         """Unload the service's programs from the guest, stop its calls, let it undo."""
         runner = state.runners.pop(service, None)
         if runner is not None and runner.task is not asyncio.current_task():
@@ -218,16 +160,21 @@ class ServiceManager:
         for program_id in [p for p, s in state.owners.items() if s == service]:
             del state.owners[program_id]
             with contextlib.suppress(ChannelError):  # not connected: no Hello injects it now
-                state.handle.send(UnloadProgram(program_id=program_id))
+                state.handle.unload_program(program_id)  # also out of `pvctl status`
         plugin = self.plugins[service]
         reason = await self.guarded(service, "on_disable", lambda: plugin.on_disable(vm))
         if reason is not None:
-            _log.error("%s: service %s: %s", vm, service, reason[:_MAX_REASON])
+            _log.error("%s: service %s: %s", vm, service, reason[:MAX_REASON])
 
-    def _runner(self, vm: str, state: _VmState, service: str) -> _Runner:
+    def _runner(self, vm: str, state: VmState, service: str) -> Runner:
         runner = state.runners.get(service)
         if runner is None:
-            runner = state.runners[service] = _Runner(self, vm, service)
+            runner = state.runners[service] = Runner(
+                f"service-{service}-{vm}",
+                self.settings.max_queued,
+                functools.partial(self.guarded, service),
+                functools.partial(self.fail, vm, service),
+            )
         return runner
 
     def _submit(self, vm: str, service: str, hook: str, call: Call) -> bool:
@@ -239,7 +186,7 @@ class ServiceManager:
             return False
         return True
 
-    def _lost(self, state: _VmState, vm: str, service: str, program_id: str, count: int) -> None:
+    def _lost(self, state: VmState, vm: str, service: str, program_id: str, count: int) -> None:
         """Tell ``service`` that records of its program were lost (it may resynchronise)."""
         if count <= 0 or state.states.get(service) != "enabled":
             return
@@ -247,9 +194,8 @@ class ServiceManager:
         self._sync(vm, service, "on_records_lost",
                    lambda: plugin.on_records_lost(state.handle, program_id, count))  # fmt: skip
 
-    def _drop(self, state: _VmState, vm: str, reason: str, count: int = 1) -> None:
-        state.dropped[reason] = state.dropped.get(reason, 0) + count
-        self.metrics.service_dropped.labels(vm=vm, reason=reason).inc(count)
+    def _drop(self, state: VmState, vm: str, reason: str, count: int = 1) -> None:
+        state.drop(self.metrics, reason, count)
 
     # -- VMs ----------------------------------------------------------------------------------
     def wanted(self, vm: str) -> tuple[str, ...]:
@@ -261,7 +207,7 @@ class ServiceManager:
         bucket = TokenBucket(
             self.settings.max_records_per_s, max(1, int(self.settings.max_records_per_s))
         )
-        self._vms[handle.name] = _VmState(handle, states, bucket=bucket)
+        self._vms[handle.name] = VmState(handle, states, bucket=bucket)
 
     async def remove_vm(self, vm: str) -> None:
         state = self._vms.pop(vm, None)
@@ -330,18 +276,13 @@ class ServiceManager:
         state.records += len(records)
         self.metrics.service_records.labels(vm=vm, service=service).inc(len(records))
         plugin = self.plugins[service]
-        events: list[object] = []
-        bad = 0
-        for record in records:
-            try:
-                events.append(plugin.decode(program_id, record))
-            except ValueError:
-                bad += 1
-            except Exception as err:
-                self.fail(vm, service, f"decode raised {type(err).__name__}: {err}")
-                return
-        if bad:
-            self._drop(state, vm, "layout", bad)
+        decoded = decode_records(plugin, program_id, records)
+        if decoded.failure is not None:
+            self.fail(vm, service, decoded.failure)
+            return
+        events = decoded.events
+        if decoded.bad:
+            self._drop(state, vm, "layout", decoded.bad)
         if events and not self._submit(
             vm, service, "on_events",
             lambda: plugin.on_events(state.handle, program_id, events),
@@ -390,6 +331,19 @@ class ServiceManager:
                 return True
         return False
 
+    async def closing(self, vm: str) -> None:
+        """pvhost is about to close the VM's session (monitor still up): ``on_closing``."""
+        state = self._vms.get(vm)
+        if state is None:
+            return
+        for service, plugin in self.plugins.items():
+            if state.states[service] == "enabled":
+                reason = await self.guarded(
+                    service, "on_closing", functools.partial(plugin.on_closing, state.handle)
+                )
+                if reason is not None:
+                    self.fail(vm, service, reason)
+
     async def vm_gone(self, vm: str) -> None:
         """The VM's QEMU went away: each enabled service undoes what it did for it."""
         state = self._vms.get(vm)
@@ -404,7 +358,7 @@ class ServiceManager:
                     self.fail(vm, service, reason)
 
     # -- operator -------------------------------------------------------------------------------
-    def _known(self, vm: str, service: str) -> _VmState:
+    def _known(self, vm: str, service: str) -> VmState:
         state = self._vms.get(vm)
         if state is None:
             raise HostError(f"no VM named {vm!r} (known: {', '.join(sorted(self._vms)) or 'none'})")

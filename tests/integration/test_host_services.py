@@ -145,7 +145,7 @@ def test_pvctl_disables_and_enables_a_service_for_a_vm(
             assert "the affinity service is not enabled for VM t" in error.message
 
             rc, out = await daemon.pvctl("service", "enable", "t", "nosuch")
-            assert rc != 0 and "no service named 'nosuch' (installed: affinity)" in out
+            assert rc != 0 and "no service named 'nosuch' (installed: affinity, memory)" in out
 
             rc, out = await daemon.pvctl("service", "enable", "t", "affinity")
             assert (rc, out.strip()) == (0, "VM t: service affinity enabled (was disabled)")

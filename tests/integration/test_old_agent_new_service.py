@@ -6,12 +6,6 @@ this host's kernel; pvhost is this checkout's, with a service the old agent neve
 (``echobpf``, a test distribution on sys.path; its program is real eBPF). Between them a
 byte relay plays QEMU's chardev. The old agent speaks protocol 2 and forwards the unknown ring
 buffer's records as hex ``ProgramEvent``s; the new service must get every one, decoded.
-
-The same relay runs the agent of the last commit before the generic agent
-(``TRACKING_AGENT``, protocol 3, which tracks affinity in the guest and sends
-``AffinityUpdate``): the new pvhost, whose affinity service tracks protocol-4 agents' pins
-itself, must still place that agent's pins, inject it an object it accepts (the task iterator
-made inert: it would refuse ``iter/task``) and answer it with ``AffinityResult``.
 """
 
 from __future__ import annotations
@@ -19,11 +13,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import signal
 import subprocess
 import sys
 import threading
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -158,6 +154,94 @@ def test_an_agent_older_than_services_runs_a_new_service(
     try:
         asyncio.run(scenario())
     finally:
+        print((tmp_path / "agent.log").read_text()[-3000:], file=sys.stderr)
+
+
+#: Touches 256 MiB: far past the test's memory cgroup limit, so the kernel's OOM killer picks it.
+_HOG = "import sys; x = b'\\x01' * (256 << 20); sys.exit(3)"
+
+
+def _oom_killed_child(group: Path) -> tuple[int, int]:
+    """Run _HOG in memory cgroup ``group`` (v1, 32 MiB, no swap): (pid, returncode)."""
+    child = subprocess.Popen(  # the shell enters the group, then becomes the hog (same pid)
+        ["sh", "-c", f'echo $$ > {group}/cgroup.procs && exec "$0" -c "$1"', sys.executable, _HOG]
+    )
+    return child.pid, child.wait(60)
+
+
+@pytest.mark.memory
+def test_an_agent_older_than_services_runs_the_memory_service(
+    tmp_path: Path, qemu: VirtualMachine, cpuset_group: str
+) -> None:
+    """The memory service's real program, in the old agent, on this host's kernel: an OOM kill
+    (a memory cgroup's, the one such event a shared host can produce safely: a host-wide
+    direct reclaim would slow everyone's work) reaches the host service decoded, with the pid
+    the kernel killed. The program's reclaim tracepoints load and attach alongside."""
+    old = old_agent(tmp_path / "old")
+    assert "SUPPORTED_VERSIONS: tuple[int, ...] = (2,)" in (old / "pvproto/version.py").read_text()
+    assert not any("pv_memory" in p.read_text() for p in old.rglob("*.py"))  # knows nothing of it
+    private, public = signing.generate_keypair(tmp_path / "keys")
+    trusted = tmp_path / "trusted.d"
+    trusted.mkdir()
+    (trusted / "host.pem").write_bytes(public.read_bytes())
+    agent_config = tmp_path / "pvagent.toml"
+    agent_config.write_text(f'trusted_dir = "{trusted}"\nstate_dir = ""\nplacement_file = ""\n')
+    base = service_config(tmp_path, qemu, cpuset_group)
+    config = base.model_copy(
+        update={
+            "service": base.service.model_copy(update={"signing_key": private}),
+            "services": ServicesConfig.model_validate(
+                {"enabled": ["memory"], "memory": {"min_mib": 64}}
+            ),
+        }
+    )
+    memcg = Path("/sys/fs/cgroup/memory") / f"extpv-oldagent-{os.getpid()}"
+    guest_sock = tmp_path / "guest.sock"
+
+    async def scenario() -> None:
+        async with relay(qemu.dir / "agent.sock", guest_sock):
+            agent = await asyncio.create_subprocess_exec(
+                sys.executable, "-m", "pvagent", "run", "--unix", str(guest_sock),
+                "--config", str(agent_config),
+                env={**os.environ, "PYTHONPATH": str(old)},
+                cwd=old,
+                stderr=open(tmp_path / "agent.log", "wb"),  # noqa: SIM115 - closed with the process
+            )  # fmt: skip
+            service = Service(config)
+            await service.start()
+            try:
+
+                def vm() -> dict[str, Any]:
+                    return service.status()["vms"]["t"]  # type: ignore[no-any-return]
+
+                def memory() -> dict[str, Any]:
+                    return vm()["services"]["memory"]["status"]  # type: ignore[no-any-return]
+
+                async with asyncio.timeout(60):
+                    while vm()["programs"] != {"memory": "loaded"}:
+                        await asyncio.sleep(0.05)
+                assert vm()["protocol_version"] == 2
+                assert memory()["configured_mib"] == 64
+                pid, returncode = await asyncio.to_thread(_oom_killed_child, memcg)
+                assert returncode == -signal.SIGKILL, "the kernel's OOM killer did not kill it"
+                async with asyncio.timeout(10):
+                    while memory()["oom_kills"] < 1:
+                        await asyncio.sleep(0.05)
+                status = memory()
+                assert status["oom_kills"] == 1 and status["last_oom_pid"] == pid, status
+                assert "1 OOM kills" in status["decisions"][-1]["reason"], status
+                assert "_dropped" not in vm()["services"]
+            finally:
+                await service.stop()
+                agent.terminate()
+                await asyncio.wait_for(agent.wait(), 15)
+
+    memcg.mkdir()
+    try:
+        (memcg / "memory.limit_in_bytes").write_text(str(32 << 20))
+        asyncio.run(scenario())
+    finally:
+        memcg.rmdir()
         print((tmp_path / "agent.log").read_text()[-3000:], file=sys.stderr)
 
 

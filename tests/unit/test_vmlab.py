@@ -164,3 +164,10 @@ def test_cli_names_the_vm_name_rule(tmp_path: Path, capsys: pytest.CaptureFixtur
     assert exit_info.value.code == 1
     err = capsys.readouterr().err
     assert f"invalid VM name '{name}'" in err and "build-image" not in err
+
+
+def test_vms_get_a_balloon_device_unless_told_not_to(tmp_path: Path) -> None:
+    spec = vmlab.VMSpec(name="t", image=_image(tmp_path), runtime_dir=tmp_path)
+    assert "virtio-balloon-pci,id=balloon0" in vmlab.qemu_argv(spec, [])
+    spec = vmlab.VMSpec(name="t", image=_image(tmp_path), runtime_dir=tmp_path, balloon=False)
+    assert "virtio-balloon-pci,id=balloon0" not in vmlab.qemu_argv(spec, [])

@@ -53,6 +53,10 @@ def test_agent_port_trusted_key_and_agent_are_installed(guest_vm: vmlab.VirtualM
     assert port.startswith("../vport")
     assert key.endswith(".pem")
     guest_vm.guest(["python3", "-c", "import pvagent, pvproto"]).check()
+    # The guest side only: the image carries no host code (packaging/build-wheel agent).
+    host = guest_vm.guest(["python3", "-c", "import pvhost"])
+    assert host.returncode != 0 and "No module named 'pvhost'" in host.stderr, host.stderr
+    assert guest_vm.guest(["sh", "-c", "command -v pvctl pvhost"]).stdout.strip() == ""
 
 
 def test_spscq_pins_its_threads_and_reports_mpps(guest_vm: vmlab.VirtualMachine) -> None:

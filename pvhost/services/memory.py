@@ -1,0 +1,405 @@
+"""The memory service: guest memory pressure → host memory, through QEMU's virtio-balloon.
+
+Its program is ``bpf/memory.bpf.c`` (layout ``bpf/memory.h``, decoded by
+:mod:`pvhost.services.memory_event`): one record per direct reclaim the guest's tasks stalled
+in (how long, pages freed) and one per OOM victim. Each window (``window_s``), and at once
+when a batch carries pressure, :func:`pvhost.services.memory_policy.decide` turns what the
+guest reported into a balloon target: under pressure the balloon deflates (the guest gets
+memory, within the VM's maximum and never taking the host's MemAvailable below
+``host_floor_mib``); after ``quiet_s`` without pressure it inflates step by step back to the
+VM's minimum; at most ``max_changes_per_s`` changes per second per VM, whatever the guest
+sends. Every decision that changes something, and every refusal under pressure, is logged
+with its reason, kept in ``pvctl status`` (the last ones) and counted in ``/metrics``.
+
+When the service is disabled for a VM, or pvhost closes the VM's session (pvhost stops, the
+VM's directory went away), the balloon goes back to the VM's configured size (QEMU's
+``base-memory``): extpv leaves no guest short of memory behind it.
+
+QMP goes through :meth:`VmHandle.qmp`, which lets a service send only the balloon commands.
+Off by default: ``[services] enabled = ["affinity", "memory"]`` or per VM.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import logging
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Annotated, Any
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from extpv import bpfobj
+from extpv.bpfobj import ObjectMissing
+from pvhost.errors import ChannelError, QmpError
+from pvhost.programs import SignedProgram
+from pvhost.services.base import ServiceContext, ServicePlugin, VmHandle
+from pvhost.services.memory_event import MemoryEvent, MemoryKind, decode_event
+from pvhost.services.memory_policy import (
+    Bounds,
+    Decision,
+    Policy,
+    VmMemoryState,
+    WindowStats,
+    decide,
+)
+
+__all__ = ["MemoryConfig", "MemoryService", "host_available_mib"]
+
+_log = logging.getLogger(__name__)
+MIB = 1024 * 1024
+PROGRAM_ID = "memory"
+#: Decisions kept per VM for ``pvctl status``.
+_HISTORY = 20
+
+
+class VmBoundsConfig(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    min_mib: Annotated[int, Field(ge=64)] | None = None
+    max_mib: Annotated[int, Field(ge=64)] | None = None
+
+
+class MemoryConfig(BaseModel):
+    """``[services.memory]``."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    #: The least a VM's balloon target goes to after quiet (MiB).
+    min_mib: Annotated[int, Field(ge=64)] = 512
+    #: The most it goes to under pressure (None: the VM's configured size, which QEMU caps).
+    max_mib: Annotated[int, Field(ge=64)] | None = None
+    #: The host's MemAvailable never goes below this because of a deflation.
+    host_floor_mib: Annotated[int, Field(ge=0)] = 1024
+    step_mib: Annotated[int, Field(ge=1, le=1 << 20)] = 128
+    quiet_s: Annotated[float, Field(gt=0, le=86400)] = 30.0
+    window_s: Annotated[float, Field(gt=0, le=3600)] = 1.0
+    max_changes_per_s: Annotated[float, Field(gt=0, le=100)] = 1.0
+    #: Direct-reclaim stall per window that counts as pressure (0: any reclaim).
+    stall_ms: Annotated[float, Field(ge=0)] = 0.0
+    #: Where MemAvailable is read (tests point it at a file of their own).
+    meminfo: Path = Path("/proc/meminfo")
+    #: Per-VM bounds: ``[services.memory.vms.NAME] min_mib/max_mib``.
+    vms: dict[str, VmBoundsConfig] = {}
+
+    @model_validator(mode="after")
+    def _ordered(self) -> MemoryConfig:
+        for name, vm in {"": VmBoundsConfig(), **self.vms}.items():
+            low = vm.min_mib or self.min_mib
+            high = vm.max_mib or self.max_mib
+            if high is not None and high < low:
+                where = f"vms.{name}" if name else "the defaults"
+                raise ValueError(f"{where}: max_mib {high} is below min_mib {low}")
+        return self
+
+    def policy(self) -> Policy:
+        return Policy(
+            step_mib=self.step_mib,
+            quiet_s=self.quiet_s,
+            host_floor_mib=self.host_floor_mib,
+            max_changes_per_s=self.max_changes_per_s,
+            stall_ms=self.stall_ms,
+        )
+
+
+def _stamp(path: Path) -> tuple[int, int] | None:
+    try:
+        st = path.stat()
+    except OSError:
+        return None
+    return (st.st_ino, st.st_mtime_ns)
+
+
+def host_available_mib(meminfo: Path) -> int:
+    """The host's MemAvailable (MiB); 0 when it cannot be read (no deflation then)."""
+    try:
+        text = meminfo.read_text()
+    except OSError as err:
+        _log.warning("cannot read %s: %s", meminfo, err)
+        return 0
+    for line in text.splitlines():
+        if line.startswith("MemAvailable:"):
+            parts = line.split()
+            with contextlib.suppress(IndexError, ValueError):
+                return int(parts[1]) // 1024  # kB
+    return 0
+
+
+@dataclass
+class _Vm:
+    handle: VmHandle
+    #: QEMU's base-memory (what the balloon goes back to); None before it was asked.
+    configured_mib: int | None = None
+    bounds: Bounds = field(default_factory=lambda: Bounds(0, 0))
+    state: VmMemoryState = field(default_factory=lambda: VmMemoryState(0))
+    window: WindowStats = field(default_factory=WindowStats)
+    actual_mib: int | None = None
+    problem: str = ""
+    reclaims: int = 0
+    stall_ns: int = 0
+    ooms: int = 0
+    #: The guest pid the OOM killer last picked (what the guest said; shown, never acted on).
+    last_oom_pid: int | None = None
+    #: When the first pressure of the current episode arrived, and how long its first
+    #: balloon change took from there (ms; the service's reaction time).
+    first_pressure: float | None = None
+    reaction_ms: float | None = None
+    #: How long QEMU took to answer the last ``balloon`` command (ms).
+    balloon_qmp_ms: float | None = None
+    #: Deflated since the last inflation: later pressure is the same episode.
+    deflated: bool = False
+    history: collections.deque[dict[str, Any]] = field(
+        default_factory=lambda: collections.deque(maxlen=_HISTORY)
+    )
+    last_hold: str = ""
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    ticker: asyncio.Task[None] | None = None
+
+
+class MemoryService(ServicePlugin):
+    name = "memory"
+    summary = "guest reclaim stalls and OOM kills → virtio-balloon deflate; inflate after quiet"
+    Config = MemoryConfig
+
+    def __init__(self, context: ServiceContext, config: BaseModel | None = None) -> None:
+        super().__init__(context, config)
+        self.settings = config if isinstance(config, MemoryConfig) else MemoryConfig()
+        self.policy = self.settings.policy()
+        self._vms: dict[str, _Vm] = {}
+        self._program: SignedProgram | None = None
+        self._program_stamp: object = None
+        self.missing = ""
+        self.counts: collections.Counter[str] = collections.Counter()
+
+    # -- program and records -------------------------------------------------------------------
+    def programs(self) -> Sequence[SignedProgram]:
+        try:
+            path = bpfobj.path("memory.bpf.o")
+        except ObjectMissing as err:  # not built: an operator's fix, shown in status
+            self.missing = str(err)
+            return []
+        self.missing = ""
+        stamp = (_stamp(path), _stamp(self.context.signing_key))
+        if self._program is None or stamp != self._program_stamp:
+            self._program = self.context.sign(PROGRAM_ID, "bpf-object", path.read_bytes())
+            self._program_stamp = stamp
+        return [self._program]
+
+    def decode(self, program_id: str, record: bytes) -> MemoryEvent:
+        return decode_event(record)
+
+    # -- hooks ------------------------------------------------------------------------------------
+    async def on_ready(self, vm: VmHandle) -> None:
+        known = self._vms.get(vm.name)
+        if known is None:
+            known = self._vms[vm.name] = _Vm(vm)
+        known.handle = vm
+        if known.configured_mib is None:
+            try:
+                summary = await vm.qmp("query-memory-size-summary")
+                balloon = await vm.qmp("query-balloon")
+                configured = int(summary["base-memory"]) // MIB  # type: ignore[index]
+                actual = int(balloon["actual"]) // MIB  # type: ignore[index]
+            except (QmpError, ChannelError, KeyError, TypeError, ValueError) as err:
+                known.problem = f"no balloon: {err}"
+                self.context.log.warning("%s: memory service inactive: %s", vm.name, err)
+                return
+            known.problem = ""
+            known.configured_mib = configured
+            known.actual_mib = actual
+            known.state = VmMemoryState(actual)
+            known.bounds = self._bounds(vm.name, configured)
+        if known.ticker is None or known.ticker.done():
+            known.ticker = asyncio.get_running_loop().create_task(
+                self._tick(known), name=f"memory-{vm.name}"
+            )
+
+    async def on_events(self, vm: VmHandle, program_id: str, events: Sequence[object]) -> None:
+        known = self._vms.get(vm.name)
+        if known is None:
+            return
+        reclaims = stall = ooms = 0
+        for event in events:
+            if not isinstance(event, MemoryEvent):
+                continue
+            if event.kind is MemoryKind.RECLAIM:
+                reclaims += 1
+                stall += event.duration_ns
+            elif event.kind is MemoryKind.OOM:
+                ooms += 1
+                known.last_oom_pid = event.pid
+        known.reclaims += reclaims
+        known.stall_ns += stall
+        known.ooms += ooms
+        self.counts["reclaim_events"] += reclaims
+        self.counts["oom_kills"] += ooms
+        w = known.window
+        known.window = WindowStats(w.reclaims + reclaims, w.stall_ns + stall, w.ooms + ooms)
+        if reclaims or ooms:
+            if known.first_pressure is None and not known.deflated:
+                known.first_pressure = time.monotonic()
+            try:  # answer pressure now, not at the window's end
+                await self._evaluate(known)
+            except (QmpError, ChannelError) as err:  # QEMU's monitor: retried next window
+                known.problem = str(err)[:300]
+
+    async def on_closing(self, vm: VmHandle) -> None:
+        await self._restore(vm.name)
+
+    async def on_disable(self, vm: str) -> None:
+        await self._restore(vm)
+
+    async def on_vm_gone(self, vm: str) -> None:
+        known = self._vms.pop(vm, None)  # QEMU went away: so did its balloon
+        if known is not None and known.ticker is not None:
+            known.ticker.cancel()
+
+    async def close(self) -> None:
+        for name in list(self._vms):
+            await self.on_vm_gone(name)
+
+    # -- decisions ------------------------------------------------------------------------------
+    def _bounds(self, vm: str, configured: int) -> Bounds:
+        per_vm = self.settings.vms.get(vm, VmBoundsConfig())
+        high = min(configured, per_vm.max_mib or self.settings.max_mib or configured)
+        low = min(high, per_vm.min_mib or self.settings.min_mib)
+        return Bounds(low, high)
+
+    async def _tick(self, known: _Vm) -> None:
+        while True:
+            await asyncio.sleep(self.settings.window_s)
+            try:
+                await self._evaluate(known)
+                reply = await known.handle.qmp("query-balloon")
+                known.actual_mib = int(reply["actual"]) // MIB  # type: ignore[index]
+            except (QmpError, ChannelError, KeyError, TypeError, ValueError) as err:
+                known.problem = str(err)[:300]
+
+    async def _evaluate(self, known: _Vm) -> None:
+        async with known.lock:
+            if known.configured_mib is None:
+                return
+            now = time.monotonic()
+            stats, known.window = known.window, WindowStats()
+            available = await asyncio.to_thread(host_available_mib, self.settings.meminfo)
+            decision = decide(
+                now,
+                known.state,
+                stats,
+                known.bounds,
+                host_available_mib=available,
+                policy=self.policy,
+            )
+            if stats.ooms or stats.reclaims:
+                known.state.last_pressure = now
+            self.counts[f"decisions_{decision.code}"] += 1
+            if decision.target_mib is None:
+                if decision.code in {"host-floor", "at-max"}:
+                    known.first_pressure = None  # not answerable: no reaction to time
+                self._hold(known, decision, stats)
+                return
+            sent = time.monotonic()
+            await known.handle.qmp("balloon", {"value": decision.target_mib * MIB})
+            known.balloon_qmp_ms = round((time.monotonic() - sent) * 1e3, 3)
+            known.state.target_mib = decision.target_mib
+            known.state.last_change = now
+            known.problem = ""
+            if decision.action == "deflate" and known.first_pressure is not None:
+                known.reaction_ms = round((time.monotonic() - known.first_pressure) * 1e3, 3)
+                known.first_pressure = None
+            known.deflated = decision.action == "deflate"
+            self.counts[decision.action] += 1
+            self._record(known, decision, available)
+
+    def _hold(self, known: _Vm, decision: Decision, stats: WindowStats) -> None:
+        # Quiet holds (nothing to do) are counted only; a refusal under pressure is logged
+        # once per change of reason, so a storm cannot flood the log.
+        if not (stats.reclaims or stats.ooms) or decision.code == known.last_hold:
+            return
+        known.last_hold = decision.code
+        self._record(known, decision, None)
+
+    def _record(self, known: _Vm, decision: Decision, available: int | None) -> None:
+        if decision.target_mib is not None:
+            known.last_hold = ""
+        entry = {
+            "at": time.time(),
+            "action": decision.action,
+            "target_mib": decision.target_mib or known.state.target_mib,
+            "reason": decision.reason,
+        }
+        if available is not None:
+            entry["host_available_mib"] = available
+        known.history.append(entry)
+        self.context.log.info(
+            "%s: %s → %d MiB: %s",
+            known.handle.name,
+            decision.action,
+            entry["target_mib"],
+            decision.reason,
+        )
+
+    async def _restore(self, vm: str) -> None:
+        """Balloon back to the VM's configured size (disable, session closing)."""
+        known = self._vms.get(vm)
+        if known is None:
+            return
+        if known.ticker is not None:
+            known.ticker.cancel()
+            known.ticker = None
+        async with known.lock:
+            configured = known.configured_mib
+            if configured is None or known.state.target_mib == configured:
+                return
+            try:
+                await known.handle.qmp("balloon", {"value": configured * MIB})
+            except (QmpError, ChannelError) as err:  # QEMU gone: its balloon went with it
+                self.context.log.info("%s: balloon not restored: %s", vm, err)
+                return
+            known.state.target_mib = configured
+            self.counts["restore"] += 1
+            self._record(
+                known,
+                Decision(configured, "restore", "service stopped for the VM", "restore"),
+                None,
+            )
+
+    # -- what the operator sees -------------------------------------------------------------
+    def status(self, vm: str) -> Mapping[str, Any]:
+        known = self._vms.get(vm)
+        out: dict[str, Any] = {}
+        if self.missing:
+            out["program"] = f"not injected: {self.missing}"
+        if known is None:
+            return out
+        if known.problem:
+            out["problem"] = known.problem
+        if known.configured_mib is not None:
+            out.update(
+                configured_mib=known.configured_mib,
+                target_mib=known.state.target_mib,
+                actual_mib=known.actual_mib,
+                min_mib=known.bounds.min_mib,
+                max_mib=known.bounds.max_mib,
+            )
+        out.update(
+            reclaims=known.reclaims,
+            stall_ms=round(known.stall_ns / 1e6, 3),
+            oom_kills=known.ooms,
+            last_oom_pid=known.last_oom_pid,
+            reaction_ms=known.reaction_ms,
+            balloon_qmp_ms=known.balloon_qmp_ms,
+            decisions=list(known.history),
+        )
+        return out
+
+    def metrics(self) -> Mapping[str, float]:
+        out = {key: float(value) for key, value in self.counts.items()}
+        out["balloon_target_mib"] = float(
+            sum(v.state.target_mib for v in self._vms.values() if v.configured_mib is not None)
+        )
+        return out

@@ -1,0 +1,123 @@
+"""The memory service's decisions, as a pure function (no I/O, no clock: unit-tested).
+
+Vocabulary: QEMU's balloon *target* is the memory the guest may use (MiB here). Raising it
+*deflates* the balloon (memory goes back to the guest, and the host must have it); lowering it
+*inflates* the balloon (the host takes memory back).
+
+Each window the service asks :func:`decide` with what the guest reported in it:
+
+* **pressure** (direct-reclaim stall time in the window at least ``stall_ms``, or an OOM
+  kill): raise the target by ``step_mib`` (two steps after an OOM kill), never past the VM's
+  maximum and never so far that the host's MemAvailable would fall below ``host_floor_mib``;
+* **quiet** for ``quiet_s`` since the last pressure: lower it by ``step_mib``, never below
+  the VM's minimum;
+* at most ``max_changes_per_s`` changes per second per VM, whatever the guest sends.
+
+Every call returns a :class:`Decision` with its reason, also when nothing changes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+__all__ = ["Bounds", "Decision", "Policy", "VmMemoryState", "WindowStats", "decide"]
+
+
+@dataclass(frozen=True)
+class Policy:
+    step_mib: int = 128
+    quiet_s: float = 30.0
+    host_floor_mib: int = 1024
+    max_changes_per_s: float = 1.0
+    #: Reclaim stall per window that counts as pressure (0: any reclaim).
+    stall_ms: float = 0.0
+
+
+@dataclass(frozen=True)
+class Bounds:
+    min_mib: int
+    max_mib: int
+
+
+@dataclass(frozen=True)
+class WindowStats:
+    reclaims: int = 0
+    stall_ns: int = 0
+    ooms: int = 0
+
+
+@dataclass
+class VmMemoryState:
+    target_mib: int
+    #: time.monotonic() of the last balloon change / of the last pressure window.
+    last_change: float = float("-inf")
+    last_pressure: float = float("-inf")
+
+
+@dataclass(frozen=True)
+class Decision:
+    #: The new target (None: no change).
+    target_mib: int | None
+    #: deflate | inflate | hold
+    action: str
+    #: Why, in words (logged, shown in status); ``code`` is its short name for metrics.
+    reason: str
+    code: str
+
+
+def _hold(code: str, reason: str) -> Decision:
+    return Decision(None, "hold", reason, code)
+
+
+def decide(
+    now: float,
+    state: VmMemoryState,
+    stats: WindowStats,
+    bounds: Bounds,
+    *,
+    host_available_mib: int,
+    policy: Policy,
+) -> Decision:
+    """What to do with one VM's balloon after a window (``state`` is not changed)."""
+    pressure = stats.ooms > 0 or (
+        stats.reclaims > 0 and stats.stall_ns >= policy.stall_ms * 1_000_000
+    )
+    rate_ok = now - state.last_change >= 1.0 / policy.max_changes_per_s
+    current = state.target_mib
+    if pressure:
+        what = f"{stats.reclaims} reclaims, {stats.stall_ns / 1e6:.1f} ms stalled"
+        if stats.ooms:
+            what += f", {stats.ooms} OOM kills"
+        if current >= bounds.max_mib:
+            return _hold(
+                "at-max", f"pressure ({what}) but at the VM's maximum {bounds.max_mib} MiB"
+            )
+        headroom = host_available_mib - policy.host_floor_mib
+        if headroom <= 0:
+            return _hold(
+                "host-floor",
+                f"pressure ({what}) but the host has {host_available_mib} MiB available, "
+                f"floor {policy.host_floor_mib} MiB",
+            )
+        if not rate_ok:
+            return _hold("rate", f"pressure ({what}); rate limit {policy.max_changes_per_s:g}/s")
+        want = policy.step_mib * (2 if stats.ooms else 1)
+        grow = min(want, bounds.max_mib - current, headroom)
+        limit = " (capped by the host floor)" if grow < want and grow == headroom else ""
+        return Decision(
+            current + grow, "deflate", f"pressure ({what}): +{grow} MiB{limit}", "pressure"
+        )
+    if current > bounds.max_mib:  # the bounds shrank (config): obey them at once
+        if not rate_ok:
+            return _hold("rate", "above the VM's maximum; rate limited")
+        return Decision(bounds.max_mib, "inflate", "above the VM's maximum", "over-max")
+    if now - state.last_pressure < policy.quiet_s:
+        return _hold("recent-pressure", "pressure less than quiet_s ago")
+    if current <= bounds.min_mib:
+        return _hold("at-min", f"quiet, at the VM's minimum {bounds.min_mib} MiB")
+    if not rate_ok:
+        return _hold("rate", "quiet; rate limited")
+    shrink = min(policy.step_mib, current - bounds.min_mib)
+    return Decision(
+        current - shrink, "inflate", f"quiet for {policy.quiet_s:g} s: -{shrink} MiB", "quiet"
+    )

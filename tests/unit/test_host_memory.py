@@ -1,0 +1,174 @@
+"""The memory service's parts that need no VM (issue #12): its record layout against
+``bpf/memory.h``, its config, and its decisions (a pure function of state and window)."""
+
+from __future__ import annotations
+
+import itertools
+import shutil
+import struct
+import subprocess
+from pathlib import Path
+
+import pytest
+from pydantic import ValidationError
+
+from pvhost.config import ServicesConfig
+from pvhost.services import EventError, discover
+from pvhost.services.memory import MemoryConfig, MemoryService, host_available_mib
+from pvhost.services.memory_event import EVENT_FORMAT, EVENT_SIZE, MemoryKind, decode_event
+from pvhost.services.memory_policy import (
+    Bounds,
+    Decision,
+    Policy,
+    VmMemoryState,
+    WindowStats,
+    decide,
+)
+
+pytestmark = pytest.mark.memory
+
+ROOT = Path(__file__).resolve().parents[2]
+PRESSURE = WindowStats(reclaims=3, stall_ns=5_000_000)
+QUIET = WindowStats()
+BOUNDS = Bounds(512, 2048)
+POLICY = Policy(step_mib=128, quiet_s=10, host_floor_mib=1000, max_changes_per_s=2)
+
+
+def _decide(  # noqa: PLR0917 - decide()'s order, positional for brevity
+    now: float, state: VmMemoryState, stats: WindowStats, bounds: Bounds, host: int,
+    policy: Policy = POLICY,
+) -> Decision:  # fmt: skip
+    return decide(now, state, stats, bounds, host_available_mib=host, policy=policy)
+
+
+def test_the_python_layout_mirrors_the_header(tmp_path: Path) -> None:
+    """memory.h is the one definition: compile it and compare sizes, offsets and kinds."""
+    cc = shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
+    assert cc is not None, "a C compiler is needed (the eBPF build needs one anyway)"
+    source = tmp_path / "layout.c"
+    source.write_text(
+        "#include <stdio.h>\n#include <stddef.h>\n#include <linux/types.h>\n"
+        '#include "memory.h"\n'
+        "#define O(f) (int)offsetof(struct pv_memory_event, f)\n"
+        'int main(void) { printf("%d %d %d %d %d %d %d %d\\n", (int)sizeof(struct '
+        "pv_memory_event), O(kind), O(pid), O(ktime_ns), O(duration_ns), O(nr_reclaimed), "
+        "PV_MEMORY_RECLAIM, PV_MEMORY_OOM); return 0; }\n"
+    )
+    binary = tmp_path / "layout"
+    subprocess.run([cc, "-I", str(ROOT / "bpf"), "-o", str(binary), str(source)], check=True)
+    numbers = [int(n) for n in subprocess.run([str(binary)], capture_output=True,
+                                              check=True, text=True).stdout.split()]  # fmt: skip
+    size, *offsets, reclaim, oom = numbers
+    assert size == EVENT_SIZE == struct.calcsize(EVENT_FORMAT)
+    expected = [0, 4, 8, 16, 24]
+    assert offsets == expected
+    assert (reclaim, oom) == (MemoryKind.RECLAIM, MemoryKind.OOM)
+
+
+def test_records_are_decoded_and_bad_ones_refused() -> None:
+    event = decode_event(struct.pack(EVENT_FORMAT, 1, 42, 7, 3_000_000, 12))
+    assert (event.kind, event.pid, event.duration_ns, event.nr_reclaimed) == (
+        MemoryKind.RECLAIM, 42, 3_000_000, 12)  # fmt: skip
+    with pytest.raises(EventError, match="32 bytes, not 31"):
+        decode_event(bytes(31))
+    with pytest.raises(EventError, match="unknown memory event kind 9"):
+        decode_event(struct.pack(EVENT_FORMAT, 9, 0, 0, 0, 0))
+
+
+def test_pressure_deflates_by_a_step_within_the_maximum() -> None:
+    d = _decide(100.0, VmMemoryState(1024), PRESSURE, BOUNDS, 8000, POLICY)
+    assert (d.target_mib, d.action, d.code) == (1152, "deflate", "pressure")
+    assert "3 reclaims" in d.reason and "+128 MiB" in d.reason
+    d = _decide(100.0, VmMemoryState(2000), PRESSURE, BOUNDS, 8000, POLICY)
+    assert d.target_mib == 2048
+    d = _decide(100.0, VmMemoryState(2048), PRESSURE, BOUNDS, 8000, POLICY)
+    assert (d.target_mib, d.code) == (None, "at-max")
+
+
+def test_an_oom_kill_is_pressure_worth_two_steps() -> None:
+    d = _decide(100.0, VmMemoryState(1024), WindowStats(ooms=1), BOUNDS, 8000, POLICY)
+    assert d.target_mib == 1024 + 256 and "1 OOM kills" in d.reason
+
+
+def test_the_host_floor_caps_and_refuses_a_deflation() -> None:
+    d = _decide(100.0, VmMemoryState(1024), PRESSURE, BOUNDS, 1050, POLICY)
+    assert d.target_mib == 1074 and "capped by the host floor" in d.reason
+    d = _decide(100.0, VmMemoryState(1024), PRESSURE, BOUNDS, 1000, POLICY)
+    assert (d.target_mib, d.code) == (None, "host-floor")
+    assert "1000 MiB available, floor 1000 MiB" in d.reason
+
+
+def test_changes_are_rate_limited() -> None:
+    state = VmMemoryState(1024, last_change=99.8)
+    assert _decide(100.0, state, PRESSURE, BOUNDS, 8000, POLICY).code == "rate"
+    assert _decide(100.3, state, PRESSURE, BOUNDS, 8000, POLICY).code == "pressure"
+
+
+def test_a_stall_below_the_threshold_is_not_pressure() -> None:
+    policy = Policy(step_mib=128, quiet_s=10, host_floor_mib=0, stall_ms=10)
+    state = VmMemoryState(1024)
+    assert _decide(100.0, state, PRESSURE, BOUNDS, 8000, policy).action != "deflate"
+    heavy = WindowStats(reclaims=1, stall_ns=10_000_000)
+    assert _decide(100.0, state, heavy, BOUNDS, 8000, policy).action == "deflate"
+
+
+def test_quiet_inflates_step_by_step_to_the_minimum() -> None:
+    state = VmMemoryState(700, last_pressure=95.0)
+    assert _decide(100.0, state, QUIET, BOUNDS, 8000, POLICY).code == "recent-pressure"
+    d = _decide(105.0, state, QUIET, BOUNDS, 8000, POLICY)
+    assert (d.target_mib, d.action) == (572, "inflate")
+    state.target_mib = 572
+    assert _decide(105.0, state, QUIET, BOUNDS, 8000, POLICY).target_mib == 512
+    state.target_mib = 512
+    assert _decide(105.0, state, QUIET, BOUNDS, 8000, POLICY).code == "at-min"
+
+
+def test_a_storm_never_passes_the_maximum_the_floor_or_the_rate() -> None:
+    """A hostile guest reports pressure every millisecond for a minute: the host gives at
+    most max_changes_per_s steps a second, never past the VM's maximum, never below its
+    floor (host memory modelled: every MiB given is a MiB less available)."""
+    state = VmMemoryState(512)
+    host = 1900  # MiB available: the floor (1000) allows 900 more
+    changes = []
+    for ms in range(60_000):
+        now = ms / 1000
+        d = _decide(now, state, PRESSURE, Bounds(512, 4096), host, POLICY)
+        state.last_pressure = now
+        if d.target_mib is not None:
+            host -= d.target_mib - state.target_mib
+            state.target_mib, state.last_change = d.target_mib, now
+            changes.append(now)
+        assert host >= POLICY.host_floor_mib and state.target_mib <= 4096
+    assert state.target_mib == 512 + 900
+    gaps = [b - a for a, b in itertools.pairwise(changes)]
+    assert min(gaps) >= 1 / POLICY.max_changes_per_s
+
+
+def test_config_bounds_are_checked() -> None:
+    with pytest.raises(ValidationError, match="max_mib 256 is below min_mib 512"):
+        MemoryConfig(max_mib=256)
+    with pytest.raises(ValidationError, match=r"vms\.db: max_mib 300 is below min_mib 400"):
+        MemoryConfig.model_validate({"vms": {"db": {"min_mib": 400, "max_mib": 300}}})
+    with pytest.raises(ValidationError):
+        MemoryConfig.model_validate({"stepmib": 1})
+
+
+def test_host_available_is_read_from_meminfo(tmp_path: Path) -> None:
+    meminfo = tmp_path / "meminfo"
+    meminfo.write_text("MemTotal:  8000000 kB\nMemAvailable:    2048000 kB\n")
+    assert host_available_mib(meminfo) == 2000
+    assert host_available_mib(tmp_path / "absent") == 0  # unknown: nothing is given
+    assert host_available_mib(Path("/proc/meminfo")) > 0
+
+
+def test_the_memory_service_is_found_and_off_by_default() -> None:
+    assert discover()["memory"].plugin is MemoryService
+    assert "memory" not in ServicesConfig().enabled
+
+
+def test_pyproject_declares_memory_as_an_entry_point() -> None:
+    import tomllib
+
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    target = project["entry-points"]["extpv.services"]["memory"]
+    assert target == f"{MemoryService.__module__}:{MemoryService.__name__}"
