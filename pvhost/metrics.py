@@ -26,6 +26,7 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from prometheus_client.registry import Collector
 
 from pvhost.errors import HostError
+from pvhost.placement.isolation import Isolation
 from pvhost.refusal import RefusalCode
 
 __all__ = ["Metrics", "serve_metrics"]
@@ -57,6 +58,13 @@ class Metrics:
             self.refusals.labels(code=code.value)
         self.pinned = Gauge("extpv_pinned_vcpus", "vCPUs pinned now.", registry=self.registry)
         self.vms = Gauge("extpv_vms", "VMs with a live session.", registry=self.registry)
+        self.isolation = Gauge(
+            "extpv_vcpu_isolation",
+            "1 per pinned vCPU, labelled with what its pin achieved: isolation isolated (no "
+            "other task may run on the pCPU) or restricted, and why (a code; empty when isolated).",
+            ["vm", "vcpu", "pcpu", "isolation", "why"],
+            registry=self.registry,
+        )
         self.apply_seconds = Histogram(
             "extpv_apply_seconds",
             "Time to apply one placement change.",
@@ -88,6 +96,16 @@ class Metrics:
     def add_service_collector(self, source: Callable[[], Iterable[tuple[str, str, float]]]) -> None:
         """Export ``(service, name, value)`` triples as ``extpv_service_value``."""
         self.registry.register(_ServiceValues(source))
+
+    def set_isolation(self, pins: dict[str, dict[int, tuple[int, Isolation]]]) -> None:
+        """Export every pin's isolation (VM → vCPU → (pCPU, isolation)); nothing else stays."""
+        self.isolation.clear()
+        for vm, vcpus in pins.items():
+            for vcpu, (pcpu, isolation) in vcpus.items():
+                self.isolation.labels(
+                    vm=vm, vcpu=str(vcpu), pcpu=str(pcpu), isolation=isolation.mode,
+                    why=isolation.why,
+                ).set(1)  # fmt: skip
 
     def requests_of(self, vm: str) -> float:
         """AffinityUpdates received from ``vm`` so far."""

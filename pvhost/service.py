@@ -34,7 +34,8 @@ from pvhost.errors import (
 )
 from pvhost.libvirt import LibvirtLink, LibvirtVcpus
 from pvhost.metrics import Metrics
-from pvhost.placement import PlacementBackend, detect_backend
+from pvhost.placement import Cgroup1Backend, PlacementBackend, detect_backend
+from pvhost.placement.isolation import Isolation, libvirt_isolation
 from pvhost.placement.libvirt import LibvirtPlacement
 from pvhost.policy import HostPool, Plan, VmView, eligible_cpus, guest_sibling_groups, plan
 from pvhost.programs import program_from_file, sign_program
@@ -69,6 +70,9 @@ class VmRecord:
     last_request_at: float | None = None
     #: The placements answered to it.
     last_result: list[VcpuPlacement] = field(default_factory=list)
+    #: What each of its pins achieved (vCPU → pCPU and isolation), read back after the last
+    #: change: answered to the guest and exported in /metrics.
+    isolation: dict[int, tuple[int, Isolation]] = field(default_factory=dict)
     #: (QEMU pid, sorted (vCPU, tid) pairs) the backend was last attached with.
     attached: tuple[int, tuple[tuple[int, int], ...]] | None = None
     #: Set once the VM is being closed: its session stopped, then everything undone. The
@@ -123,6 +127,10 @@ class Service:
             self.libvirt_placement = LibvirtPlacement(
                 self.libvirt, config.service.state_dir / "libvirt.json"
             )
+            if isinstance(self.backend, Cgroup1Backend):
+                # isolate_from withholds the domains' pinned pCPUs too (docs/libvirt.md).
+                self.backend.also_held = self.libvirt_placement.held
+                self.libvirt_placement.isolate = self.backend.isolate_held
 
     def _service_context(self, name: str) -> ServiceContext:
         return ServiceContext(
@@ -178,9 +186,9 @@ class Service:
                 )
                 _log.error("libvirt: %s", self.libvirt.state)
         _log.info(
-            "pvhost started: backend %s (%s), %d VM(s), adopted %s",
+            "pvhost started: backend %s, isolation %s; %d VM(s), adopted %s",
             self.backend.name,
-            self.backend.isolation_summary(),
+            await asyncio.to_thread(self.backend.isolation_summary),
             len(specs),
             self.adopted,
         )
@@ -348,7 +356,7 @@ class Service:
     async def _undo(self, name: str, vm: VmRecord | None) -> None:
         async with self._lock:
             if vm is not None:
-                vm.attached = None
+                vm.attached, vm.isolation = None, {}
             try:
                 await asyncio.to_thread(self._backend_of(name).detach, name)
             except PlacementError as err:
@@ -455,7 +463,15 @@ class Service:
                 self.metrics.refusals.labels(code=outcome.code.value).inc()
                 answer.append(outcome.placement(vcpu))
             else:
-                answer.append(VcpuPlacement(vcpu=vcpu, pcpu=outcome))
+                pcpu, isolation = vm.isolation.get(vcpu, (outcome, None))
+                if pcpu != outcome or isolation is None:  # not read back: claim nothing
+                    isolation = Isolation("restricted", "unknown", "not read back")
+                answer.append(
+                    VcpuPlacement(
+                        vcpu=vcpu, pcpu=outcome, isolation=isolation.mode,
+                        isolation_reason=isolation.reason or None,
+                    )
+                )  # fmt: skip
         vm.last_result = answer
         return AffinityResult(
             seq=seq, placements=answer, policy=vm.effective_policy, backend=self._backend_name(vm)
@@ -521,7 +537,23 @@ class Service:
                 )
             except PlacementError as err:
                 failures[vcpu] = Refusal(RefusalCode.PLACEMENT_FAILED, f"placement failed: {err}")
+        vm.isolation = self._read_isolation(name, backend)
         return failures
+
+    def _read_isolation(
+        self, name: str, backend: PlacementBackend | LibvirtPlacement
+    ) -> dict[int, tuple[int, Isolation]]:
+        """What VM ``name``'s pins achieved, read back now (libvirt: its pins only confine)."""
+        pins = backend.pins().get(name, {})
+        if not isinstance(backend, PlacementBackend):
+            return {v: (p, libvirt_isolation()) for v, p in pins.items()}
+        try:
+            achieved = backend.achieved().get(name, {})
+        except (PlacementError, OSError) as err:
+            _log.warning("%s: cannot read back what its pins achieved: %s", name, err)
+            achieved = {}
+        unknown = Isolation("restricted", "unknown", "not read back (see pvhost's log)")
+        return {v: (p, achieved.get(v, unknown)) for v, p in pins.items()}
 
     # -- operator actions ------------------------------------------------------------------------
     async def set_remap(self, name: str, on: bool) -> dict[str, Any]:
@@ -536,7 +568,7 @@ class Service:
             backend = self._backend_of(name)
             pins = backend.pins().get(name, {})
             await asyncio.to_thread(backend.detach, name)
-            vm.attached = None
+            vm.attached, vm.isolation = None, {}
             self._count_pinned()
         if vm.last_seq is not None:
             refusal = Refusal(RefusalCode.RELEASED, "released by the host operator")
@@ -578,12 +610,16 @@ class Service:
 
     def _count_pinned(self) -> None:
         self.metrics.pinned.set(sum(len(p) for p in self._all_pins().values()))
+        self.metrics.set_isolation({name: vm.isolation for name, vm in self.vms.items()})
 
     def status(self) -> dict[str, Any]:
         placed = self.backend.describe()
         placed_vms = dict(placed["vms"])
         if self.libvirt_placement is not None:
-            placed_vms.update(self.libvirt_placement.describe()["vms"])
+            for name, vcpus in self.libvirt_placement.describe()["vms"].items():
+                placed_vms[name] = {
+                    v: {**libvirt_isolation().fields(), **info} for v, info in vcpus.items()
+                }
         vms = {}
         for name, vm in sorted(self.vms.items()):
             vms[name] = {

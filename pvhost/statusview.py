@@ -2,8 +2,9 @@
 
 One header block (backend, isolation, host CPUs), then per VM one line of its settings and
 connection and a table with a row per vCPU: host thread, whether the guest wants it pinned,
-the pCPU it got, and what that pin means (its isolation mode). Reasons for refusals follow the
-table, since they are sentences. ``pvctl status --json`` is the machine-readable form.
+the pCPU it got, and what that pin achieved (``isolated`` or ``restricted``, read back by the
+backend). Reasons for refusals and restrictions follow the table, since they are sentences.
+``pvctl status --json`` is the machine-readable form.
 """
 
 from __future__ import annotations
@@ -18,23 +19,10 @@ _COLUMNS = ("vCPU", "tid", "wanted", "pCPU", "mode")
 
 
 def isolation_mode(status: dict[str, Any], placement: dict[str, Any]) -> str:
-    """What one pin does to its pCPU: ``isolated`` (a valid cgroup v2 isolated partition:
-    no other task runs there), ``isolated-from`` (cgroup v1 with ``isolate_from``: the named
-    cpusets' tasks are kept off; root-cpuset tasks still share), ``restricted`` (only the
-    vCPU thread is confined; other tasks still share the pCPU) or ``invalid`` (the kernel
-    turned the partition invalid: see ``pvctl verify``); ``libvirt`` for a libvirt domain's
-    vCPU, pinned through libvirt (only the vCPU thread is confined, as ``restricted``)."""
-    if "domain" in placement:
-        return "libvirt"  # a libvirt domain's vCPU, pinned through libvirt (virsh vcpupin)
-    partition = str(placement.get("partition", ""))
-    if "invalid" in partition:
-        return "invalid"
-    if status.get("backend") == "cgroup2":
-        return "isolated" if placement.get("isolated") and partition == "isolated" else "restricted"
-    isolation = status.get("backend_detail", {}).get("isolation")
-    if isinstance(isolation, dict) and isolation.get("mode") == "isolate_from":
-        return "isolated-from"
-    return "restricted"
+    """What one pin achieved for its pCPU, as the backend read it back: ``isolated`` (no
+    other task may run there) or ``restricted`` (other tasks may; ``isolation_reason`` says
+    why); ``unknown`` from a service that does not say."""
+    return str(placement.get("isolation") or "unknown")
 
 
 def _age(seconds: float | None) -> str:
@@ -83,6 +71,12 @@ def _vm_lines(status: dict[str, Any], name: str, vm: dict[str, Any]) -> list[str
     else:
         lines.append("  no vCPU threads known (QMP not connected yet)")
     lines += [f"  vCPU {v} refused: {reason}" for v, reason in sorted(refused.items())]
+    # Why a pin is restricted, once per distinct reason (usually one for the whole host).
+    why: dict[str, list[str]] = {}
+    for vcpu, placed in sorted(placements.items(), key=lambda item: int(item[0])):
+        if placed.get("isolation_reason"):
+            why.setdefault(str(placed["isolation_reason"]), []).append(vcpu)
+    lines += [f"  vCPU {', '.join(v)} restricted: {reason}" for reason, v in why.items()]
     for prog, state in vm.get("programs", {}).items():
         lines.append(f"  program {prog}: {state}")
     # Services: only what is not running as configured (`pvctl service list` shows them all).

@@ -64,7 +64,7 @@ def encode(message: BaseMessage, *, version: int = PROTOCOL_VERSION) -> bytes:
 
     Raises :class:`FrameTooLarge` if the body would exceed :data:`MAX_BODY_SIZE`.
     """
-    body = _ascii_json(message.model_dump(mode="json"))
+    body = _ascii_json(message.wire_body(version))
     if len(body) > MAX_BODY_SIZE:
         raise FrameTooLarge(len(body), MAX_BODY_SIZE, request_id=message.request_id)
     head = _HEADER.pack(MAGIC, version, message.TYPE_CODE, 0, message.request_id, len(body))

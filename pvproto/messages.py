@@ -14,7 +14,7 @@ from __future__ import annotations
 import hashlib
 import itertools
 import json
-from typing import Annotated, ClassVar, Literal, Self
+from typing import Annotated, Any, ClassVar, Literal, Self
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -31,6 +31,7 @@ __all__ = [
     "GuestDocument",
     "GuestTopology",
     "Hello",
+    "IsolationMode",
     "LoadProgram",
     "MapContents",
     "MapEntry",
@@ -105,6 +106,11 @@ class BaseMessage(BaseModel):
     TYPE_CODE: ClassVar[int]
 
     request_id: int = Field(default=0, ge=0, le=2**32 - 1, exclude=True)
+
+    def wire_body(self, version: int) -> dict[str, Any]:
+        """The JSON body of this message in a frame of protocol ``version``: a field newer
+        than the version is left out (a peer of that version rejects unknown fields)."""
+        return self.model_dump(mode="json")
 
 
 class GuestTopology(BaseModel):
@@ -380,19 +386,36 @@ class AffinityUpdate(BaseMessage):
         return self
 
 
+#: What a pin achieved for its pCPU: ``isolated`` (no other task may run there) or
+#: ``restricted`` (the vCPU thread is confined to it, other tasks may still run there).
+IsolationMode = Literal["isolated", "restricted"]
+#: The first protocol version whose placements carry ``isolation``.
+ISOLATION_VERSION = 4
+
+
 class VcpuPlacement(BaseModel):
-    """Where one wanted vCPU ended up: a physical CPU, or a refusal with its reason."""
+    """Where one wanted vCPU ended up: a physical CPU, or a refusal with its reason.
+
+    Protocol 4: a pin also says what it achieved (``isolation``) and, when ``restricted``,
+    why (``isolation_reason``); both are None from a host of an older version.
+    """
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     vcpu: Cpu
     pcpu: Cpu | None = None
     refused: Annotated[str, Field(max_length=1024)] | None = None
+    isolation: IsolationMode | None = None
+    isolation_reason: Annotated[str, Field(max_length=1024)] | None = None
 
     @model_validator(mode="after")
     def _check(self) -> Self:
         if (self.pcpu is None) == (self.refused is None):
             raise ValueError("a placement has either a pcpu or a refusal reason")
+        if self.isolation is not None and self.pcpu is None:
+            raise ValueError("only a placement with a pcpu has an isolation")
+        if self.isolation_reason is not None and self.isolation != "restricted":
+            raise ValueError("isolation_reason says why a placement is restricted")
         return self
 
 
@@ -405,6 +428,13 @@ class AffinityResult(BaseMessage):
     placements: Annotated[list[VcpuPlacement], Field(max_length=MAX_CPUS)]
     policy: ShortText = ""
     backend: ShortText = ""
+
+    def wire_body(self, version: int) -> dict[str, Any]:
+        body = self.model_dump(mode="json")
+        if version < ISOLATION_VERSION:
+            for placement in body["placements"]:
+                del placement["isolation"], placement["isolation_reason"]
+        return body
 
 
 Message = Annotated[

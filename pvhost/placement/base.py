@@ -28,6 +28,7 @@ from typing import Any, ClassVar, Literal
 from pydantic import BaseModel, ConfigDict
 
 from pvhost.errors import PlacementError
+from pvhost.placement.isolation import Isolation
 from pvhost.state import PinRecord, StateStore
 from pvproto import CpuListError, format_cpulist, parse_cpulist
 
@@ -138,8 +139,15 @@ class PlacementBackend(ABC):
         """The vCPU cgroup's own setting: (what, expected, what the kernel says) per mismatch."""
 
     @abstractmethod
+    def _achieved(
+        self, records: Mapping[tuple[str, int], PinRecord]
+    ) -> dict[tuple[str, int], Isolation]:
+        """What each pin achieved for its pCPU, read back from the kernel now."""
+
+    @abstractmethod
     def isolation_summary(self) -> str:
-        """One line for operators: does a pin isolate its pCPU here, and if not, why."""
+        """One line for operators, beginning ``isolated`` or ``restricted``: what a pin
+        achieves here (from the kernel's state now), and if it does not isolate, why."""
 
     @abstractmethod
     def describe(self) -> dict[str, Any]:
@@ -170,6 +178,18 @@ class PlacementBackend(ABC):
     def _others(self, vm: str, vcpu: int) -> frozenset[int]:
         """The pCPUs ``vm`` holds through its other vCPUs."""
         return frozenset(p for v, p in self.pins().get(vm, {}).items() if v != vcpu)
+
+    def achieved(self) -> dict[str, dict[int, Isolation]]:
+        """Every recorded pin's isolation (VM → vCPU → it), read back from the kernel now."""
+        records = {
+            (vm, vcpu): record
+            for vm in self.state.vms()
+            for vcpu, record in self.state.pin_records(vm).items()
+        }
+        out: dict[str, dict[int, Isolation]] = {}
+        for (vm, vcpu), isolation in self._achieved(records).items():
+            out.setdefault(vm, {})[vcpu] = isolation
+        return out
 
     def pin(self, vm: str, vcpu: int, tid: int, pcpu: int) -> None:
         """Restrict vCPU thread ``tid`` to ``pcpu``; verified, or undone and raised."""

@@ -26,6 +26,7 @@ from __future__ import annotations
 import contextlib
 import os
 import re
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -42,6 +43,7 @@ from pvhost.placement.base import (
     thread_alive,
     write_text,
 )
+from pvhost.placement.isolation import Isolation, cgroup1_isolation, sharing_tasks
 from pvhost.state import Cgroup1Pin, PinRecord, StateFile, StateStore
 from pvproto import format_cpulist, parse_cpulist
 
@@ -70,6 +72,9 @@ class Cgroup1Backend(PlacementBackend):
         super().__init__(hierarchy, group, StateStore[Cgroup1Pin](state, StateFile[Cgroup1Pin]))
         self.exclusive: dict[str, bool] = {}
         self.isolate_from = tuple(hierarchy / c.strip("/") for c in isolate_from)
+        #: pCPUs pinned by someone else that ``isolate_from`` withholds too: libvirt domains'
+        #: vCPUs (:mod:`pvhost.placement.libvirt`), read at every isolation step.
+        self.also_held: Callable[[], frozenset[int]] = frozenset
 
     # -- helpers -------------------------------------------------------------------------
     def _mkdir(self, path: Path, cpus: frozenset[int]) -> None:
@@ -150,7 +155,13 @@ class Cgroup1Backend(PlacementBackend):
                     out.append(Path(here))
         return out
 
+    def isolate_held(self) -> None:
+        """Withhold exactly what is pinned now (after ``also_held`` changed); PlacementError,
+        changing nothing, where a cpuset would be left without a CPU."""
+        self._isolate(frozenset(self._held()))
+
     def _isolate(self, held: frozenset[int]) -> None:
+        held |= self.also_held()
         withheld = self.state.withheld()
         if not self.isolate_from and not withheld:
             return
@@ -202,14 +213,42 @@ class Cgroup1Backend(PlacementBackend):
             "root_cpuset_tasks": len(root_tasks),
         }
 
+    def _achieved(
+        self, records: Mapping[tuple[str, int], PinRecord]
+    ) -> dict[tuple[str, int], Isolation]:
+        if not records:
+            return {}
+        # One read of every other cpuset's tasks; isolate_from cpusets that gave the pCPU up
+        # no longer show it in their effective CPUs, so they count only where that failed.
+        scan = sharing_tasks(self.root, self.base, frozenset(r.pcpu for r in records.values()))
+        names = [self._rel(p) for p in self.isolate_from]
+        return {
+            key: cgroup1_isolation(names, scan.sharing(record.pcpu))
+            for key, record in records.items()
+        }
+
     def isolation_summary(self) -> str:
-        if not self.isolate_from:
-            return (
-                "restricted: cgroup v1 cannot take a pinned pCPU from other tasks unless "
-                "placement.isolate_from names the cpusets they run in"
-            )
-        names = ", ".join(self._rel(p) for p in self.isolate_from)
-        return f"isolated from {names} (tasks of the root cpuset still share pinned pCPUs)"
+        """What a pin of the lowest eligible pCPU achieves now: the tasks that may run there
+        but in extpv's and the ``isolate_from`` cpusets (which give the pCPU up on a pin)."""
+        names = [self._rel(p) for p in self.isolate_from]
+        try:
+            eligible = read_cpus(self.base / "cpuset.cpus")
+        except PlacementError:
+            eligible = frozenset()
+        if not eligible:
+            return "restricted: extpv's cpuset is not set up (no eligible pCPU)"
+        pcpu = min(eligible)
+        scan = sharing_tasks(self.root, self.base, frozenset({pcpu}))
+        sharing = {
+            cpuset: n
+            for cpuset, n in scan.sharing(pcpu).items()
+            if not any(cpuset == c or cpuset.startswith(c + "/") for c in names)
+        }
+        isolation = cgroup1_isolation(names, sharing)
+        if isolation.mode == "isolated":
+            taken = ", ".join(names)
+            return f"isolated: a pinned pCPU is taken from {taken}; no other task may run there"
+        return f"restricted: {isolation.reason}"
 
     # -- the backend ------------------------------------------------------------------------
     def setup(self, eligible: frozenset[int]) -> None:
@@ -296,6 +335,7 @@ class Cgroup1Backend(PlacementBackend):
 
     def describe(self) -> dict[str, Any]:
         vms: dict[str, Any] = {}
+        achieved = self.achieved()
         for vm in self.state.vms():
             out = {}
             for vcpu, record in sorted(self.state.pin_records(vm).items()):
@@ -307,6 +347,7 @@ class Cgroup1Backend(PlacementBackend):
                     "cpus": read_text(path / "cpuset.cpus") if path.is_dir() else None,
                     "exclusive": self.exclusive.get(str(path.relative_to(self.root))),
                     "partition": "n/a (cgroup v1)",
+                    **achieved[vm][vcpu].fields(),
                 }
             vms[vm] = out
         return {"backend": self.name, "base": str(self.base), "isolation": self.isolation(),

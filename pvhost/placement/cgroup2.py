@@ -48,6 +48,7 @@ from pvhost.placement.base import (
     write_text,
 )
 from pvhost.placement.chain import partition_reason
+from pvhost.placement.isolation import Isolation, cgroup2_isolation
 from pvhost.state import AttachRecord, Cgroup2Pin, PinRecord, StateFile, StateStore
 from pvproto import format_cpulist
 
@@ -362,6 +363,20 @@ class Cgroup2Backend(PlacementBackend):
             remove_cgroup(child)
         remove_cgroup(vm_dir)
 
+    def _achieved(
+        self, records: Mapping[tuple[str, int], PinRecord]
+    ) -> dict[tuple[str, int], Isolation]:
+        out = {}
+        for vm, vcpu in records:
+            # Read back whatever made the pin: a partition (remote, or the local chain) reads
+            # "isolated"; a pin without partitions leaves the vCPU cgroup a "member".
+            part = self._vcpu_dir(vm, vcpu) / "cpuset.cpus.partition"
+            state = read_setting(part) if part.exists() else None
+            if self.mode == "restricted":
+                state = None
+            out[vm, vcpu] = cgroup2_isolation(state)
+        return out
+
     def isolation_summary(self) -> str:
         if self.mode == "remote":
             return "isolated: each pinned pCPU becomes an isolated remote partition"
@@ -378,17 +393,9 @@ class Cgroup2Backend(PlacementBackend):
             "vCPU thread only"
         )
 
-    def _isolation(self, vcpu_dir: Path) -> dict[str, Any]:
-        """``isolated`` or ``restricted`` with why, for one pinned vCPU cgroup."""
-        if self.mode == "restricted":
-            return {"mode": "restricted", "reason": "kernel has no cpuset partitions extpv can use"}
-        state = read_setting(vcpu_dir / "cpuset.cpus.partition")
-        if state != "isolated":
-            return {"mode": "restricted", "reason": f"partition is {state!r}"}
-        return {"mode": "isolated", "reason": None, "partitions": self.mode}
-
     def describe(self) -> dict[str, Any]:
         vms: dict[str, Any] = {}
+        achieved = self.achieved()
         for vm in self.state.vms():
             out: dict[str, Any] = {}
             for vcpu, record in sorted(self.state.pin_records(vm).items()):
@@ -403,7 +410,7 @@ class Cgroup2Backend(PlacementBackend):
                     if part.exists()
                     else "member (kernel has no cpuset partitions)",
                     "isolated": self.mode != "restricted" and read_setting(part) == "isolated",
-                    "isolation": self._isolation(path),
+                    **achieved[vm][vcpu].fields(),
                 }
             vms[vm] = out
         chain_top = None

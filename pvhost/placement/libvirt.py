@@ -8,6 +8,13 @@ affinity, and ``virsh vcpupin DOM`` shows what extpv applied. The pinning libvir
 recorded first (``<state_dir>/libvirt.json``, replaced atomically) and put back by the undo, also
 after a kill -9 of pvhost. The live pinning dies with the domain's QEMU, so the record of a
 domain that stopped (or runs as another instance: its libvirt id changed) is dropped untouched.
+
+Isolation (cgroup v1 ``[placement] isolate_from``): libvirt's cpusets restrict the vCPU thread
+only, so the pCPUs these pins hold are withheld from the ``isolate_from`` cpusets by the cgroup
+v1 backend, together with its own (its ``also_held`` reads :meth:`LibvirtPlacement.held`, and
+:attr:`LibvirtPlacement.isolate` is its ``isolate_held``). The pCPU is taken before libvirt pins
+(a cpuset it would leave without a CPU refuses the pin, nothing changed) and given back once the
+pin's record is gone; after a kill -9 the backend's reconcile withholds what the record holds.
 """
 
 from __future__ import annotations
@@ -15,6 +22,7 @@ from __future__ import annotations
 import logging
 import os
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +34,7 @@ from pydantic import BaseModel, ConfigDict, NonNegativeInt, ValidationError
 
 from pvhost.errors import HostError, PlacementError
 from pvhost.libvirt import LibvirtLink
-from pvhost.placement.base import Finding
+from pvhost.placement.base import Check, Finding
 
 __all__ = ["LibvirtPlacement"]
 
@@ -74,6 +82,8 @@ class LibvirtPlacement:
         self._state = self._load()
         #: pvhost name → (uuid, libvirt name) of the domains the service placed for.
         self._known: dict[str, tuple[str, str]] = {}
+        #: Withholds :meth:`held` from other cpusets (cgroup v1 ``isolate_from``), or None.
+        self.isolate: Callable[[], None] | None = None
 
     # -- state file --------------------------------------------------------------------------
     def _load(self) -> _File:
@@ -107,6 +117,14 @@ class LibvirtPlacement:
             if rec.vcpus
         }
 
+    def held(self) -> frozenset[int]:
+        """Every pCPU a recorded pin holds."""
+        return frozenset(p.pcpu for rec in self._state.vms.values() for p in rec.vcpus.values())
+
+    def _isolate(self) -> None:
+        if self.isolate is not None:
+            self.isolate()
+
     def _domain(self, vm: str) -> Any:
         uuid = self._known[vm][0] if vm in self._known else self._state.vms[vm].uuid
         try:
@@ -137,6 +155,11 @@ class LibvirtPlacement:
         # Recorded before the change: a kill -9 from here on is undone from the record.
         rec.vcpus[vcpu] = _Pin(tid=tid, pcpu=pcpu, previous=previous)
         self._save()
+        try:
+            self._isolate()  # before the pin: refused, it changes nothing
+        except PlacementError as err:
+            self.unpin(vm, vcpu)
+            raise PlacementError(f"VM {vm} vCPU {vcpu}: {err}") from err
         cpumap = tuple(i == pcpu for i in range(host_cpus))
         try:
             dom.pinVcpuFlags(vcpu, cpumap, live)
@@ -172,6 +195,7 @@ class LibvirtPlacement:
         if not rec.vcpus:
             del self._state.vms[vm]
         self._save()
+        self._isolate()  # gives the pCPU back
 
     def detach(self, vm: str) -> None:
         rec = self._state.vms.get(vm)
@@ -195,44 +219,37 @@ class LibvirtPlacement:
                 changed = True
         if changed:
             self._save()
+            self._isolate()
 
     def _check(self, vm: str, vcpu: int, dom: Any) -> list[Finding]:
+        """libvirt's live pinning of the vCPU, and the thread's affinity, against the record."""
         pin = self._state.vms[vm].vcpus[vcpu]
-        findings = []
         try:
             shown = _cpus(dom.vcpuPinInfo(libvirt.VIR_DOMAIN_AFFECT_LIVE)[vcpu])
         except (libvirt.libvirtError, IndexError) as err:
             shown = ()
             _log.info("%s: vcpupin of vCPU %d unreadable: %s", vm, vcpu, err)
-        if shown != (pin.pcpu,):
-            findings.append(
-                Finding(
-                    vm=vm,
-                    vcpu=vcpu,
-                    tid=pin.tid,
-                    pcpu=pin.pcpu,
-                    check="cpuset",
-                    expected=str(pin.pcpu),
-                    found=",".join(map(str, shown)) or "nothing",
-                )
-            )
         try:
             allowed = tuple(sorted(os.sched_getaffinity(pin.tid)))
         except OSError:
             allowed = ()
-        if allowed != (pin.pcpu,):
-            findings.append(
-                Finding(
-                    vm=vm,
-                    vcpu=vcpu,
-                    tid=pin.tid,
-                    pcpu=pin.pcpu,
-                    check="affinity",
-                    expected=str(pin.pcpu),
-                    found=",".join(map(str, allowed)) or "thread gone",
-                )
+        seen: list[tuple[Check, tuple[int, ...], str]] = [
+            ("cpuset", shown, "nothing"),
+            ("affinity", allowed, "thread gone"),
+        ]
+        return [
+            Finding(
+                vm=vm,
+                vcpu=vcpu,
+                tid=pin.tid,
+                pcpu=pin.pcpu,
+                check=check,
+                expected=str(pin.pcpu),
+                found=",".join(map(str, cpus)) or empty,
             )
-        return findings
+            for check, cpus, empty in seen
+            if cpus != (pin.pcpu,)
+        ]
 
     def verify(self) -> list[Finding]:
         findings: list[Finding] = []

@@ -17,6 +17,7 @@ import re
 import subprocess
 import sys
 import time
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -261,13 +262,28 @@ def test_through_the_daemon_a_spinning_vcpu_gets_its_pcpu_to_itself_while_pinned
     tmp_path: Path, cpuset_group: str, load: tuple[Path, list[int]]
 ) -> None:
     """The whole path: `pvhost run` with isolate_from, a real QEMU whose vCPU 0 runs guest
-    code that spins, the guest's pin of vCPU 0 (played on the channel), and the load."""
+    code that spins, the guest's pin of vCPU 0 (played on the channel), and the load.
+
+    What the pin achieved is read back, not inferred from isolate_from: the load is off the
+    pCPU, but this test itself (and every task of this host's root cpuset) may still run
+    there, which cgroup v1 cannot change. The guest, `pvctl status`, /metrics and the start-up
+    line all say ``restricted`` and why."""
     path, yes = load
     qemu = start(VMSpec.empty("iso", tmp_path / "vm", smp=2, boot_code=SPIN))
     try:
         tid = qemu.vcpu_threads()[0].tid
+        port = free_port()
         config = write_config(
-            tmp_path, qemu, cpuset_group, free_port(), f'isolate_from = ["/{path.name}"]'
+            tmp_path, qemu, cpuset_group, port, f'isolate_from = ["/{path.name}"]'
+        )
+
+        def metrics() -> str:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as r:
+                return str(r.read().decode())
+
+        series = (
+            'extpv_vcpu_isolation{isolation="restricted",pcpu="1",vcpu="0",vm="t",'
+            'why="root-cpuset-tasks"} 1.0'
         )
 
         async def scenario() -> None:
@@ -276,6 +292,12 @@ def test_through_the_daemon_a_spinning_vcpu_gets_its_pcpu_to_itself_while_pinned
                 contended = await asyncio.to_thread(share, tid)
                 result = await guest.update(1, [0])
                 assert [(p.vcpu, p.pcpu) for p in result.placements] == [(0, PCPU)], result
+                # The guest is told what the pin achieved, and why it is not isolation.
+                placed = result.placements[0]
+                assert placed.isolation == "restricted", placed
+                why = placed.isolation_reason or ""
+                assert re.match(r"\d+ task\(s\) of the root cpuset may still run on its pCPU", why)
+                assert f"/{path.name} off it" in why, why  # the load's cpuset is not among them
                 assert (path / "cpuset.cpus").read_text().strip() == "0"
                 await asyncio.sleep(0.2)
                 assert await asyncio.to_thread(load_on, yes, PCPU) == 0
@@ -286,18 +308,27 @@ def test_through_the_daemon_a_spinning_vcpu_gets_its_pcpu_to_itself_while_pinned
                 )
                 rc, out = await daemon.pvctl("status", "--json")
                 assert rc == 0, out
-                isolation = json.loads(out)["backend_detail"]["isolation"]
+                status = json.loads(out)
+                isolation = status["backend_detail"]["isolation"]
                 assert isolation["mode"] == "isolate_from", isolation
                 assert isolation["withheld"] == {f"/{path.name}": "0-1"}
+                vcpu0 = status["vms"]["t"]["placements"]["0"]
+                assert vcpu0["isolation"] == "restricted", vcpu0
+                assert "of the root cpuset may still run" in vcpu0["isolation_reason"], vcpu0
+                assert status["isolation"].startswith("restricted: "), status["isolation"]
                 rc, text = await daemon.pvctl("status")
-                assert f"isolation: isolated from /{path.name}" in text, text
-                # vCPU 0's row in the VM's table: tid, wanted, its pCPU, mode isolated-from.
-                row = rf"^\s+0\s+{tid}\s+yes\s+{PCPU}\s+isolated-from$"
+                # vCPU 0's row in the VM's table: tid, wanted, its pCPU, mode restricted.
+                row = rf"^\s+0\s+{tid}\s+yes\s+{PCPU}\s+restricted$"
                 assert re.search(row, text, re.MULTILINE), text
-                assert f"isolated from /{path.name}" in daemon.log()  # the start-up line
+                assert "  vCPU 0 restricted: " in text, text
+                assert series in await asyncio.to_thread(metrics)
+                # The start-up line names the backend and what a pin achieves here.
+                started = r"backend cgroup1, isolation restricted: \d+ task\(s\) of the root cpuset"
+                assert re.search(started, daemon.log()), daemon.log()
 
                 await guest.update(2, [])
                 assert (path / "cpuset.cpus").read_text().strip() == "0-1"
+                assert "extpv_vcpu_isolation{" not in await asyncio.to_thread(metrics)
                 await asyncio.sleep(0.2)
                 assert await asyncio.to_thread(load_on, yes, PCPU) > 0
                 released = await asyncio.to_thread(share, tid)

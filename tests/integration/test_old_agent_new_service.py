@@ -6,12 +6,17 @@ this host's kernel; pvhost is this checkout's, with a service the old agent neve
 (``echobpf``, a test distribution on sys.path; its program is real eBPF). Between them a
 byte relay plays QEMU's chardev. The old agent speaks protocol 2 and forwards the unknown ring
 buffer's records as hex ``ProgramEvent``s; the new service must get every one, decoded.
+
+Then the affinity service: a thread of this host (the old agent's "guest") pins itself, and
+the old agent must read the new host's answer — whose placements, from protocol 4 on, carry
+an ``isolation`` field the old agent's models would reject: the host leaves it out for it.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
 import signal
 import subprocess
@@ -102,13 +107,19 @@ def test_an_agent_older_than_services_runs_a_new_service(
     trusted.mkdir()
     (trusted / "host.pem").write_bytes(public.read_bytes())
     agent_config = tmp_path / "pvagent.toml"
-    agent_config.write_text(f'trusted_dir = "{trusted}"\nstate_dir = ""\nplacement_file = ""\n')
+    placement_file = tmp_path / "placement.json"
+    agent_config.write_text(
+        f'trusted_dir = "{trusted}"\nstate_dir = ""\nplacement_file = "{placement_file}"\n'
+    )
     base = service_config(tmp_path, qemu, cpuset_group)
     config = base.model_copy(
         update={
-            "service": base.service.model_copy(update={"signing_key": private}),
+            # affinity_program unset: the real compiled object (the old agent's own layout).
+            "service": base.service.model_copy(
+                update={"signing_key": private, "affinity_program": None}
+            ),
             "services": ServicesConfig.model_validate(
-                {"enabled": ["echobpf"], "echobpf": {"object": str(obj)}}
+                {"enabled": ["echobpf", "affinity"], "echobpf": {"object": str(obj)}}
             ),
         }
     )
@@ -131,7 +142,7 @@ def test_an_agent_older_than_services_runs_a_new_service(
                     return service.status()["vms"]["t"]  # type: ignore[no-any-return]
 
                 async with asyncio.timeout(60):
-                    while vm()["programs"] != {"echobpf": "loaded"}:
+                    while vm()["programs"] != {"echobpf": "loaded", "affinity": "loaded"}:
                         await asyncio.sleep(0.05)
                 assert vm()["protocol_version"] == 2
                 assert vm()["guest"] == "pvagent 0.1.0"
@@ -146,6 +157,24 @@ def test_an_agent_older_than_services_runs_a_new_service(
                     "status": {"events": list(range(1, CALLS + 1))},
                 }
                 assert "_dropped" not in services  # type: ignore[operator]
+
+                pinned = subprocess.Popen(["taskset", "-c", "1", "sleep", "60"])
+                try:
+                    async with asyncio.timeout(30):
+                        while not _pinned_in(placement_file, vcpu=1):
+                            await asyncio.sleep(0.05)
+                    result = vm()["result"]  # before the pin goes away with the sleep
+                finally:
+                    pinned.kill()
+                    pinned.wait()
+                doc = json.loads(placement_file.read_text())
+                # The old agent's own model: no isolation keys, and it parsed the answer.
+                assert {"vcpu": 1, "pcpu": 1, "refused": None} in doc["placements"], doc
+                assert all(set(p) == {"vcpu", "pcpu", "refused"} for p in doc["placements"])
+                # The host knew what the pin achieved; it only left it out for this agent.
+                (mine,) = [r for r in result if r["vcpu"] == 1]  # type: ignore[attr-defined]
+                assert mine["isolation"] == "restricted", mine
+                assert "bad-frame" not in (tmp_path / "agent.log").read_text()
             finally:
                 await service.stop()
                 agent.terminate()
@@ -326,3 +355,12 @@ def test_a_protocol_3_agent_still_gets_its_pins_placed(
         asyncio.run(scenario())
     finally:
         print((tmp_path / "agent.log").read_text()[-3000:], file=sys.stderr)
+
+
+def _pinned_in(placement_file: Path, vcpu: int) -> bool:
+    """The guest's placement file has a pCPU for ``vcpu``."""
+    try:
+        doc = json.loads(placement_file.read_text())
+    except (OSError, ValueError):
+        return False
+    return any(p.get("vcpu") == vcpu and p.get("pcpu") is not None for p in doc["placements"])

@@ -9,7 +9,9 @@ libvirt's own vcpuN cpuset holds it. The tests run in file order and share the d
 
 from __future__ import annotations
 
+import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -31,7 +33,9 @@ pytestmark = [pytest.mark.root, pytest.mark.libvirt, pytest.mark.vm]
 
 REPO = Path(__file__).resolve().parents[2]
 DOMAIN = "extpv lab domain. É " + "x" * 50  # spaces, a dot, unicode, 70 characters
-MACHINE = Path("/sys/fs/cgroup/cpuset/machine")
+CPUSET = Path("/sys/fs/cgroup/cpuset")
+MACHINE = CPUSET / "machine"
+PCPU = 1  # the pCPU the tests pin to; CPU 0 stays for housekeeping and the load
 
 
 @pytest.fixture(scope="module")
@@ -95,8 +99,27 @@ def domain(
 
 
 @pytest.fixture(scope="module")
+def load_cpuset() -> Iterator[Path]:
+    """A cpuset of ours on CPUs 0-1 standing for where the host's other load runs; pvhost's
+    ``isolate_from`` names it, so every pin of these tests takes its pCPU from it."""
+    path = CPUSET / f"extpv-lvtest-{os.getpid()}-load"
+    path.mkdir()
+    try:
+        (path / "cpuset.mems").write_text((CPUSET / "cpuset.mems").read_text())
+        (path / "cpuset.cpus").write_text("0-1")
+        yield path
+    finally:
+        for tid in (path / "tasks").read_text().split():
+            (CPUSET / "tasks").write_text(tid)
+        path.rmdir()
+
+
+@pytest.fixture(scope="module")
 def pvhost(
-    tmp_path_factory: pytest.TempPathFactory, libvirtd: Libvirtd, image: GuestImage
+    tmp_path_factory: pytest.TempPathFactory,
+    libvirtd: Libvirtd,
+    image: GuestImage,
+    load_cpuset: Path,
 ) -> Iterator[PvhostDaemon]:
     work = tmp_path_factory.mktemp("pvhost")
     runtime = work / "vms"  # stays empty: every VM here comes from libvirt
@@ -105,7 +128,8 @@ def pvhost(
         work,
         runtime,
         image.signing_key,
-        extra_config=f'\n[libvirt]\nenabled = true\nuri = "{libvirtd.uri}"\nmax_backoff = 1.0\n',
+        extra_config=f'isolate_from = ["/{load_cpuset.name}"]\n'
+        f'\n[libvirt]\nenabled = true\nuri = "{libvirtd.uri}"\nmax_backoff = 1.0\n',
     )
     daemon.start()
     yield daemon
@@ -127,6 +151,10 @@ def answered(domain: Domain, vcpu: int) -> Any:
 
 def unpinned(domain: Domain) -> Any:
     return lambda s: not placements(s, domain.name)
+
+
+def cpus(cpuset: Path) -> str:
+    return (cpuset / "cpuset.cpus").read_text().strip()
 
 
 def test_a_domain_found_and_agent_program_loaded(domain: Domain, pvhost: PvhostDaemon) -> None:
@@ -176,7 +204,106 @@ def test_b_guest_pin_shows_in_virsh_vcpupin_and_thread_exit_releases(
     assert os.sched_getaffinity(tid) == {0, 1}
 
 
-def test_c_pvhost_killed_while_pinned_converges(domain: Domain, pvhost: PvhostDaemon) -> None:
+def last_cpu(pid: int) -> int | None:
+    """The CPU ``pid`` last ran on (field 39 of /proc/<pid>/stat), None once it is gone."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return int(stat.rsplit(")", 1)[1].split()[36])
+
+
+def load_on(pids: list[int], cpu: int, seconds: float = 1.5) -> int:
+    """How many samples (every 10 ms) found a load process last running on ``cpu``."""
+    hits, end = 0, time.monotonic() + seconds
+    while time.monotonic() < end:
+        hits += sum(last_cpu(p) == cpu for p in pids)
+        time.sleep(0.01)
+    return hits
+
+
+def share(tid: int, seconds: float = 2.0) -> float:
+    """The fraction of one CPU ``tid`` got over ``seconds`` of wall time (its schedstat)."""
+
+    def run_ns() -> int:
+        return int(Path(f"/proc/{tid}/schedstat").read_text().split()[0])
+
+    t0, r0 = time.monotonic_ns(), run_ns()
+    time.sleep(seconds)
+    return (run_ns() - r0) / (time.monotonic_ns() - t0)
+
+
+@pytest.fixture
+def yes_load(load_cpuset: Path) -> Iterator[list[int]]:
+    """4x CPUs ``yes`` processes in the load cpuset (the paper's competing host load)."""
+    procs: list[subprocess.Popen[bytes]] = []
+    try:
+        for _ in range(4 * len(os.sched_getaffinity(0))):
+            # Each in its own session: with autogroup scheduling a group of them would
+            # otherwise count as one task against the vCPU.
+            p = subprocess.Popen(["yes"], stdout=subprocess.DEVNULL, start_new_session=True)
+            (load_cpuset / "tasks").write_text(str(p.pid))
+            procs.append(p)
+        yield [p.pid for p in procs]
+    finally:
+        for p in procs:
+            p.kill()
+            p.wait()
+
+
+@pytest.mark.isolation
+def test_c_isolate_from_takes_the_pinned_pcpu_from_the_load_and_gives_it_back(
+    domain: Domain, pvhost: PvhostDaemon, load_cpuset: Path, yes_load: list[int]
+) -> None:
+    st = pvhost.wait_status("vCPU 1 known", lambda s: "1" in s["vms"][domain.name]["vcpus"], 30)
+    tid = st["vms"][domain.name]["vcpus"]["1"]["tid"]
+    assert load_on(yes_load, PCPU) > 0, "the load runs on the pCPU before the pin"
+    spin = ["taskset", "-c", "1", "timeout", "120", "sh", "-c", "while :; do :; done"]
+    gpid = domain.background(spin)
+    try:
+        pvhost.wait_status("vCPU 1 → pCPU 1 via libvirt", pinned_1(domain), 120)
+        assert cpus(load_cpuset) == "0", "pCPU 1 withheld from the load's cpuset"
+        assert domain.vcpupin()[1] == "1"
+        time.sleep(0.2)  # the kernel moves the load off at its next scheduling point
+        assert load_on(yes_load, PCPU) == 0, "a yes process ran on the pinned pCPU"
+        pinned = share(tid)
+        status = pvhost.status()["backend_detail"]["isolation"]
+        assert status["withheld"] == {"/" + load_cpuset.name: "0-1"}, status
+    finally:
+        domain.guest(f"kill {gpid}").check()
+    pvhost.wait_status("release", unpinned(domain), 120)
+    assert cpus(load_cpuset) == "0-1", "given back exactly"
+    assert pvhost.status()["backend_detail"]["isolation"]["withheld"] == {}
+    time.sleep(0.2)
+    assert load_on(yes_load, PCPU) > 0, "the load has the pCPU again"
+    print(
+        f"\n[libvirt] spinning vCPU's share of pCPU 1 while pinned: {pinned:.0%}", file=sys.stderr
+    )
+    assert pinned >= 0.8, f"the pinned vCPU thread got {pinned:.0%} of its pCPU"
+
+
+@pytest.mark.isolation
+def test_c_a_pin_that_would_empty_a_load_cpuset_is_refused_with_the_reason(
+    domain: Domain, pvhost: PvhostDaemon, load_cpuset: Path
+) -> None:
+    (load_cpuset / "cpuset.cpus").write_text(str(PCPU))
+    try:
+        gpid = domain.background(["taskset", "-c", "1", "sleep", "600"])
+        st = pvhost.wait_status("an answer for vCPU 1", answered(domain, 1), 120)
+        result = {r["vcpu"]: r for r in st["vms"][domain.name]["result"]}[1]
+        assert result.get("pcpu") is None, result
+        assert "would leave it no CPU" in str(result), result
+        assert cpus(load_cpuset) == str(PCPU), "nothing taken"
+        assert domain.vcpupin() == {0: "0-1", 1: "0-1"}, "libvirt's pinning untouched"
+        assert placements(st, domain.name) == {}
+        domain.guest(f"kill {gpid}").check()
+    finally:
+        (load_cpuset / "cpuset.cpus").write_text("0-1")
+
+
+def test_c_pvhost_killed_while_pinned_converges(
+    domain: Domain, pvhost: PvhostDaemon, load_cpuset: Path
+) -> None:
     gpid = domain.background(["taskset", "-c", "1", "sleep", "600"])
     pvhost.wait_status("vCPU 1 pinned", pinned_1(domain), 120)
     pvhost.kill(signal.SIGKILL)
@@ -184,9 +311,11 @@ def test_c_pvhost_killed_while_pinned_converges(domain: Domain, pvhost: PvhostDa
     pvhost.start()
     pvhost.wait_status("the same pin after restart", pinned_1(domain), 120)
     assert domain.vcpupin()[1] == "1"
+    assert cpus(load_cpuset) == "0", "the pCPU stays withheld from the load through the kill"
     domain.guest(f"kill {gpid}").check()
     pvhost.wait_status("release", unpinned(domain), 120)
     assert domain.vcpupin() == {0: "0-1", 1: "0-1"}
+    assert cpus(load_cpuset) == "0-1", "given back exactly"
 
 
 def test_c_libvirtd_restarted_while_pinned_converges(
@@ -216,8 +345,58 @@ def pvctl(*args: str) -> subprocess.CompletedProcess[str]:
     )  # fmt: skip
 
 
-def test_d_pvctl_libvirt_disable_and_enable_on_the_running_domain(
-    domain: Domain, pvhost: PvhostDaemon, libvirtd: Libvirtd
+PLAY = """- name: The pvhost role's libvirt part
+  hosts: localhost
+  gather_facts: false
+  tasks:
+    - name: Give libvirt domains the extpv channel
+      ansible.builtin.include_role:
+        name: pvhost
+        tasks_from: libvirt
+    - name: Keep what the role did
+      ansible.builtin.copy:
+        content: "{{ pvhost_libvirt_result | to_json }}"
+        dest: "{{ result_file }}"
+        mode: "0600"
+      changed_when: false
+      check_mode: false  # the test's own record, written also when the role runs --check
+"""
+
+
+def pvhost_role(tmp: Path, uri: str, domains: object, *, check: bool = False) -> Any:
+    """Run the pvhost role's pvhost_libvirt_domains tasks on this host: (rc, changed tasks,
+    output, the channel task's result)."""
+    play, result = tmp / "play.yml", tmp / "result.json"
+    play.write_text(PLAY)
+    result.unlink(missing_ok=True)
+    env = dict(
+        os.environ,
+        ANSIBLE_ROLES_PATH=str(REPO / "ansible" / "roles"),
+        ANSIBLE_LIBRARY=str(REPO / "ansible" / "library"),
+        ANSIBLE_LOCAL_TEMP=str(tmp),
+        ANSIBLE_NOCOLOR="1",
+    )
+    extra = {
+        "pvhost_libvirt_domains": domains,
+        "pvhost_libvirt_uri": uri,
+        "result_file": str(result),
+        "ansible_python_interpreter": sys.executable,
+    }
+    playbook = str(Path(sys.executable).parent / "ansible-playbook")
+    argv = [playbook, "-i", "localhost,", "-c", "local", str(play), "-e", json.dumps(extra)]
+    if check:
+        argv.append("--check")
+    proc = subprocess.run(
+        argv, capture_output=True, text=True, timeout=300, env=env, cwd=tmp, check=False
+    )
+    recap = re.search(r"localhost\s*:\s*ok=\d+\s+changed=(\d+)", proc.stdout)
+    changed = int(recap.group(1)) if recap else -1
+    done = json.loads(result.read_text()) if result.exists() else {}
+    return proc.returncode, changed, proc.stdout + proc.stderr, done
+
+
+def test_d_pvctl_and_the_ansible_role_enable_the_running_domain(
+    domain: Domain, pvhost: PvhostDaemon, libvirtd: Libvirtd, tmp_path: Path
 ) -> None:
     off = pvctl("libvirt", "disable", DOMAIN, "--uri", libvirtd.uri)
     assert off.returncode == 0, off.stderr
@@ -225,6 +404,44 @@ def test_d_pvctl_libvirt_disable_and_enable_on_the_running_domain(
     assert "org.extpv.agent.0" not in libvirtd.virsh("dumpxml", DOMAIN).stdout
     assert "org.extpv.agent.0" not in libvirtd.virsh("dumpxml", "--inactive", DOMAIN).stdout
     pvhost.wait_status("the domain dropped", lambda s: domain.name not in s["vms"], 60)
+
+    # The role (pvhost_libvirt_domains) does the same, for this running domain and a defined,
+    # stopped one; a second run changes nothing.
+    idle = "extpv idle ø domain"
+    xml = tmp_path / "idle.xml"
+    xml.write_text(domain_xml(idle, Path("/nonexistent"), tmp_path, agent_channel=False))
+    libvirtd.virsh("define", str(xml))
+    try:
+        rc, changed, out, done = pvhost_role(tmp_path, libvirtd.uri, "web-1")
+        assert rc != 0
+        assert "must be a list of libvirt domain names" in out, out
+        rc, changed, out, done = pvhost_role(tmp_path, libvirtd.uri, [DOMAIN, "no such domain"])
+        assert rc != 0
+        assert "has no domain named 'no such domain'" in out, out
+        rc, changed, out, done = pvhost_role(tmp_path, libvirtd.uri, [DOMAIN, idle])
+        assert rc == 0 and changed == 1, out
+        assert done["domains"] == {
+            DOMAIN: ["channel added to the persistent XML", "channel added to the running domain"],
+            idle: ["channel added to the persistent XML"],
+        }
+        assert "org.extpv.agent.0" in libvirtd.virsh("dumpxml", DOMAIN).stdout
+        assert "org.extpv.agent.0" in libvirtd.virsh("dumpxml", "--inactive", DOMAIN).stdout
+        assert "org.extpv.agent.0" in libvirtd.virsh("dumpxml", "--inactive", idle).stdout
+        rc, changed, out, done = pvhost_role(tmp_path, libvirtd.uri, [DOMAIN, idle])
+        assert rc == 0 and changed == 0, out
+        assert done["domains"] == {DOMAIN: [], idle: []}
+        # "all", in check mode (other domains this libvirt may know are not touched).
+        rc, changed, out, done = pvhost_role(tmp_path, libvirtd.uri, "all", check=True)
+        assert rc == 0, out
+        assert done["domains"][DOMAIN] == [] and done["domains"][idle] == [], done
+    finally:
+        libvirtd.virsh("undefine", idle, check=False)
+    again = pvctl("libvirt", "enable", DOMAIN, "--uri", libvirtd.uri)
+    assert "already enabled" in again.stdout, "pvctl sees the role's channel as its own"
+
+    # pvctl enable on the running domain.
+    off = pvctl("libvirt", "disable", DOMAIN, "--uri", libvirtd.uri)
+    assert off.returncode == 0, off.stderr
     on = pvctl("libvirt", "enable", DOMAIN, "--uri", libvirtd.uri)
     assert on.returncode == 0, on.stderr
     assert "added to the persistent XML and added to the running domain" in on.stdout
@@ -249,10 +466,11 @@ def test_e_unknown_domain_is_a_clear_error(libvirtd: Libvirtd) -> None:
 
 
 def test_f_virsh_destroy_leaves_no_extpv_state(
-    domain: Domain, pvhost: PvhostDaemon, libvirtd: Libvirtd
+    domain: Domain, pvhost: PvhostDaemon, libvirtd: Libvirtd, load_cpuset: Path
 ) -> None:
     domain.background(["taskset", "-c", "1", "sleep", "600"])
     pvhost.wait_status("vCPU 1 pinned", pinned_1(domain), 120)
+    assert cpus(load_cpuset) == "0"
     libvirtd.virsh("destroy", DOMAIN)
     st = pvhost.wait_status(
         "the domain gone from pvhost",
@@ -264,3 +482,4 @@ def test_f_virsh_destroy_leaves_no_extpv_state(
     assert not state.exists() or domain.name not in state.read_text()
     # Placement went through libvirt alone: extpv made no cgroup for the domain.
     assert not (MACHINE.parent / pvhost.group / f"vm-{domain.name}").exists()
+    assert cpus(load_cpuset) == "0-1", "the destroyed domain's pCPU given back exactly"

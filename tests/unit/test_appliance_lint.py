@@ -5,6 +5,7 @@ No root needed: these read the playbook and render templates into a temporary di
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -64,7 +65,10 @@ def _render(tmp_path: Path, template: Path, extra_vars: dict[str, object]) -> st
         "  tasks:\n    - ansible.builtin.template:\n"
         f"        src: {template}\n        dest: {out}\n        mode: '0644'\n"
     )
-    args = [f"{k}={v}" for k, v in extra_vars.items()]
+    # A list goes as JSON (key=value makes every value a string).
+    args = [
+        json.dumps({k: v}) if isinstance(v, list) else f"{k}={v}" for k, v in extra_vars.items()
+    ]
     res = _run(
         [_tool("ansible-playbook"), str(playbook), "-e", "role_path=" + str(ROLE)]
         + [a for kv in args for a in ("-e", kv)]
@@ -141,6 +145,15 @@ def test_rendered_pvhost_toml_is_what_the_role_variables_say(tmp_path: Path) -> 
     config = load_config(tmp_path / "pvhost.toml")
     assert config.placement.policy == "ht-aware"
     assert config.placement.quota == 3
+    assert config.placement.isolate_from == []
+
+
+def test_isolate_from_is_rendered_as_a_list_of_cpusets(tmp_path: Path) -> None:
+    cpusets = ["/extpv-demo-load", "/machine.slice"]
+    text = _render(
+        tmp_path, ROLE / "templates" / "pvhost.toml.j2", {"pvhost_isolate_from": cpusets}
+    )
+    assert tomllib.loads(text)["placement"]["isolate_from"] == cpusets
 
 
 @pytest.mark.parametrize(

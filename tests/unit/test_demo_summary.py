@@ -29,7 +29,7 @@ def _demo() -> ModuleType:
     return module
 
 
-def _summary(status: dict[str, Any], after: dict[int, str]) -> list[str]:
+def _summary(status: dict[str, Any], after: dict[int, str], **shown: Any) -> list[str]:
     args = argparse.Namespace(name="extpv-demo", smp=2, producer_cpu=0, consumer_cpu=1, duration=10)
     lines: list[str] = _demo().summarize(
         args,
@@ -40,6 +40,7 @@ def _summary(status: dict[str, Any], after: dict[int, str]) -> list[str]:
         after=after,
         result={"mpps": 52.9},
         status=status,
+        **shown,
     )
     return lines
 
@@ -77,3 +78,48 @@ def test_a_host_with_room_for_both_expects_no_refusal_and_a_pin_left_behind_is_c
     lines = _summary({"error": "no container"}, after={0: "0-1", 1: "0-1"})
     assert not any(line.startswith("host CPUs:") for line in lines)
     assert lines[-1].startswith("shown:")
+
+
+ROOT_TASKS = (
+    "57 task(s) of the root cpuset may still run on its pCPU (cgroup v1 cannot take CPUs from the "
+    "root cpuset; placement.isolate_from keeps /extpv-demo-load off it): move them into a cpuset "
+    "named in isolate_from, or use cgroup v2"
+)
+
+
+def test_the_pinned_vcpu_shows_its_cpu_share_under_the_load_and_what_its_pin_achieved() -> None:
+    status = {
+        "host": {"online": [0, 1], "housekeeping": [0], "eligible": [1]},
+        "vms": {
+            "extpv-demo": {
+                "result": [{"vcpu": 1, "pcpu": 1, "refused": None}],
+                "placements": {
+                    "1": {"pcpu": 1, "isolation": "restricted", "isolation_reason": ROOT_TASKS}
+                },
+            }
+        },
+    }
+    load = "8 `yes` processes (4 x 2 CPUs) in cpuset /extpv-demo-load"
+    lines = _summary(
+        status,
+        after={0: "0-1", 1: "0-1"},
+        load=load,
+        share_before={0: 0.21, 1: 0.23},
+        share_pinned={0: 0.2, 1: 0.991},
+    )
+    assert f"host load: {load}" in lines
+    share = (
+        "vcpu1 CPU share under the load: 23% before the guest's pin, 99% while pinned to pCPU 1 "
+        "(throughput 52.9 Mpps)"
+    )
+    assert share in lines
+    assert f"vcpu1 isolation: restricted: {ROOT_TASKS}" in lines
+    assert not any(line.startswith("vcpu0 ") for line in lines)  # not pinned: no share line
+    # The throughput line stays, the closing line is still last.
+    assert lines.index(share) > lines.index("throughput: 52.9 Mpps over 10 s")
+    assert lines[-1].startswith("shown:")
+
+    status["vms"]["extpv-demo"]["placements"]["1"] = {"pcpu": 1, "isolation": "isolated"}
+    lines = _summary(status, after={0: "0-1", 1: "0-1"}, load=load)
+    assert "vcpu1 isolation: isolated (no other task may run on pCPU 1)" in lines
+    assert any(line.startswith("vcpu1 CPU share under the load: ? before") for line in lines)

@@ -51,3 +51,22 @@ def test_token_bucket_paces_to_rate_after_burst() -> None:
 
     elapsed = asyncio.run(take(7))  # 2 free, then 5 at 50/s
     assert 0.08 <= elapsed < 1.0
+
+
+def test_each_pin_is_exported_with_what_it_achieved_and_a_gone_pin_disappears() -> None:
+    from pvhost.placement.isolation import ISOLATED, cgroup1_isolation
+
+    m = Metrics()
+    root = cgroup1_isolation(["/machine.slice"], {"/": 5})
+    m.set_isolation({"db1": {0: (1, ISOLATED), 1: (2, root)}})
+    text = m.render().decode()
+    assert (
+        'extpv_vcpu_isolation{isolation="isolated",pcpu="1",vcpu="0",vm="db1",why=""} 1.0' in text
+    )
+    assert (
+        'extpv_vcpu_isolation{isolation="restricted",pcpu="2",vcpu="1",vm="db1",'
+        'why="root-cpuset-tasks"} 1.0'
+    ) in text
+    assert "task(s)" not in text  # the sentence stays out of the labels
+    m.set_isolation({"db1": {0: (1, ISOLATED)}})
+    assert 'vcpu="1"' not in m.render().decode()

@@ -50,8 +50,17 @@ def _rows(text: str) -> dict[str, list[str]]:
     return rows
 
 
+#: A cgroup v1 pin as the backend read it back (pvhost.placement.isolation).
+WHY = "cgroup v1 without placement.isolate_from: 3 other task(s) may still run on its pCPU"
+
+
 def test_cgroup1_table_shows_each_vcpu_its_pcpu_mode_and_the_request_age() -> None:
-    v1 = {"partition": "n/a (cgroup v1)", "cgroup": "/x"}
+    v1 = {
+        "partition": "n/a (cgroup v1)",
+        "cgroup": "/x",
+        "isolation": "restricted",
+        "isolation_reason": WHY,
+    }
     text = format_status(
         _status(
             "cgroup1",
@@ -68,30 +77,46 @@ def test_cgroup1_table_shows_each_vcpu_its_pcpu_mode_and_the_request_age() -> No
         "3": ["3", "103", "no", "-", "-"],
     }
     assert "vCPU 0 refused: identity: pCPU 0 is a housekeeping CPU" in text
+    assert f"vCPU 1, 2 restricted: {WHY}" in text  # one line per distinct reason
     assert "program affinity: loaded" in text
     # The isolation dict is summarised in its own line, not dumped into the backend line.
     assert "{" not in text.splitlines()[0]
 
 
-def test_isolate_from_and_cgroup2_partitions_name_their_modes() -> None:
+def test_the_mode_is_what_the_backend_read_back_and_a_restriction_says_why() -> None:
+    """Not inferred from the backend's name or configuration: an isolate_from host whose root
+    cpuset still has tasks is restricted, and a v2 partition the kernel invalidated too."""
     v1 = {"partition": "n/a (cgroup v1)", "cgroup": "/x"}
-    text = format_status(
-        _status("cgroup1", {"1": {"pcpu": 1, **v1}}, isolation={"mode": "isolate_from"})
-    )
-    assert _rows(text)["1"][-1] == "isolated-from"
+    why = "4 task(s) of the root cpuset may still run on its pCPU"
+    placements = {
+        "1": {"pcpu": 1, **v1, "isolation": "isolated", "isolation_reason": None},
+        "2": {"pcpu": 2, **v1, "isolation": "restricted", "isolation_reason": why},
+        "3": {"pcpu": 3, **v1},  # a service that does not say
+    }
+    text = format_status(_status("cgroup1", placements, isolation={"mode": "isolate_from"}))
+    rows = _rows(text)
+    assert (rows["1"][-1], rows["2"][-1], rows["3"][-1]) == ("isolated", "restricted", "unknown")
+    assert f"  vCPU 2 restricted: {why}" in text.splitlines()
+    assert "vCPU 1 restricted" not in text and "vCPU 3 restricted" not in text
+    invalid = "the kernel turned the partition 'isolated invalid (reason)': other tasks may run"
     text = format_status(
         _status(
             "cgroup2",
             {
-                "1": {"pcpu": 1, "partition": "isolated", "isolated": True},
-                "2": {"pcpu": 2, "partition": "isolated invalid (reason)", "isolated": True},
-                "3": {"pcpu": 3, "partition": "member", "isolated": False},
+                "1": {"pcpu": 1, "partition": "isolated", "isolation": "isolated"},
+                "2": {
+                    "pcpu": 2,
+                    "partition": "isolated invalid (reason)",
+                    "isolation": "restricted",
+                    "isolation_reason": invalid,
+                },
             },
             remote_partitions=True,
         )
     )
     rows = _rows(text)
-    assert (rows["1"][-1], rows["2"][-1], rows["3"][-1]) == ("isolated", "invalid", "restricted")
+    assert (rows["1"][-1], rows["2"][-1]) == ("isolated", "restricted")
+    assert f"vCPU 2 restricted: {invalid}" in text
 
 
 def test_a_vm_with_no_request_yet_says_so() -> None:
@@ -111,16 +136,22 @@ def test_the_readme_example_is_what_pvctl_status_prints() -> None:
         "identity: pCPU 0 is a housekeeping CPU, kept for the host (placement.housekeeping); "
         'policy "pool" would place this vCPU elsewhere'
     )
-    v1 = {"partition": "n/a (cgroup v1)", "cgroup": "/x"}
+    why = (
+        "cgroup v1 without placement.isolate_from: 97 other task(s) may still run on its pCPU "
+        "(97 in /); name the cpusets they run in"
+    )
+    v1 = {
+        "partition": "n/a (cgroup v1)",
+        "cgroup": "/x",
+        "isolation": "restricted",
+        "isolation_reason": why,
+    }
     status = _status(
         "cgroup1",
         {"1": {"pcpu": 1, **v1}, "2": {"pcpu": 2, **v1}},
         isolation={"mode": "restricted"},
     )
-    status["isolation"] = (
-        "restricted: cgroup v1 cannot take a pinned pCPU from other tasks unless "
-        "placement.isolate_from names the cpusets they run in"
-    )
+    status["isolation"] = f"restricted: {why}"
     vm = status["vms"]["db1"]
     vm["channel"] = "connected"
     vm["vcpus"] = {str(i): {"tid": 41710 + i} for i in range(4)}

@@ -74,7 +74,7 @@ def assert_isolated_under_load(obs: dict[str, Any], pcpu: int = 1) -> None:
     assert iso["load_after"] > 0, "the load must have the pCPU again after the unpin"
     assert iso["contended"] < 0.6 and iso["released"] < 0.6, iso
     detail = iso["describe"]["vms"]["spin"]["0"]
-    assert detail["isolation"]["mode"] == "isolated", detail
+    assert detail["isolation"] == "isolated", detail
     assert detail["isolated"] is True, detail
     after = obs["after"]
     assert after == {**obs["before"], "base_left": False}, (obs["before"], after)
@@ -116,7 +116,7 @@ def assert_daemon_isolates(obs: dict[str, Any], mode: str) -> None:
     assert obs["load_after"] > 0, "the load must have the pCPU again after the release"
     assert obs["contended"] < 0.6 and obs["released"] < 0.6, obs
     placed = obs["status_placements"]["0"]
-    assert placed["isolation"]["mode"] == "isolated" and placed["isolated"], placed
+    assert placed["isolation"] == "isolated" and placed["isolated"], placed
     assert str(obs["status_isolation"]).startswith("isolated:"), obs["status_isolation"]
     row = rf"^\s+0\s+\d+\s+yes\s+{pcpu}\s+isolated$"  # pvctl status: vCPU 0's row
     assert re.search(row, obs["status_text"], re.MULTILINE), obs["status_text"]

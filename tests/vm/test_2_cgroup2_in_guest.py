@@ -55,6 +55,11 @@ def test_pin_makes_a_valid_isolated_partition(observed: dict) -> None:
     # While pinned, pCPUs 1-3 leave the root's effective set: isolated from other host load.
     assert observed["pin2"]["root_isolated"] == "1-3"
     assert observed["pin2"]["root_effective"] == "0"
+    # And the backend says so, from the partitions it read back (pvctl status, the guest).
+    described = observed["describe"]["vms"]["inner"]
+    assert {v: described[v]["isolation"] for v in ("0", "1", "2")} == dict.fromkeys(
+        ("0", "1", "2"), "isolated"
+    ), described
 
 
 def test_invalid_partition_is_reported_with_the_kernels_reason_and_undone(observed: dict) -> None:

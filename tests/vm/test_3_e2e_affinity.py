@@ -101,6 +101,10 @@ def test_b_guest_pins_place_the_vcpu_threads(
         time.sleep(0.5)
     assert (got[0]["pcpu"], got[1]["pcpu"], got[3]["pcpu"]) == (0, 1, None)
     assert got[3]["refused"], got[3]
+    # And what each pin achieved (protocol 4): on this cgroup v1 host, restricted and why.
+    for v in (0, 1):
+        assert got[v]["isolation"] == "restricted" and got[v]["isolation_reason"], got[v]
+    assert got[3]["isolation"] is None, got[3]
     assert "published /run/pvagent/placement.json" in journal(guest_vm)
     # (c) Thread exit releases both: spscq's threads end after 20 s.
     pvhost_daemon.wait_status("release after the workload's threads exited", released, 120)

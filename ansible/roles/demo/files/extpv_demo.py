@@ -3,18 +3,23 @@
 """The appliance's demo: a guest pins its threads, and the host's vCPU threads follow.
 
 Boots one VM wired to pvhost (the VM lab ``vmlab`` behind ``pvctl vm start``, with the test
-images' command hook), runs the SPSC queue workload in the guest with its producer and consumer
-pinned to two vCPUs, and watches the host while it runs: the allowed CPUs of QEMU's vCPU threads
-(``/proc/<qemu>/task/<tid>/status``) and ``pvctl status --json`` from pvhost's container. Prints
-the placement and the throughput; exits 1 when no guest pin reached the host. The VM is stopped
-at the end, whatever happened.
+images' command hook), starts a host load (4 x CPUs ``yes``, in a cpuset of the demo's own on a
+cgroup v1 host, which pvhost's ``placement.isolate_from`` may name), runs the SPSC queue workload
+in the guest with its producer and consumer pinned to two vCPUs, and watches the host while it
+runs: the allowed CPUs of QEMU's vCPU threads (``/proc/<qemu>/task/<tid>/status``), their CPU
+time (``…/schedstat``) before the guest's pin (the guest busy, unpinned) and while it holds, and
+``pvctl status --json`` from pvhost's container (each pin's isolation, read back by pvhost).
+Prints the placement, the CPU share, the isolation and the throughput; exits 1 when no guest pin
+reached the host. The VM and the load are stopped at the end, whatever happened (Ctrl-C too).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
+import signal
 import subprocess
 import sys
 import threading
@@ -23,6 +28,9 @@ from pathlib import Path
 from typing import Any
 
 PROG = "extpv-demo"
+#: The v1 cpuset hierarchy, and the demo load's cpuset in it (name it in isolate_from).
+CPUSET = Path("/sys/fs/cgroup/cpuset")
+LOAD_CPUSET = "extpv-demo-load"
 
 try:
     import vmlab
@@ -42,6 +50,91 @@ def allowed_cpus(qemu_pid: int, tid: int) -> str:
         return "?"
     match = re.search(r"^Cpus_allowed_list:\s*(\S+)", status, re.MULTILINE)
     return match.group(1) if match else "?"
+
+
+def run_ns(qemu_pid: int, tid: int) -> int | None:
+    """The thread's CPU time so far (the first field of its schedstat), None once gone."""
+    try:
+        return int(Path(f"/proc/{qemu_pid}/task/{tid}/schedstat").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def shares(qemu_pid: int, threads: dict[int, int], seconds: float) -> dict[int, float]:
+    """The fraction of one CPU each vCPU thread got over ``seconds`` of wall time."""
+    t0, before = time.monotonic_ns(), {v: run_ns(qemu_pid, t) for v, t in threads.items()}
+    time.sleep(seconds)
+    wall = time.monotonic_ns() - t0
+    out = {}
+    for vcpu, tid in threads.items():
+        now, then = run_ns(qemu_pid, tid), before[vcpu]
+        if now is not None and then is not None:
+            out[vcpu] = (now - then) / wall
+    return out
+
+
+def _cpu_set(text: str) -> set[int]:
+    out: set[int] = set()
+    for part in filter(None, text.strip().split(",")):
+        lo, _, hi = part.partition("-")
+        out.update(range(int(lo), int(hi or lo) + 1))
+    return out
+
+
+def shared_cpus() -> str:
+    """The root cpuset's CPUs but those of exclusive top-level cpusets (such as extpv's own
+    when the kernel let pvhost make it exclusive): v1 refuses a sibling that overlaps them."""
+    cpus = _cpu_set((CPUSET / "cpuset.cpus").read_text())
+    for child in CPUSET.iterdir():
+        flag = child / "cpuset.cpu_exclusive"
+        if child.is_dir() and flag.exists() and flag.read_text().strip() == "1":
+            cpus -= _cpu_set((child / "cpuset.cpus").read_text())
+    return ",".join(str(c) for c in sorted(cpus))
+
+
+class YesLoad:
+    """``count`` ``yes`` processes, each in its own session (with autogroup scheduling a group
+    of them would count as one task against a vCPU), in the cpuset ``LOAD_CPUSET`` on a cgroup
+    v1 host. A cpuset the demo creates it removes again; one that was there (made for pvhost's
+    ``isolate_from``) it leaves."""
+
+    def __init__(self, count: int) -> None:
+        self.count = count
+        self.procs: list[subprocess.Popen[bytes]] = []
+        self.cpuset: Path | None = None
+        self.created = False
+
+    def start(self) -> None:
+        if (CPUSET / "cpuset.cpus").exists():
+            self.cpuset = CPUSET / LOAD_CPUSET
+            if not self.cpuset.is_dir():
+                self.cpuset.mkdir()
+                self.created = True
+            # A new cpuset (also one made by hand for isolate_from) holds no task until it has
+            # mems and cpus; one pvhost has shrunk already keeps what it has.
+            if not (self.cpuset / "cpuset.mems").read_text().strip():
+                (self.cpuset / "cpuset.mems").write_text((CPUSET / "cpuset.mems").read_text())
+            if not (self.cpuset / "cpuset.cpus").read_text().strip():
+                (self.cpuset / "cpuset.cpus").write_text(shared_cpus())
+        for _ in range(self.count):
+            proc = subprocess.Popen(["yes"], stdout=subprocess.DEVNULL, start_new_session=True)
+            self.procs.append(proc)
+            if self.cpuset is not None:
+                (self.cpuset / "tasks").write_text(str(proc.pid))
+
+    def describe(self) -> str:
+        where = f" in cpuset /{LOAD_CPUSET}" if self.cpuset is not None else ""
+        return f"{self.count} `yes` processes (4 x {self.count // 4} CPUs){where}"
+
+    def stop(self) -> None:
+        for proc in self.procs:
+            proc.kill()
+            proc.wait()
+        self.procs = []
+        if self.cpuset is not None and self.created and self.cpuset.is_dir():
+            for tid in (self.cpuset / "tasks").read_text().split():
+                (CPUSET / "tasks").write_text(tid)
+            self.cpuset.rmdir()
 
 
 def pvctl_status(container: str) -> Any:
@@ -127,8 +220,13 @@ def summarize(
     after: dict[int, str],
     result: dict[str, Any],
     status: dict[str, Any],
+    load: str = "",
+    share_before: dict[int, float] | None = None,
+    share_pinned: dict[int, float] | None = None,
 ) -> list[str]:
-    """What the demo showed, line by line: every refusal with its reason, and a closing line."""
+    """What the demo showed, line by line: every refusal with its reason, for each pinned vCPU
+    its CPU share under the load before the pin and while it held with the pin's isolation
+    (and why it is not isolated), and a closing line."""
     mpps = result.get("mpps")
     vm_status = status.get("vms", {}).get(args.name, {})
     summary = [
@@ -145,6 +243,15 @@ def summarize(
         f"throughput: {mpps} Mpps over {args.duration} s"
         if mpps is not None
         else f"throughput: {result}",
+        *share_lines(
+            vm_status,
+            placement=placement,
+            baseline=baseline,
+            load=load,
+            before=share_before,
+            pinned=share_pinned,
+            mpps=mpps,
+        ),
         f"after the workload exited: {', '.join(f'vcpu{k} {v}' for k, v in sorted(after.items()))}",
         f"pvhost's answer to the guest (pvctl status): {json.dumps(vm_status.get('result'))}",
     ]
@@ -164,6 +271,44 @@ def summarize(
     return summary
 
 
+def _pct(share: float | None) -> str:
+    return "?" if share is None else f"{share:.0%}"
+
+
+def share_lines(
+    vm_status: dict[str, Any],
+    *,
+    placement: dict[str, str],
+    baseline: dict[int, str],
+    load: str,
+    before: dict[int, float] | None,
+    pinned: dict[int, float] | None,
+    mpps: Any,
+) -> list[str]:
+    """Per pinned vCPU: its CPU share under the load before the pin and while it held, beside
+    the throughput, and what pvhost read back the pin achieved (isolated, or restricted: why)."""
+    lines = [f"host load: {load}"] if load else []
+    placed = vm_status.get("placements") or {}
+    for name, cpus in placement.items():
+        vcpu = int(name[4:])
+        if cpus == baseline.get(vcpu):
+            continue  # not pinned
+        lines.append(
+            f"{name} CPU share under the load: {_pct((before or {}).get(vcpu))} before the "
+            f"guest's pin, {_pct((pinned or {}).get(vcpu))} while pinned to pCPU {cpus} "
+            f"(throughput {mpps} Mpps)"
+        )
+        info = placed.get(str(vcpu)) or {}
+        isolation = info.get("isolation")
+        if isolation == "isolated":
+            lines.append(f"{name} isolation: isolated (no other task may run on pCPU {cpus})")
+        elif isolation:
+            lines.append(f"{name} isolation: {isolation}: {info.get('isolation_reason')}")
+        else:
+            lines.append(f"{name} isolation: unknown (pvhost's status did not say)")
+    return lines
+
+
 def run_demo(args: argparse.Namespace) -> dict[str, Any]:
     spec = vmlab.VMSpec(
         name=args.name,
@@ -173,6 +318,7 @@ def run_demo(args: argparse.Namespace) -> dict[str, Any]:
         runtime_dir=Path(args.runtime_dir),
         test_hook=True,
     )
+    load = YesLoad(4 * len(os.sched_getaffinity(0)))
     t0 = time.monotonic()
     vm = vmlab.start(spec, deadline_s=args.boot_timeout)
     try:
@@ -182,6 +328,15 @@ def run_demo(args: argparse.Namespace) -> dict[str, Any]:
         if len(threads) != args.smp:
             die(PROG, f"found {len(threads)} vCPU threads in QEMU {vm.pid}, expected {args.smp}")
         baseline = {vcpu: allowed_cpus(vm.pid, tid) for vcpu, tid in threads.items()}
+        # The host load starts after the boot (under it a TCG boot takes minutes).
+        load.start()
+        # Before any pin: the guest keeps every vCPU busy without pinning anything.
+        busy = f"for i in $(seq {args.smp}); do timeout 6 sh -c 'while :; do :; done' & done; wait"
+        guest_busy = threading.Thread(target=lambda: vm.guest(busy, timeout_s=60), daemon=True)
+        guest_busy.start()
+        time.sleep(1)
+        share_before = shares(vm.pid, threads, 4)
+        guest_busy.join(timeout=60)
 
         # pvhost connects, injects the affinity program and the agent loads it: short pinned
         # runs until the host shows a pin (a run before the program is loaded goes unseen).
@@ -205,7 +360,8 @@ def run_demo(args: argparse.Namespace) -> dict[str, Any]:
         status_box: dict[str, Any] = {}
 
         def sample_status() -> None:
-            time.sleep(min(args.duration / 2, 5))
+            time.sleep(1)
+            status_box["share"] = shares(vm.pid, threads, max(min(args.duration - 3, 5), 1))
             status_box["status"] = pvctl_status(args.container)
 
         sampler = threading.Thread(target=sample_status, daemon=True)
@@ -217,6 +373,7 @@ def run_demo(args: argparse.Namespace) -> dict[str, Any]:
         time.sleep(1)
         after = {vcpu: allowed_cpus(vm.pid, tid) for vcpu, tid in threads.items()}
     finally:
+        load.stop()
         vm.stop()
 
     placement = {f"vcpu{v}": watch.pinned.get(v, baseline[v]) for v in sorted(threads)}
@@ -230,6 +387,9 @@ def run_demo(args: argparse.Namespace) -> dict[str, Any]:
         after=after,
         result=result,
         status=status if isinstance(status, dict) else {},
+        load=load.describe(),
+        share_before=share_before,
+        share_pinned=status_box.get("share"),
     )
     return {
         "summary": summary,
@@ -239,6 +399,8 @@ def run_demo(args: argparse.Namespace) -> dict[str, Any]:
         "placement": placement,
         "after": after,
         "spscq": result,
+        "share_before": share_before,
+        "share_pinned": status_box.get("share"),
         "pvhost_status": status_box.get("status"),
     }
 
@@ -258,6 +420,8 @@ def main() -> None:
     ap.add_argument("--runtime-dir", default="/run/extpv/vms", help="VM runtime directory")
     ap.add_argument("--json", action="store_true", help="print one JSON object")
     args = ap.parse_args()
+    # SIGTERM (ansible's timeout, a service manager) unwinds like Ctrl-C: the load and the VM stop.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     try:
         report = run_demo(args)
     except vmlab.LauncherError as err:
