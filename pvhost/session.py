@@ -41,7 +41,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
@@ -55,7 +54,7 @@ from pvhost.logthrottle import LogThrottle
 from pvhost.programs import SignedProgram
 from pvhost.qmp import QmpMonitor
 from pvhost.ratelimit import TokenBucket
-from pvhost.services.affinity import GENERIC_PROTOCOL
+from pvhost.services.affinity import GENERIC_PROTOCOL, placement_document
 from pvhost.services.base import QMP_ALLOWED
 from pvhost.services.manager import ServiceManager
 from pvproto import (
@@ -64,7 +63,6 @@ from pvproto import (
     AffinityUpdate,
     BaseMessage,
     Error,
-    GuestDocument,
     GuestTopology,
     Hello,
     MapContents,
@@ -266,8 +264,7 @@ class VmSession:
         version = self.protocol_version
         message: BaseMessage = result
         if version is not None and version >= GENERIC_PROTOCOL:
-            doc = result.model_dump(mode="json", exclude={"type"})
-            message = GuestDocument(name="placement", content=json.dumps(doc, indent=1))
+            message = placement_document(result)
         with contextlib.suppress(ChannelError):
             self.send(message)
 
@@ -454,9 +451,8 @@ class VmSession:
         self.status.guest_topology = hello.topology
         self.status.protocol_version = version
         for program in self._programs_to_inject():
-            self.status.programs[program.program_id] = "loading"
             with contextlib.suppress(ChannelError):
-                self.send(program.message(request_id=self._next_id()))
+                self.inject(program)
         if self._services is not None:
             self._services.ready(self.name)
 
@@ -665,6 +661,12 @@ class VmSession:
             raise ChannelError(f"VM {self.name}: the channel closed while {doing}") from err
         finally:
             waiters.pop(request_id, None)
+
+    def inject(self, program: SignedProgram) -> None:
+        """Send ``program`` to the guest, shown as ``loading`` until its verdict: a verdict
+        on a program not marked so is one on a program the host never sent (dropped)."""
+        self.status.programs[program.program_id] = "loading"
+        self.send(program.message(request_id=self._next_id()))
 
     def unload_program(self, program_id: str) -> None:
         self.send(UnloadProgram(program_id=program_id, request_id=self._next_id()))

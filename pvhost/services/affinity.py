@@ -32,6 +32,7 @@ table holds at most ``MAX_TRACKED`` threads per VM; a resync reads at most
 from __future__ import annotations
 
 import asyncio
+import json
 import struct
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -42,10 +43,10 @@ from pvhost.programs import SignedAffinityProgram, SignedProgram
 from pvhost.services.affinity_event import EventError, decode, decode_tracked
 from pvhost.services.affinity_tracker import AffinityTracker
 from pvhost.services.base import ServiceContext, ServicePlugin, VmHandle
-from pvproto import AffinityUpdate
+from pvproto import AffinityResult, AffinityUpdate, GuestDocument
 from pvproto.messages import MAX_MAP_ENTRIES
 
-__all__ = ["GENERIC_PROTOCOL", "LOST_CHECK_S", "AffinityService"]
+__all__ = ["GENERIC_PROTOCOL", "LOST_CHECK_S", "AffinityService", "placement_document"]
 
 #: The first protocol whose agents forward the affinity records instead of tracking them.
 GENERIC_PROTOCOL = 4
@@ -57,6 +58,15 @@ _STATE_MAP = "pv_state"
 _STATE_LOST = 1  # PV_STATE_LOST
 _U32 = struct.Struct("<I")
 _U64 = struct.Struct("<Q")
+
+
+def placement_document(result: AffinityResult) -> GuestDocument:
+    """The answer to a generic agent: ``/run/pvagent/placement.json`` in the guest, the
+    ``AffinityResult`` as JSON without its ``type`` — the keys and layout agents of protocol 2
+    and 3 wrote from the results they were sent, plus (protocol 4) each pin's ``isolation``
+    and ``isolation_reason``."""
+    doc = result.model_dump(mode="json", exclude={"type"})
+    return GuestDocument(name="placement", content=json.dumps(doc, indent=1))
 
 
 @dataclass

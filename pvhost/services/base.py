@@ -74,6 +74,11 @@ class VmHandle(Protocol):
         """Send a message to the guest's agent; raises ChannelError when not connected."""
         ...
 
+    def inject(self, program: SignedProgram) -> None:
+        """Send one of the VM's programs to the guest's agent, shown as ``loading`` in
+        ``pvctl status`` until the agent's verdict; raises ChannelError when not connected."""
+        ...
+
     def unload_program(self, program_id: str) -> None:
         """Unload one of the VM's programs from the guest, and from ``pvctl status``'s
         ``programs``; raises ChannelError when not connected."""

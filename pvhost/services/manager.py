@@ -380,7 +380,7 @@ class ServiceManager:
         if previous != "enabled" and state.handle.protocol_version is not None:
             for program in self._programs_of(vm, service):
                 with contextlib.suppress(ChannelError):
-                    state.handle.send(program.message())
+                    state.handle.inject(program)
             plugin = self.plugins[service]
             self._submit(vm, service, "on_ready", lambda: plugin.on_ready(state.handle))
         return {"vm": vm, "service": service, "state": "enabled", "was": previous}

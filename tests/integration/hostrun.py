@@ -174,10 +174,11 @@ class Daemon:
 
 @asynccontextmanager
 async def daemon_and_guest(
-    tmp_path: Path, config: Path, agent: Path
+    tmp_path: Path, config: Path, agent: Path, *, generic: bool = False
 ) -> AsyncIterator[tuple[Daemon, FakeGuestChannel]]:
-    """The running daemon and the guest end of ``agent``, connected; both gone after."""
-    guest = FakeGuestChannel(agent)
+    """The running daemon and the guest end of ``agent``, connected; both gone after.
+    ``generic``: the guest plays the generic agent (protocol 4), else one that tracks."""
+    guest = FakeGuestChannel(agent, generic=generic)
     await guest.start()
     daemon = Daemon(tmp_path, config)
     try:

@@ -15,6 +15,7 @@ from pvagent.agent import MAX_DOCUMENTS, Agent
 from pvagent.trust import TrustPolicy
 from pvhost import signing
 from pvhost.programs import sign_program
+from pvhost.services.affinity import placement_document
 from pvproto import (
     SUPPORTED_VERSIONS,
     AffinityResult,
@@ -27,6 +28,7 @@ from pvproto import (
     Pong,
     ProgramLoaded,
     UnloadProgram,
+    VcpuPlacement,
     encode,
 )
 from vmlab.hostpeer import HostEnd
@@ -225,3 +227,51 @@ def test_host_documents_are_published_in_the_guest(tmp_path: Path) -> None:
     assert json.loads((run / "placement.json").read_text()) == placement
     assert len(list(run.glob("*.json"))) == MAX_DOCUMENTS
     assert not (tmp_path / "etc.json").exists()
+
+
+def test_the_placement_document_is_what_agents_wrote_with_what_each_pin_achieved(
+    tmp_path: Path,
+) -> None:
+    """The host's answer to a generic agent (pvhost's placement document) lands in the guest
+    as agents of protocol 2 and 3 wrote their AffinityResult (same keys, same layout), with
+    what each pin achieved (protocol 4: isolated, or restricted and why)."""
+    result = AffinityResult(
+        seq=4,
+        policy="identity",
+        backend="cgroup1",
+        placements=[
+            VcpuPlacement(vcpu=0, pcpu=2, isolation="isolated"),
+            VcpuPlacement(vcpu=1, pcpu=3, isolation="restricted", isolation_reason="v1 root"),
+            VcpuPlacement(vcpu=3, refused="pool exhausted"),
+        ],
+    )
+    run = tmp_path / "run"
+
+    async def main() -> None:
+        no_keys = TrustPolicy.from_config(Path("/nonexistent/trusted.d"))
+        agent = Agent(TOPOLOGY, no_keys, documents_dir=run)
+        try:
+            host, task = await connect(agent)
+            await host.expect(Hello)
+            host.hello()
+            await ready(host)
+            host.send(placement_document(result))
+            await ready(host)  # the document before it has been handled
+            host.close()
+            await asyncio.wait_for(task, 5)
+        finally:
+            agent.close()
+
+    asyncio.run(main())
+    text = (run / "placement.json").read_text()
+    # What the agents before protocol 4 wrote from a result (pvagent of 9e66cc4 and before).
+    assert text == json.dumps(result.model_dump(mode="json", exclude={"type"}), indent=1) + "\n"
+    doc = json.loads(text)
+    assert doc["seq"] == 4 and doc["backend"] == "cgroup1" and doc["policy"] == "identity"
+    none = {"isolation": None, "isolation_reason": None}
+    assert doc["placements"] == [
+        {"vcpu": 0, "pcpu": 2, "refused": None, **none, "isolation": "isolated"},
+        {"vcpu": 1, "pcpu": 3, "refused": None, "isolation": "restricted",
+         "isolation_reason": "v1 root"},
+        {"vcpu": 3, "pcpu": None, "refused": "pool exhausted", **none},
+    ]  # fmt: skip
