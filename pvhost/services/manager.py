@@ -333,27 +333,27 @@ class ServiceManager:
 
     async def closing(self, vm: str) -> None:
         """pvhost is about to close the VM's session (monitor still up): ``on_closing``."""
-        state = self._vms.get(vm)
-        if state is None:
-            return
-        for service, plugin in self.plugins.items():
-            if state.states[service] == "enabled":
-                reason = await self.guarded(
-                    service, "on_closing", functools.partial(plugin.on_closing, state.handle)
-                )
-                if reason is not None:
-                    self.fail(vm, service, reason)
+        await self._each_enabled(
+            vm, "on_closing", lambda plugin, handle: functools.partial(plugin.on_closing, handle)
+        )
 
     async def vm_gone(self, vm: str) -> None:
         """The VM's QEMU went away: each enabled service undoes what it did for it."""
+        await self._each_enabled(
+            vm, "on_vm_gone", lambda plugin, _handle: functools.partial(plugin.on_vm_gone, vm)
+        )
+
+    async def _each_enabled(
+        self, vm: str, hook: str, call: Callable[[ServicePlugin, VmHandle], Call]
+    ) -> None:
+        """Run ``hook`` of every service enabled in ``vm``, one after the other, guarded; a
+        service whose hook fails is disabled for the VM (the others still run theirs)."""
         state = self._vms.get(vm)
         if state is None:
             return
         for service, plugin in self.plugins.items():
             if state.states[service] == "enabled":
-                reason = await self.guarded(
-                    service, "on_vm_gone", functools.partial(plugin.on_vm_gone, vm)
-                )
+                reason = await self.guarded(service, hook, call(plugin, state.handle))
                 if reason is not None:
                     self.fail(vm, service, reason)
 
