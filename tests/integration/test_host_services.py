@@ -192,5 +192,7 @@ def test_a_service_enabled_at_runtime_has_its_programs_verdict_recorded(
             assert "never sent" not in daemon.log()
             result = await guest.update(1, [1])
             assert result.placements[0].pcpu is not None, result
+            await daemon.stop()
+            assert daemon.returncode == 0, daemon.log()
 
     asyncio.run(scenario())
