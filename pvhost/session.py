@@ -321,16 +321,23 @@ class VmSession:
                 backoff.reset()
                 self._monitor = monitor
                 self.status.qmp = "connected"
-                # The port's state now (an event says only what changes from here on).
-                opened = await monitor.port_open(self.agent_path)
-                if opened is not None:
-                    self.status.port = "open" if opened else "closed"
-                channel = asyncio.create_task(self._channel_loop(), name=f"channel-{self.name}")
+                channel: asyncio.Task[None] | None = None
                 try:
+                    # The port's state now (an event says only what changes from here on).
+                    opened = await monitor.port_open(self.agent_path)
+                    if opened is not None:
+                        self.status.port = "open" if opened else "closed"
+                    channel = asyncio.create_task(self._channel_loop(), name=f"channel-{self.name}")
                     await monitor.wait_closed()
                 finally:
-                    await cancel_and_wait(channel)
-                    await monitor.close()
+                    # Cancelled (pvhost stops, the VM's directory went): cancel_and_wait
+                    # re-raises our cancellation, and the monitor must be closed all the same
+                    # (QEMU serves one QMP client: a connection left open locks out the next).
+                    try:
+                        if channel is not None:
+                            await cancel_and_wait(channel)
+                    finally:
+                        await monitor.close()
                 # QEMU closed its monitor: the VM is gone (or restarting). Undo its placements.
                 self.status.qmp = "closed"
                 self.status.port = "unknown"
@@ -339,10 +346,10 @@ class VmSession:
                 await self._on_gone(self.name)
                 await backoff.wait()
         finally:
-            await cancel_and_wait(worker)
-            if self._monitor is not None:
-                await self._monitor.close()
-                self._monitor = None
+            try:
+                await cancel_and_wait(worker)
+            finally:
+                self._monitor = None  # closed above, on every way out of the loop
 
     async def _vcpus_changed(self) -> None:
         await self._on_vcpus_changed(self.name)
