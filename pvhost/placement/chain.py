@@ -37,6 +37,7 @@ from pvproto import format_cpulist
 
 __all__ = [
     "expect_valid",
+    "growth_spare",
     "make_room",
     "partition_reason",
     "plan",
@@ -205,10 +206,19 @@ def sync(
     """Make the chain above the vCPU cgroups exactly ``target`` (VM → partition CPUs; see
     :func:`plan`); nothing pinned (empty target): every cgroup of ours ``member`` with empty
     ``cpuset.cpus``. Idempotent, so it also repairs what a crash left half done. Each VM named
-    in ``target`` must exist. PartitionInvalid with the kernel's reason when a partition reads
-    back invalid (the caller undoes)."""
+    in ``target`` must exist. PlacementError before the first write when a step needs a spare
+    CPU the host cannot give (:func:`growth_spare`); PartitionInvalid with the kernel's reason
+    when a partition reads back invalid (the caller undoes)."""
     vms = vm_dirs(base)
     total = frozenset().union(*target.values())
+    spare: frozenset[int] = frozenset()
+    slice_now: frozenset[int] = frozenset()
+    if total:
+        slice_now = _partition_cpus(base)
+        valid_now = {vm: _partition_cpus(path) for vm, path in vms.items()}
+        free = read_cpus(root / "cpuset.cpus.effective") - total - slice_now
+        # Refused here, before the first write, when the kernel would refuse the step anyway.
+        spare = growth_spare(target, valid_now, slice_now, free, eligible, slice_name=base.name)
     # VMs that hold no pin leave the chain first, so their CPUs go back to the slice.
     for vm, path in vms.items():
         if vm not in target:
@@ -218,14 +228,6 @@ def sync(
             _leave(base)
         _release_all(base, vms)
         return
-    slice_now = (
-        read_cpus(base / "cpuset.cpus")
-        if read_text(base / "cpuset.cpus.partition") == "root" and read_text(base / "cpuset.cpus")
-        else frozenset()
-    )
-    # One spare CPU for the enable step, if the host keeps at least one CPU without it.
-    free = read_cpus(root / "cpuset.cpus.effective") - total - slice_now
-    spare = frozenset(sorted(free & eligible)[-1:]) if len(free) >= 2 else frozenset()
     set_cpus(base, slice_now | total | spare)
     set_partition(base, "root")
     expect_valid(base, "root")
@@ -239,6 +241,54 @@ def sync(
     for vm in sorted(target):
         expect_valid(vms[vm], "root")
     _release_all(base, vms)
+
+
+def growth_spare(
+    target: Mapping[str, frozenset[int]],
+    valid_now: Mapping[str, frozenset[int]],
+    slice_now: frozenset[int],
+    free: frozenset[int],
+    eligible: frozenset[int],
+    *,
+    slice_name: str = "extpv.slice",
+) -> frozenset[int]:
+    """The spare CPU the slice borrows for the step to ``target`` (VM → partition CPUs), or
+    none. ``valid_now``: the CPUs of each VM's valid partition now; ``slice_now``: the slice's
+    partition CPUs now; ``free``: the CPUs the host keeps beside the chain.
+
+    The spare is the highest pool CPU of ``free``, taken only when the host keeps another one,
+    and only for a step that enables or grows a VM partition (a refused pin's undo, an unpin
+    and a restart that finds the chain whole write nothing for it).
+    A kernel without remote partitions refuses to enable or grow a VM partition that would
+    take *all* of the slice's CPUs (its subtree holds QEMU's threads: "Parent unable to
+    distribute cpu downstream"), so when such a step has no spare it is refused here, with
+    the reason, before anything is written."""
+    growing = {vm for vm, cpus in target.items() if not cpus <= valid_now.get(vm, frozenset())}
+    if not growing:
+        return frozenset()  # partitions that keep or shrink their CPUs need no room
+    spare = frozenset(sorted(free & eligible)[-1:]) if len(free) >= 2 else frozenset()
+    if spare:
+        return spare
+    whole = slice_now | frozenset().union(*target.values())
+    for vm, cpus in sorted(target.items()):
+        if vm in growing and cpus >= whole:
+            raise PlacementError(
+                f"VM {vm}: no spare CPU for the local-partition chain's growth step (this "
+                f"kernel has no remote partitions): {slice_name} must borrow one more CPU of "
+                f"the pool for a moment while VM {vm}'s partition grows to "
+                f"{format_cpulist(cpus)}, and the host would keep only "
+                f"{format_cpulist(free) or 'no CPU'} (pool {format_cpulist(eligible)}; the "
+                "kernel would answer: Parent unable to distribute cpu downstream). Each VM "
+                "holding pins needs its pCPUs, one extra CPU, and one more pool CPU free"
+            )
+    return spare
+
+
+def _partition_cpus(path: Path) -> frozenset[int]:
+    """The CPUs of ``path``'s partition now, empty when it is no valid partition root."""
+    if read_text(path / "cpuset.cpus.partition") == "root" and read_text(path / "cpuset.cpus"):
+        return read_cpus(path / "cpuset.cpus")
+    return frozenset()
 
 
 def _release_all(base: Path, vms: Mapping[str, Path]) -> None:

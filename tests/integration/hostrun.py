@@ -124,6 +124,12 @@ async def served(
 class Daemon:
     """``pvhost run --config`` of this checkout, its log in ``tmp_path/pvhost.log``."""
 
+    #: How long its start-up (to the control socket) and one pvctl may take.
+    start_timeout_s: float = 15
+    pvctl_timeout_s: float = 30
+    #: How long :meth:`close` waits for a SIGTERM'd daemon to undo its pins and exit.
+    stop_grace_s: float = 15
+
     def __init__(self, tmp_path: Path, config: Path) -> None:
         self.tmp_path = tmp_path
         self.config = config
@@ -146,7 +152,7 @@ class Daemon:
                 sys.executable, "-m", "pvhost.cli", "run", "--config", str(self.config),
                 stdout=asyncio.subprocess.DEVNULL, stderr=log,
             )  # fmt: skip
-        async with asyncio.timeout(15):
+        async with asyncio.timeout(self.start_timeout_s):
             while not self.socket.exists():
                 assert self.proc.returncode is None, self.log()
                 await asyncio.sleep(0.05)
@@ -157,10 +163,23 @@ class Daemon:
         await asyncio.wait_for(self.proc.wait(), 15)
 
     async def kill(self) -> None:
-        """Leave nothing running (a test's cleanup, whatever happened before)."""
+        """kill -9, if it still runs: what it placed stays, as after a crash."""
         if self.proc is not None and self.proc.returncode is None:
             self.proc.kill()
             await self.proc.wait()
+
+    async def close(self) -> None:
+        """Leave nothing running and nothing placed (a test's cleanup, whatever happened
+        before, a failed assertion included): a daemon still running is stopped as operators
+        stop it (SIGTERM: it undoes its pins and removes its cgroups), and killed only when it
+        does not stop within :attr:`stop_grace_s`. A kill -9 here would leave its cgroups behind."""
+        if self.proc is None or self.proc.returncode is not None:
+            return
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            await asyncio.wait_for(self.proc.wait(), self.stop_grace_s)
+        except TimeoutError:
+            await self.kill()
 
     async def pvctl(self, *args: str) -> tuple[int, str]:
         """``pvctl --socket … ARGS``: exit status and combined output."""
@@ -168,23 +187,30 @@ class Daemon:
             sys.executable, "-m", "pvhost.ctl", "--socket", str(self.socket), *args,
             stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
         )  # fmt: skip
-        out, _ = await asyncio.wait_for(proc.communicate(), 30)
+        out, _ = await asyncio.wait_for(proc.communicate(), self.pvctl_timeout_s)
         return proc.returncode or 0, out.decode()
 
 
 @asynccontextmanager
 async def daemon_and_guest(
-    tmp_path: Path, config: Path, agent: Path, *, generic: bool = False
+    tmp_path: Path,
+    config: Path,
+    agent: Path,
+    *,
+    daemon_class: type[Daemon] = Daemon,
+    connect_timeout: float = 10,
+    generic: bool = False,
 ) -> AsyncIterator[tuple[Daemon, FakeGuestChannel]]:
-    """The running daemon and the guest end of ``agent``, connected; both gone after.
+    """The running daemon (a ``daemon_class``) and the guest end of ``agent``, connected;
+    both gone after, and whatever the daemon placed undone (:meth:`Daemon.close`).
     ``generic``: the guest plays the generic agent (protocol 4), else one that tracks."""
     guest = FakeGuestChannel(agent, generic=generic)
     await guest.start()
-    daemon = Daemon(tmp_path, config)
+    daemon = daemon_class(tmp_path, config)
     try:
         await daemon.start()
-        await guest.connected()
+        await guest.connected(timeout=connect_timeout)
         yield daemon, guest
     finally:
-        await daemon.kill()
+        await daemon.close()
         await guest.close()

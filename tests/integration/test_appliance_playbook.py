@@ -24,6 +24,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import REQUIRE
+from tests.demo_output import demo_shares
 from tests.unit.test_readme import commands, readme_blocks
 
 pytestmark = [pytest.mark.root, pytest.mark.slow]
@@ -242,12 +243,26 @@ def test_demo_shows_a_guest_pin_applied_on_the_host(first_run: Run) -> None:
     pins = re.findall(r"vcpu(\d+) -> pCPU (\S+?)[,( ]", match.group(1) + " ")
     assert any(re.fullmatch(r"\d+", cpus) for _vcpu, cpus in pins), match.group(1)
     assert re.search(r"throughput: [0-9.]+ Mpps", demo.output), demo.explain()
+    # Beside the throughput: the pinned vCPU's CPU share under the yes load before the guest's
+    # pin and while it held, and what the pin achieved (issue 9 item 5).
+    try:
+        shares = demo_shares(demo.output)
+    except AssertionError as err:
+        raise AssertionError(f"{err}\n{demo.explain()}") from err
+    flat = re.sub(r"\s+", " ", demo.output)
+    placed = re.search(r"host placement while pinned: (.*?) \(before", flat)
+    assert placed, demo.explain()
+    pinned_to = {
+        f"vcpu{vcpu}": int(cpus)
+        for vcpu, cpus in re.findall(r"vcpu(\d+) -> pCPU ([\d-]+)", placed.group(1))
+        if cpus.isdigit()
+    }
+    assert {(s.vcpu, s.pcpu) for s in shares} == set(pinned_to.items()), demo.explain()
     # No unexplained refusal: each one is printed with pvhost's reason, and the demo closes
     # with what it showed (the pin undone after the workload).
     refused = re.findall(r'"vcpu": (\d+), "pcpu": null, "refused"', demo.output)
     # The host's CPUs come first: on a 2-CPU host with CPU 0 kept for the host, it says that
     # only one vCPU can be pinned, so the refusal that follows is announced.
-    flat = re.sub(r"\s+", " ", demo.output)  # the YAML callback wraps long lines
     capacity = re.search(r"host CPUs: online [^']*?eligible ([\d,-]+|none)(:[^']*)?'", flat)
     assert capacity, demo.explain()
     if refused and re.fullmatch(r"\d+|none", capacity.group(1)):

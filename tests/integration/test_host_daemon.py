@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from pvhost.placement import thread_allowed_cpus
-from tests.integration.hostrun import daemon_and_guest, free_port, write_config
+from tests.integration.hostrun import Daemon, daemon_and_guest, free_port, write_config
 from vmlab import VirtualMachine
 
 pytestmark = [pytest.mark.root, pytest.mark.vm]
@@ -161,3 +161,36 @@ def test_vm_exit_while_watched_is_undone_and_sigterm_removes_everything(
             assert not (CPUSET / cpuset_group).exists(), log
 
     asyncio.run(scenario())
+
+
+class _Failed(Exception):
+    """A test's assertion failing inside the daemon's context (raised on purpose)."""
+
+
+def test_a_failure_inside_daemon_and_guest_leaves_no_cgroup_behind(
+    tmp_path: Path, qemu: VirtualMachine, cpuset_group: str
+) -> None:
+    """The harness's cleanup after a test fails while the guest's pin holds: the daemon is
+    stopped as operators stop it, so it undoes the pin and removes its cgroups (a kill -9
+    there left pvhost's base cgroup behind)."""
+    tid = qemu.vcpu_threads()[1].tid
+    before = thread_allowed_cpus(tid)
+    config = write_config(tmp_path, qemu, cpuset_group, free_port())
+    seen: dict[str, object] = {}
+
+    async def scenario() -> None:
+        async with daemon_and_guest(tmp_path, config, qemu.dir / "agent.sock") as (daemon, guest):
+            result = await guest.update(1, [1])
+            assert [(p.vcpu, p.pcpu) for p in result.placements] == [(1, 1)], result
+            seen["base"] = (CPUSET / cpuset_group).is_dir()
+            seen["daemon"] = daemon
+            raise _Failed
+
+    with pytest.raises(_Failed):
+        asyncio.run(asyncio.wait_for(scenario(), 60))
+    assert seen["base"] is True, "the pin made pvhost's base cgroup"
+    daemon = seen["daemon"]
+    assert isinstance(daemon, Daemon)
+    assert daemon.returncode == 0, f"stopped, not killed: rc {daemon.returncode}\n{daemon.log()}"
+    assert not (CPUSET / cpuset_group).exists(), "pvhost's base cgroup was left behind"
+    assert thread_allowed_cpus(tid) == before

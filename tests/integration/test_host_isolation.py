@@ -26,7 +26,8 @@ import pytest
 from pvhost.errors import PlacementError
 from pvhost.placement import Cgroup1Backend, cgroup1, detect_backend
 from tests.conftest import absent
-from tests.faultpoints import KILLED, killed_before_write
+from tests.cpuacct import load_on, running_on, share
+from tests.faultpoints import KILLED, killed_before_write, recorded_writes
 from tests.integration.hostrun import daemon_and_guest, free_port, write_config
 from vmlab import VMSpec, start
 from vmlab.bootsector import SPIN
@@ -35,89 +36,6 @@ pytestmark = [pytest.mark.root, pytest.mark.isolation]
 
 CPUSET = Path("/sys/fs/cgroup/cpuset")
 PCPU = 1  # CPU 0 stays the host's housekeeping CPU
-
-
-def last_cpu(pid: int) -> int | None:
-    """The CPU ``pid`` last ran on (field 39 of /proc/<pid>/stat), None once it is gone."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    return int(stat.rsplit(")", 1)[1].split()[36])
-
-
-def run_ns(tid: int) -> int:
-    return int(Path(f"/proc/{tid}/schedstat").read_text().split()[0])
-
-
-TICK_NS = 1_000_000_000 // os.sysconf("SC_CLK_TCK")
-
-
-def cpu_ticks(cpu: int) -> tuple[int, int]:
-    """(busy, steal) clock ticks of ``cpu`` so far, from /proc/stat."""
-    for line in Path("/proc/stat").read_text().splitlines():
-        name, *ticks = line.split()
-        if name == f"cpu{cpu}":
-            user, nice, system, _idle, _iowait, irq, softirq, steal = map(int, ticks[:8])
-            return user + nice + system + irq + softirq, steal
-    raise LookupError(f"no cpu{cpu} in /proc/stat")
-
-
-class Share(float):
-    """A thread's fraction of one CPU over a window, not counting the time the hypervisor
-    stole from that CPU (no host scheduling can give that back), with what else ran there."""
-
-    others: float  # fraction of the window other tasks ran on the CPU
-    steal: float  # fraction of the window the hypervisor took
-
-    def __new__(cls, fraction: float, others: float, steal: float) -> Share:
-        share = super().__new__(cls, fraction)
-        share.others, share.steal = others, steal
-        return share
-
-    def why(self) -> str:
-        return (
-            f"other tasks ran {self.others:.0%} of the window on that CPU (on v1, tasks of the "
-            f"root cpuset cannot be isolated: other work on this machine), hypervisor steal "
-            f"{self.steal:.0%}"
-        )
-
-
-def share(tid: int, seconds: float = 2.0, cpu: int = PCPU) -> Share:
-    """The fraction of one CPU ``tid`` got over ``seconds`` (see :class:`Share`); ``others``
-    means what it says only while ``tid`` runs on ``cpu`` alone."""
-    t0, r0, (busy0, steal0) = time.monotonic_ns(), run_ns(tid), cpu_ticks(cpu)
-    time.sleep(seconds)
-    t1, r1, (busy1, steal1) = time.monotonic_ns(), run_ns(tid), cpu_ticks(cpu)
-    wall, ran = t1 - t0, r1 - r0
-    stolen = (steal1 - steal0) * TICK_NS
-    others = max(0, (busy1 - busy0) * TICK_NS - ran)
-    return Share(ran / max(wall - stolen, 1), others / wall, stolen / wall)
-
-
-def running_on(cpu: int, exclude: set[int]) -> list[str]:
-    """Processes other than ``exclude`` running on ``cpu`` now (root-cpuset tasks keep every
-    CPU on v1: on a busy machine they, not the load, are what a pinned thread shares with)."""
-    out = []
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            pid_comm, rest = stat.read_text().rsplit(")", 1)
-        except OSError:
-            continue
-        fields = rest.split()
-        pid = int(pid_comm.split(" (", 1)[0])
-        if fields[0] == "R" and int(fields[36]) == cpu and pid not in exclude:
-            out.append(f"{pid} ({pid_comm.split(' (', 1)[1]})")
-    return out
-
-
-def load_on(pids: list[int], cpu: int, seconds: float = 1.5) -> int:
-    """How many samples (every 10 ms) found a load process last running on ``cpu``."""
-    hits, end = 0, time.monotonic() + seconds
-    while time.monotonic() < end:
-        hits += sum(last_cpu(p) == cpu for p in pids)
-        time.sleep(0.01)
-    return hits
 
 
 @pytest.fixture
@@ -179,14 +97,14 @@ def test_pinned_pcpu_is_taken_from_the_load_while_pinned_and_given_back_exactly(
     path, yes = load
     backend = backend_for(tmp_path, cpuset_group, path)
     try:
-        contended = share(spinner)
+        contended = share(spinner, cpu=PCPU)
         assert load_on(yes, PCPU) > 0, "the load runs on the pCPU before the pin"
 
         backend.pin("vm", 0, spinner, PCPU)
         assert (path / "cpuset.cpus").read_text().strip() == "0"
         time.sleep(0.2)  # the kernel moves the load off at its next scheduling point
         assert load_on(yes, PCPU) == 0, "a yes process ran on the pinned pCPU"
-        pinned = share(spinner)
+        pinned = share(spinner, cpu=PCPU)
         others = running_on(PCPU, {spinner, os.getpid()})
         assert pinned >= 0.9, (
             f"the pinned thread got {pinned:.0%} of its pCPU; {pinned.why()}; running now: {others}"
@@ -200,7 +118,7 @@ def test_pinned_pcpu_is_taken_from_the_load_while_pinned_and_given_back_exactly(
         assert backend.state.withheld() == {}
         time.sleep(0.2)
         assert load_on(yes, PCPU) > 0, "the load has the pCPU again"
-        released = share(spinner)
+        released = share(spinner, cpu=PCPU)
         print(f"\n[isolation] share contended {contended:.0%}, pinned {pinned:.0%}, "
               f"released {released:.0%} (while pinned: {pinned.why()})",
               file=sys.stderr)  # fmt: skip
@@ -247,6 +165,78 @@ def test_kill9_while_the_load_is_shrunk_is_given_back_by_the_next_start(
     assert not (CPUSET / cpuset_group).exists()
 
 
+def _view(backend: Cgroup1Backend, load: Path, tid: int) -> dict[str, object]:
+    """Every cpuset of ours and the load's, the thread's cpuset and affinity, the records."""
+    tree = sorted(p for p in backend.base.rglob("*") if p.is_dir())
+    return {
+        "load": (load / "cpuset.cpus").read_text().strip(),
+        "ours": {
+            str(p.relative_to(CPUSET)): (p / "cpuset.cpus").read_text().strip()
+            for p in [backend.base, *tree]
+            if p.exists()
+        },
+        "thread_cpuset": Path(f"/proc/{tid}/cpuset").read_text().strip(),
+        "affinity": sorted(os.sched_getaffinity(tid)),
+        "pins": backend.pins(),
+        "withheld": backend.state.withheld(),
+    }
+
+
+@pytest.mark.faults
+def test_kill9_at_every_write_of_the_first_pin_and_the_last_unpin_restarts_to_the_last_request(
+    tmp_path: Path, cpuset_group: str, load: tuple[Path, list[int]], spinner: int
+) -> None:
+    """v1 ``isolate_from``: the pin that takes the pCPU from the load's cpuset (the first: no
+    CPU withheld before) and the unpin that gives it back (the last), killed before each of
+    their cgroupfs writes; a restart (setup, reconcile with the VM alive) must leave exactly
+    what the last valid request implies."""
+    path, _ = load
+    live = {"vm": {0: spinner}}
+    box = [backend_for(tmp_path, cpuset_group, path)]
+
+    def restarted() -> Cgroup1Backend:
+        box[0] = backend_for(tmp_path, cpuset_group, path)
+        box[0].reconcile(live)
+        return box[0]
+
+    def goto(pinned: bool) -> None:
+        if pinned and not box[0].pins():
+            box[0].pin("vm", 0, spinner, PCPU)
+        elif not pinned and box[0].pins():
+            box[0].unpin("vm", 0)
+
+    try:
+        checked = []
+        for op in ("pin", "unpin"):
+            goto(op == "unpin")
+            start = _view(box[0], path, spinner)
+
+            def run(op: str = op) -> None:
+                box[0].pin("vm", 0, spinner, PCPU) if op == "pin" else box[0].unpin("vm", 0)
+
+            writes = recorded_writes(cgroup1, run)
+            end = _view(box[0], path, spinner)
+            assert any(w == path / "cpuset.cpus" for w in writes), writes  # the load's cpuset
+            for i, write in enumerate(writes):
+                goto(op == "unpin")
+                nth = writes[: i + 1].count(write)
+                assert killed_before_write(cgroup1, write, run, nth) == KILLED, (op, i, write)
+                found = _view(restarted(), path, spinner)
+                # A pin killed before its last write never completed; an unpin is completed
+                # by the restart, or untouched when killed before its first write.
+                want = [start] if op == "pin" else [end, start] if i == 0 else [end]
+                assert found in want, (
+                    f"kill -9 before write {i} ({write}) of the {op}:\nfound    {found}\n"
+                    f"expected {want[0]}"
+                )
+                checked.append((op, i))
+        print(f"\n[crashes/isolate_from] kill -9 points checked: {len(checked)}", file=sys.stderr)
+        assert {op for op, _ in checked} == {"pin", "unpin"}
+    finally:
+        box[0].teardown()
+    assert (path / "cpuset.cpus").read_text().strip() == "0-1"
+
+
 def test_isolate_from_that_does_not_exist_is_refused_at_start(
     tmp_path: Path, cpuset_group: str
 ) -> None:
@@ -290,7 +280,7 @@ def test_through_the_daemon_a_spinning_vcpu_gets_its_pcpu_to_itself_while_pinned
             agent = qemu.dir / "agent.sock"
             # The generic agent (protocol 4): told in its placement document.
             async with daemon_and_guest(tmp_path, config, agent, generic=True) as (daemon, guest):
-                contended = await asyncio.to_thread(share, tid)
+                contended = await asyncio.to_thread(share, tid, 2.0, PCPU)
                 result = await guest.update(1, [0])
                 assert [(p.vcpu, p.pcpu) for p in result.placements] == [(0, PCPU)], result
                 # The guest is told what the pin achieved, and why it is not isolation.
@@ -302,7 +292,7 @@ def test_through_the_daemon_a_spinning_vcpu_gets_its_pcpu_to_itself_while_pinned
                 assert (path / "cpuset.cpus").read_text().strip() == "0"
                 await asyncio.sleep(0.2)
                 assert await asyncio.to_thread(load_on, yes, PCPU) == 0
-                pinned = await asyncio.to_thread(share, tid)
+                pinned = await asyncio.to_thread(share, tid, 2.0, PCPU)
                 others = running_on(PCPU, {tid, os.getpid()})
                 assert pinned >= 0.9, (
                     f"vCPU 0 got {pinned:.0%} of pCPU {PCPU}; {pinned.why()}; running now: {others}"
@@ -332,7 +322,7 @@ def test_through_the_daemon_a_spinning_vcpu_gets_its_pcpu_to_itself_while_pinned
                 assert "extpv_vcpu_isolation{" not in await asyncio.to_thread(metrics)
                 await asyncio.sleep(0.2)
                 assert await asyncio.to_thread(load_on, yes, PCPU) > 0
-                released = await asyncio.to_thread(share, tid)
+                released = await asyncio.to_thread(share, tid, 2.0, PCPU)
                 print(f"\n[isolation/daemon] vCPU 0 share contended {contended:.0%}, "
                       f"pinned {pinned:.0%}, released {released:.0%} "
                       f"(while pinned: {pinned.why()})", file=sys.stderr)  # fmt: skip

@@ -23,6 +23,7 @@ from typing import Any
 import pytest
 
 from pvhost.libvirt import safe_name
+from tests.cpuacct import load_on, share
 from vmlab.daemon import PvhostDaemon
 from vmlab.errors import DaemonError
 from vmlab.images import GuestImage, ensure_test_image
@@ -202,35 +203,6 @@ def test_b_guest_pin_shows_in_virsh_vcpupin_and_thread_exit_releases(
     pvhost.wait_status("release after the thread exited", unpinned(domain), 120)
     assert domain.vcpupin() == before
     assert os.sched_getaffinity(tid) == {0, 1}
-
-
-def last_cpu(pid: int) -> int | None:
-    """The CPU ``pid`` last ran on (field 39 of /proc/<pid>/stat), None once it is gone."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    return int(stat.rsplit(")", 1)[1].split()[36])
-
-
-def load_on(pids: list[int], cpu: int, seconds: float = 1.5) -> int:
-    """How many samples (every 10 ms) found a load process last running on ``cpu``."""
-    hits, end = 0, time.monotonic() + seconds
-    while time.monotonic() < end:
-        hits += sum(last_cpu(p) == cpu for p in pids)
-        time.sleep(0.01)
-    return hits
-
-
-def share(tid: int, seconds: float = 2.0) -> float:
-    """The fraction of one CPU ``tid`` got over ``seconds`` of wall time (its schedstat)."""
-
-    def run_ns() -> int:
-        return int(Path(f"/proc/{tid}/schedstat").read_text().split()[0])
-
-    t0, r0 = time.monotonic_ns(), run_ns()
-    time.sleep(seconds)
-    return (run_ns() - r0) / (time.monotonic_ns() - t0)
 
 
 @pytest.fixture

@@ -13,6 +13,11 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
+import pytest
+import yaml
+
+from tests.demo_output import demo_shares
+
 REPO = Path(__file__).resolve().parents[2]
 HOUSEKEEPING = (
     "identity: pCPU 0 is a housekeeping CPU, kept for the host (placement.housekeeping); "
@@ -123,3 +128,56 @@ def test_the_pinned_vcpu_shows_its_cpu_share_under_the_load_and_what_its_pin_ach
     lines = _summary(status, after={0: "0-1", 1: "0-1"}, load=load)
     assert "vcpu1 isolation: isolated (no other task may run on pCPU 1)" in lines
     assert any(line.startswith("vcpu1 CPU share under the load: ? before") for line in lines)
+
+
+def _as_the_playbook_prints(lines: list[str], style: str | None = None) -> str:
+    """The debug task's result as ansible.cfg's ``callback_result_format = yaml`` shows it:
+    long strings wrapped, quoted ones with doubled single quotes (``style='"'``: folded in
+    double quotes, as YAML does for a line holding a character it must escape)."""
+    return "ok: [localhost] =>\n" + yaml.safe_dump(
+        {"msg": lines}, default_flow_style=False, default_style=style, width=60
+    )
+
+
+def test_the_appliance_checks_find_the_share_and_mode_lines_and_fail_without_them() -> None:
+    status = {
+        "host": {"online": [0, 1], "housekeeping": [0], "eligible": [1]},
+        "vms": {
+            "extpv-demo": {
+                "result": [{"vcpu": 1, "pcpu": 1, "refused": None}],
+                "placements": {
+                    "1": {"pcpu": 1, "isolation": "restricted", "isolation_reason": ROOT_TASKS}
+                },
+            }
+        },
+    }
+    full = _summary(
+        status,
+        after={0: "0-1", 1: "0-1"},
+        load="8 `yes` processes (4 x 2 CPUs) in cpuset /extpv-demo-load",
+        share_before={1: 0.23},
+        share_pinned={1: 0.991},
+    )
+    for style in (None, '"'):
+        (got,) = demo_shares(_as_the_playbook_prints(full, style))
+        assert (got.vcpu, got.before, got.pinned, got.pcpu, got.isolation) == (
+            "vcpu1",
+            23,
+            99,
+            1,
+            "restricted",
+        )
+    # The demo stops printing any of them, or prints a share it did not measure: the check
+    # (and so the appliance test) fails, saying what is missing.
+    for drop, why in [
+        ("host load:", "no `host load:` line"),
+        ("vcpu1 CPU share", "no pinned vCPU's CPU share"),
+        ("vcpu1 isolation:", "no isolation mode line for vcpu1"),
+        ("throughput:", "no SPSC throughput"),
+    ]:
+        cut = [line for line in full if not line.startswith(drop)]
+        with pytest.raises(AssertionError, match=why):
+            demo_shares(_as_the_playbook_prints(cut))
+    unmeasured = _summary(status, after={0: "0-1", 1: "0-1"}, load="8 `yes` processes")
+    with pytest.raises(AssertionError, match="no pinned vCPU's CPU share"):
+        demo_shares(_as_the_playbook_prints(unmeasured))

@@ -15,7 +15,6 @@ import subprocess
 import sys
 import tempfile
 import time
-import traceback
 from pathlib import Path
 from typing import Any
 
@@ -25,30 +24,9 @@ from pvhost.errors import PartitionInvalid
 from pvhost.placement import cgroup2
 from pvhost.placement.cgroup2 import Cgroup2Backend
 from tests.faultpoints import killed_before_write
+from tests.vm.guesthost import ROOT, allowed, cgroup_of, read, stepper
 
-ROOT = Path("/sys/fs/cgroup")
 VM = "inner"
-
-
-def read(path: Path) -> str | None:
-    try:
-        return path.read_text().strip()
-    except OSError:
-        return None
-
-
-def allowed(tid: int) -> str | None:
-    for line in (read(Path(f"/proc/{tid}/status")) or "").splitlines():
-        if line.startswith("Cpus_allowed_list:"):
-            return line.split(":", 1)[1].strip()
-    return None
-
-
-def cgroup_of(tid: int) -> str | None:
-    for line in (read(Path(f"/proc/{tid}/cgroup")) or "").splitlines():
-        if line.startswith("0::"):
-            return line[3:]
-    return None
 
 
 def start_nested_qemu() -> tuple[subprocess.Popen[bytes], dict[int, int]]:
@@ -126,12 +104,7 @@ def crash_in_unpin(b: Cgroup2Backend, vcpu: int) -> int:
 def main() -> None:
     obs: dict[str, Any] = {"errors": {}}
 
-    def step(name: str, fn: Any) -> Any:
-        try:
-            return fn()
-        except Exception as err:
-            obs["errors"][name] = f"{type(err).__name__}: {err}\n{traceback.format_exc()[-1500:]}"
-            return None
+    step = stepper(obs)
 
     proc, tids = start_nested_qemu()
     obs["tids"] = {str(k): v for k, v in tids.items()}

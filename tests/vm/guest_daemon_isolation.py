@@ -13,7 +13,6 @@ over 9p from ``EXTPV_GUEST_PYLIB``. Prints one JSON object.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import os
 import signal
@@ -21,7 +20,6 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -35,93 +33,19 @@ os.environ["PYTHONPATH"] = f"{SRC}:{PYLIB}"  # for the daemon and pvctl subproce
 os.environ.pop("PYTHONDONTWRITEBYTECODE", None)
 os.environ["PYTHONPYCACHEPREFIX"] = "/tmp/extpv-pycache"
 
-from tests.integration.hostrun import Daemon, free_port  # noqa: E402
+from tests.cpuacct import load_on, share, share_and_idle  # noqa: E402
+from tests.integration.hostrun import Daemon, daemon_and_guest, free_port  # noqa: E402
 from vmlab import VMSpec, start  # noqa: E402
 from vmlab.bootsector import SPIN  # noqa: E402
-from vmlab.guestpeer import FakeGuestChannel  # noqa: E402
-
-
-def last_cpu(pid: int) -> int | None:
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    return int(stat.rsplit(")", 1)[1].split()[36])
-
-
-def share(tid: int, seconds: float = 2.0) -> float:
-    def run_ns() -> int:
-        return int(Path(f"/proc/{tid}/schedstat").read_text().split()[0])
-
-    t0, r0 = time.monotonic_ns(), run_ns()
-    time.sleep(seconds)
-    return (run_ns() - r0) / (time.monotonic_ns() - t0)
-
-
-def idle_ticks(cpu: int) -> int:
-    """idle + iowait of ``cpu`` in /proc/stat (USER_HZ ticks)."""
-    for line in Path("/proc/stat").read_text().splitlines():
-        if line.startswith(f"cpu{cpu} "):
-            fields = line.split()
-            return int(fields[4]) + int(fields[5])
-    raise LookupError(f"cpu{cpu} not in /proc/stat")
-
-
-def share_and_idle(tid: int, cpu: int, seconds: float = 3.0) -> tuple[float, float]:
-    """``tid``'s share of one CPU and ``cpu``'s idle fraction over the same ``seconds``."""
-    hz = os.sysconf("SC_CLK_TCK")
-    t0, i0 = time.monotonic(), idle_ticks(cpu)
-    got = share(tid, seconds)
-    return got, (idle_ticks(cpu) - i0) / hz / (time.monotonic() - t0)
-
-
-def load_on(pids: list[int], cpu: int, seconds: float = 1.5) -> int:
-    hits, end = 0, time.monotonic() + seconds
-    while time.monotonic() < end:
-        hits += sum(last_cpu(p) == cpu for p in pids)
-        time.sleep(0.01)
-    return hits
 
 
 class GuestHostDaemon(Daemon):
     """``pvhost run`` as the harness starts it, with the start-up time a TCG guest needs
     (Python start-up over 9p: measured 15-40 s on a fresh guest)."""
 
-    async def start(self) -> None:
-        self.socket.unlink(missing_ok=True)
-        with open(self.tmp_path / "pvhost.log", "ab") as log:
-            self.proc = await asyncio.create_subprocess_exec(
-                sys.executable, "-m", "pvhost.cli", "run", "--config", str(self.config),
-                stdout=asyncio.subprocess.DEVNULL, stderr=log,
-            )  # fmt: skip
-        async with asyncio.timeout(120):
-            while not self.socket.exists():
-                assert self.proc.returncode is None, self.log()
-                await asyncio.sleep(0.1)
-
-    async def pvctl(self, *args: str) -> tuple[int, str]:
-        proc = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "pvhost.ctl", "--socket", str(self.socket), *args,
-            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
-        )  # fmt: skip
-        out, _ = await asyncio.wait_for(proc.communicate(), 120)
-        return proc.returncode or 0, out.decode()
-
-
-@contextlib.asynccontextmanager
-async def daemon_and_guest(
-    tmp: Path, config: Path, agent: Path
-) -> AsyncIterator[tuple[Daemon, FakeGuestChannel]]:
-    guest = FakeGuestChannel(agent)
-    await guest.start()
-    daemon = GuestHostDaemon(tmp, config)
-    try:
-        await daemon.start()
-        await guest.connected(timeout=60)
-        yield daemon, guest
-    finally:
-        await daemon.kill()
-        await guest.close()
+    start_timeout_s = 120
+    pvctl_timeout_s = 120
+    stop_grace_s = 120
 
 
 def config(tmp: Path, qmp: Path, agent: Path) -> Path:
@@ -156,10 +80,10 @@ async def scenario(
 ) -> dict[str, Any]:
     out: dict[str, Any] = {}
     agent = qemu.dir / "agent.sock"
-    async with daemon_and_guest(tmp, config(tmp, qemu.qmp_socket, agent), agent) as (
-        daemon,
-        guest,
-    ):
+    setup = config(tmp, qemu.qmp_socket, agent)
+    async with daemon_and_guest(
+        tmp, setup, agent, daemon_class=GuestHostDaemon, connect_timeout=60
+    ) as (daemon, guest):
         # The load starts once the daemon is up (its start-up under TCG with the load running
         # exceeds the harness's 15 s), before the guest's pin.
         for _ in range(4 * (os.cpu_count() or 1)):

@@ -19,19 +19,19 @@ import subprocess
 import sys
 import tempfile
 import time
-import traceback
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, os.environ.get("EXTPV_SRC", "/mnt/extpv"))
 
-from pvhost.placement import chain
+from pvhost.placement import cgroup2, chain
 from pvhost.placement.cgroup2 import Cgroup2Backend
 from pvproto import parse_cpulist
-from tests.faultpoints import killed_before_write
+from tests.cpuacct import load_on, share
+from tests.faultpoints import killed_before_write, recorded_writes
+from tests.vm.guesthost import ROOT, allowed, read, stepper
 
-ROOT = Path("/sys/fs/cgroup")
 VM = "spin"
 # CPU 0 stays the host's housekeeping CPU; the rest may be pinned.
 POOL = frozenset(range(1, os.cpu_count() or 1))
@@ -55,45 +55,6 @@ for t in threads:
 print(" ".join(map(str, tids)), flush=True)
 sys.stdin.read()
 """
-
-
-def read(path: Path) -> str | None:
-    try:
-        return path.read_text().strip()
-    except OSError:
-        return None
-
-
-def allowed(tid: int) -> str | None:
-    for line in (read(Path(f"/proc/{tid}/status")) or "").splitlines():
-        if line.startswith("Cpus_allowed_list:"):
-            return line.split(":", 1)[1].strip()
-    return None
-
-
-def last_cpu(pid: int) -> int | None:
-    stat = read(Path(f"/proc/{pid}/stat"))
-    return None if stat is None else int(stat.rsplit(")", 1)[1].split()[36])
-
-
-def run_ns(tid: int) -> int:
-    return int(Path(f"/proc/{tid}/schedstat").read_text().split()[0])
-
-
-def share(tid: int, seconds: float = 2.0) -> float:
-    """The fraction of one CPU ``tid`` got over ``seconds`` of wall time."""
-    t0, r0 = time.monotonic_ns(), run_ns(tid)
-    time.sleep(seconds)
-    return (run_ns(tid) - r0) / (time.monotonic_ns() - t0)
-
-
-def load_on(pids: list[int], cpus: set[int], seconds: float = 1.5) -> int:
-    """Samples (every 10 ms) that found a load process last running on one of ``cpus``."""
-    hits, end = 0, time.monotonic() + seconds
-    while time.monotonic() < end:
-        hits += sum(last_cpu(p) in cpus for p in pids)
-        time.sleep(0.01)
-    return hits
 
 
 def fake_vm() -> tuple[subprocess.Popen[str], dict[int, int]]:
@@ -122,34 +83,15 @@ def snapshot(b: Cgroup2Backend, pid: int, tids: dict[int, int]) -> dict[str, Any
         # populated: see chain.release_cpus); what it may run on shows in the allowed lists.
         part = read(d / "cpuset.cpus.partition")
         out[name] = f"{read(d / 'cpuset.cpus') if part != 'member' else '*'}|{part}"
+        out[f"{name}_exclusive"] = read(d / "cpuset.cpus.exclusive")  # remote partitions
+    out["root_isolated"] = read(ROOT / "cpuset.cpus.isolated")
     return out
-
-
-def recorded_writes(operation: Callable[[], object]) -> list[Path]:
-    """The cgroupfs writes ``operation`` makes through the chain's writer, in order."""
-    real, seen = chain.write_text, []
-
-    def record(path: Path, value: str) -> None:
-        seen.append(path)
-        real(path, value)
-
-    chain.write_text = record  # type: ignore[assignment]
-    try:
-        operation()
-    finally:
-        chain.write_text = real  # type: ignore[assignment]
-    return seen
 
 
 def main() -> None:
     obs: dict[str, Any] = {"errors": {}}
 
-    def step(name: str, fn: Callable[[], Any]) -> Any:
-        try:
-            return fn()
-        except Exception as err:
-            obs["errors"][name] = f"{type(err).__name__}: {err}\n{traceback.format_exc()[-1500:]}"
-            return None
+    step = stepper(obs)
 
     vm, tids = fake_vm()
     spinner = tids[0]
@@ -195,10 +137,12 @@ def main() -> None:
             p.kill()
             p.wait()
         yes.clear()
+        holder = [b]
         if b.mode == "local":
-            holder = [b]
             obs["chain"] = step("chain", lambda: chain_cases(holder, state, vm.pid, tids))
-            b = holder[0]
+        if b.mode != "restricted":
+            obs["crashes"] = step("crashes", lambda: crash_cases(holder, state, vm.pid, tids))
+        b = holder[0]
         step("detach", lambda: b.detach(VM))
         step("teardown", b.teardown)
         obs["after"] = {"root_effective": read(ROOT / "cpuset.cpus.effective"),
@@ -217,8 +161,7 @@ def main() -> None:
 def chain_cases(
     cur: list[Cgroup2Backend], state: Path, pid: int, tids: dict[int, int]
 ) -> dict[str, Any]:
-    """Local mode only: a second pin, refusals, and kill -9 at every write of a pin/unpin.
-    ``cur[0]``: the backend, replaced by each restart."""
+    """Local mode only: a second pin, refusals. ``cur[0]``: the backend."""
     out: dict[str, Any] = {}
     b = cur[0]
 
@@ -250,14 +193,50 @@ def chain_cases(
     out["pin1"] = attempt(lambda: b.pin(VM, 1, tids[1], 3))
     out["s1"] = snapshot(b, pid, tids)
     out["verify_two"] = [str(f) for f in b.verify()]
-    # A third pin (onto pCPU 4) leaves the host no spare CPU for the growth step: the kernel
-    # refuses, the backend says why and undoes it; the two others stay.
-    out["pin2"] = attempt(lambda: b.pin(VM, 2, tids[2], 4))
+
+    # A third pin (onto pCPU 4) leaves the host no spare CPU for the growth step, which the
+    # kernel would refuse: the backend refuses up front, says why, and writes nothing of the
+    # chain; the two others stay.
+    def third() -> None:
+        out["pin2"] = attempt(lambda: b.pin(VM, 2, tids[2], 4))
+
+    out["pin2_writes"] = [str(p.relative_to(ROOT)) for p in recorded_writes(chain, third)]
     out["after_pin2"] = snapshot(b, pid, tids)
     out["unpin1"] = attempt(lambda: b.unpin(VM, 1))
     out["back_to_s0"] = snapshot(b, pid, tids) == s0
 
-    # kill -9 before each write of a pin (vCPU 1 → 3, vCPU 0 pinned), and of its unpin.
+    out["unpin0"] = attempt(lambda: b.unpin(VM, 0))
+    out["all_unpinned"] = snapshot(b, pid, tids)
+    return out
+
+
+#: kill -9 scenarios: (name, the pins the operation starts from, the operation). The first pin
+#: builds the chain (local mode) or the VM's exclusive CPUs (remote) from nothing; the last
+#: unpin dissolves them; the middle two change a chain that stays.
+CRASHES: list[tuple[str, dict[int, int], tuple[str, int, int]]] = [
+    ("first pin", {}, ("pin", 0, 1)),
+    ("second pin", {0: 1}, ("pin", 1, 3)),
+    ("unpin of one of two", {0: 1, 1: 3}, ("unpin", 1, 3)),
+    ("last unpin", {0: 1}, ("unpin", 0, 1)),
+]
+
+
+def crash_cases(
+    cur: list[Cgroup2Backend], state: Path, pid: int, tids: dict[int, int]
+) -> list[dict[str, Any]]:
+    """kill -9 before every cgroupfs write of each operation in :data:`CRASHES`, then a
+    restart (a new backend on the same state file: setup, reconcile): every cpuset, partition
+    and thread affinity must be exactly what the last valid request implies. ``cur[0]``: the
+    backend, replaced by each restart; every pin is undone at the end."""
+
+    def goto(want: dict[int, int]) -> None:
+        b = cur[0]
+        for vcpu in sorted(set(b.pins().get(VM, {})) - set(want)):
+            b.unpin(VM, vcpu)
+        for vcpu, pcpu in sorted(want.items()):
+            if b.pins().get(VM, {}).get(vcpu) != pcpu:
+                b.pin(VM, vcpu, tids[vcpu], pcpu)
+
     def restarted() -> Cgroup2Backend:
         again = Cgroup2Backend(ROOT, state)
         again.setup(POOL)
@@ -265,46 +244,33 @@ def chain_cases(
         cur[0] = again
         return again
 
-    crashes = []
-    for op in ("pin", "unpin"):
-        if op == "unpin":
-            cur[0].pin(VM, 1, tids[1], 3)
+    out = []
+    for name, pins, (op, vcpu, pcpu) in CRASHES:
+        goto(pins)
         start = snapshot(cur[0], pid, tids)
 
-        def run(op: str = op) -> None:
+        def run(op: str = op, vcpu: int = vcpu, pcpu: int = pcpu) -> None:
             if op == "pin":
-                cur[0].pin(VM, 1, tids[1], 3)
+                cur[0].pin(VM, vcpu, tids[vcpu], pcpu)
             else:
-                cur[0].unpin(VM, 1)
+                cur[0].unpin(VM, vcpu)
 
-        def back(op: str = op) -> None:  # to the state the op starts from
-            pinned = 1 in cur[0].pins().get(VM, {})
-            if op == "pin" and pinned:
-                cur[0].unpin(VM, 1)
-            elif op == "unpin" and not pinned:
-                cur[0].pin(VM, 1, tids[1], 3)
-
-        writes = recorded_writes(run)
+        writes = recorded_writes((cgroup2, chain), run)
         end = snapshot(cur[0], pid, tids)
-        back()
         for i, path in enumerate(writes):
+            goto(pins)
             nth = writes[: i + 1].count(path)
-            code = killed_before_write(chain, path, run, nth)
+            code = killed_before_write((cgroup2, chain), path, run, nth)
             found = snapshot(restarted(), pid, tids)
             # A pin killed before its last write never completed: the state it started from.
             # An unpin: completed by reconcile, or untouched when killed before its first write.
             ok = found == start if op == "pin" else found == end or (i == 0 and found == start)
-            crashes.append({
-                "op": op, "index": i, "write": str(path.relative_to(ROOT)), "nth": nth,
-                "exit": code, "ok": ok, "found": found, "expected": start if op == "pin" else end,
+            out.append({
+                "case": name, "op": op, "index": i, "writes": len(writes),
+                "write": str(path.relative_to(ROOT)), "nth": nth, "exit": code, "ok": ok,
+                "found": found, "expected": start if op == "pin" else end,
             })  # fmt: skip
-            back()
-        if op == "unpin":
-            cur[0].unpin(VM, 1)
-    b = cur[0]
-    out["crashes"] = crashes
-    out["unpin0"] = attempt(lambda: cur[0].unpin(VM, 0))
-    out["all_unpinned"] = snapshot(cur[0], pid, tids)
+    goto({})
     return out
 
 

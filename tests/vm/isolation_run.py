@@ -14,6 +14,7 @@ from typing import Any
 import vmlab
 
 __all__ = [
+    "assert_crashes_restart_to_the_last_request",
     "assert_daemon_isolates",
     "assert_isolated_under_load",
     "run_daemon_probe",
@@ -37,7 +38,7 @@ def _guest_pylib() -> None:
         shutil.copytree(source, target, ignore=shutil.ignore_patterns("__pycache__"))
 
 
-def run_isolation_probe(vm: vmlab.VirtualMachine, timeout_s: int = 240) -> dict[str, Any]:
+def run_isolation_probe(vm: vmlab.VirtualMachine, timeout_s: int = 360) -> dict[str, Any]:
     r = vm.guest(
         [
             "env",
@@ -78,6 +79,33 @@ def assert_isolated_under_load(obs: dict[str, Any], pcpu: int = 1) -> None:
     assert detail["isolated"] is True, detail
     after = obs["after"]
     assert after == {**obs["before"], "base_left": False}, (obs["before"], after)
+
+
+def assert_crashes_restart_to_the_last_request(obs: dict[str, Any]) -> None:
+    """kill -9 before every cgroupfs write of the first pin (the one that builds the chain, or
+    the VM's exclusive CPUs, from nothing), a second pin, an unpin of one of two and the last
+    unpin (the one that dissolves it): after each restart every cpuset, partition and thread
+    affinity is exactly what the last valid request implies."""
+    assert obs["errors"].get("crashes") is None, obs["errors"]["crashes"]
+    crashes = obs["crashes"]
+    cases = {c["case"] for c in crashes}
+    assert cases == {"first pin", "second pin", "unpin of one of two", "last unpin"}, cases
+    for case in cases:
+        points = [c for c in crashes if c["case"] == case]
+        # Every write of the operation was a kill point, and each one was reached.
+        assert [c["index"] for c in points] == list(range(points[0]["writes"])), points
+    for crash in crashes:
+        where = f"write {crash['index']} ({crash['write']}) of the {crash['case']}"
+        assert crash["exit"] == 137, f"the kill before {where} was never reached: {crash}"
+        assert crash["ok"], (
+            f"after kill -9 before {where}:\nfound    {crash['found']}\n"
+            f"expected {crash['expected']}"
+        )
+    print(
+        f"\n[crashes/{obs['mode']}] kill -9 points checked: "
+        + ", ".join(f"{case} {sum(c['case'] == case for c in crashes)}" for case in sorted(cases)),
+        file=sys.stderr,
+    )
 
 
 def run_daemon_probe(vm: vmlab.VirtualMachine, timeout_s: int = 450) -> dict[str, Any]:

@@ -15,6 +15,7 @@ import pytest
 
 import vmlab
 from tests.vm.isolation_run import (
+    assert_crashes_restart_to_the_last_request,
     assert_daemon_isolates,
     assert_isolated_under_load,
     run_daemon_probe,
@@ -34,6 +35,18 @@ def test_remote_partitions_isolate_the_pinned_pcpu_from_a_yes_load(observed: dic
     assert_isolated_under_load(observed)
     # Remote partitions take exactly the pinned pCPU from the host, nothing else.
     assert observed["isolation"]["taken"] == [1]
+
+
+@pytest.mark.faults
+def test_kill9_at_every_write_of_a_remote_pin_and_unpin_restarts_to_the_last_valid_request(
+    observed: dict,
+) -> None:
+    """The first pin (the VM's exclusive CPUs from nothing), a second pin, an unpin of one of
+    two and the last unpin: kill -9 before each of their writes."""
+    assert observed["mode"] == "remote"
+    assert_crashes_restart_to_the_last_request(observed)
+    # The remote partition's writes are those of cgroup2.py: the exclusive CPUs are among them.
+    assert any(c["write"].endswith("cpuset.cpus.exclusive") for c in observed["crashes"])
 
 
 def test_through_the_daemon_a_spinning_vcpu_gets_its_pcpu_to_itself(

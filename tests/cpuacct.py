@@ -1,0 +1,135 @@
+"""Who ran where, from the kernel's own CPU accounting (/proc), for the isolation tests.
+
+Shared by the host's tests (cgroup v1 ``isolate_from``, libvirt domains) and the probes that
+run inside a test guest acting as a host (they import it over the 9p share of the checkout,
+as they import pvhost): a thread's share of one CPU from ``/proc/<tid>/schedstat``, the CPU a
+task last ran on from ``/proc/<pid>/stat``, a CPU's busy, idle and stolen time from
+``/proc/stat``. Standard library only: the guest image has nothing else for it.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Collection
+from pathlib import Path
+
+__all__ = [
+    "Share",
+    "cpu_ticks",
+    "idle_ticks",
+    "last_cpu",
+    "load_on",
+    "run_ns",
+    "running_on",
+    "share",
+    "share_and_idle",
+]
+
+TICK_NS = 1_000_000_000 // os.sysconf("SC_CLK_TCK")
+
+
+def last_cpu(pid: int) -> int | None:
+    """The CPU ``pid`` last ran on (field 39 of /proc/<pid>/stat), None once it is gone."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return int(stat.rsplit(")", 1)[1].split()[36])
+
+
+def run_ns(tid: int) -> int:
+    """Nanoseconds ``tid`` has run so far (its schedstat)."""
+    return int(Path(f"/proc/{tid}/schedstat").read_text().split()[0])
+
+
+def _cpu_fields(cpu: int) -> list[int]:
+    for line in Path("/proc/stat").read_text().splitlines():
+        name, *ticks = line.split()
+        if name == f"cpu{cpu}":
+            return [int(t) for t in ticks]
+    raise LookupError(f"no cpu{cpu} in /proc/stat")
+
+
+def cpu_ticks(cpu: int) -> tuple[int, int]:
+    """(busy, steal) clock ticks of ``cpu`` so far, from /proc/stat."""
+    user, nice, system, _idle, _iowait, irq, softirq, steal = _cpu_fields(cpu)[:8]
+    return user + nice + system + irq + softirq, steal
+
+
+def idle_ticks(cpu: int) -> int:
+    """idle + iowait clock ticks of ``cpu`` so far, from /proc/stat."""
+    fields = _cpu_fields(cpu)
+    return fields[3] + fields[4]
+
+
+class Share(float):
+    """A thread's fraction of one CPU over a window, with what else ran on that CPU and what
+    the hypervisor stole from it (only when :func:`share` was told the CPU)."""
+
+    others: float  # fraction of the window other tasks ran on the CPU
+    steal: float  # fraction of the window the hypervisor took
+
+    def __new__(cls, fraction: float, others: float = 0.0, steal: float = 0.0) -> Share:
+        got = super().__new__(cls, fraction)
+        got.others, got.steal = others, steal
+        return got
+
+    def why(self) -> str:
+        return (
+            f"other tasks ran {self.others:.0%} of the window on that CPU (on v1, tasks of the "
+            f"root cpuset cannot be isolated: other work on this machine), hypervisor steal "
+            f"{self.steal:.0%}"
+        )
+
+
+def share(tid: int, seconds: float = 2.0, cpu: int | None = None) -> Share:
+    """The fraction of one CPU ``tid`` got over ``seconds`` of wall time. With ``cpu`` (the
+    one it runs on alone): not counting the time the hypervisor stole from that CPU (no host
+    scheduling can give that back), and what else ran there (:class:`Share`)."""
+    if cpu is None:
+        t0, r0 = time.monotonic_ns(), run_ns(tid)
+        time.sleep(seconds)
+        return Share((run_ns(tid) - r0) / (time.monotonic_ns() - t0))
+    t0, r0, (busy0, steal0) = time.monotonic_ns(), run_ns(tid), cpu_ticks(cpu)
+    time.sleep(seconds)
+    t1, r1, (busy1, steal1) = time.monotonic_ns(), run_ns(tid), cpu_ticks(cpu)
+    wall, ran = t1 - t0, r1 - r0
+    stolen = (steal1 - steal0) * TICK_NS
+    others = max(0, (busy1 - busy0) * TICK_NS - ran)
+    return Share(ran / max(wall - stolen, 1), others / wall, stolen / wall)
+
+
+def share_and_idle(tid: int, cpu: int, seconds: float = 3.0) -> tuple[float, float]:
+    """``tid``'s share of one CPU and ``cpu``'s idle fraction over the same ``seconds``."""
+    hz = os.sysconf("SC_CLK_TCK")
+    t0, i0 = time.monotonic(), idle_ticks(cpu)
+    got = share(tid, seconds)
+    return got, (idle_ticks(cpu) - i0) / hz / (time.monotonic() - t0)
+
+
+def load_on(pids: list[int], cpus: int | Collection[int], seconds: float = 1.5) -> int:
+    """How many samples (every 10 ms) found a load process last running on ``cpus`` (one CPU
+    or several)."""
+    where = {cpus} if isinstance(cpus, int) else set(cpus)
+    hits, end = 0, time.monotonic() + seconds
+    while time.monotonic() < end:
+        hits += sum(last_cpu(p) in where for p in pids)
+        time.sleep(0.01)
+    return hits
+
+
+def running_on(cpu: int, exclude: set[int]) -> list[str]:
+    """Processes other than ``exclude`` running on ``cpu`` now (root-cpuset tasks keep every
+    CPU on v1: on a busy machine they, not the load, are what a pinned thread shares with)."""
+    out = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            pid_comm, rest = stat.read_text().rsplit(")", 1)
+        except OSError:
+            continue
+        fields = rest.split()
+        pid = int(pid_comm.split(" (", 1)[0])
+        if fields[0] == "R" and int(fields[36]) == cpu and pid not in exclude:
+            out.append(f"{pid} ({pid_comm.split(' (', 1)[1]})")
+    return out
