@@ -8,10 +8,11 @@ Measures, for each loader (libbpf CO-RE object, bcc source):
   ``sched_setaffinity`` call in another process, to (a) the event reaching the agent's
   asyncio loop through the epoll fd, and (b) the tracker publishing the AffinityUpdate
   (a request every 25 ms, longer than the 20 ms coalescing window);
-* **agent CPU**: the real ``pvagent run --unix`` daemon, connected to a host played by
-  this script, idle and during a 100 000 calls/s storm of distinct masks (every call an
-  event), plus its RSS before/after and how long after the storm's last call the host
-  receives the final state.
+* **agent CPU**: the real ``pvagent run --unix`` daemon (protocol 4: it forwards the records,
+  the host decodes and tracks them), connected to a host played by this script (the host's
+  decoder and tracker, as pvhost's affinity service runs them), idle and during a 100 000
+  calls/s storm of distinct masks (every call an event), plus its RSS before/after and how
+  long after the storm's last call the host's tracker holds the final state.
 
 Writes bench/results/agent.json and bench/results/agent.md.
 
@@ -36,11 +37,11 @@ from pathlib import Path
 from exp_stats import percentile
 
 from pvagent import bpfobj
-from pvagent.affinity_event import decode
 from pvagent.loaders import load
 from pvagent.program import ProgramKind
-from pvagent.tracker import AffinityTracker
 from pvagent.trust import TrustPolicy
+from pvhost.services.affinity_event import decode
+from pvhost.services.affinity_tracker import AffinityTracker
 from pvproto import (
     SUPPORTED_VERSIONS,
     AffinityUpdate,
@@ -48,6 +49,7 @@ from pvproto import (
     Hello,
     LoadProgram,
     ProgramLoaded,
+    ProgramRecords,
     encode,
 )
 
@@ -165,6 +167,12 @@ class Host:
         )
         self.decoder = FrameDecoder()
         self.updates: list[tuple[int, AffinityUpdate]] = []
+        #: What pvhost's affinity service does with the agent's records (protocol 4).
+        self.tracker = AffinityTracker(
+            sorted(os.sched_getaffinity(0)),
+            lambda update: self.updates.append((time.monotonic_ns(), update)),
+            window=0.020,
+        )
 
     async def on_connect(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         if not self.connected.done():
@@ -177,8 +185,9 @@ class Host:
         pending: list[object] = []
         while True:
             for item in pending:
-                if isinstance(item, AffinityUpdate):
-                    self.updates.append((time.monotonic_ns(), item))
+                if isinstance(item, ProgramRecords) and item.ringbuf == "pv_affinity":
+                    for record in item.records:
+                        self.tracker.handle(decode(record))
                 if isinstance(item, kind):
                     return item
             pending = self.decoder.feed(

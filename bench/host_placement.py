@@ -3,10 +3,12 @@
 1. Backend apply/undo latency: ``pin`` and ``unpin`` of a real thread through the placement
    backend this host supports (cgroup v1 here; run inside the VM harness for cgroup v2).
 2. Round trip: AffinityUpdate → AffinityResult through the whole service, with a real QEMU
-   (TCG, ``-S``) and its real vCPU thread, the guest played on the channel socket.
+   (TCG, ``-S``) and its real vCPU thread, the guest played on the channel socket (as an
+   agent of protocol 3, which sends the AffinityUpdate itself; a generic agent's updates come
+   from pvhost's own tracker and enter the same placement path).
 3. Memory: RSS of ``pvhost run`` serving 256 simulated VMs. The VMs are load generators: a
    minimal QMP responder (greeting, ``qmp_capabilities``, ``query-cpus-fast``) and a guest
-   peer per VM that says Hello, answers LoadProgram and sends AffinityUpdates.
+   peer per VM that says Hello (protocol 3), answers LoadProgram and sends AffinityUpdates.
 
 Run as root: ``.venv/bin/python bench/host_placement.py [--iterations N] [--vms N]``.
 """
@@ -36,7 +38,6 @@ from pvhost.config import Config  # noqa: E402
 from pvhost.placement import detect_backend  # noqa: E402
 from pvhost.service import Service  # noqa: E402
 from pvproto import (  # noqa: E402
-    SUPPORTED_VERSIONS,
     AffinityResult,
     AffinityUpdate,
     FrameDecoder,
@@ -47,7 +48,7 @@ from pvproto import (  # noqa: E402
     encode,
 )
 from vmlab import VMSpec, start  # noqa: E402
-from vmlab.guestpeer import FakeGuestChannel  # noqa: E402
+from vmlab.guestpeer import TRACKING_AGENT_VERSIONS, FakeGuestChannel  # noqa: E402
 
 
 def bench_backend(iterations: int, tmp: Path) -> dict[str, object]:
@@ -152,7 +153,7 @@ async def fake_qmp(path: Path, tid: int) -> asyncio.Server:
 
 async def fake_guest(path: Path, updates: int, done: asyncio.Queue[int]) -> asyncio.Server:
     async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        hello = Hello(role="guest", protocol_versions=list(SUPPORTED_VERSIONS),
+        hello = Hello(role="guest", protocol_versions=list(TRACKING_AGENT_VERSIONS),
                       software_version="sim",
                       topology=GuestTopology(online_vcpus=[0, 1]))  # fmt: skip
         writer.write(encode(hello))

@@ -9,10 +9,18 @@
  * no fentry). The user mask is read at sys_enter (the pointer is only valid then),
  * stashed per caller tid, and reported at sys_exit only if the call returned 0.
  *
- * Twin: affinity.bcc.c (same maps, same logic, bcc dialect). Layout: affinity.h.
+ * Threads pinned before the object was loaded: pv_affinity_scan, a task iterator in a
+ * "?iter/task" section. Agents of protocol 4 load an object's iterators and run each once
+ * after the other programs are attached, before they answer the load (a generic rule: an
+ * object fills its maps with what was there before it); the host then reads pv_tracked.
+ * Older agents skip programs that are not auto-loaded ("?"), so the same object still loads
+ * there (their own /proc scan does this job).
+ *
+ * Twin: affinity.bcc.c (same maps, same logic, bcc dialect, no iterator). Layout: affinity.h.
  */
 #include <linux/bpf.h>
 #include <bpf/bpf_helpers.h>
+#include <bpf/bpf_core_read.h>
 
 #include "affinity.h"
 
@@ -46,7 +54,26 @@ struct trace_event_raw_sched_process_fork {
 			* changed from char[16] to __data_loc between kernel versions) */
 } __attribute__((preserve_access_index));
 
-/* The service map: the agent routes a ringbuf named pv_affinity to its affinity tracker. */
+struct cpumask {
+	unsigned long bits[1]; /* the kernel's size (NR_CPUS) comes from bpf_core_type_size */
+} __attribute__((preserve_access_index));
+
+struct task_struct {
+	int pid; /* the thread id, in the global pid namespace */
+	unsigned int flags;
+	const struct cpumask *cpus_ptr;
+} __attribute__((preserve_access_index));
+
+struct bpf_iter_meta;
+
+struct bpf_iter__task {
+	struct bpf_iter_meta *meta;
+	struct task_struct *task;
+} __attribute__((preserve_access_index));
+
+#define PF_KTHREAD 0x00200000 /* include/linux/sched.h: kernel threads are bound by it */
+
+/* The service's records (struct pv_affinity_event), decoded by the host's affinity service. */
 struct {
 	__uint(type, BPF_MAP_TYPE_RINGBUF);
 	__uint(max_entries, PV_AFFINITY_RINGBUF_BYTES);
@@ -237,5 +264,53 @@ int pv_affinity_thread_exit(void *ctx)
 	ev->ktime_ns = bpf_ktime_get_ns();
 	__builtin_memset(ev->mask, 0, sizeof(ev->mask));
 	bpf_ringbuf_submit(ev, 0);
+	return 0;
+}
+
+/* Read a task's allowed CPUs into a PV_AFFINITY_MASK_BYTES bitmap; the bytes read, or 0. */
+static __always_inline __u32 read_cpus(const struct task_struct *task, __u8 *mask)
+{
+	__u32 size = bpf_core_type_size(struct cpumask);
+
+	if (size > PV_AFFINITY_MASK_BYTES)
+		size = PV_AFFINITY_MASK_BYTES;
+	if (size == 0 || bpf_probe_read_kernel(mask, size, BPF_CORE_READ(task, cpus_ptr)) < 0)
+		return 0;
+	return size;
+}
+
+SEC("?iter/task")
+int pv_affinity_scan(struct bpf_iter__task *ctx)
+{
+	/* Run once by the agent after load: every user thread whose allowed CPUs differ from
+	 * the reader's (the agent runs unpinned) goes into pv_tracked, so its exit is reported
+	 * and the host finds its request there. An entry a tracepoint wrote meanwhile is newer:
+	 * BPF_NOEXIST keeps it. Tasks come in pid order; the iterator holds no locks we wait on. */
+	struct task_struct *task = ctx->task;
+	struct task_struct *self = bpf_get_current_task_btf();
+	struct pv_affinity_tracked now = {};
+	__u64 mine[PV_AFFINITY_MASK_BYTES / 8] = {};
+	const __u64 *theirs = (const __u64 *)now.mask;
+	__u32 tid;
+	int same = 1;
+
+	if (!task || (task->flags & PF_KTHREAD))
+		return 0;
+	now.mask_bytes = read_cpus(task, now.mask);
+	if (now.mask_bytes == 0 || read_cpus(self, (__u8 *)mine) != now.mask_bytes)
+		return 0;
+#pragma unroll
+	for (int i = 0; i < PV_AFFINITY_MASK_BYTES / 8; i++)
+		if (theirs[i] != mine[i])
+			same = 0;
+	if (same)
+		return 0; /* the default mask: no request */
+	tid = task->pid;
+	if (bpf_map_update_elem(&pv_tracked, &tid, &now, BPF_NOEXIST) == -7 /* E2BIG: full */) {
+		__u32 slot = PV_STATE_OVERFLOW;
+		__u64 one = 1;
+
+		bpf_map_update_elem(&pv_state, &slot, &one, BPF_ANY);
+	}
 	return 0;
 }

@@ -1,7 +1,7 @@
 """``pvagent``: the guest agent daemon and its tracing tool.
 
 pvagent run [--device PATH | --unix PATH] [--port-name NAME] [--config FILE]
-pvagent trace [--json] [--loader libbpf|bcc]
+pvagent trace PROGRAM [--json] [--loader libbpf|bcc]
 """
 
 from __future__ import annotations
@@ -17,8 +17,7 @@ from pathlib import Path
 
 from extpv.cli import die, setup_logging
 from pvagent import bpfobj
-from pvagent.affinity_event import AffinityEvent, EventError, EventFlag, EventKind, decode
-from pvagent.agent import AFFINITY_RINGBUF, Agent, ProgramLimits
+from pvagent.agent import Agent, ProgramLimits
 from pvagent.config import AgentConfig, load_config
 from pvagent.errors import AgentError
 from pvagent.loaders import load
@@ -26,7 +25,7 @@ from pvagent.memlock import lock_memory
 from pvagent.mounts import ensure_tracing_mounts
 from pvagent.topology import read_topology
 from pvagent.trust import TrustPolicy
-from pvproto import ProgramKind, format_cpulist
+from pvproto import ProgramKind
 
 __all__ = ["main"]
 
@@ -34,8 +33,8 @@ __all__ = ["main"]
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="pvagent",
-        description="extpv guest agent: loads host-injected eBPF programs and reports "
-        "the guest's CPU-affinity requests to the host.",
+        description="extpv guest agent: loads host-injected eBPF programs and streams "
+        "their records to the host, whose services make sense of them.",
     )
     parser.add_argument(
         "-v", "--verbose", action="count", default=0, help="more logging (-vv: debug)"
@@ -56,7 +55,12 @@ def _parser() -> argparse.ArgumentParser:
         "--config", type=Path, help="configuration file (default /etc/pvagent/pvagent.toml)"
     )
     trace = sub.add_parser(
-        "trace", help="load the built-in affinity program locally and print one line per event"
+        "trace", help="load a program locally and print one line per ring-buffer record"
+    )
+    trace.add_argument(
+        "program",
+        help="a built program's name (e.g. affinity: affinity.bpf.o, or affinity.bcc.c "
+        "with --loader bcc) or the path of an object or bcc source",
     )
     trace.add_argument("--json", action="store_true", help="one JSON object per line")
     trace.add_argument("--loader", choices=["libbpf", "bcc"], default="libbpf")
@@ -118,9 +122,8 @@ async def _run(args: argparse.Namespace) -> None:
     agent = Agent(
         read_topology(),
         _policy(config),
-        coalesce_s=config.coalesce_ms / 1000,
         bcc_cache_dir=config.bcc_cache_dir,
-        placement_file=config.placement_file,
+        documents_dir=config.documents_dir,
         limits=ProgramLimits(config.max_programs, int(config.max_program_memory_mib * (1 << 20))),
         versions_file=config.state_dir / "versions.json" if config.state_dir else None,
     )
@@ -136,34 +139,29 @@ async def _run(args: argparse.Namespace) -> None:
         agent.close()
 
 
-def _format(event: AffinityEvent, as_json: bool) -> str:
-    inherited = EventFlag.INHERITED in event.flags
-    name = "exit" if event.kind is EventKind.EXIT else "inherit" if inherited else "setaffinity"
+def _format(ringbuf: str, record: bytes, as_json: bool) -> str:
+    """One record, undecoded: the agent knows no layout (the host's services do)."""
     if as_json:
-        record: dict[str, object] = {
-            "event": name,
-            "tgid": event.tgid,
-            "tid": event.tid,
-            "ktime_ns": event.ktime_ns,
-        }
-        if event.kind is EventKind.SET:
-            record |= {"target_tid": event.target_tid, "cpus": sorted(event.cpus)}
-        if event.flags & ~EventFlag.INHERITED:
-            record["flags"] = str(event.flags & ~EventFlag.INHERITED)
-        return json.dumps(record)
-    if event.kind is EventKind.EXIT:
-        return f"EXIT        tgid={event.tgid} tid={event.tid}"
-    return (
-        f"{name.upper():<11} tgid={event.tgid} tid={event.tid} target={event.target_tid} "
-        f"cpus={format_cpulist(event.cpus)}"
-    )
+        return json.dumps({"ringbuf": ringbuf, "size": len(record), "hex": record.hex()})
+    return f"{ringbuf} {len(record):5d} {record.hex()}"
+
+
+def _program_file(name: str, kind: ProgramKind) -> tuple[str, bytes]:
+    """(program id, payload) of a built program's name or of a file's path."""
+    if "/" in name or "." in name:
+        path = Path(name)
+        try:
+            return path.name.split(".", 1)[0] or "trace", path.read_bytes()
+        except OSError as err:
+            raise AgentError(f"cannot read {path}: {err.strerror}") from err
+    suffix = ".bpf.o" if kind == "bpf-object" else ".bcc.c"
+    return name, bpfobj.read(name + suffix)
 
 
 async def _trace(args: argparse.Namespace) -> None:
     config = load_config(args.config)
     kind: ProgramKind = "bpf-object" if args.loader == "libbpf" else "bcc-source"
-    name = "affinity.bpf.o" if kind == "bpf-object" else "affinity.bcc.c"
-    payload = bpfobj.read(name)
+    program_id, payload = _program_file(args.program, kind)
     # A local operator's own built-in program: no signature, but the same allow-lists.
     policy = TrustPolicy(
         mode="any",
@@ -174,22 +172,17 @@ async def _trace(args: argparse.Namespace) -> None:
     policy.inspect(kind, payload)
 
     def sink(ringbuf: str, record: bytes) -> None:
-        if ringbuf != AFFINITY_RINGBUF:
-            return
-        try:
-            line = _format(decode(record), args.json)
-        except EventError as err:
-            line = f"bad event: {err}"
-        print(line, flush=True)
+        print(_format(ringbuf, record, args.json), flush=True)
 
     program = await asyncio.to_thread(
-        load, "affinity", kind, payload, sink, vet=policy.vet, bcc_cache_dir=config.bcc_cache_dir
+        load, program_id, kind, payload, sink, vet=policy.vet, bcc_cache_dir=config.bcc_cache_dir
     )
     loop = asyncio.get_running_loop()
     try:
         loop.add_reader(program.fileno(), program.consume)
         print(
-            f"tracing sched_setaffinity with {args.loader}; Ctrl-C to stop",
+            f"tracing {program_id} ({', '.join(program.attach_points)}) with {args.loader}; "
+            "Ctrl-C to stop",
             file=sys.stderr,
             flush=True,
         )

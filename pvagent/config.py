@@ -5,15 +5,14 @@
     port_name = "org.extpv.agent.0"   # virtio-serial port name (udev attribute `name`)
     trust = "signed"                  # or "any": load unsigned programs — INSECURE
     trusted_dir = "/etc/pvagent/trusted.d"
-    allow_attach = ["tracepoint/*", "tp/*", "raw_tracepoint/*", "raw_tp/*", "tp_btf/*"]
+    allow_attach = ["tracepoint/*", "tp/*", "raw_tracepoint/*", "raw_tp/*", "tp_btf/*", "iter/task"]
     allow_kfuncs = []                 # kfuncs programs may call (shell patterns): none
     allow_pinning = false             # programs may pin maps / use pinned maps
     max_programs = 8                  # programs loaded at once, all ids
     max_program_memory_mib = 64       # kernel memory of all loaded programs and maps
     state_dir = "/var/lib/pvagent"    # newest program version per id (replay guard); "" = off
-    coalesce_ms = 20                  # AffinityUpdate coalescing window
     bcc_cache_dir = "/var/cache/pvagent"
-    placement_file = "/run/pvagent/placement.json"   # the host's latest answer; "" = off
+    documents_dir = "/run/pvagent"    # the host services' documents (placement.json); "" = off
 """
 
 from __future__ import annotations
@@ -50,13 +49,16 @@ class AgentConfig(BaseModel):
     max_program_memory_mib: Annotated[float, Field(gt=0, le=1 << 20)] = 64.0
     #: Where the newest accepted version of each program id is kept ("" keeps it in memory).
     state_dir: Path | None = Path("/var/lib/pvagent")
-    coalesce_ms: Annotated[float, Field(ge=0, le=10_000)] = 20.0
     bcc_cache_dir: Path = Path("/var/cache/pvagent")
-    #: The host's latest AffinityResult, as JSON, for guest admins and applications
-    #: ("" disables it).
-    placement_file: Path | None = Path("/run/pvagent/placement.json")
+    #: Where the host's services publish documents for guest admins and applications, as
+    #: ``NAME.json`` (the affinity service's ``placement.json``); "" disables it.
+    documents_dir: Path | None = Path("/run/pvagent")
+    #: Keys of agents before protocol 4, accepted so an upgraded guest's config still loads;
+    #: they do nothing (the host's affinity service coalesces; see ``documents_dir``).
+    coalesce_ms: Annotated[float, Field(ge=0, le=10_000)] | None = None
+    placement_file: str | None = None
 
-    @field_validator("placement_file", "state_dir", mode="before")
+    @field_validator("documents_dir", "state_dir", mode="before")
     @classmethod
     def _empty_disables(cls, value: object) -> object:
         return None if value == "" else value

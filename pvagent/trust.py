@@ -19,7 +19,8 @@
 
    * Attach points, in libbpf section syntax, are matched against shell-style patterns.
      The default, :data:`DEFAULT_ALLOW`, admits only tracepoints (``tracepoint/``, ``tp/``,
-     ``raw_tracepoint/``, ``raw_tp/``, ``tp_btf/``): programs that observe. Everything
+     ``raw_tracepoint/``, ``raw_tp/``, ``tp_btf/``) and the task iterator (``iter/task``, run
+     once after load): programs that observe. Everything
      else is refused unless configured (``allow_attach``), in particular program types
      that change kernel behaviour (xdp, tc, lsm, struct_ops, cgroup/*, fmod_ret) and
      kprobes/fentry.
@@ -74,6 +75,8 @@ DEFAULT_ALLOW: tuple[str, ...] = (
     "raw_tracepoint/*",
     "raw_tp/*",
     "tp_btf/*",
+    # Task iterators only read (run once after load: an object finds what existed before it).
+    "iter/task",
 )
 #: Helpers that change state outside the program's own maps (id → name, from UAPI bpf.h).
 DENIED_HELPERS: dict[int, str] = {

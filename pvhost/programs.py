@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import re
+import struct
 import threading
 import time
 from dataclasses import dataclass
@@ -33,6 +34,7 @@ __all__ = [
     "affinity_program",
     "program_from_file",
     "sign_program",
+    "without_iterators",
 ]
 
 
@@ -109,16 +111,54 @@ def _stamp(path: Path) -> tuple[int, int, int] | None:
     return (st.st_ino, st.st_size, st.st_mtime_ns)
 
 
+_ELF_HEADER = struct.Struct("<16sHHIQQQIHHHHHH")
+_SECTION_HEADER = struct.Struct("<IIQQQQIIQQ")
+_SHF_EXECINSTR = 0x4
+_ITERATOR_KINDS = ("iter/", "iter.s/")
+
+
+def without_iterators(payload: bytes) -> bytes:
+    """The object with its iterator programs (``iter/…``, ``?iter/…`` sections) made inert.
+
+    Agents before protocol 4 vet every executable section against their attach allow-list,
+    which has no ``iter/task``, and would refuse the whole object; they never run iterators
+    anyway. Clearing the sections' SHF_EXECINSTR flag hides them from those agents' checks
+    and from libbpf (which skips non-executable sections and their relocations); the rest of
+    the object is byte for byte the same. Not an ELF64 little-endian object: unchanged.
+    """
+    if len(payload) < _ELF_HEADER.size or payload[:6] != b"\x7fELF\x02\x01":
+        return payload
+    fields = _ELF_HEADER.unpack_from(payload)
+    shoff, shentsize, shnum, shstrndx = fields[6], fields[11], fields[12], fields[13]
+    if shentsize != _SECTION_HEADER.size or shoff + shnum * shentsize > len(payload):
+        return payload
+    headers = [_SECTION_HEADER.unpack_from(payload, shoff + i * shentsize) for i in range(shnum)]
+    if shstrndx >= shnum:
+        return payload
+    names_at, names_size = headers[shstrndx][4], headers[shstrndx][5]
+    names = payload[names_at : names_at + names_size]
+    out = bytearray(payload)
+    for index, header in enumerate(headers):
+        end = names.find(b"\0", header[0])
+        name = names[header[0] : end if end >= 0 else None].decode(errors="replace")
+        if header[2] & _SHF_EXECINSTR and name.removeprefix("?").startswith(_ITERATOR_KINDS):
+            patched = (*header[:2], header[2] & ~_SHF_EXECINSTR, *header[3:])
+            _SECTION_HEADER.pack_into(out, shoff + index * shentsize, *patched)
+    return bytes(out)
+
+
 class SignedAffinityProgram:
     """The affinity program, read and signed once per change of its file or of the key.
 
     Called at every guest Hello: a guest that says Hello in a loop must not make the host
-    re-read and re-sign the program each time.
+    re-read and re-sign the program each time. ``compat``: the variant for agents of
+    protocol 2 and 3 (:func:`without_iterators`).
     """
 
-    def __init__(self, override: Path | None, key_path: Path) -> None:
+    def __init__(self, override: Path | None, key_path: Path, *, compat: bool = False) -> None:
         self.override = override
         self.key_path = key_path
+        self.compat = compat
         self._stamp: tuple[object, ...] | None = None
         self._value: SignedProgram | None = None
 
@@ -134,13 +174,16 @@ class SignedAffinityProgram:
         source = self._source()
         stamp = (source, source and _stamp(source), _stamp(self.key_path))
         if self._value is None or stamp != self._stamp:
-            self._value = affinity_program(self.override, self.key_path)
+            self._value = affinity_program(self.override, self.key_path, compat=self.compat)
             self._stamp = stamp
         return self._value
 
 
-def affinity_program(override: Path | None, key_path: Path) -> SignedProgram:
-    """The affinity program to inject at every (re)connection, signed (a new version)."""
+def affinity_program(
+    override: Path | None, key_path: Path, *, compat: bool = False
+) -> SignedProgram:
+    """The affinity program to inject at every (re)connection, signed (a new version);
+    ``compat``: with its iterators made inert, for agents before protocol 4."""
     if override is not None:
         _, kind, payload = program_from_file(override, "affinity")
     else:
@@ -149,4 +192,6 @@ def affinity_program(override: Path | None, key_path: Path) -> SignedProgram:
         except ObjectMissing as err:
             raise ChannelError(str(err)) from err
         kind = "bpf-object"
+    if compat and kind == "bpf-object":
+        payload = without_iterators(payload)
     return sign_program("affinity", kind, payload, key_path)

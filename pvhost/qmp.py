@@ -317,10 +317,14 @@ class QmpMonitor:
             transport.abort()
 
     async def close(self) -> None:
-        if self._events is not None:
-            await cancel_and_wait(self._events)
-        # disconnect() re-raises whatever ended the connection: EOFError when QEMU hung up
-        # (the VM exited), OSError or a QMPError otherwise. Closing is the answer to all of
-        # them; letting one escape would end the session's task instead of undoing the VM.
-        with contextlib.suppress(QMPError, OSError, EOFError):
-            await self._client.disconnect()
+        try:
+            if self._events is not None:
+                await cancel_and_wait(self._events)  # re-raises a cancellation of the caller
+        finally:
+            # Also when the caller is being cancelled: QEMU serves one QMP client, and a
+            # connection left open would lock out the next (a restarted pvhost, a new session).
+            # disconnect() re-raises whatever ended the connection: EOFError when QEMU hung up
+            # (the VM exited), OSError or a QMPError otherwise. Closing is the answer to all of
+            # them; letting one escape would end the session's task instead of undoing the VM.
+            with contextlib.suppress(QMPError, OSError, EOFError):
+                await self._client.disconnect()

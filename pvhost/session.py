@@ -12,9 +12,12 @@ programs of the services enabled for this VM (:mod:`pvhost.services`; affinity b
 and every program the operator loaded into this VM (``pvctl program load``) and did not
 unload — the operator's program replaces the default under the same id, so a guest that
 recorded the operator's newer version is never sent the older one again (which it would
-refuse as a replay). The host answers every ``AffinityUpdate`` with an ``AffinityResult`` of
-the same ``seq``. Updates are applied at most ``rate`` per second (token bucket); updates that
-arrive meanwhile coalesce to the newest, and each superseded one is answered compactly (its
+refuse as a replay). The host answers every ``AffinityUpdate`` (from agents of protocol 2
+and 3, which track affinity in the guest; for a generic agent of protocol 4 the affinity
+service's tracker submits them, :meth:`VmSession.submit_update`, and the answer goes to the
+guest as the ``placement`` ``GuestDocument``) with an ``AffinityResult`` of the same
+``seq``. Updates are applied at most ``rate`` per second (token bucket); updates that arrive
+meanwhile coalesce to the newest, and each superseded one is answered compactly (its
 ``seq``, no placements: the newest one's answer follows), so a hostile guest can neither make
 the host spin nor go unanswered. A request the host refuses as a whole (more vCPUs wanted than
 the VM has) is answered with ``Error{bad-request}``. Records of the guest's programs
@@ -51,6 +54,7 @@ from pvhost.logthrottle import LogThrottle
 from pvhost.programs import SignedProgram
 from pvhost.qmp import QmpMonitor
 from pvhost.ratelimit import TokenBucket
+from pvhost.services.affinity import GENERIC_PROTOCOL, placement_document
 from pvhost.services.base import QMP_ALLOWED
 from pvhost.services.manager import ServiceManager
 from pvproto import (
@@ -253,9 +257,25 @@ class VmSession:
             raise ChannelError(f"VM {self.name}: the guest channel is not connected")
 
     def send_result(self, result: AffinityResult) -> None:
-        """Send an answer if the guest is there to read it; a guest gone will ask again."""
+        """Send an answer if the guest is there to read it; a guest gone will ask again.
+
+        A generic agent (protocol 4) asked nothing: the host's affinity service tracked its
+        wish. It gets the answer as the ``placement`` document it publishes in the guest."""
+        version = self.protocol_version
+        message: BaseMessage = result
+        if version is not None and version >= GENERIC_PROTOCOL:
+            message = placement_document(result)
         with contextlib.suppress(ChannelError):
-            self.send(result)
+            self.send(message)
+
+    def submit_update(self, update: AffinityUpdate) -> None:
+        """The guest's whole wish (its own ``AffinityUpdate``, or the host-side tracker's for
+        a generic agent) → the placement path: applied at most ``rate`` per second, the
+        newest one wins, every one answered."""
+        if self._pending is not None:
+            self._superseded.append(self._pending.seq)
+        self._pending = update
+        self._wake.set()
 
     def describe(self) -> dict[str, Any]:
         st = self.status
@@ -301,16 +321,23 @@ class VmSession:
                 backoff.reset()
                 self._monitor = monitor
                 self.status.qmp = "connected"
-                # The port's state now (an event says only what changes from here on).
-                opened = await monitor.port_open(self.agent_path)
-                if opened is not None:
-                    self.status.port = "open" if opened else "closed"
-                channel = asyncio.create_task(self._channel_loop(), name=f"channel-{self.name}")
+                channel: asyncio.Task[None] | None = None
                 try:
+                    # The port's state now (an event says only what changes from here on).
+                    opened = await monitor.port_open(self.agent_path)
+                    if opened is not None:
+                        self.status.port = "open" if opened else "closed"
+                    channel = asyncio.create_task(self._channel_loop(), name=f"channel-{self.name}")
                     await monitor.wait_closed()
                 finally:
-                    await cancel_and_wait(channel)
-                    await monitor.close()
+                    # Cancelled (pvhost stops, the VM's directory went): cancel_and_wait
+                    # re-raises our cancellation, and the monitor must be closed all the same
+                    # (QEMU serves one QMP client: a connection left open locks out the next).
+                    try:
+                        if channel is not None:
+                            await cancel_and_wait(channel)
+                    finally:
+                        await monitor.close()
                 # QEMU closed its monitor: the VM is gone (or restarting). Undo its placements.
                 self.status.qmp = "closed"
                 self.status.port = "unknown"
@@ -319,10 +346,10 @@ class VmSession:
                 await self._on_gone(self.name)
                 await backoff.wait()
         finally:
-            await cancel_and_wait(worker)
-            if self._monitor is not None:
-                await self._monitor.close()
-                self._monitor = None
+            try:
+                await cancel_and_wait(worker)
+            finally:
+                self._monitor = None  # closed above, on every way out of the loop
 
     async def _vcpus_changed(self) -> None:
         await self._on_vcpus_changed(self.name)
@@ -431,9 +458,8 @@ class VmSession:
         self.status.guest_topology = hello.topology
         self.status.protocol_version = version
         for program in self._programs_to_inject():
-            self.status.programs[program.program_id] = "loading"
             with contextlib.suppress(ChannelError):
-                self.send(program.message(request_id=self._next_id()))
+                self.inject(program)
         if self._services is not None:
             self._services.ready(self.name)
 
@@ -454,10 +480,17 @@ class VmSession:
 
     def guest_message(self, channel: _GuestChannel, message: BaseMessage) -> None:
         if isinstance(message, AffinityUpdate):
-            if self._pending is not None:
-                self._superseded.append(self._pending.seq)
-            self._pending = message
-            self._wake.set()
+            version = self.protocol_version
+            if version is not None and version >= GENERIC_PROTOCOL:
+                # Its wish is the host's tracker's (from the program's records): a second
+                # source would fight it.
+                channel.reply_error(
+                    message,
+                    "bad-request",
+                    f"an agent of protocol {version} reports affinity as its program's records",
+                )
+                return
+            self.submit_update(message)
         elif isinstance(message, ProgramLoaded):
             if message.program_id not in self.status.programs:
                 # Not a program the host sent: keeping it would let a guest grow the host's
@@ -473,10 +506,12 @@ class VmSession:
             waiter = self._waiters.pop(message.request_id, None)
             if waiter is not None and not waiter.done():
                 waiter.set_result(message)
+            if message.ok and self._services is not None:
+                self._services.loaded(self.name, message.program_id)
         elif isinstance(message, ProgramRecords):
             if self._services is not None:
                 if message.lost:
-                    self._services.lost_records(self.name, message.lost)
+                    self._services.lost_records(self.name, message.lost, message.program_id)
                 self._services.records(self.name, message.program_id, message.records)
         elif isinstance(message, ProgramEvent):
             self._program_event(message)
@@ -527,14 +562,17 @@ class VmSession:
                 refused = err
             # A superseded update is answered with its seq alone: a full copy per update
             # would let a guest make the host send (and hold) its largest answer again and
-            # again. The newest one's answer, right after, says where things stand.
-            for seq in superseded:
+            # again. The newest one's answer, right after, says where things stand. (A
+            # generic agent asked nothing: it gets the newest placement document only.)
+            version = self.protocol_version
+            generic = version is not None and version >= GENERIC_PROTOCOL
+            for seq in [] if generic else superseded:
                 self.send_result(AffinityResult(seq=seq, placements=[]))
             if result is not None:
                 self.send_result(result)
             else:
                 self.guest_log.warning("%s: refused request: %s", self.name, refused)
-                if self._channel is not None:
+                if self._channel is not None and not generic:
                     self._channel.reply_error(update, "bad-request", str(refused))
 
     # -- programs ----------------------------------------------------------------------------
@@ -630,6 +668,12 @@ class VmSession:
             raise ChannelError(f"VM {self.name}: the channel closed while {doing}") from err
         finally:
             waiters.pop(request_id, None)
+
+    def inject(self, program: SignedProgram) -> None:
+        """Send ``program`` to the guest, shown as ``loading`` until its verdict: a verdict
+        on a program not marked so is one on a program the host never sent (dropped)."""
+        self.status.programs[program.program_id] = "loading"
+        self.send(program.message(request_id=self._next_id()))
 
     def unload_program(self, program_id: str) -> None:
         self.send(UnloadProgram(program_id=program_id, request_id=self._next_id()))

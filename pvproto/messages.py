@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import itertools
+import json
 from typing import Annotated, Any, ClassVar, Literal, Self
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -27,6 +28,7 @@ __all__ = [
     "BaseMessage",
     "Error",
     "ErrorCode",
+    "GuestDocument",
     "GuestTopology",
     "Hello",
     "IsolationMode",
@@ -54,6 +56,8 @@ MAX_RECORD_BYTES = 2048
 MAX_MAP_ENTRIES = 1024
 MAX_MAP_KEY_BYTES = 256
 MAX_MAP_VALUE_BYTES = 256
+#: Largest document a host asks a protocol-4 agent to publish in the guest (JSON text).
+MAX_DOCUMENT_BYTES = 64 * 1024
 
 #: Largest program payload: base64 (4/3) of it plus the envelope fits in MAX_BODY_SIZE.
 MAX_PAYLOAD_BYTES = 700 * 1024
@@ -320,6 +324,28 @@ class MapContents(BaseMessage):
     truncated: bool = False
 
 
+class GuestDocument(BaseMessage):
+    """Host → guest (protocol 4): publish a service's JSON document for the guest's admins and
+    applications; the agent writes it, whole and atomically, to ``<documents_dir>/NAME.json``
+    (``/run/pvagent``). The agent knows no document: what it says is the service's (the
+    affinity service's ``placement`` is the content of ``AffinityResult``)."""
+
+    TYPE_CODE: ClassVar[int] = 23
+    type: Literal["guest-document"] = "guest-document"
+    #: The file's name without ``.json``: no path separator, no leading dot.
+    name: Annotated[str, Field(pattern=r"^[a-z0-9][a-z0-9_-]{0,63}$")]
+    #: A JSON value, as text (checked on decode).
+    content: Annotated[str, Field(max_length=MAX_DOCUMENT_BYTES)]
+
+    @model_validator(mode="after")
+    def _check(self) -> Self:
+        try:
+            json.loads(self.content)
+        except ValueError as err:
+            raise ValueError(f"content is not JSON: {err}") from err
+        return self
+
+
 class ThreadRequest(BaseModel):
     """One live guest thread whose affinity mask is a strict subset of the online vCPUs."""
 
@@ -423,6 +449,7 @@ Message = Annotated[
     | ProgramRecords
     | ReadMap
     | MapContents
+    | GuestDocument
     | AffinityUpdate
     | AffinityResult,
     Field(discriminator="type"),
@@ -443,6 +470,7 @@ MESSAGE_TYPES: dict[int, type[BaseMessage]] = {
         ProgramRecords,
         ReadMap,
         MapContents,
+        GuestDocument,
         AffinityUpdate,
         AffinityResult,
     )

@@ -104,10 +104,21 @@ class PeerSession(Generic[OwnerT]):
     #: stale (the peer took it as the answer to its own, or lost it) and the peer is new.
     ANSWER_S: ClassVar[float] = 3.0
 
-    def __init__(self, owner: OwnerT, *, versions: Iterable[int] = SUPPORTED_VERSIONS) -> None:
+    def __init__(
+        self,
+        owner: OwnerT,
+        *,
+        versions: Iterable[int] = SUPPORTED_VERSIONS,
+        readable: Iterable[int] | None = None,
+    ) -> None:
         #: What this session serves; the hooks of a subclass act on it.
         self.owner = owner
         self.versions = tuple(sorted(set(versions)))
+        #: Frame versions this side reads, and writes before a version is negotiated (its
+        #: Hello in the lowest): ``versions`` unless wider. A side that negotiates fewer
+        #: versions than it can read still reads any peer's Hello, and is read by it, so a
+        #: mismatch ends in ``Error{unsupported}``, not in frames neither side can read.
+        self.frame_versions = tuple(sorted(set(readable or ()) | set(self.versions)))
         self.state = SessionState.AWAITING_HELLO
         #: The negotiated protocol version, once the peer's Hello arrived.
         self.version: int | None = None
@@ -118,7 +129,7 @@ class PeerSession(Generic[OwnerT]):
         self._ids = itertools.count(1)
         self._writer: asyncio.StreamWriter | None = None
         self._heard = time.monotonic()
-        self._decoder = FrameDecoder(versions=self.versions)
+        self._decoder = FrameDecoder(versions=self.frame_versions)
         self._restart_tokens = float(self.RESTART_BURST)
         self._restart_stamp = time.monotonic()
         #: When we sent a Hello the peer has not answered yet (None: no such Hello).
@@ -161,7 +172,7 @@ class PeerSession(Generic[OwnerT]):
         if droppable and writer.transport.get_write_buffer_size() > self.MAX_BACKLOG:
             return False
         try:
-            writer.write(encode(message, version=self.version or self.versions[0]))
+            writer.write(encode(message, version=self.version or self.frame_versions[0]))
         except (FrameTooLarge, OSError):
             return False
         return True

@@ -6,7 +6,7 @@ from collections.abc import Iterable
 
 from pvproto.errors import VersionMismatch
 
-__all__ = ["PROTOCOL_VERSION", "SUPPORTED_VERSIONS", "negotiate"]
+__all__ = ["AGENT_VERSIONS", "PROTOCOL_VERSION", "SUPPORTED_VERSIONS", "negotiate"]
 
 #: The version this software writes by default.
 #: 2: ``LoadProgram`` carries ``version`` and its signature covers the program envelope
@@ -16,12 +16,21 @@ __all__ = ["PROTOCOL_VERSION", "SUPPORTED_VERSIONS", "negotiate"]
 #: batches, as bytes) and ``ReadMap``/``MapContents``. A side sends them only in a session of
 #: version 3; with a peer of version 2 (an agent image built before them) it falls back to
 #: one ``ProgramEvent{data: {"raw": HEX}}`` per record and no map reads.
-#: 4: each pinned ``VcpuPlacement`` of an ``AffinityResult`` says what the pin achieved
-#: (``isolation``: isolated | restricted, and ``isolation_reason``). Additive: a host leaves
-#: both out of the frames of a session of version 2 or 3, whose agents reject unknown fields.
+#: 4: the generic agent. It holds no service logic: it forwards every ring buffer's records
+#: (the affinity program's too: the host's affinity service tracks the guest's pins; it
+#: sends no ``AffinityUpdate``), runs an object's iterator programs once after load, and
+#: writes the host's ``GuestDocument``s; the host sends it no ``AffinityResult`` (its answer
+#: is the ``placement`` document). Each pinned placement says what the pin achieved
+#: (``isolation``: isolated | restricted, and ``isolation_reason``); a host leaves both out
+#: of the ``AffinityResult`` frames of a session of version 2 or 3, whose agents reject
+#: unknown fields. Agents of protocol 2 and 3 track affinity themselves and send
+#: ``AffinityUpdate``; pvhost still serves them.
 PROTOCOL_VERSION = 4
-#: Every version this software can read and write.
+#: Every version this library can read and write (pvhost speaks them all).
 SUPPORTED_VERSIONS: tuple[int, ...] = (2, 3, 4)
+#: The versions a generic agent (pvagent) speaks: it cannot serve a host that expects the
+#: agent to track affinity (protocol 2 and 3), and says so at Hello (``unsupported``).
+AGENT_VERSIONS: tuple[int, ...] = (4,)
 
 
 def negotiate(ours: Iterable[int], theirs: Iterable[int]) -> int:

@@ -9,25 +9,47 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
+import struct
+import time
 from pathlib import Path
 
 from pvproto import (
-    SUPPORTED_VERSIONS,
     AffinityResult,
     AffinityUpdate,
     BaseMessage,
     FrameDecoder,
+    GuestDocument,
     GuestTopology,
     Hello,
     LoadProgram,
+    MapContents,
+    MapEntry,
     Ping,
     Pong,
     ProgramLoaded,
+    ProgramRecords,
     ProtocolError,
+    ReadMap,
     encode,
 )
 
-__all__ = ["FakeGuestChannel"]
+#: Protocol versions of agents that track affinity in the guest (AffinityUpdate/Result).
+TRACKING_AGENT_VERSIONS = (2, 3)
+#: Protocol versions of the generic agent: it forwards the affinity program's records and
+#: publishes the host's ``placement`` document.
+GENERIC_AGENT_VERSIONS = (4,)
+
+# The guest program's layouts (bpf/affinity.h), written here as the guest's kernel would:
+# struct pv_affinity_event (kind tgid tid target mask_bytes flags ktime_ns, 128-byte mask)
+# and struct pv_affinity_tracked (mask_bytes, pad, mask), keyed by tid.
+_EVENT = struct.Struct("<IIIIIIQ128s")
+_TRACKED = struct.Struct("<II128s")
+_SET, _EXIT = 1, 2
+#: The made-up tid of the guest thread that pins itself to vCPU n.
+_TID_BASE = 100_000
+
+__all__ = ["GENERIC_AGENT_VERSIONS", "TRACKING_AGENT_VERSIONS", "FakeGuestChannel"]
 
 
 class FakeGuestChannel:
@@ -37,10 +59,18 @@ class FakeGuestChannel:
     the guest *peer* (test driver), not a stand-in for any host component under test.
     """
 
-    def __init__(self, path: Path, vcpus: int = 3, accept_programs: bool = True) -> None:
+    def __init__(
+        self, path: Path, vcpus: int = 3, accept_programs: bool = True, *, generic: bool = False
+    ) -> None:
         self.path = path
         self.vcpus = vcpus
         self.accept_programs = accept_programs
+        #: Play the generic agent (protocol 4): a pin is the affinity program's records, the
+        #: answer the ``placement`` document; else an agent that tracks (2, 3).
+        self.generic = generic
+        #: Generic: the affinity program's pv_tracked table (tid → its one vCPU).
+        self.tracked: dict[int, int] = {}
+        self._record_seq = 0
         self.connections = 0
         #: Host Hellos received, all connections (one per connection when nothing resets).
         self.hellos = 0
@@ -71,7 +101,12 @@ class FakeGuestChannel:
             encode(
                 Hello(
                     role="guest",
-                    protocol_versions=list(SUPPORTED_VERSIONS),
+                    # By default an agent that tracks affinity itself and sends
+                    # AffinityUpdate (the protocols before the generic agent's 4): pvhost
+                    # serves those too.
+                    protocol_versions=list(
+                        GENERIC_AGENT_VERSIONS if self.generic else TRACKING_AGENT_VERSIONS
+                    ),
                     software_version="test-guest",
                     topology=GuestTopology(online_vcpus=list(range(self.vcpus))),
                 )
@@ -95,6 +130,8 @@ class FakeGuestChannel:
                         writer.write(encode(ProgramLoaded(
                             program_id=item.program_id, ok=self.accept_programs,
                             reason=reason, request_id=item.request_id)))  # fmt: skip
+                    elif isinstance(item, ReadMap) and self.generic:
+                        writer.write(encode(self._map(item)))  # (a test answers otherwise)
                     await self.received.put(item)
         self._connected.clear()
 
@@ -114,8 +151,26 @@ class FakeGuestChannel:
                 if isinstance(message, kind):
                     return message
 
+    def _map(self, request: ReadMap) -> MapContents:
+        """The generic agent's answer: pv_tracked as the guest program keeps it; others empty."""
+        entries = []
+        if request.program_id == "affinity" and request.map == "pv_tracked":
+            entries = [
+                MapEntry(key=tid.to_bytes(4, "little"), value=_TRACKED.pack(128, 0, _mask(v)))
+                for tid, v in sorted(self.tracked.items())
+            ][: request.max_entries]
+        return MapContents(
+            program_id=request.program_id, map=request.map, entries=entries,
+            request_id=request.request_id,
+        )  # fmt: skip
+
     async def update(self, seq: int, wanted: list[int], timeout: float = 10) -> AffinityResult:
-        """Send an AffinityUpdate and wait for the AffinityResult with its seq."""
+        """Pin one guest thread to each vCPU of ``wanted`` (and end the others): an
+        AffinityUpdate, and the AffinityResult with its seq. Generic (protocol 4): the
+        affinity program's records instead, and the ``placement`` document whose placements
+        are for exactly ``wanted`` (its seq is the host's)."""
+        if self.generic:
+            return await self._pin(wanted, timeout)
         self.send(AffinityUpdate(seq=seq, wanted=wanted))
         async with asyncio.timeout(timeout):
             while True:
@@ -123,3 +178,36 @@ class FakeGuestChannel:
                 assert isinstance(result, AffinityResult)
                 if result.seq == seq:
                     return result
+
+    async def _pin(self, wanted: list[int], timeout: float) -> AffinityResult:
+        now = time.monotonic_ns()
+        records = []
+        for tid, vcpu in sorted(self.tracked.items()):
+            if vcpu not in wanted:
+                del self.tracked[tid]
+                records.append(_EVENT.pack(_EXIT, tid, tid, 0, 0, 0, now, bytes(128)))
+        for vcpu in wanted:
+            tid = _TID_BASE + vcpu
+            if tid not in self.tracked:
+                self.tracked[tid] = vcpu
+                records.append(_EVENT.pack(_SET, tid, tid, 0, 128, 0, now, _mask(vcpu)))
+        if records:
+            self.send(ProgramRecords(
+                program_id="affinity", ringbuf="pv_affinity", first_seq=self._record_seq,
+                records=records,
+            ))  # fmt: skip
+            self._record_seq += len(records)
+        async with asyncio.timeout(timeout):
+            while True:
+                doc = await self.expect(GuestDocument, timeout)
+                assert isinstance(doc, GuestDocument)
+                if doc.name != "placement":
+                    continue
+                result = AffinityResult.model_validate(json.loads(doc.content))
+                if sorted(p.vcpu for p in result.placements) == sorted(wanted):
+                    return result
+
+
+def _mask(vcpu: int) -> bytes:
+    """A 128-byte little-endian CPU bitmap with bit ``vcpu`` set."""
+    return (1 << vcpu).to_bytes(128, "little")

@@ -30,6 +30,12 @@ __all__ = ["LibbpfProgram", "load_object"]
 log = logging.getLogger(__name__)
 
 
+#: Section kinds of iterator programs (libbpf's ``iter/`` and sleepable ``iter.s/``).
+_ITERATOR_SECTIONS = frozenset({"iter", "iter.s"})
+#: Output an iterator may print while it runs once (it has no reader: it is discarded).
+_MAX_ITER_OUTPUT = 1 << 20
+
+
 def _error_text(lines: list[str]) -> str:
     return "".join(lines)[-60000:]
 
@@ -76,6 +82,7 @@ class LibbpfProgram:
                     f"libbpf cannot open the object: {os.strerror(err)}", _error_text(lines)
                 )
             self._obj = obj
+            iterators = self._enable_iterators(obj)
             self._pins = self._vet_opened(obj)  # before load: a failed load may have pinned
             rc = lib.bpf_object__load(obj)
             if rc < 0:
@@ -85,7 +92,7 @@ class LibbpfProgram:
                 )
             prog = lib.bpf_object__next_program(obj, None)
             while prog:
-                if lib.bpf_program__autoload(prog):
+                if lib.bpf_program__autoload(prog) and prog not in iterators:
                     link = lib.bpf_program__attach(prog)
                     if not link:
                         err = ctypes.get_errno()
@@ -95,6 +102,8 @@ class LibbpfProgram:
                         )
                     self._links.append(link)
                 prog = lib.bpf_object__next_program(obj, prog)
+            for prog in iterators:
+                self._run_iterator(prog, lines)
             fds = []
             prog = lib.bpf_object__next_program(obj, None)
             while prog:
@@ -119,6 +128,53 @@ class LibbpfProgram:
             elif lib.ring_buffer__add(self._rb, fd, self._callback, index) < 0:
                 raise LoadFailed(f"ring_buffer__add: {os.strerror(ctypes.get_errno())}")
 
+    def _enable_iterators(self, obj: int) -> list[int]:
+        """The object's iterator programs (``iter/…`` or ``?iter/…`` sections), set to load.
+
+        The generic rule (protocol 4): an object's iterators are vetted and loaded with it
+        and run once, after its other programs are attached and before the load is answered,
+        so an object can fill its maps with what existed before it (the affinity program
+        finds threads pinned earlier). ``?`` keeps them out of older agents, which load only
+        auto-loaded programs and would attach an iterator without ever running it.
+        """
+        lib = self._lib
+        found = []
+        prog = lib.bpf_object__next_program(obj, None)
+        while prog:
+            section = lib.bpf_program__section_name(prog).decode(errors="replace")
+            if section.removeprefix("?").split("/", 1)[0] in _ITERATOR_SECTIONS:
+                if lib.bpf_program__set_autoload(prog, True) < 0:
+                    raise LoadFailed(f"cannot enable the iterator in {section}")
+                found.append(prog)
+            prog = lib.bpf_object__next_program(obj, prog)
+        return found
+
+    def _run_iterator(self, prog: int, lines: list[str]) -> None:
+        """Attach one iterator, read it to the end (that runs it over every object it
+        iterates), detach it. What it prints is discarded, bounded by ``_MAX_ITER_OUTPUT``."""
+        lib = self._lib
+        section = lib.bpf_program__section_name(prog).decode(errors="replace")
+        link = lib.bpf_program__attach_iter(prog, None)
+        if not link:
+            err = ctypes.get_errno()
+            raise LoadFailed(f"cannot attach {section}: {os.strerror(err)}", _error_text(lines))
+        try:
+            fd = lib.bpf_iter_create(lib.bpf_link__fd(link))
+            if fd < 0:
+                raise LoadFailed(f"cannot run {section}: {os.strerror(-fd)}", _error_text(lines))
+            try:
+                total = 0
+                while chunk := os.read(fd, 65536):
+                    total += len(chunk)
+                    if total > _MAX_ITER_OUTPUT:
+                        raise LoadFailed(f"{section} writes more than {_MAX_ITER_OUTPUT} bytes")
+            except OSError as err:
+                raise LoadFailed(f"running {section} failed: {err}") from err
+            finally:
+                os.close(fd)
+        finally:
+            lib.bpf_link__destroy(link)
+
     def _vet_opened(self, obj: int) -> list[str]:
         """Show the policy what libbpf is about to load; the pin paths it would create."""
         lib = self._lib
@@ -135,7 +191,8 @@ class LibbpfProgram:
         while prog:
             if lib.bpf_program__autoload(prog):
                 section = lib.bpf_program__section_name(prog).decode(errors="replace")
-                elf = sections.get(section)
+                # libbpf names a "?sec" (not auto-loaded) program's section "sec".
+                elf = sections.get(section) or sections.get(f"?{section}")
                 if elf is None:
                     raise TrustRefused(f"libbpf sees a program in {section!r}, the ELF does not")
                 views.append(

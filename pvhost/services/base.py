@@ -74,6 +74,11 @@ class VmHandle(Protocol):
         """Send a message to the guest's agent; raises ChannelError when not connected."""
         ...
 
+    def inject(self, program: SignedProgram) -> None:
+        """Send one of the VM's programs to the guest's agent, shown as ``loading`` in
+        ``pvctl status`` until the agent's verdict; raises ChannelError when not connected."""
+        ...
+
     def unload_program(self, program_id: str) -> None:
         """Unload one of the VM's programs from the guest, and from ``pvctl status``'s
         ``programs``; raises ChannelError when not connected."""
@@ -121,8 +126,7 @@ class ServicePlugin(abc.ABC):
     summary: ClassVar[str] = ""
     #: The model of its ``[services.NAME]`` config table (None: it takes no settings).
     Config: ClassVar[type[BaseModel] | None] = None
-    #: Guest → host message types it consumes besides ring-buffer records (the affinity
-    #: service takes ``AffinityUpdate`` from agents that still track affinity in the guest).
+    #: Guest → host message types it consumes besides ring-buffer records.
     messages: ClassVar[tuple[type[BaseMessage], ...]] = ()
 
     def __init__(self, context: ServiceContext, config: BaseModel | None) -> None:
@@ -137,6 +141,12 @@ class ServicePlugin(abc.ABC):
         programs; sign again only when a payload changes (a new version each signing).
         """
         return ()
+
+    def programs_for(self, vm: VmHandle) -> Sequence[SignedProgram]:
+        """The programs for this VM's agent as it is now (``vm.protocol_version`` is known):
+        a service whose programs depend on the agent's version overrides this. Default:
+        :meth:`programs`. Cache them, as :meth:`programs` does."""
+        return self.programs()
 
     def decode(self, program_id: str, record: bytes) -> object:
         """One ring-buffer record of one of its programs → the event ``on_events`` gets.
@@ -155,6 +165,16 @@ class ServicePlugin(abc.ABC):
         self, vm: VmHandle, program_id: str, events: Sequence[object]
     ) -> None:
         """Decoded records of one of its programs, in order (a batch)."""
+
+    async def on_loaded(self, vm: VmHandle, program_id: str) -> None:  # noqa: B027
+        """One of its programs is loaded in the guest (the agent's ``ProgramLoaded`` said so:
+        newly loaded, or found already loaded after pvhost restarted). Its maps hold what the
+        program saw so far (and what its iterators found at load): read them to resync."""
+
+    def on_records_lost(self, vm: VmHandle, program_id: str, count: int) -> None:  # noqa: B027
+        """``count`` records of one of its programs were lost on their way (the guest's agent
+        dropped them, or the VM's bounds in pvhost did): resynchronise if that matters.
+        Synchronous and called often in a storm: schedule work, do not do it here."""
 
     async def on_message(self, vm: VmHandle, message: BaseMessage) -> None:  # noqa: B027
         """A guest message of one of the types in :attr:`messages`."""

@@ -177,12 +177,22 @@ class ServiceManager:
             )
         return runner
 
-    def _submit(self, vm: str, service: str, hook: str, call: Call) -> None:
+    def _submit(self, vm: str, service: str, hook: str, call: Call) -> bool:
         state = self._vms.get(vm)
         if state is None or state.states.get(service) != "enabled":
-            return
+            return False
         if not self._runner(vm, state, service).submit(hook, call):
             self._drop(state, vm, "backlog")
+            return False
+        return True
+
+    def _lost(self, state: VmState, vm: str, service: str, program_id: str, count: int) -> None:
+        """Tell ``service`` that records of its program were lost (it may resynchronise)."""
+        if count <= 0 or state.states.get(service) != "enabled":
+            return
+        plugin = self.plugins[service]
+        self._sync(vm, service, "on_records_lost",
+                   lambda: plugin.on_records_lost(state.handle, program_id, count))  # fmt: skip
 
     def _drop(self, state: VmState, vm: str, reason: str, count: int = 1) -> None:
         state.drop(self.metrics, reason, count)
@@ -220,7 +230,9 @@ class ServiceManager:
         for service, plugin in self.plugins.items():
             if state.states[service] != "enabled":
                 continue
-            programs = self._sync(vm, service, "programs", plugin.programs)
+            programs = self._sync(
+                vm, service, "programs", functools.partial(plugin.programs_for, state.handle)
+            )
             if programs is None:
                 continue
             if not isinstance(programs, Sequence) or not all(
@@ -259,6 +271,7 @@ class ServiceManager:
             return
         if not state.bucket.try_take(len(records)):
             self._drop(state, vm, "rate", len(records))
+            self._lost(state, vm, service, program_id, len(records))
             return
         state.records += len(records)
         self.metrics.service_records.labels(vm=vm, service=service).inc(len(records))
@@ -270,11 +283,11 @@ class ServiceManager:
         events = decoded.events
         if decoded.bad:
             self._drop(state, vm, "layout", decoded.bad)
-        if events:
-            self._submit(
-                vm, service, "on_events",
-                lambda: plugin.on_events(state.handle, program_id, events),
-            )  # fmt: skip
+        if events and not self._submit(
+            vm, service, "on_events",
+            lambda: plugin.on_events(state.handle, program_id, events),
+        ):  # fmt: skip
+            self._lost(state, vm, service, program_id, len(events))
 
     def bad_records(self, vm: str, count: int = 1) -> None:
         """Records that are not even a record (a malformed ``ProgramEvent``): counted, dropped."""
@@ -282,11 +295,25 @@ class ServiceManager:
         if state is not None:
             self._drop(state, vm, "layout", count)
 
-    def lost_records(self, vm: str, count: int) -> None:
+    def lost_records(self, vm: str, count: int, program_id: str | None = None) -> None:
         """Records the guest's agent says it dropped (it had no host, or the host lagged)."""
         state = self._vms.get(vm)
         if state is not None:
             self._drop(state, vm, "guest-lost", count)
+            service = state.owners.get(program_id) if program_id is not None else None
+            if service is not None and program_id is not None:
+                self._lost(state, vm, service, program_id, count)
+
+    def loaded(self, vm: str, program_id: str) -> None:
+        """The guest's agent loaded ``program_id`` (or had it loaded): its service's
+        ``on_loaded``, in order with its records."""
+        state = self._vms.get(vm)
+        service = state.owners.get(program_id) if state is not None else None
+        if state is None or service is None:
+            return
+        plugin = self.plugins[service]
+        self._submit(vm, service, "on_loaded",
+                     functools.partial(plugin.on_loaded, state.handle, program_id))  # fmt: skip
 
     def message(self, vm: str, message: BaseMessage) -> bool:
         """A guest message for an enabled service of ``vm``; False when none takes it."""
@@ -306,27 +333,27 @@ class ServiceManager:
 
     async def closing(self, vm: str) -> None:
         """pvhost is about to close the VM's session (monitor still up): ``on_closing``."""
-        state = self._vms.get(vm)
-        if state is None:
-            return
-        for service, plugin in self.plugins.items():
-            if state.states[service] == "enabled":
-                reason = await self.guarded(
-                    service, "on_closing", functools.partial(plugin.on_closing, state.handle)
-                )
-                if reason is not None:
-                    self.fail(vm, service, reason)
+        await self._each_enabled(
+            vm, "on_closing", lambda plugin, handle: functools.partial(plugin.on_closing, handle)
+        )
 
     async def vm_gone(self, vm: str) -> None:
         """The VM's QEMU went away: each enabled service undoes what it did for it."""
+        await self._each_enabled(
+            vm, "on_vm_gone", lambda plugin, _handle: functools.partial(plugin.on_vm_gone, vm)
+        )
+
+    async def _each_enabled(
+        self, vm: str, hook: str, call: Callable[[ServicePlugin, VmHandle], Call]
+    ) -> None:
+        """Run ``hook`` of every service enabled in ``vm``, one after the other, guarded; a
+        service whose hook fails is disabled for the VM (the others still run theirs)."""
         state = self._vms.get(vm)
         if state is None:
             return
         for service, plugin in self.plugins.items():
             if state.states[service] == "enabled":
-                reason = await self.guarded(
-                    service, "on_vm_gone", functools.partial(plugin.on_vm_gone, vm)
-                )
+                reason = await self.guarded(service, hook, call(plugin, state.handle))
                 if reason is not None:
                     self.fail(vm, service, reason)
 
@@ -353,7 +380,7 @@ class ServiceManager:
         if previous != "enabled" and state.handle.protocol_version is not None:
             for program in self._programs_of(vm, service):
                 with contextlib.suppress(ChannelError):
-                    state.handle.send(program.message())
+                    state.handle.inject(program)
             plugin = self.plugins[service]
             self._submit(vm, service, "on_ready", lambda: plugin.on_ready(state.handle))
         return {"vm": vm, "service": service, "state": "enabled", "was": previous}

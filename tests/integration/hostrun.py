@@ -199,10 +199,12 @@ async def daemon_and_guest(
     *,
     daemon_class: type[Daemon] = Daemon,
     connect_timeout: float = 10,
+    generic: bool = False,
 ) -> AsyncIterator[tuple[Daemon, FakeGuestChannel]]:
     """The running daemon (a ``daemon_class``) and the guest end of ``agent``, connected;
-    both gone after, and whatever the daemon placed undone (:meth:`Daemon.close`)."""
-    guest = FakeGuestChannel(agent)
+    both gone after, and whatever the daemon placed undone (:meth:`Daemon.close`).
+    ``generic``: the guest plays the generic agent (protocol 4), else one that tracks."""
+    guest = FakeGuestChannel(agent, generic=generic)
     await guest.start()
     daemon = daemon_class(tmp_path, config)
     try:

@@ -1,5 +1,6 @@
-"""The agent's commands as an operator runs them: ``pvagent trace --json`` and
-``pvagent run --unix`` against a host that restarts."""
+"""The agent's commands as an operator runs them: ``pvagent trace affinity --json`` and
+``pvagent run --unix`` against a host that restarts. The agent knows no record layout: the
+test decodes the affinity records with the host's decoder, as pvhost does."""
 
 from __future__ import annotations
 
@@ -18,7 +19,16 @@ import pytest
 
 from pvagent import bpfobj
 from pvagent.port import open_stream
-from pvproto import AffinityUpdate, Hello, LoadProgram, Ping, Pong, ProgramLoaded
+from pvhost.services.affinity_event import AffinityEvent, EventKind, decode
+from pvproto import (
+    GuestDocument,
+    Hello,
+    LoadProgram,
+    Ping,
+    Pong,
+    ProgramLoaded,
+    ProgramRecords,
+)
 from vmlab.hostpeer import HostEnd
 
 pytestmark = [pytest.mark.root, pytest.mark.ebpf]
@@ -27,7 +37,7 @@ ROOT = Path(__file__).resolve().parents[2]
 
 def test_trace_json_prints_one_line_per_successful_call(_ebpf_ready: None) -> None:
     trace = subprocess.Popen(
-        [sys.executable, "-m", "pvagent", "trace", "--json"],
+        [sys.executable, "-m", "pvagent", "trace", "affinity", "--json"],
         cwd=ROOT,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
@@ -49,14 +59,16 @@ def test_trace_json_prints_one_line_per_successful_call(_ebpf_ready: None) -> No
         thread.join()
         lines = []
         while True:
-            record = json.loads(trace.stdout.readline())
-            if record["tgid"] == os.getpid():
-                lines.append(record)
-                if record["event"] == "exit" and record["tid"] == tid[0]:
+            line = json.loads(trace.stdout.readline())
+            assert line["ringbuf"] == "pv_affinity" and line["size"] == len(line["hex"]) // 2
+            event = decode(bytes.fromhex(line["hex"]))
+            if event.tgid == os.getpid():
+                lines.append(event)
+                if event.kind is EventKind.EXIT and event.tid == tid[0]:
                     break
-        assert [(r["event"], r.get("target_tid"), r.get("cpus")) for r in lines] == [
-            ("setaffinity", tid[0], [0]),
-            ("exit", None, None),
+        assert [(e.kind, e.target_tid, sorted(e.cpus)) for e in lines] == [
+            (EventKind.SET, tid[0], [0]),
+            (EventKind.EXIT, tid[0], []),
         ]
     finally:
         trace.send_signal(signal.SIGINT)
@@ -69,7 +81,9 @@ def test_trace_json_prints_one_line_per_successful_call(_ebpf_ready: None) -> No
 def test_run_unix_serves_a_restarting_host(tmp_path: Path, _ebpf_ready: None) -> None:
     sock = tmp_path / "agent.sock"
     config = tmp_path / "pvagent.toml"
-    config.write_text(f'trust = "any"\ncoalesce_ms = 5\nbcc_cache_dir = "{tmp_path}/cache"\n')
+    config.write_text(
+        f'trust = "any"\nbcc_cache_dir = "{tmp_path}/cache"\ndocuments_dir = "{tmp_path}/run"\n'
+    )
 
     async def body() -> None:
         connections: asyncio.Queue[HostEnd] = asyncio.Queue()
@@ -86,7 +100,6 @@ def test_run_unix_serves_a_restarting_host(tmp_path: Path, _ebpf_ready: None) ->
             host = await asyncio.wait_for(connections.get(), 20)
             assert (await host.expect(Hello)).topology is not None
             host.hello()
-            await host.expect(AffinityUpdate)
             payload = bpfobj.read("affinity.bpf.o")
             host.send(LoadProgram.for_payload("affinity", "bpf-object", payload, request_id=2))
             assert (await host.expect(ProgramLoaded)).ok
@@ -94,7 +107,10 @@ def test_run_unix_serves_a_restarting_host(tmp_path: Path, _ebpf_ready: None) ->
             host = await asyncio.wait_for(connections.get(), 20)
             await host.expect(Hello)
             host.hello()
-            await host.expect(AffinityUpdate)
+            host.send(GuestDocument(name="placement", content='{"seq": 1}'))
+            host.send(Ping(nonce=3))
+            await host.expect(Pong)
+            assert (tmp_path / "run" / "placement.json").read_text() == '{"seq": 1}\n'
             cpus = sorted(os.sched_getaffinity(0))
             done = threading.Event()
             tid: list[int] = []
@@ -104,18 +120,22 @@ def test_run_unix_serves_a_restarting_host(tmp_path: Path, _ebpf_ready: None) ->
                 os.sched_setaffinity(0, {cpus[-1]})
                 done.wait(10)
 
-            def requests(update: AffinityUpdate) -> dict[int, list[int]]:
-                return {t.tid: t.vcpus for t in update.threads}
+            async def events() -> list[AffinityEvent]:
+                batch = await host.expect(ProgramRecords)
+                assert (batch.program_id, batch.ringbuf) == ("affinity", "pv_affinity")
+                return [decode(r) for r in batch.records]
 
             thread = threading.Thread(target=pin)
             thread.start()
-            try:
-                while requests(await host.expect(AffinityUpdate)).get(tid[0]) != [cpus[-1]]:
+            try:  # the program stayed loaded across the host's restart: its records come
+                while (EventKind.SET, tid[0], frozenset({cpus[-1]})) not in {
+                    (e.kind, e.target_tid, e.cpus) for e in await events()
+                }:
                     pass
             finally:
                 done.set()
                 thread.join()
-            while tid[0] in requests(await host.expect(AffinityUpdate)):
+            while (EventKind.EXIT, tid[0]) not in {(e.kind, e.tid) for e in await events()}:
                 pass
             host.close()
         finally:
@@ -144,7 +164,6 @@ def test_run_device_speaks_over_a_character_device(tmp_path: Path) -> None:
         try:
             assert (await host.expect(Hello, timeout=20)).role == "guest"
             host.hello()
-            assert (await host.expect(AffinityUpdate)).wanted == []
             host.send(Ping(nonce=77))
             assert (await host.expect(Pong)).nonce == 77
         finally:

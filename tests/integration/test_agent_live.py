@@ -1,12 +1,19 @@
-"""The agent with real programs in the real kernel, talking to a test host over a
-socketpair: signed load, AffinityUpdate on pin / widen / exit, reconnect, replacement,
-and the verifier's log on a load failure."""
+"""The agent with real programs in the real kernel: signed load, pins, widening and exits
+reaching the host's affinity service (which decodes the records and tracks them, protocol 4),
+resynchronisation from the program's map, threads pinned before the agent started, and the
+verifier's log on a load failure.
+
+Where the host is pvhost's own (``with_host``) it is the real :class:`pvhost.service.Service`
+with a real QEMU (its vCPU threads are what gets placed) and the agent served on the VM's
+channel socket; the guest's threads are this machine's (the agent tracks the whole system,
+as in a guest)."""
 
 from __future__ import annotations
 
 import asyncio
 import os
 import queue
+import struct
 import threading
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -18,9 +25,11 @@ from pvagent.agent import Agent
 from pvagent.elf import program_sections
 from pvagent.trust import TrustPolicy
 from pvhost import signing
-from pvhost.programs import sign_program
+from pvhost.config import Config
 from pvhost.service import Service
-from pvproto import AffinityUpdate, GuestTopology, Hello, LoadProgram, ProgramLoaded
+from pvhost.services.affinity import AffinityService
+from pvproto import GuestTopology, Hello, LoadProgram, Ping, Pong, ProgramLoaded, ReadMap
+from pvproto.messages import MapContents
 from tests.integration.hostrun import service_config
 from vmlab import VirtualMachine
 from vmlab.hostpeer import HostEnd
@@ -41,9 +50,113 @@ def keys(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     return private, trusted
 
 
+def host_config(
+    tmp_path: Path, qemu: VirtualMachine, group: str, private: Path, program: Path | None = None
+) -> Config:
+    """pvhost injecting the built affinity object (or ``program``), signed with ``private``."""
+    base = service_config(tmp_path, qemu, group)
+    return base.model_copy(
+        update={
+            "service": base.service.model_copy(
+                update={"signing_key": private, "affinity_program": program}
+            )
+        }
+    )
+
+
+class Host:
+    """The real pvhost Service and the real agent it talks to over the VM's socket: one agent
+    across connections, as the guest's daemon (``new_agent`` plays its restart)."""
+
+    def __init__(self, config: Config, trusted: Path, qemu: VirtualMachine) -> None:
+        self.config, self.trusted, self.qemu = config, trusted, qemu
+        self.service: Service | None = None
+        self.agents: list[Agent] = []
+        self.writers: list[asyncio.StreamWriter] = []
+        self.server: asyncio.Server | None = None
+
+    async def serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if not self.agents:
+            self.agents.append(Agent(TOPOLOGY, TrustPolicy.from_config(self.trusted)))
+        self.writers.append(writer)
+        await self.agents[-1].serve(reader, writer)
+
+    def new_agent(self) -> None:
+        """The agent restarts: its programs go with it; the next connection meets a new one."""
+        self.agents[-1].close()
+        self.agents.append(Agent(TOPOLOGY, TrustPolicy.from_config(self.trusted)))
+        self.writers[-1].close()
+
+    async def start_agent_socket(self) -> None:
+        path = str(self.qemu.dir / "agent.sock")
+        self.server = await asyncio.start_unix_server(self.serve, path=path)
+
+    async def start_service(self) -> Service:
+        self.service = Service(self.config)
+        await self.service.start()
+        return self.service
+
+    async def stop_service(self) -> None:
+        if self.service is not None:
+            await self.service.stop()
+            self.service = None
+
+    @property
+    def affinity(self) -> AffinityService:
+        assert self.service is not None
+        plugin = self.service.services.plugins["affinity"]
+        assert isinstance(plugin, AffinityService)
+        return plugin
+
+    async def until(
+        self, has: dict[int, list[int]] | None = None, lacks: set[int] | None = None
+    ) -> None:
+        """Until the host's tracker says threads ``has`` request those vCPUs (wanted, in the
+        VM's record: the placement path got them) and threads ``lacks`` request nothing."""
+        has, lacks = has or {}, lacks or set()
+        while True:
+            threads = self.affinity.threads("t") if self.service is not None else None
+            if threads is not None and self.service is not None:
+                wanted = set(self.service.vms["t"].wanted)
+                if all(
+                    threads.get(tid) == set(cpus) and set(cpus) <= wanted
+                    for tid, cpus in has.items()
+                ) and not (lacks & threads.keys()):
+                    return
+            await asyncio.sleep(0.05)
+
+    async def loaded(self, count: int) -> Agent:
+        while not (len(self.agents) >= count and "affinity" in self.agents[-1].programs):
+            await asyncio.sleep(0.05)
+        return self.agents[-1]
+
+    async def close(self) -> None:
+        await self.stop_service()
+        if self.server is not None:
+            self.server.close()
+            await self.server.wait_closed()
+        for agent in self.agents:
+            agent.close()
+
+
+def with_host(
+    config: Config, trusted: Path, qemu: VirtualMachine, body: Callable[[Host], Awaitable[None]]
+) -> None:
+    async def main() -> None:
+        host = Host(config, trusted, qemu)
+        await host.start_agent_socket()
+        await host.start_service()
+        try:
+            await asyncio.wait_for(body(host), 60)
+        finally:
+            await host.close()
+
+    asyncio.run(main())
+
+
 def with_agent(policy: TrustPolicy, body: Callable[[Agent], Awaitable[None]]) -> None:
     async def main() -> None:
-        agent = Agent(TOPOLOGY, policy, coalesce_s=0.005)
+        agent = Agent(TOPOLOGY, policy)
         try:
             await asyncio.wait_for(body(agent), 30)
         finally:
@@ -57,25 +170,9 @@ async def connect(agent: Agent) -> tuple[HostEnd, asyncio.Task[None]]:
     task = asyncio.create_task(agent.serve(reader, writer))
     await host.expect(Hello)
     host.hello()
-    await host.expect(AffinityUpdate)
+    host.send(Ping(nonce=1))
+    await host.expect(Pong)
     return host, task
-
-
-async def until(
-    host: HostEnd, has: dict[int, list[int]] | None = None, lacks: set[int] | None = None
-) -> AffinityUpdate:
-    """The first AffinityUpdate in which threads ``has`` request those vCPUs (and are
-    wanted) and threads ``lacks`` request nothing. Threads of other processes on this
-    machine may appear too: the agent tracks the whole system, as in a guest."""
-    has, lacks = has or {}, lacks or set()
-    while True:
-        update = await host.expect(AffinityUpdate)
-        threads = {t.tid: t.vcpus for t in update.threads}
-        if all(
-            threads.get(tid) == cpus and set(cpus) <= set(update.wanted)
-            for tid, cpus in has.items()
-        ) and not (lacks & threads.keys()):
-            return update
 
 
 class Pinned:
@@ -110,62 +207,66 @@ class Pinned:
 
 
 @pytest.mark.parametrize("kind", ["bpf-object", "bcc-source"], ids=["libbpf", "bcc"])
-def test_signed_program_reports_pins_and_releases(keys: tuple[Path, Path], kind: str) -> None:
+def test_pins_reach_the_host_tracker_and_release(
+    keys: tuple[Path, Path], tmp_path: Path, qemu: VirtualMachine, cpuset_group: str, kind: str
+) -> None:
+    """Pin, widen, exit → the host's tracker and the VM's wish; pvhost restarts and finds the
+    pin again in the program's map (the agent keeps its program: nothing to re-run)."""
     private, trusted = keys
-    payload = bpfobj.read("affinity.bpf.o" if kind == "bpf-object" else "affinity.bcc.c")
+    program = None
+    if kind == "bcc-source":
+        program = tmp_path / "affinity.bcc.c"
+        program.write_bytes(bpfobj.read("affinity.bcc.c"))
+    config = host_config(tmp_path, qemu, cpuset_group, private, program)
 
-    signed = sign_program("affinity", kind, payload, private)  # type: ignore[arg-type]
-
-    async def body(agent: Agent) -> None:
-        host, task = await connect(agent)
-        host.send(signed.message(request_id=4))
-        verdict = await host.expect(ProgramLoaded, timeout=20)
-        assert (verdict.ok, verdict.request_id, verdict.reason) == (True, 4, "")
+    async def body(host: Host) -> None:
+        await host.loaded(1)
         first = Pinned({ONLINE[-1]})
-        await until(host, {first.tid: [ONLINE[-1]]})
+        await host.until({first.tid: [ONLINE[-1]]})
         second = Pinned({ONLINE[0]})
-        await until(host, {first.tid: [ONLINE[-1]], second.tid: [ONLINE[0]]})
+        await host.until({first.tid: [ONLINE[-1]], second.tid: [ONLINE[0]]})
         second.widen()  # widening back to every CPU releases its vCPU (thread still alive)
-        await until(host, {first.tid: [ONLINE[-1]]}, {second.tid})
+        await host.until({first.tid: [ONLINE[-1]]}, {second.tid})
         second.release()
-        # Host restart: a new connection gets Hello and the whole state again.
-        host.close()
-        await task
-        host, task = await connect(agent)
-        assert host is not None
-        # connect() consumed the AffinityUpdate sent after Hello: check the tracker's state.
-        assert agent.tracker.threads[first.tid] == {ONLINE[-1]}
-        # The host re-sends the same program on reconnect: kept, state intact.
-        host.send(signed.message(request_id=5))
-        assert (await host.expect(ProgramLoaded, timeout=20)).ok
+        # pvhost restarts: the new one's tracker is empty; it reads pv_tracked back.
+        await host.stop_service()
+        await host.start_service()
+        await host.until({first.tid: [ONLINE[-1]]})
+        assert len(host.agents) == 1  # the same agent, its program kept
         first.release()  # thread exit releases its vCPU
-        await until(host, lacks={first.tid})
-        host.close()
-        await task
+        await host.until(lacks={first.tid})
 
-    with_agent(TrustPolicy.from_config(trusted), body)
+    with_host(config, trusted, qemu, body)
 
 
-def test_replacement_carries_pins_over(keys: tuple[Path, Path]) -> None:
+def test_threads_pinned_before_the_agent_started_are_found(
+    keys: tuple[Path, Path], tmp_path: Path, qemu: VirtualMachine, cpuset_group: str
+) -> None:
+    """A thread pinned before any agent ran (a restart, a crash, an upgrade): the object's
+    task iterator, run once by the agent after load, puts it in pv_tracked; the host reads it
+    there. Then a new agent (restart) finds it again, and its exit is still reported."""
     private, trusted = keys
-    obj, src = bpfobj.read("affinity.bpf.o"), bpfobj.read("affinity.bcc.c")
+    config = host_config(tmp_path, qemu, cpuset_group, private)
+    early = Pinned({ONLINE[-1]})
+    try:
 
-    async def body(agent: Agent) -> None:
-        host, task = await connect(agent)
-        host.send(sign_program("affinity", "bpf-object", obj, private).message())
-        assert (await host.expect(ProgramLoaded)).ok
-        pinned = Pinned({ONLINE[-1]})
-        await until(host, {pinned.tid: [ONLINE[-1]]})
-        # A different program replaces it; the pin must survive and its exit still count.
-        host.send(sign_program("affinity", "bcc-source", src, private).message())
-        assert (await host.expect(ProgramLoaded, timeout=20)).ok
-        assert agent.tracker.threads[pinned.tid] == {ONLINE[-1]}
-        pinned.release()
-        await until(host, lacks={pinned.tid})
-        host.close()
-        await task
+        async def body(host: Host) -> None:
+            agent = await host.loaded(1)
+            # Through the iterator: the kernel's own table has it right after the load.
+            answer = agent.read_map(ReadMap(program_id="affinity", map="pv_tracked"))
+            assert isinstance(answer, MapContents)
+            assert struct.pack("<I", early.tid) in {e.key for e in answer.entries}
+            await host.until({early.tid: [ONLINE[-1]]})
+            host.new_agent()  # the agent goes; a new one comes and loads afresh
+            await host.loaded(2)
+            await host.until({early.tid: [ONLINE[-1]]})
+            early.release()
+            await host.until(lacks={early.tid})
 
-    with_agent(TrustPolicy.from_config(trusted), body)
+        with_host(config, trusted, qemu, body)
+    finally:
+        if early.thread.is_alive():
+            early.release()
 
 
 def test_load_failures_return_the_log() -> None:
@@ -193,27 +294,29 @@ def test_load_failures_return_the_log() -> None:
     with_agent(TrustPolicy(mode="any"), body)
 
 
-def test_resync_rebuilds_the_state_from_the_kernel_table() -> None:
-    """After lost events the agent re-reads pv_tracked; here the loss is simulated by
-    wiping the tracker's table (a ring buffer that overflows cannot be forced cheaply)."""
-    obj = bpfobj.read("affinity.bpf.o")
+def test_lost_records_resynchronise_from_the_kernel_table(
+    keys: tuple[Path, Path], tmp_path: Path, qemu: VirtualMachine, cpuset_group: str
+) -> None:
+    """After lost records the host re-reads pv_tracked; here the loss is simulated by wiping
+    the host's table and reporting a loss (a ring buffer that overflows cannot be forced
+    cheaply; the pvhost bound that drops records calls the same hook)."""
+    private, trusted = keys
+    config = host_config(tmp_path, qemu, cpuset_group, private)
 
-    async def body(agent: Agent) -> None:
-        host, task = await connect(agent)
-        host.send(LoadProgram.for_payload("affinity", "bpf-object", obj))
-        assert (await host.expect(ProgramLoaded)).ok
+    async def body(host: Host) -> None:
+        await host.loaded(1)
         pinned = Pinned({ONLINE[-1]})
-        await until(host, {pinned.tid: [ONLINE[-1]]})
-        agent.tracker.replace_all({})
-        await until(host, lacks={pinned.tid})
-        agent.resync(agent.programs["affinity"].program)
-        await until(host, {pinned.tid: [ONLINE[-1]]})  # back, from the kernel's table
+        await host.until({pinned.tid: [ONLINE[-1]]})
+        assert host.service is not None
+        guest = host.affinity._guests["t"]
+        guest.tracker.replace_all({})
+        await host.until(lacks={pinned.tid})
+        host.affinity.on_records_lost(host.service.vms["t"].session, "affinity", 3)
+        await host.until({pinned.tid: [ONLINE[-1]]})  # back, from the kernel's table
         pinned.release()
-        await until(host, lacks={pinned.tid})
-        host.close()
-        await task
+        await host.until(lacks={pinned.tid})
 
-    with_agent(TrustPolicy(mode="any"), body)
+    with_host(config, trusted, qemu, body)
 
 
 def test_a_reconnecting_agent_is_sent_the_program_the_operator_loaded_not_an_older_one(
@@ -237,7 +340,7 @@ def test_a_reconnecting_agent_is_sent_the_program_the_operator_loaded_not_an_old
     writers: list[asyncio.StreamWriter] = []
 
     async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        agent = Agent(TOPOLOGY, policy, coalesce_s=0.005, versions_file=versions)
+        agent = Agent(TOPOLOGY, policy, versions_file=versions)
         agents.append(agent)
         writers.append(writer)
         try:

@@ -1,6 +1,7 @@
 """The generic agent (issue #12): any program's ring-buffer records go to the host undecoded,
-in batches as bytes (protocol 3) or one hex ProgramEvent each (a host of protocol 2), and the
-host can read a program's map back. Real agent, real eBPF in the real kernel, the host played
+in batches as bytes, and the host can read a program's map back. A host of protocol 2 or 3
+(one that expects the agent to track affinity) is told the versions do not match. Real
+agent, real eBPF in the real kernel, the host played
 on a socketpair (vmlab.hostpeer)."""
 
 from __future__ import annotations
@@ -18,12 +19,10 @@ from pvagent.trust import TrustPolicy
 from pvhost import signing
 from pvhost.programs import sign_program
 from pvproto import (
-    AffinityUpdate,
     Error,
     GuestTopology,
     Hello,
     MapContents,
-    ProgramEvent,
     ProgramLoaded,
     ProgramRecords,
     ReadMap,
@@ -57,13 +56,12 @@ def run(
     obj, private, trusted = echo
 
     async def main() -> None:
-        agent = Agent(TOPOLOGY, TrustPolicy.from_config(trusted), coalesce_s=0.005)
+        agent = Agent(TOPOLOGY, TrustPolicy.from_config(trusted))
         host, reader, writer = await HostEnd.pair()
         task = asyncio.create_task(agent.serve(reader, writer))
         try:
             await host.expect(Hello)
             host.hello(versions)
-            await host.expect(AffinityUpdate)
             host.send(sign_program("echo", "bpf-object", obj, private).message(request_id=1))
             verdict = await host.expect(ProgramLoaded, timeout=60)
             assert verdict.ok, verdict
@@ -112,16 +110,28 @@ def test_records_come_in_batches_of_bytes_and_a_map_reads_back(
         assert (error.request_id, error.code) == (8, "bad-request")
         assert "has no map 'pv_nosuch'" in error.message
 
-    run(echo, [2, 3], body)
+    run(echo, [2, 3, 4], body)
 
 
-def test_a_host_of_protocol_2_gets_one_hex_program_event_per_record(
+def test_a_host_of_protocol_3_is_told_the_versions_do_not_match(
     echo: tuple[bytes, Path, Path],
 ) -> None:
-    async def body(host: HostEnd) -> None:
-        await getppid_calls(3)
-        events = [await host.expect(ProgramEvent) for _ in range(3)]
-        assert [e.data for e in events] == [{"raw": struct.pack("<Q", n).hex()} for n in (1, 2, 3)]
-        assert not any(isinstance(m, ProgramRecords) for m in host.inbox)
+    """Protocol 2 and 3 meant "the agent tracks affinity"; this one does not, so it says so
+    (an old pvhost with a new guest image: a clear error, not a silent loss of pins)."""
 
-    run(echo, [2], body)
+    async def main() -> None:
+        agent = Agent(TOPOLOGY, TrustPolicy.from_config(echo[2]))
+        host, reader, writer = await HostEnd.pair()
+        task = asyncio.create_task(agent.serve(reader, writer))
+        try:
+            await host.expect(Hello)
+            host.hello([2, 3])
+            error = await host.expect(Error)
+            assert error.code == "unsupported" and "[4]" in error.message
+            assert await host.closed()
+        finally:
+            host.close()
+            await task
+            agent.close()
+
+    asyncio.run(main())

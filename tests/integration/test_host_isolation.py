@@ -278,7 +278,8 @@ def test_through_the_daemon_a_spinning_vcpu_gets_its_pcpu_to_itself_while_pinned
 
         async def scenario() -> None:
             agent = qemu.dir / "agent.sock"
-            async with daemon_and_guest(tmp_path, config, agent) as (daemon, guest):
+            # The generic agent (protocol 4): told in its placement document.
+            async with daemon_and_guest(tmp_path, config, agent, generic=True) as (daemon, guest):
                 contended = await asyncio.to_thread(share, tid, 2.0, PCPU)
                 result = await guest.update(1, [0])
                 assert [(p.vcpu, p.pcpu) for p in result.placements] == [(0, PCPU)], result

@@ -11,6 +11,7 @@ import asyncio
 import json
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -152,6 +153,44 @@ def test_pvctl_disables_and_enables_a_service_for_a_vm(
             load = await guest.expect(LoadProgram)
             assert isinstance(load, LoadProgram) and load.program_id == "affinity"
             result = await guest.update(3, [1])
+            assert result.placements[0].pcpu is not None, result
+            await daemon.stop()
+            assert daemon.returncode == 0, daemon.log()
+
+    asyncio.run(scenario())
+
+
+def test_a_service_enabled_at_runtime_has_its_programs_verdict_recorded(
+    tmp_path: Path, qemu: VirtualMachine, cpuset_group: str
+) -> None:
+    """`pvctl service enable` injects the service's program into the connected guest; the
+    guest's answer is the verdict on it (`pvctl status`: loaded), not one on a program the
+    host never sent (once dropped so: the program showed as nothing, its on_loaded never ran).
+    """
+    config = write_config(tmp_path, qemu, cpuset_group, free_port())
+
+    async def scenario() -> None:
+        async with daemon_and_guest(tmp_path, config, qemu.dir / "agent.sock") as (daemon, guest):
+
+            async def status() -> dict[str, Any]:
+                rc, out = await daemon.pvctl("status", "--json")
+                assert rc == 0, out
+                return json.loads(out)["vms"]["t"]  # type: ignore[no-any-return]
+
+            await guest.expect(LoadProgram)
+            rc, out = await daemon.pvctl("service", "disable", "t", "affinity")
+            assert rc == 0, out
+            await guest.expect(UnloadProgram)
+            assert (await status())["programs"] == {}
+            rc, out = await daemon.pvctl("service", "enable", "t", "affinity")
+            assert rc == 0, out
+            load = await guest.expect(LoadProgram)
+            assert isinstance(load, LoadProgram) and load.program_id == "affinity"
+            async with asyncio.timeout(10):  # the fake guest answered it at once
+                while (await status())["programs"] != {"affinity": "loaded"}:
+                    await asyncio.sleep(0.1)
+            assert "never sent" not in daemon.log()
+            result = await guest.update(1, [1])
             assert result.placements[0].pcpu is not None, result
             await daemon.stop()
             assert daemon.returncode == 0, daemon.log()

@@ -12,7 +12,6 @@ from pvhost.config import Config
 from pvhost.errors import ChannelError
 from pvhost.qmp import QmpMonitor
 from pvproto import (
-    SUPPORTED_VERSIONS,
     GuestTopology,
     Hello,
     LoadProgram,
@@ -23,6 +22,7 @@ from pvproto import (
 from pvproto.messages import MAX_MAP_ENTRIES
 from tests.integration.hostrun import served, service_config
 from vmlab import VirtualMachine
+from vmlab.guestpeer import TRACKING_AGENT_VERSIONS
 
 pytestmark = [pytest.mark.root, pytest.mark.vm]
 
@@ -41,7 +41,8 @@ def test_agent_restart_behind_a_live_chardev_is_greeted_and_served_again(
             guest.send(
                 Hello(
                     role="guest",
-                    protocol_versions=list(SUPPORTED_VERSIONS),
+                    # It tracks affinity itself (protocols 2/3: AffinityUpdate), as before.
+                    protocol_versions=list(TRACKING_AGENT_VERSIONS),
                     software_version="test-guest (restarted)",
                     topology=GuestTopology(online_vcpus=[0, 1, 2]),
                 )

@@ -21,6 +21,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -39,13 +40,15 @@ pytestmark = [pytest.mark.root, pytest.mark.ebpf, pytest.mark.vm]
 ROOT = Path(__file__).resolve().parents[2]
 #: The last commit whose agent predates services (protocol 2 only).
 PREVIOUS_AGENT = "fef00c3"
+#: The last commit whose agent tracks affinity itself (protocols 2 and 3).
+TRACKING_AGENT = "8674d6d"
 CALLS = 40
 
 
-def old_agent(into: Path) -> Path:
-    """The agent's packages as of PREVIOUS_AGENT, extracted from git into ``into``."""
+def old_agent(into: Path, commit: str = PREVIOUS_AGENT) -> Path:
+    """The agent's packages as of ``commit``, extracted from git into ``into``."""
     archive = subprocess.run(
-        ["git", "-C", str(ROOT), "archive", PREVIOUS_AGENT, "pvagent", "pvproto", "extpv"],
+        ["git", "-C", str(ROOT), "archive", commit, "pvagent", "pvproto", "extpv"],
         capture_output=True,
         check=False,
     )
@@ -268,6 +271,89 @@ def test_an_agent_older_than_services_runs_the_memory_service(
         asyncio.run(scenario())
     finally:
         memcg.rmdir()
+        print((tmp_path / "agent.log").read_text()[-3000:], file=sys.stderr)
+
+
+def test_a_protocol_3_agent_still_gets_its_pins_placed(
+    tmp_path: Path, qemu: VirtualMachine, cpuset_group: str
+) -> None:
+    old = old_agent(tmp_path / "old", TRACKING_AGENT)
+    assert (
+        "SUPPORTED_VERSIONS: tuple[int, ...] = (2, 3)" in (old / "pvproto/version.py").read_text()
+    )
+    private, public = signing.generate_keypair(tmp_path / "keys")
+    trusted = tmp_path / "trusted.d"
+    trusted.mkdir()
+    (trusted / "host.pem").write_bytes(public.read_bytes())
+    placement = tmp_path / "placement.json"
+    agent_config = tmp_path / "pvagent.toml"
+    agent_config.write_text(
+        f'trusted_dir = "{trusted}"\nstate_dir = ""\nplacement_file = "{placement}"\n'
+    )
+    base = service_config(tmp_path, qemu, cpuset_group)
+    config = base.model_copy(
+        update={
+            "service": base.service.model_copy(
+                update={"signing_key": private, "affinity_program": None}  # the built object
+            ),
+        }
+    )
+    guest_sock = tmp_path / "guest.sock"
+    cpu = sorted(os.sched_getaffinity(0))[-1]  # the agent's "guest" CPUs are this machine's
+
+    async def scenario() -> None:
+        async with relay(qemu.dir / "agent.sock", guest_sock):
+            agent = await asyncio.create_subprocess_exec(
+                sys.executable, "-m", "pvagent", "run", "--unix", str(guest_sock),
+                "--config", str(agent_config),
+                env={**os.environ, "PYTHONPATH": str(old)},
+                cwd=old,
+                stderr=open(tmp_path / "agent.log", "wb"),  # noqa: SIM115 - closed with the process
+            )  # fmt: skip
+            service = Service(config)
+            await service.start()
+            stop = threading.Event()
+            pinned = threading.Thread(
+                target=lambda: (os.sched_setaffinity(0, {cpu}), stop.wait(60))
+            )
+            try:
+
+                def vm() -> dict[str, object]:
+                    return service.status()["vms"]["t"]  # type: ignore[no-any-return]
+
+                async with asyncio.timeout(60):
+                    while vm()["programs"] != {"affinity": "loaded"}:
+                        await asyncio.sleep(0.05)
+                assert vm()["protocol_version"] == 3
+                await asyncio.sleep(1)  # threads of this machine pinned before (other work)
+                before = list(service.vms["t"].wanted)
+                pinned.start()
+                async with asyncio.timeout(20):  # its AffinityUpdate, placed
+                    while service.backend.pins().get("t", {}).get(cpu) != cpu:
+                        await asyncio.sleep(0.05)
+                assert cpu in service.vms["t"].wanted
+                affinity = vm()["services"]["affinity"]["status"]  # type: ignore[index]
+                assert affinity["tracker"] == {"where": "guest"}
+                async with asyncio.timeout(10):  # and its AffinityResult, as it always did
+                    while not placement.exists() or f'"pcpu": {cpu}' not in placement.read_text():
+                        await asyncio.sleep(0.05)
+                stop.set()
+                pinned.join()
+                if cpu not in before:  # (else another thread of this machine still wants it)
+                    async with asyncio.timeout(20):  # the thread exited: released
+                        while cpu in service.vms["t"].wanted:
+                            await asyncio.sleep(0.05)
+            finally:
+                stop.set()
+                if pinned.is_alive():
+                    pinned.join()
+                await service.stop()
+                agent.terminate()
+                await asyncio.wait_for(agent.wait(), 15)
+
+    try:
+        asyncio.run(scenario())
+    finally:
         print((tmp_path / "agent.log").read_text()[-3000:], file=sys.stderr)
 
 

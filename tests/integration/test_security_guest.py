@@ -45,7 +45,6 @@ from pvhost.control import request
 from pvhost.errors import ControlError
 from pvhost.service import Service
 from pvproto import (
-    SUPPORTED_VERSIONS,
     AffinityResult,
     AffinityUpdate,
     Error,
@@ -83,7 +82,7 @@ def _frames_for(kind: str) -> Callable[[int], bytes]:
     hello = encode(
         Hello(
             role="guest",
-            protocol_versions=list(SUPPORTED_VERSIONS),
+            protocol_versions=[2, 3],  # a guest that sends AffinityUpdate (before protocol 4)
             software_version="hostile",
             topology=GuestTopology(online_vcpus=[0, 1, 2]),
         )

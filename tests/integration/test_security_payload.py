@@ -34,7 +34,7 @@ from pvagent.agent import Agent, ProgramLimits
 from pvagent.trust import TrustPolicy
 from pvhost import signing
 from pvhost.programs import SignedProgram, sign_program
-from pvproto import AffinityUpdate, GuestTopology, Hello, ProgramKind, ProgramLoaded
+from pvproto import GuestTopology, Hello, ProgramKind, ProgramLoaded
 from vmlab.hostpeer import HostEnd
 
 pytestmark = [pytest.mark.security, pytest.mark.root, pytest.mark.ebpf]
@@ -101,13 +101,12 @@ def run_agent(
     """The real agent, connected to a test host over a socketpair, around ``body``."""
 
     async def main() -> None:
-        agent = Agent(TOPOLOGY, policy, coalesce_s=0.005, **agent_options)  # type: ignore[arg-type]
+        agent = Agent(TOPOLOGY, policy, **agent_options)  # type: ignore[arg-type]
         host, reader, writer = await HostEnd.pair()
         task = asyncio.create_task(agent.serve(reader, writer))
         try:
             await host.expect(Hello)
             host.hello()
-            await host.expect(AffinityUpdate)
             await asyncio.wait_for(body(agent, host), 120)
         finally:
             host.close()

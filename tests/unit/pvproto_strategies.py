@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import json
+
 from hypothesis import strategies as st
 
 from pvproto import (
     AffinityResult,
     AffinityUpdate,
     Error,
+    GuestDocument,
     GuestTopology,
     Hello,
     LoadProgram,
@@ -144,6 +147,19 @@ BY_TYPE: dict[type, st.SearchStrategy[object]] = {
             max_size=4,
         ),
         truncated=st.booleans(),
+        request_id=request_ids,
+    ),
+    GuestDocument: st.builds(
+        GuestDocument,
+        name=st.from_regex(r"[a-z0-9][a-z0-9_-]{0,20}", fullmatch=True),
+        content=st.recursive(
+            st.none() | st.booleans() | st.integers() | st.text(max_size=8),
+            lambda inner: (
+                st.lists(inner, max_size=3)
+                | st.dictionaries(st.text(max_size=5), inner, max_size=3)
+            ),
+            max_leaves=8,
+        ).map(json.dumps),
         request_id=request_ids,
     ),
     AffinityUpdate: affinity_updates(),

@@ -1,14 +1,12 @@
-"""Configuration file, event decoding and topology parsing: bad input gets a clear error."""
+"""Configuration file and topology parsing: bad input gets a clear error."""
 
 from __future__ import annotations
 
-import struct
 from pathlib import Path
 
 import pytest
 
 from pvagent import bpfobj
-from pvagent.affinity_event import EVENT_SIZE, EventError, EventKind, decode
 from pvagent.config import AgentConfig, load_config
 from pvagent.errors import AgentError, ConfigError, LoadFailed, ObjectMissing
 from pvagent.loaders import bcc as bcc_loader
@@ -17,10 +15,14 @@ from pvagent.topology import read_topology
 
 def test_config_defaults_and_values(tmp_path: Path) -> None:
     path = tmp_path / "pvagent.toml"
-    path.write_text('port_name = "org.example.9"\ntrust = "any"\ncoalesce_ms = 5\n')
+    path.write_text('port_name = "org.example.9"\ntrust = "any"\ndocuments_dir = ""\n')
     config = load_config(path)
-    assert (config.port_name, config.trust, config.coalesce_ms) == ("org.example.9", "any", 5)
+    assert (config.port_name, config.trust, config.documents_dir) == ("org.example.9", "any", None)
     assert AgentConfig().port_name == "org.extpv.agent.0"
+    assert AgentConfig().documents_dir == Path("/run/pvagent")
+    # An older agent's keys still load (an upgraded guest keeps its config file).
+    path.write_text('coalesce_ms = 5\nplacement_file = ""\n')
+    assert load_config(path).documents_dir == Path("/run/pvagent")
 
 
 @pytest.mark.parametrize(
@@ -39,20 +41,6 @@ def test_bad_config_is_a_clear_error(tmp_path: Path, text: str, match: str) -> N
         load_config(path)
     with pytest.raises(ConfigError, match="cannot read"):
         load_config(tmp_path / "absent.toml")
-
-
-def test_event_decoding() -> None:
-    mask = (1 << 1 | 1 << 700).to_bytes(128, "little")
-    record = struct.pack("<IIIIIIQ", 1, 10, 11, 0, 128, 0, 5) + mask
-    event = decode(record)
-    assert len(record) == EVENT_SIZE
-    assert (event.kind, event.target_tid, event.cpus) == (EventKind.SET, 11, {1, 700})
-    short = struct.pack("<IIIIIIQ", 1, 10, 11, 12, 8, 0, 5) + mask  # only 8 bytes valid
-    assert decode(short).cpus == {1} and decode(short).target_tid == 12
-    with pytest.raises(EventError, match="bytes"):
-        decode(record[:-1])
-    with pytest.raises(EventError, match="kind"):
-        decode(struct.pack("<IIIIIIQ", 9, 0, 0, 0, 0, 0, 0) + mask)
 
 
 def test_topology_from_sysfs(tmp_path: Path) -> None:

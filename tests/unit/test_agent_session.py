@@ -11,15 +11,16 @@ from pathlib import Path
 import pytest
 
 from pvagent import bpfobj
-from pvagent.agent import Agent
+from pvagent.agent import MAX_DOCUMENTS, Agent
 from pvagent.trust import TrustPolicy
 from pvhost import signing
 from pvhost.programs import sign_program
+from pvhost.services.affinity import placement_document
 from pvproto import (
     SUPPORTED_VERSIONS,
     AffinityResult,
-    AffinityUpdate,
     Error,
+    GuestDocument,
     GuestTopology,
     Hello,
     LoadProgram,
@@ -38,7 +39,7 @@ TOPOLOGY = GuestTopology(online_vcpus=[0, 1, 2, 3], sibling_groups=[[0, 1], [2, 
 def with_agent(body: Callable[[Agent], Awaitable[None]], policy: TrustPolicy | None = None) -> None:
     async def main() -> None:
         no_keys = TrustPolicy.from_config(Path("/nonexistent/trusted.d"))  # refuses everything
-        agent = Agent(TOPOLOGY, policy or no_keys, coalesce_s=0.0)
+        agent = Agent(TOPOLOGY, policy or no_keys)
         try:
             await asyncio.wait_for(body(agent), 20)
         finally:
@@ -52,6 +53,12 @@ async def connect(agent: Agent) -> tuple[HostEnd, asyncio.Task[None]]:
     return host, asyncio.create_task(agent.serve(reader, writer))
 
 
+async def ready(host: HostEnd) -> None:
+    """The agent took our Hello (a round trip; a generic agent sends no state of its own)."""
+    host.send(Ping(nonce=99))
+    assert (await host.expect(Pong)).nonce == 99
+
+
 def test_hello_state_ping_and_refusals() -> None:
     async def body(agent: Agent) -> None:
         host, task = await connect(agent)
@@ -60,8 +67,7 @@ def test_hello_state_ping_and_refusals() -> None:
         host.send(LoadProgram.for_payload("early", "bpf-object", b"x", request_id=3))
         assert (await host.expect(Error)).code == "bad-request"  # Hello first
         host.hello()
-        update = await host.expect(AffinityUpdate)  # the whole state after every host Hello
-        assert update.wanted == []
+        await ready(host)
         host.send(Ping(nonce=42, request_id=7))
         pong = await host.expect(Pong)
         assert (pong.nonce, pong.request_id) == (42, 7)
@@ -84,7 +90,7 @@ def test_bad_frames_are_answered_and_the_session_goes_on() -> None:
         host, task = await connect(agent)
         await host.expect(Hello)
         host.hello()
-        await host.expect(AffinityUpdate)
+        await ready(host)
         frame = bytearray(encode(Ping(nonce=1, request_id=5)))
         frame[-3] = ord("{")  # invalid JSON body, valid header
         host.send_raw(bytes(frame) + b"garbage" * 10)
@@ -122,27 +128,30 @@ def test_version_mismatch_closes_with_unsupported() -> None:
     with_agent(body)
 
 
-def test_reconnect_rehello_and_resend_state() -> None:
+def test_protocol_4_only_and_no_affinity_messages() -> None:
+    """The generic agent speaks protocol 4 only: a host that expects it to track affinity
+    (protocol 2 or 3) gets ``unsupported``; affinity messages are not for it."""
+
     async def body(agent: Agent) -> None:
+        assert agent.hello().protocol_versions == [4]
         host, task = await connect(agent)
         await host.expect(Hello)
-        host.hello()
-        await host.expect(AffinityUpdate)
-        agent.tracker.set_mask(1234, {2})  # as if a thread pinned itself
-        live = await host.expect(AffinityUpdate)
-        assert live.wanted == [2]
+        # pvhost writes its Hello in its lowest version (2): the agent must read it.
+        hello = Hello(role="host", protocol_versions=[2, 3, 4], software_version="pvhost")
+        host.send_raw(encode(hello, version=2))
+        await ready(host)
+        host.send(AffinityResult(seq=1, placements=[], request_id=4))
+        error = await host.expect(Error)
+        assert (error.code, error.request_id) == ("bad-request", 4)
         host.close()
         await task
-        # While disconnected, the state changes; nothing is lost.
-        agent.tracker.set_mask(1235, {3})
-        await asyncio.sleep(0.01)
-        host2, task2 = await connect(agent)
-        assert (await host2.expect(Hello)).topology == TOPOLOGY
-        host2.hello()
-        resent = await host2.expect(AffinityUpdate)
-        assert resent.wanted == [2, 3] and resent.seq > live.seq
-        host2.close()
+        old, task2 = await connect(agent)
+        await old.expect(Hello)
+        old.hello(versions=[2, 3])
+        assert (await old.expect(Error)).code == "unsupported"
+        assert await old.closed()
         await task2
+        old.close()
 
     with_agent(body)
 
@@ -173,7 +182,7 @@ def test_untrusted_programs_are_refused_over_the_protocol(tmp_path: Path, case: 
         host, task = await connect(agent)
         await host.expect(Hello)
         host.hello()
-        await host.expect(AffinityUpdate)
+        await ready(host)
         host.send(signed.message(request_id=21))
         verdict = await host.expect(ProgramLoaded)
         assert (verdict.ok, verdict.request_id) == (False, 21)
@@ -185,43 +194,80 @@ def test_untrusted_programs_are_refused_over_the_protocol(tmp_path: Path, case: 
     with_agent(body, TrustPolicy.from_config(trusted))
 
 
-def test_host_answer_is_visible_in_the_guest(tmp_path: Path) -> None:
-    """The host's AffinityResult lands in the placement file, refusals included, and what
-    each pin achieved (protocol 4: isolated, or restricted and why)."""
-    status = tmp_path / "run" / "placement.json"
+def test_host_documents_are_published_in_the_guest(tmp_path: Path) -> None:
+    """A GuestDocument lands, whole, in documents_dir/NAME.json; at most MAX_DOCUMENTS names."""
+    run = tmp_path / "run"
+    placement = {"seq": 4, "placements": [{"vcpu": 3, "pcpu": None, "refused": "pool exhausted"}]}
 
     async def main() -> None:
         no_keys = TrustPolicy.from_config(Path("/nonexistent/trusted.d"))
-        agent = Agent(TOPOLOGY, no_keys, coalesce_s=0.0, placement_file=status)
+        agent = Agent(TOPOLOGY, no_keys, documents_dir=run)
         try:
             host, task = await connect(agent)
             await host.expect(Hello)
             host.hello()
-            await host.expect(AffinityUpdate)
-            host.send(
-                AffinityResult(
-                    seq=4,
-                    policy="identity",
-                    backend="cgroup1",
-                    placements=[
-                        VcpuPlacement(vcpu=0, pcpu=2, isolation="isolated"),
-                        VcpuPlacement(
-                            vcpu=1, pcpu=3, isolation="restricted", isolation_reason="v1 root"
-                        ),
-                        VcpuPlacement(vcpu=3, refused="pool exhausted"),
-                    ],
-                )
-            )
-            host.send(Ping(nonce=1))
-            await host.expect(Pong)  # the result before it has been handled
+            await ready(host)
+            host.send(GuestDocument(name="placement", content=json.dumps(placement)))
+            for i in range(MAX_DOCUMENTS):  # one of them is one too many
+                host.send(GuestDocument(name=f"doc{i}", content="[]", request_id=100 + i))
+            error = await host.expect(Error)
+            assert error.request_id == 100 + MAX_DOCUMENTS - 1
+            assert f"at most {MAX_DOCUMENTS} documents" in error.message
+            # A name with a path in it does not even decode: the frame is refused.
+            frame = encode(GuestDocument(name="placement", content="1"))
+            host.send_raw(frame.replace(b'"placement"', b'"../../etc"'))
+            assert (await host.expect(Error)).code == "bad-frame"
+            await ready(host)
             host.close()
             await asyncio.wait_for(task, 5)
         finally:
             agent.close()
 
     asyncio.run(main())
-    doc = json.loads(status.read_text())
-    assert doc["seq"] == 4 and doc["backend"] == "cgroup1"
+    assert json.loads((run / "placement.json").read_text()) == placement
+    assert len(list(run.glob("*.json"))) == MAX_DOCUMENTS
+    assert not (tmp_path / "etc.json").exists()
+
+
+def test_the_placement_document_is_what_agents_wrote_with_what_each_pin_achieved(
+    tmp_path: Path,
+) -> None:
+    """The host's answer to a generic agent (pvhost's placement document) lands in the guest
+    as agents of protocol 2 and 3 wrote their AffinityResult (same keys, same layout), with
+    what each pin achieved (protocol 4: isolated, or restricted and why)."""
+    result = AffinityResult(
+        seq=4,
+        policy="identity",
+        backend="cgroup1",
+        placements=[
+            VcpuPlacement(vcpu=0, pcpu=2, isolation="isolated"),
+            VcpuPlacement(vcpu=1, pcpu=3, isolation="restricted", isolation_reason="v1 root"),
+            VcpuPlacement(vcpu=3, refused="pool exhausted"),
+        ],
+    )
+    run = tmp_path / "run"
+
+    async def main() -> None:
+        no_keys = TrustPolicy.from_config(Path("/nonexistent/trusted.d"))
+        agent = Agent(TOPOLOGY, no_keys, documents_dir=run)
+        try:
+            host, task = await connect(agent)
+            await host.expect(Hello)
+            host.hello()
+            await ready(host)
+            host.send(placement_document(result))
+            await ready(host)  # the document before it has been handled
+            host.close()
+            await asyncio.wait_for(task, 5)
+        finally:
+            agent.close()
+
+    asyncio.run(main())
+    text = (run / "placement.json").read_text()
+    # What the agents before protocol 4 wrote from a result (pvagent of 9e66cc4 and before).
+    assert text == json.dumps(result.model_dump(mode="json", exclude={"type"}), indent=1) + "\n"
+    doc = json.loads(text)
+    assert doc["seq"] == 4 and doc["backend"] == "cgroup1" and doc["policy"] == "identity"
     none = {"isolation": None, "isolation_reason": None}
     assert doc["placements"] == [
         {"vcpu": 0, "pcpu": 2, "refused": None, **none, "isolation": "isolated"},

@@ -55,6 +55,7 @@ def test_signed_object_is_accepted(keys: tuple[Path, Path, Path]) -> None:
         "tracepoint/syscalls/sys_exit_sched_setaffinity",
         "tracepoint/sched/sched_process_fork",
         "tracepoint/sched/sched_process_exit",
+        "iter/task",  # "?iter/task": run once after load by a protocol-4 agent
     ]
     assert policy.check(_message(BCC, private)) == []  # judged once compiled (vet)
 
@@ -105,7 +106,8 @@ def test_disallowed_attach_point_is_refused() -> None:
     with pytest.raises(TrustRefused, match="'xdp' is not allowed"):
         policy.inspect("bpf-object", xdp)
     # Configurable: an operator may admit kprobes explicitly.
-    assert TrustPolicy(mode="any", allow=("tracepoint/*", "kprobe/*")).inspect("bpf-object", kprobe)
+    allow = ("tracepoint/*", "iter/task", "kprobe/*")
+    assert TrustPolicy(mode="any", allow=allow).inspect("bpf-object", kprobe)
 
 
 TP = "tracepoint/sched/sched_process_exit"

@@ -4,16 +4,27 @@ with its error and breaks nothing else."""
 
 from __future__ import annotations
 
+import asyncio
 import tomllib
 from pathlib import Path
+from typing import ClassVar
 
 import pytest
 
 from pvhost.config import Config
 from pvhost.errors import ConfigError
 from pvhost.metrics import Metrics
-from pvhost.services import ENTRY_POINT_GROUP, ServiceContext, ServiceManager, discover
+from pvhost.programs import SignedProgram
+from pvhost.services import (
+    ENTRY_POINT_GROUP,
+    ServiceContext,
+    ServiceManager,
+    ServicePlugin,
+    VmHandle,
+    discover,
+)
 from pvhost.services.affinity import AffinityService
+from pvhost.services.discovery import Found
 from pvhost.services.manager import ServicesSettings
 from tests import plugindist
 
@@ -74,3 +85,54 @@ def test_config_names_services_per_vm() -> None:
         Config.model_validate({"services": {"memory": 3}})
     with pytest.raises(ValueError, match="String should match pattern"):
         Config.model_validate({"services": {"enabled": ["Not A Name"]}})
+
+
+class _Recorder(ServicePlugin):
+    """A service that records the resynchronisation hooks it gets."""
+
+    name = "rec"
+    calls: ClassVar[list[tuple[str, str, int]]] = []
+
+    def programs(self) -> list[SignedProgram]:
+        return [SignedProgram("rec", "bpf-object", b"\x7fELF", 1, b"")]
+
+    async def on_loaded(self, vm: VmHandle, program_id: str) -> None:
+        self.calls.append(("loaded", program_id, 0))
+
+    def on_records_lost(self, vm: VmHandle, program_id: str, count: int) -> None:
+        self.calls.append(("lost", program_id, count))
+
+
+class _Vm:
+    name = "v"
+    topology = None
+    vcpus: ClassVar[dict[int, object]] = {}
+    protocol_version = 4
+
+    def send(self, message: object) -> None:
+        pass
+
+
+def test_a_service_is_told_its_program_loaded_and_its_records_lost() -> None:
+    """The resynchronisation hooks: a ProgramLoaded of its program, and every record lost on
+    the way — the agent said so, or the VM's rate bound dropped them (not another service's)."""
+
+    async def body() -> list[tuple[str, str, int]]:
+        manager = ServiceManager(
+            {"rec": Found("rec", "built-in", _Recorder)},
+            ServicesSettings(default=("rec",), max_records_per_s=10),
+            lambda name: ServiceContext(signing_key=Path("/nonexistent"), log=None),  # type: ignore[arg-type]
+            Metrics(),
+        )
+        manager.add_vm(_Vm())  # type: ignore[arg-type]
+        assert [p.program_id for p in manager.programs("v")] == ["rec"]
+        manager.loaded("v", "rec")
+        manager.loaded("v", "someone-elses")
+        manager.lost_records("v", 3, "rec")
+        manager.records("v", "rec", [b"x"] * 10)  # the bucket's burst
+        manager.records("v", "rec", [b"x"] * 4)  # over the rate: dropped, and said so
+        await asyncio.sleep(0.05)
+        await manager.close()
+        return _Recorder.calls
+
+    assert asyncio.run(body()) == [("lost", "rec", 3), ("lost", "rec", 4), ("loaded", "rec", 0)]

@@ -92,3 +92,77 @@ def test_importing_the_host_loads_no_guest_code() -> None:
         [sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT
     )
     assert out.stdout.strip() == "[]"
+
+
+#: What only a service knows: its programs' maps and ring buffers, its messages and modules.
+#: The generic agent (protocol 4) must name none of them (issue #12 item 2).
+SERVICE_NAMES = (
+    "pv_affinity",
+    "pv_tracked",
+    "pv_state",
+    "AffinityUpdate",
+    "AffinityResult",
+    "affinity_event",
+    "affinity_tracker",
+    "AffinityTracker",
+    "sched_setaffinity",
+    "procscan",
+)
+
+
+def service_names(package: Path) -> list[str]:
+    """``path:line: name`` for every service-specific name in the package's Python code
+    (identifiers, attributes, strings, imports; comments and docstrings are prose)."""
+    found = []
+    for path in sorted(package.rglob("*.py")):
+        tree = ast.parse(path.read_text(), filename=str(path))
+        docstrings = {
+            id(node.body[0].value)
+            for node in ast.walk(tree)
+            if isinstance(node, ast.Module | ast.ClassDef | ast.FunctionDef | ast.AsyncFunctionDef)
+            and node.body
+            and isinstance(node.body[0], ast.Expr)
+            and isinstance(node.body[0].value, ast.Constant)
+        }
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Constant) and id(node) in docstrings:
+                continue
+            texts: list[str] = []
+            if isinstance(node, ast.Name):
+                texts = [node.id]
+            elif isinstance(node, ast.Attribute):
+                texts = [node.attr]
+            elif isinstance(node, ast.Constant) and isinstance(node.value, str):
+                texts = [node.value]
+            elif isinstance(node, ast.alias):
+                texts = [node.name]
+            elif isinstance(node, ast.ImportFrom) and node.module:
+                texts = [node.module]
+            for text in texts:
+                found += [
+                    f"{path.relative_to(package.parent)}:{getattr(node, 'lineno', 0)}: {name}"
+                    for name in SERVICE_NAMES
+                    if name in text
+                ]
+    return found
+
+
+def test_the_guest_agent_holds_no_service_code() -> None:
+    assert service_names(ROOT / "pvagent") == []
+    assert not list((ROOT / "pvagent").rglob("*affinity*"))
+    assert not list((ROOT / "pvagent").rglob("tracker.py"))
+
+
+def test_the_service_name_scan_can_fail(tmp_path: Path) -> None:
+    (tmp_path / "m.py").write_text(
+        '"""Docstrings may say pv_affinity."""\n'
+        "from pvhost.services.affinity_event import decode\n"
+        "RING = 'pv_affinity'\n"
+        "def f(update):\n"
+        "    return isinstance(update, AffinityUpdate)\n"
+    )
+    assert {line.split(": ")[1] for line in service_names(tmp_path)} == {
+        "affinity_event",
+        "pv_affinity",
+        "AffinityUpdate",
+    }

@@ -1,8 +1,9 @@
-"""Decoder of ``struct pv_affinity_event`` (bpf/affinity.h — the layout is defined there once).
+"""Decoder of ``struct pv_affinity_event`` and ``struct pv_affinity_tracked`` (bpf/affinity.h —
+the layout is defined there once; this is its only decoder, on the host).
 
 The event is 160 bytes: seven little-endian header words then a 128-byte CPU bitmap.
 A record of the wrong size is an :class:`EventError` (a program that does not match
-this agent), never a silent misreading.
+this service, or a hostile guest), never a silent misreading.
 """
 
 from __future__ import annotations
@@ -14,11 +15,15 @@ from typing import NamedTuple
 __all__ = [
     "EVENT_SIZE",
     "MASK_BYTES",
+    "MAX_TRACKED",
+    "TRACKED",
     "AffinityEvent",
     "EventError",
     "EventFlag",
     "EventKind",
     "decode",
+    "decode_tracked",
+    "mask_cpus",
 ]
 
 _HEADER = struct.Struct("<IIIIIIQ")  # kind tgid tid target mask_bytes flags ktime_ns
@@ -26,6 +31,9 @@ MASK_BYTES = 128  # PV_AFFINITY_MASK_BYTES
 EVENT_SIZE = _HEADER.size + MASK_BYTES
 #: Layout of ``struct pv_affinity_tracked`` (the in-kernel per-tid table): mask_bytes, pad, mask.
 TRACKED = struct.Struct(f"<II{MASK_BYTES}s")
+#: PV_AFFINITY_MAX_TRACKED: live tids the guest program tracks at most.
+MAX_TRACKED = 8192
+_TID = struct.Struct("<I")
 
 
 class EventKind(IntEnum):
@@ -40,7 +48,7 @@ class EventFlag(IntFlag):
 
 
 class EventError(ValueError):
-    """A ring-buffer record that is not a pv_affinity_event."""
+    """A ring-buffer record (or map entry) that is not what bpf/affinity.h declares."""
 
 
 class AffinityEvent(NamedTuple):
@@ -97,3 +105,14 @@ def decode(record: bytes) -> AffinityEvent:
             found = _mask_cache[mask] = mask_cpus(mask)
         cpus = found
     return AffinityEvent(event_kind, tgid, tid, target, cpus, _FLAGS[flags & 7], ktime)
+
+
+def decode_tracked(key: bytes, value: bytes) -> tuple[int, frozenset[int]]:
+    """One entry of the program's ``pv_tracked`` map: (tid, the CPUs of its last mask)."""
+    if len(key) != _TID.size or len(value) != TRACKED.size:
+        raise EventError(
+            f"pv_tracked entry of {len(key)}+{len(value)} bytes; "
+            f"expected {_TID.size}+{TRACKED.size}"
+        )
+    nbytes, _pad, mask = TRACKED.unpack(value)
+    return _TID.unpack(key)[0], mask_cpus(mask[: min(nbytes, MASK_BYTES)])

@@ -1,13 +1,26 @@
-"""Tracker semantics: strict-subset requests, union, release on exit/widening, coalescing."""
+"""The affinity service's layout and tracker (on the host since protocol 4): event decoding,
+strict-subset requests, union, release on exit/widening, coalescing, the table's bound."""
 
 from __future__ import annotations
 
 import asyncio
+import struct
 import time
 import tracemalloc
 
-from pvagent.affinity_event import AffinityEvent, EventFlag, EventKind
-from pvagent.tracker import AffinityTracker
+import pytest
+
+from pvhost.services.affinity_event import (
+    EVENT_SIZE,
+    TRACKED,
+    AffinityEvent,
+    EventError,
+    EventFlag,
+    EventKind,
+    decode,
+    decode_tracked,
+)
+from pvhost.services.affinity_tracker import AffinityTracker
 from pvproto import AffinityUpdate
 
 ONLINE = range(4)
@@ -147,3 +160,41 @@ def test_update_lists_at_most_1024_threads() -> None:
     update = run(body)
     assert len(update.threads) == 1024 and update.threads_omitted == 976
     assert update.wanted == [0, 1, 2, 3]
+
+
+def test_event_decoding() -> None:
+    mask = (1 << 1 | 1 << 700).to_bytes(128, "little")
+    record = struct.pack("<IIIIIIQ", 1, 10, 11, 0, 128, 0, 5) + mask
+    event = decode(record)
+    assert len(record) == EVENT_SIZE
+    assert (event.kind, event.target_tid, event.cpus) == (EventKind.SET, 11, {1, 700})
+    short = struct.pack("<IIIIIIQ", 1, 10, 11, 12, 8, 0, 5) + mask  # only 8 bytes valid
+    assert decode(short).cpus == {1} and decode(short).target_tid == 12
+    with pytest.raises(EventError, match="bytes"):
+        decode(record[:-1])
+    with pytest.raises(EventError, match="kind"):
+        decode(struct.pack("<IIIIIIQ", 9, 0, 0, 0, 0, 0, 0) + mask)
+
+
+def test_tracked_entry_decoding() -> None:
+    value = TRACKED.pack(8, 0, (1 << 2 | 1 << 100).to_bytes(128, "little"))
+    assert decode_tracked(struct.pack("<I", 42), value) == (42, frozenset({2}))  # 8 bytes valid
+    with pytest.raises(EventError, match="pv_tracked"):
+        decode_tracked(b"\0\0", value)
+
+
+def test_table_is_bounded_whatever_the_guest_sends() -> None:
+    async def body() -> tuple[AffinityTracker, list[AffinityUpdate]]:
+        sent: list[AffinityUpdate] = []
+        tracker = AffinityTracker(ONLINE, sent.append, window=0.0, max_threads=100)
+        for tid in range(1, 1000):  # made-up tids: a hostile guest
+            tracker.handle(set_event(tid, {tid % 4}))
+        tracker.handle(set_event(5, {1}))  # a known tid still changes
+        tracker.replace_all({t: frozenset({0}) for t in range(5000)})
+        await asyncio.sleep(0.01)
+        return tracker, sent
+
+    tracker, sent = run(body)
+    assert len(tracker.threads) == 100
+    assert tracker.overflowed == 899
+    assert sent[-1].wanted == [0]

@@ -1,6 +1,10 @@
-"""The affinity tracker: which vCPUs the guest's threads want pinned, right now.
+"""The affinity tracker: which vCPUs a guest's threads want pinned, right now.
 
-Semantics (also in docs/design.md, "Guest agent"):
+It runs on the host, one per VM, in the affinity service (:mod:`pvhost.services.affinity`),
+fed with the guest program's records (protocol-4 agents forward them undecoded); agents of
+protocol 2 and 3 ran the same code in the guest and send its ``AffinityUpdate``s themselves.
+
+Semantics (also in docs/design.md, "Affinity service"):
 
 * A thread's **request** is the CPU set of its last *successful* ``sched_setaffinity``
   (or, for a thread created by a tracked thread, the mask it inherited at clone/fork — the
@@ -12,7 +16,10 @@ Semantics (also in docs/design.md, "Guest agent"):
   ``wanted = union of all requests``. A thread's exit (``sched_process_exit``, fired per thread, so
   a whole process exiting releases everything its threads requested) removes its request.
 * The table is keyed by tid, so its size is bounded by the live threads that pinned
-  themselves, whatever the call rate; exits remove entries.
+  themselves, whatever the call rate; exits remove entries. The guest is hostile (it can
+  send records for made-up tids): the table also holds at most ``max_threads`` entries (the
+  guest program's own table size); requests of further tids are ignored and counted
+  (``overflowed``) until entries go away.
 * **Coalescing**: a change is published at once if nothing was published during the
   last ``window`` seconds, otherwise at the end of that window. A storm of calls thus
   yields at most one ``AffinityUpdate`` per window, and the final state is published
@@ -20,8 +27,8 @@ Semantics (also in docs/design.md, "Guest agent"):
   (idempotent), with a new ``seq``; a state equal to the last published is not resent.
 
 Known limits: cpuset and CPU-hotplug changes alter effective masks without a call and
-are not observed; the online set is read at start. Explicit tids from a caller in a non-initial
-PID namespace are that namespace's numbers.
+are not observed; the online set is the one the agent's Hello reported. Explicit tids from a
+caller in a non-initial PID namespace are that namespace's numbers.
 """
 
 from __future__ import annotations
@@ -31,7 +38,7 @@ import logging
 import time
 from collections.abc import Callable, Iterable
 
-from pvagent.affinity_event import AffinityEvent, EventKind
+from pvhost.services.affinity_event import MAX_TRACKED, AffinityEvent, EventKind
 from pvproto import AffinityUpdate, ThreadRequest
 
 __all__ = ["MAX_LISTED_THREADS", "AffinityTracker"]
@@ -52,8 +59,12 @@ class AffinityTracker:
         *,
         window: float = 0.020,
         clock: Callable[[], float] = time.monotonic,
+        max_threads: int = MAX_TRACKED,
     ) -> None:
         self.online = frozenset(online)
+        self.max_threads = max_threads
+        #: Requests ignored because the table was full.
+        self.overflowed = 0
         self.window = window
         self._publish = publish
         self._clock = clock
@@ -86,6 +97,9 @@ class AffinityTracker:
             if self._table.pop(tid, None) is not None:
                 self._changed()
         elif self._table.get(tid) != requested:
+            if tid not in self._table and len(self._table) >= self.max_threads:
+                self.overflowed += 1
+                return
             self._table[tid] = requested
             self._changed()
 
@@ -95,10 +109,10 @@ class AffinityTracker:
 
     def replace_all(self, masks: dict[int, frozenset[int]]) -> None:
         """Rebuild the table from an authoritative snapshot (the kernel's tracked map)."""
-        table = {}
+        table: dict[int, frozenset[int]] = {}
         for tid, cpus in masks.items():
             requested = self.request_of(cpus)
-            if requested is not None:
+            if requested is not None and len(table) < self.max_threads:
                 table[tid] = requested
         if table != self._table:
             self._table = table
