@@ -527,9 +527,10 @@ def test_g_a_hotplugged_vcpu_is_followed_brought_online_by_the_guest_and_pinned(
     print(f"[libvirt] setvcpus --live → online in the guest: {time.monotonic() - t0:.2f} s",
           file=sys.stderr)  # fmt: skip
     assert dom.vcpupin() == {0: "0-1", 1: "0-1"}
-    # The agent reads the guest's online CPUs once, at start (pvagent/tracker.py, "Known
-    # limits"): a pin to a CPU that came online later is no request to it. Until it follows CPU
-    # hot-plug itself, it is restarted here, as an operator would after hot-plugging.
+    # The host's affinity tracker knows the guest's online CPUs from the agent's Hello
+    # (pvhost/services/affinity_tracker.py): a pin to a CPU that came online later is no request
+    # to it. Until the agent's Hello follows CPU hot-plug, it is restarted here, as an operator
+    # would after hot-plugging.
     dom.guest("systemctl restart pvagent").check()
     # Its program is attached some seconds after (TCG): a pin made before is not seen, so one
     # is made again until the host places it.
