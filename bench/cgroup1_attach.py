@@ -7,6 +7,10 @@ milliseconds apart). Each step is timed: mkdir, ``cpuset.mems``/``cpuset.cpus`` 
 mode (a v1 or v2 hierarchy mounted without ``favordynmods``), the first move after a quiet
 spell waits for an RCU grace period; back-to-back moves do not.
 
+Then the pin of the cgroup1 backend's ``resident`` mode: the thread stays in a cpuset of its
+own and only that cpuset's ``cpuset.cpus`` is rewritten (one pCPU, then every CPU again),
+again back to back and ``--gap`` seconds apart. That write takes no threadgroup rwsem.
+
     sudo .venv/bin/python bench/cgroup1_attach.py [--cycles 12] [--gap 0.4]
 """
 
@@ -19,6 +23,8 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
+
+from pvproto import parse_cpulist
 
 CPUSET = Path("/sys/fs/cgroup/cpuset")
 
@@ -68,6 +74,24 @@ def main() -> int:
                 step(f"{label}: move out (tasks)", lambda: write(home / "tasks", tid))
                 step(f"{label}: rmdir", vcpu.rmdir)
                 time.sleep(gap)
+        # Resident: moved in once, then only its own cpuset's CPUs change.
+        one = str(max(parse_cpulist(cpus)))
+        vcpu.mkdir()
+        write(vcpu / "cpuset.mems", mems)
+        write(vcpu / "cpuset.cpus", cpus)
+        write(vcpu / "tasks", tid)
+        for label, gap in (("back to back", 0.0), (f"{args.gap:g} s apart", args.gap)):
+            for _ in range(args.cycles):
+                step(f"{label}: resident pin (cpuset.cpus = {one})",
+                     lambda: write(vcpu / "cpuset.cpus", one))  # fmt: skip
+                time.sleep(gap)
+                step(f"{label}: resident unpin (cpuset.cpus = {cpus})",
+                     lambda: write(vcpu / "cpuset.cpus", cpus))  # fmt: skip
+                time.sleep(gap)
+        if os.sched_getaffinity(int(tid)) != parse_cpulist(cpus):
+            raise SystemExit("the resident unpin did not give the thread its CPUs back")
+        write(home / "tasks", tid)
+        vcpu.rmdir()
     finally:
         stop.set()
         worker.join()
