@@ -23,7 +23,7 @@ Example::
     rate = 20.0                         # AffinityUpdates applied per second per VM
     burst = 5
     isolate_from = []                   # cgroup v1: cpusets pinned pCPUs are taken from
-    cgroup1_mode = "move"                resident (docs/placement-v1.md)| resident (docs/placement-v1.md)
+    cgroup1_mode = "move"               # cgroup v1: move or resident (docs/cgroup1-resident.md)
 
     [libvirt]                           # domains libvirt runs (docs/libvirt.md)
     enabled = false

@@ -1,0 +1,216 @@
+"""cgroup v1 backend, resident mode, against this host's real cpuset hierarchy: a vCPU thread is
+moved once into a cpuset of its own; a pin and an unpin then only rewrite that cpuset's CPUs
+(no thread move, so no wait for an RCU grace period); detach gives everything back exactly;
+a kill -9 at any cgroupfs write of attach + pin, unpin or detach converges after a restart."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from pvhost.placement import Cgroup1Backend, cgroup1, thread_allowed_cpus
+from tests.conftest import absent
+from tests.faultpoints import KILLED, killed_before_write, recorded_writes
+
+pytestmark = pytest.mark.root
+
+CPUSET = Path("/sys/fs/cgroup/cpuset")
+
+
+@pytest.fixture
+def outer(cpuset_group: str) -> Iterator[Path]:
+    """A cpuset of ours next to extpv's (CPUs 0-1), standing in for where QEMU runs. Its name
+    begins with "0" so that an isolation reason, which names the first cpusets by name after
+    the root, names it whatever other cpusets the host has."""
+    if not {0, 1} <= os.sched_getaffinity(0) or not (CPUSET / "cpuset.cpus").exists():
+        absent("needs a cgroup v1 cpuset hierarchy and CPUs 0 and 1")
+    path = CPUSET / f"0{cpuset_group}-home"
+    path.mkdir()
+    try:
+        (path / "cpuset.mems").write_text((CPUSET / "cpuset.mems").read_text())
+        (path / "cpuset.cpus").write_text("0-1")
+        yield path
+    finally:
+        for tid in (path / "tasks").read_text().split():
+            (CPUSET / "tasks").write_text(tid)
+        path.rmdir()
+
+
+def resident(state_dir: Path, group: str, isolate_from: tuple[str, ...] = ()) -> Cgroup1Backend:
+    """What pvhost does at start in resident mode: read the state file, set up."""
+    backend = Cgroup1Backend(CPUSET, state_dir / "cgroup1.json", group, isolate_from, "resident")
+    backend.setup(frozenset({1}))
+    return backend
+
+
+def cpuset_of(tid: int) -> str:
+    return Path(f"/proc/{tid}/cpuset").read_text().strip()
+
+
+def cpus(path: Path) -> str:
+    return (path / "cpuset.cpus").read_text().strip()
+
+
+def move_process(pid: int, cpuset: Path) -> None:
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        (cpuset / "tasks").write_text(task.name)
+
+
+def test_pin_and_unpin_rewrite_cpus_only_and_detach_gives_back(
+    tmp_path: Path, cpuset_group: str, outer: Path, process: tuple[int, list[int]]
+) -> None:
+    """After attach, a pin and an unpin write one file each, the thread's own cpuset's CPUs:
+    the thread stays where it is, allowed its pCPU while pinned and its home's CPUs again after.
+    Detach puts both threads back in the cpuset they came from with the affinity they had,
+    including one's own choice (CPU 1). The home's CPUs changed meanwhile reach an unpinned
+    thread at the next change."""
+    pid, (tid0, tid1, _) = process
+    move_process(pid, outer)
+    os.sched_setaffinity(tid1, {1})
+    before = {t: (cpuset_of(t), thread_allowed_cpus(t)) for t in (tid0, tid1)}
+    backend = resident(tmp_path, cpuset_group)
+    backend.attach("vm", pid, {0: tid0, 1: tid1})
+    vcpu0 = CPUSET / cpuset_group / "vm-vm" / "vcpu0"
+    vcpu1 = vcpu0.with_name("vcpu1")
+    assert cpuset_of(tid0) == f"/{cpuset_group}/vm-vm/vcpu0"
+    assert cpuset_of(tid1) == f"/{cpuset_group}/vm-vm/vcpu1"
+    assert (cpus(vcpu0), cpus(vcpu1)) == ("0-1", "0-1"), "the home's CPUs"
+    assert thread_allowed_cpus(tid1) == {1}, "its own choice kept"
+
+    writes = recorded_writes(cgroup1, lambda: backend.pin("vm", 0, tid0, 1))
+    assert writes == [vcpu0 / "cpuset.cpus"], "a pin writes its cpuset's CPUs, nothing else"
+    assert (cpuset_of(tid0), thread_allowed_cpus(tid0)) == (f"/{cpuset_group}/vm-vm/vcpu0", {1})
+    assert backend.verify() == []
+
+    (outer / "cpuset.cpus").write_text("0")
+    writes = recorded_writes(cgroup1, lambda: backend.unpin("vm", 0))
+    assert vcpu0 / "cpuset.cpus" in writes and not [w for w in writes if w.name == "tasks"]
+    assert cpus(vcpu0) == "0" and cpus(vcpu1) == "0", "both follow their home's CPUs"
+    assert cpuset_of(tid0) == f"/{cpuset_group}/vm-vm/vcpu0", "never moved by a pin or unpin"
+    (outer / "cpuset.cpus").write_text("0-1")
+
+    backend.detach("vm")
+    assert {t: (cpuset_of(t), thread_allowed_cpus(t)) for t in (tid0, tid1)} == before
+    assert not (CPUSET / cpuset_group / "vm-vm").exists()
+    assert backend.state.vms() == []
+    backend.teardown()
+    assert not (CPUSET / cpuset_group).exists()
+
+
+def test_read_back_counts_an_unpinned_resident_thread_under_its_home(
+    tmp_path: Path, cpuset_group: str, outer: Path, process: tuple[int, list[int]]
+) -> None:
+    """The isolation read-back skips extpv's cpusets; an unpinned resident vCPU thread that
+    may run on the pinned pCPU must still count, under the cpuset it came from (as in move
+    mode, where it stays there): the main thread, the fourth thread and vCPU 1 = 3."""
+    pid, (tid0, tid1, _) = process
+    move_process(pid, outer)
+    backend = resident(tmp_path, cpuset_group)
+    backend.attach("vm", pid, {0: tid0, 1: tid1})
+    backend.pin("vm", 0, tid0, 1)
+    isolation = backend.achieved()["vm"][0]
+    assert isolation.mode == "restricted"
+    assert f"3 in /{outer.name}" in isolation.reason, isolation.reason
+    backend.detach("vm")
+    backend.teardown()
+
+
+def test_isolate_from_home_takes_the_pinned_pcpu_from_unpinned_residents(
+    tmp_path: Path, cpuset_group: str, outer: Path, process: tuple[int, list[int]]
+) -> None:
+    """With the home named in isolate_from, a pin takes the pCPU from the home and from the
+    VM's unpinned resident threads (they left the home, so only extpv can), and gives it back
+    to both on unpin."""
+    pid, (tid0, tid1, _) = process
+    move_process(pid, outer)
+    backend = resident(tmp_path, cpuset_group, ("/" + outer.name,))
+    backend.attach("vm", pid, {0: tid0, 1: tid1})
+    backend.pin("vm", 0, tid0, 1)
+    assert cpus(outer) == "0"
+    assert thread_allowed_cpus(tid1) == {0}, "the unpinned vCPU is off the pinned pCPU"
+    backend.unpin("vm", 0)
+    assert cpus(outer) == "0-1"
+    assert thread_allowed_cpus(tid0) == thread_allowed_cpus(tid1) == {0, 1}
+    backend.detach("vm")
+    backend.teardown()
+
+
+def _kill_points(operation: Callable[[], object], undo: Callable[[], object]) -> list[tuple[Path, int]]:
+    """Every cgroupfs write of ``operation``, as (file, how many times written so far)."""
+    writes = recorded_writes(cgroup1, operation)
+    undo()
+    seen: dict[Path, int] = {}
+    points = []
+    for path in writes:
+        seen[path] = seen.get(path, 0) + 1
+        points.append((path, seen[path]))
+    return points
+
+
+@pytest.mark.security
+@pytest.mark.parametrize("step", ["attach+pin", "unpin", "detach"])
+def test_kill_at_every_write_converges_after_restart(
+    tmp_path: Path,
+    cpuset_group: str,
+    outer: Path,
+    process: tuple[int, list[int]],
+    step: str,
+) -> None:
+    """kill -9 of pvhost just before each cgroupfs write of a step: the restarted backend
+    reconciles to a state that holds (every recorded pin verified, the pinned pCPU withheld
+    from the home, unpinned residents on their home's CPUs), and detach + teardown give
+    everything back exactly: threads in their cpuset with their affinity, the home's CPUs."""
+    pid, (tid0, tid1, _) = process
+    move_process(pid, outer)
+    before = {t: (cpuset_of(t), thread_allowed_cpus(t)) for t in (tid0, tid1)}
+    isolate = ("/" + outer.name,)
+    live = {"vm": {0: tid0, 1: tid1}}
+
+    def prepare(state: Path) -> Cgroup1Backend:
+        backend = resident(state, cpuset_group, isolate)
+        if step != "attach+pin":
+            backend.attach("vm", pid, live["vm"])
+            backend.pin("vm", 0, tid0, 1)
+        return backend
+
+    def operation(backend: Cgroup1Backend) -> Callable[[], object]:
+        def run() -> None:
+            if step == "attach+pin":
+                backend.attach("vm", pid, live["vm"])
+                backend.pin("vm", 0, tid0, 1)
+            elif step == "unpin":
+                backend.unpin("vm", 0)
+            else:
+                backend.detach("vm")
+
+        return run
+
+    dry = prepare(tmp_path / "dry")
+    points = _kill_points(operation(dry), dry.teardown)
+    assert len(points) >= 2, points
+    for n, (path, nth) in enumerate(points):
+        state = tmp_path / f"kill-{n}"
+        backend = prepare(state)
+        code = killed_before_write(cgroup1, path, operation(backend), nth)
+        assert code == KILLED, f"never reached write {n}: {path} #{nth}"
+
+        restarted = resident(state, cpuset_group, isolate)
+        adopted = restarted.reconcile(live)
+        where = f"killed before write {n} ({path} #{nth})"
+        assert restarted.verify() == [], where
+        assert adopted == restarted.pins(), where
+        held = {p for pins in restarted.pins().values() for p in pins.values()}
+        assert cpus(outer) == ("0" if held else "0-1"), where
+        for vcpu, home in restarted.state.homes("vm").items():
+            if vcpu not in restarted.pins().get("vm", {}):
+                assert cpus(CPUSET / cpuset_group / "vm-vm" / f"vcpu{vcpu}") == cpus(outer), where
+                assert home.prev_cpuset == "/" + outer.name, where
+
+        restarted.detach("vm")
+        restarted.teardown()
+        assert cpus(outer) == "0-1", where
+        assert {t: (cpuset_of(t), thread_allowed_cpus(t)) for t in (tid0, tid1)} == before, where
+        assert not (CPUSET / cpuset_group).exists(), where
