@@ -369,11 +369,24 @@ class Cgroup1Backend(PlacementBackend):
         self._try_exclusive(self.base)
 
     def _grow(self, path: Path, cpus: frozenset[int]) -> None:
-        """``path`` exists and holds at least ``cpus`` (created, or widened: never narrowed)."""
+        """Our cpuset ``path`` exists, can hold tasks and holds at least ``cpus`` (created, or
+        widened: never narrowed), without ``cpu_exclusive`` (it would forbid overlapping the
+        host's other cpusets; a move-mode run may have set it)."""
         if not path.is_dir():
             self._mkdir(path, cpus)
-        elif cpus - read_cpus(path / "cpuset.cpus"):
-            write_text(path / "cpuset.cpus", format_cpulist(cpus | read_cpus(path / "cpuset.cpus")))
+            return
+        if read_text(path / "cpuset.mems") == "":  # created by a run killed before its mems
+            write_text(path / "cpuset.mems", read_text(path.parent / "cpuset.mems"))
+        if read_text(path / "cpuset.cpu_exclusive") == "1":
+            write_text(path / "cpuset.cpu_exclusive", "0")
+        now = read_cpus(path / "cpuset.cpus")
+        if cpus - now:
+            write_text(path / "cpuset.cpus", format_cpulist(cpus | now))
+
+    def _ours(self, cpuset: str) -> bool:
+        """Whether ``cpuset`` (as /proc shows it) is extpv's or inside it."""
+        path = self.root / cpuset.lstrip("/")
+        return path == self.base or self.base in path.parents
 
     # -- resident mode: each vCPU thread moved once per VM ---------------------------------
     def attach(self, vm: str, qemu_pid: int, vcpu_tids: Mapping[int, int]) -> None:
@@ -388,7 +401,7 @@ class Cgroup1Backend(PlacementBackend):
 
     def _home_record(self, tid: int) -> Cgroup1Home:
         prev = self._thread_cgroup(tid)
-        if self.base in (self.root / prev.lstrip("/")).parents:
+        if self._ours(prev):
             # In one of ours with no record (the state file was lost): its process's cpuset.
             prev = self._rel(self._home_of(tid))
         effective = self.root / prev.lstrip("/") / "cpuset.effective_cpus"
@@ -414,9 +427,7 @@ class Cgroup1Backend(PlacementBackend):
             if home is None:  # moved in, then the state file was lost
                 self.state.set_home(vm, vcpu, self._home_record(tid))
             return
-        if home is None or (
-            self.base not in (self.root / where.lstrip("/")).parents and where != home.prev_cpuset
-        ):
+        if home is None or (not self._ours(where) and where != home.prev_cpuset):
             # Saved before the move. A thread the operator moved since gets its new home.
             if self.state.pin(vm, vcpu) is not None:
                 self.unpin(vm, vcpu)
@@ -425,10 +436,7 @@ class Cgroup1Backend(PlacementBackend):
         host = read_cpus(self.root / "cpuset.cpus")
         self._grow(self.base, host)
         self._grow(self._vm_dir(vm), host)
-        if not path.is_dir():
-            self._mkdir(path, self._home_cpus(home))
-        else:
-            write_text(path / "cpuset.cpus", format_cpulist(self._home_cpus(home)))
+        self._mkdir(path, self._home_cpus(home))  # (again after a crash: mems, cpus)
         write_text(path / "tasks", str(tid))  # the one move of this thread's VM life
         restore_own_affinity(home)  # kernels < 6.2 reset it to the cpuset on a move
 

@@ -13,6 +13,7 @@ import pytest
 
 from pvhost.placement import Cgroup1Backend, cgroup1, thread_allowed_cpus
 from tests.conftest import absent
+from pvproto import parse_cpulist
 from tests.faultpoints import KILLED, killed_before_write, recorded_writes
 
 pytestmark = pytest.mark.root
@@ -205,9 +206,17 @@ def test_kill_at_every_write_converges_after_restart(
         held = {p for pins in restarted.pins().values() for p in pins.values()}
         assert cpus(outer) == ("0" if held else "0-1"), where
         for vcpu, home in restarted.state.homes("vm").items():
+            assert home.prev_cpuset == "/" + outer.name, where
             if vcpu not in restarted.pins().get("vm", {}):
-                assert cpus(CPUSET / cpuset_group / "vm-vm" / f"vcpu{vcpu}") == cpus(outer), where
-                assert home.prev_cpuset == "/" + outer.name, where
+                assert thread_allowed_cpus(home.tid) == parse_cpulist(cpus(outer)), where
+
+        # The VM's next request is served: attach, pin, unpin, as if nothing had happened.
+        restarted.attach("vm", pid, live["vm"])
+        restarted.pin("vm", 0, tid0, 1)
+        assert restarted.verify() == [] and cpus(outer) == "0", where
+        assert thread_allowed_cpus(tid1) == {0}, where
+        restarted.unpin("vm", 0)
+        assert thread_allowed_cpus(tid0) == thread_allowed_cpus(tid1) == {0, 1}, where
 
         restarted.detach("vm")
         restarted.teardown()
