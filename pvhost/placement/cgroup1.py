@@ -427,10 +427,10 @@ class Cgroup1Backend(PlacementBackend):
             if home is None:  # moved in, then the state file was lost
                 self.state.set_home(vm, vcpu, self._home_record(tid))
             return
+        if self.state.pin(vm, vcpu) is not None:
+            self.unpin(vm, vcpu)  # a pin whose thread is not in its cpuset holds nothing
         if home is None or (not self._ours(where) and where != home.prev_cpuset):
             # Saved before the move. A thread the operator moved since gets its new home.
-            if self.state.pin(vm, vcpu) is not None:
-                self.unpin(vm, vcpu)
             home = self._home_record(tid)
             self.state.set_home(vm, vcpu, home)
         host = read_cpus(self.root / "cpuset.cpus")
