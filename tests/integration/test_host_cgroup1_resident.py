@@ -139,7 +139,9 @@ def test_isolate_from_home_takes_the_pinned_pcpu_from_unpinned_residents(
     backend.teardown()
 
 
-def _kill_points(operation: Callable[[], object], undo: Callable[[], object]) -> list[tuple[Path, int]]:
+def _kill_points(
+    operation: Callable[[], object], undo: Callable[[], object]
+) -> list[tuple[Path, int]]:
     """Every cgroupfs write of ``operation``, as (file, how many times written so far)."""
     writes = recorded_writes(cgroup1, operation)
     undo()
