@@ -153,7 +153,6 @@ def _kill_points(
     return points
 
 
-@pytest.mark.security
 @pytest.mark.parametrize("step", ["attach+pin", "unpin", "detach"])
 def test_kill_at_every_write_converges_after_restart(
     tmp_path: Path,
