@@ -6,6 +6,9 @@ a kill -9 at any cgroupfs write of attach + pin, unpin or detach converges after
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -13,6 +16,7 @@ import pytest
 
 from pvhost.placement import Cgroup1Backend, cgroup1, thread_allowed_cpus
 from tests.conftest import absent
+from tests.cpuacct import load_on, share
 from pvproto import parse_cpulist
 from tests.faultpoints import KILLED, killed_before_write, recorded_writes
 
@@ -38,6 +42,48 @@ def outer(cpuset_group: str) -> Iterator[Path]:
         for tid in (path / "tasks").read_text().split():
             (CPUSET / "tasks").write_text(tid)
         path.rmdir()
+
+
+@pytest.fixture
+def load(cpuset_group: str) -> Iterator[tuple[Path, list[int]]]:
+    """A cpuset of ours on CPUs 0-1 running 4x CPUs ``yes`` processes, each in its own session
+    (with autogroup scheduling a group of them would count as one task against the vCPU)."""
+    if not {0, 1} <= os.sched_getaffinity(0) or not (CPUSET / "cpuset.cpus").exists():
+        absent("needs a cgroup v1 cpuset hierarchy and CPUs 0 and 1")
+    path = CPUSET / f"{cpuset_group}-load"
+    path.mkdir()
+    procs: list[subprocess.Popen[bytes]] = []
+    try:
+        (path / "cpuset.mems").write_text((CPUSET / "cpuset.mems").read_text())
+        (path / "cpuset.cpus").write_text("0-1")
+        for _ in range(4 * len(os.sched_getaffinity(0))):
+            p = subprocess.Popen(["yes"], stdout=subprocess.DEVNULL, start_new_session=True)
+            (path / "tasks").write_text(str(p.pid))
+            procs.append(p)
+        yield path, [p.pid for p in procs]
+    finally:
+        for p in procs:
+            p.kill()
+            p.wait()
+        for tid in (path / "tasks").read_text().split():
+            (CPUSET / "tasks").write_text(tid)
+        path.rmdir()
+
+
+@pytest.fixture
+def spinner() -> Iterator[int]:
+    """A process of ours that burns CPU, as a running vCPU thread does (its pid = its tid)."""
+    child = subprocess.Popen(
+        [sys.executable, "-c", "import os; print(os.getpid(), flush=True)\nwhile True: pass"],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    assert child.stdout is not None
+    try:
+        yield int(child.stdout.readline())
+    finally:
+        child.kill()
+        child.wait()
 
 
 def resident(state_dir: Path, group: str, isolate_from: tuple[str, ...] = ()) -> Cgroup1Backend:
@@ -224,3 +270,38 @@ def test_kill_at_every_write_converges_after_restart(
         assert cpus(outer) == "0-1", where
         assert {t: (cpuset_of(t), thread_allowed_cpus(t)) for t in (tid0, tid1)} == before, where
         assert not (CPUSET / cpuset_group).exists(), where
+
+
+@pytest.mark.isolation
+def test_a_resident_pin_isolates_from_a_real_load(
+    tmp_path: Path, cpuset_group: str, load: tuple[Path, list[int]], spinner: int
+) -> None:
+    """Resident mode with the load's cpuset in isolate_from and 4x CPUs ``yes`` in it: while
+    the spinning thread's pin holds no ``yes`` runs on the pCPU and the thread gets >= 90 % of
+    it; before and after, it shares. Detach puts it back in its own cpuset."""
+    path, yes = load
+    home = cpuset_of(spinner)
+    backend = resident(tmp_path, cpuset_group, ("/" + path.name,))
+    try:
+        backend.attach("vm", spinner, {0: spinner})
+        contended = share(spinner, cpu=1)
+        assert load_on(yes, 1) > 0, "the load runs on the pCPU before the pin"
+        backend.pin("vm", 0, spinner, 1)
+        assert cpus(path) == "0"
+        time.sleep(0.2)  # the kernel moves the load off at its next scheduling point
+        assert load_on(yes, 1) == 0, "a yes process ran on the pinned pCPU"
+        pinned = share(spinner, cpu=1)
+        assert pinned >= 0.9, f"the pinned thread got {pinned:.0%} of its pCPU; {pinned.why()}"
+        backend.unpin("vm", 0)
+        assert cpus(path) == "0-1", "given back exactly"
+        time.sleep(0.2)
+        assert load_on(yes, 1) > 0, "the load has the pCPU again"
+        released = share(spinner, cpu=1)
+        print(f"\n[isolation/resident] share contended {contended:.0%}, pinned {pinned:.0%}, "
+              f"released {released:.0%}", file=sys.stderr)  # fmt: skip
+        assert contended < 0.6 and released < 0.6, (contended, released)
+        backend.detach("vm")
+        assert cpuset_of(spinner) == home
+    finally:
+        backend.teardown()
+    assert not (CPUSET / cpuset_group).exists()
