@@ -394,10 +394,14 @@ class Cgroup1Backend(PlacementBackend):
         already there); vCPUs gone from the VM go home. Move mode: nothing."""
         if self.mode != "resident":
             return
+        # Best effort per vCPU: what fails here stays recorded and is tried again (a pin
+        # settles its thread first and is refused with the reason; detach sends it home).
         for vcpu in sorted(set(self.state.homes(vm)) - set(vcpu_tids)):
-            self._go_home(vm, vcpu)
+            with contextlib.suppress(PlacementError):
+                self._go_home(vm, vcpu)
         for vcpu, tid in sorted(vcpu_tids.items()):
-            self._settle(vm, vcpu, tid)
+            with contextlib.suppress(PlacementError):
+                self._settle(vm, vcpu, tid)
 
     def _home_record(self, tid: int) -> Cgroup1Home:
         prev = self._thread_cgroup(tid)
@@ -405,10 +409,14 @@ class Cgroup1Backend(PlacementBackend):
             # In one of ours with no record (the state file was lost): its process's cpuset.
             prev = self._rel(self._home_of(tid))
         effective = self.root / prev.lstrip("/") / "cpuset.effective_cpus"
+        try:
+            affinity = os.sched_getaffinity(tid)
+        except OSError as err:
+            raise PlacementError(f"cannot read the affinity of thread {tid}: {err}") from err
         return Cgroup1Home(
             tid=tid,
             prev_cpuset=prev,
-            prev_affinity=tuple(sorted(os.sched_getaffinity(tid))),
+            prev_affinity=tuple(sorted(affinity)),
             prev_effective=tuple(sorted(read_cpus(effective))),
         )
 
