@@ -421,7 +421,8 @@ def main() -> int:
         "",
         f"Setup: accel {summary['accel']}, host kernel {summary['kernel']}, {summary['cpus']} "
         f"CPUs ({summary['host']}); guest: test image, -smp 2; pvhost identity policy, backend "
-        f"{backend} (cgroup1_mode {args.cgroup1_mode}). Guest stages on the guest's CLOCK_MONOTONIC (ftrace in the guest), host "
+        f"{backend} (cgroup1_mode {args.cgroup1_mode}). Guest stages on the guest's "
+        "CLOCK_MONOTONIC (ftrace in the guest), host "
         "stages on the host's (ftrace on pvhost's socket calls, `pvhost -v` stage lines); "
         "the transit is the guest's round trip minus the host's time, never a difference of "
         f"the two clocks (those pair events only: ±{summary['clock_offset_error_ms']} ms).",

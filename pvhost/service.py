@@ -106,7 +106,7 @@ class Service:
             placement.backend,
             placement.group,
             tuple(placement.isolate_from),
-            placement.cgroup1_mode,
+            cgroup1_mode=placement.cgroup1_mode,
         )
         self.metrics = metrics or Metrics()
         #: Where the time of the change under way goes (shared with the backend; one change

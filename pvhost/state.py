@@ -47,8 +47,8 @@ from pvhost.errors import PlacementError
 __all__ = [
     "STATE_VERSION",
     "AttachRecord",
-    "Cgroup1Pin",
     "Cgroup1Home",
+    "Cgroup1Pin",
     "Cgroup2Pin",
     "PinRecord",
     "StateFile",

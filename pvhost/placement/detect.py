@@ -19,6 +19,7 @@ def detect_backend(
     prefer: Literal["auto", "cgroup2", "cgroup1"] = "auto",
     group: str = "",
     isolate_from: tuple[str, ...] = (),
+    *,
     cgroup1_mode: Cgroup1Mode = "move",
 ) -> PlacementBackend:
     """cgroup v2 when the unified hierarchy has cpuset, else the v1 cpuset hierarchy.

@@ -15,9 +15,9 @@ from pathlib import Path
 import pytest
 
 from pvhost.placement import Cgroup1Backend, cgroup1, thread_allowed_cpus
+from pvproto import parse_cpulist
 from tests.conftest import absent
 from tests.cpuacct import load_on, share
-from pvproto import parse_cpulist
 from tests.faultpoints import KILLED, killed_before_write, recorded_writes
 
 pytestmark = pytest.mark.root
