@@ -86,6 +86,9 @@ class PlacementBackend(ABC):
     #: live VM then stays attached through a restart even with no pin; otherwise a VM with no
     #: pin is detached.
     attaches_for_life: bool = False
+    #: True when :meth:`attach` should run as soon as a VM's vCPU threads are found (v1
+    #: ``resident``: its one move of each thread then stays off the guest's first pin).
+    attaches_at_discovery: bool = False
 
     def __init__(self, root: Path, group: str, state: StateStore[PinRecord]) -> None:
         self.root = root

@@ -108,6 +108,7 @@ class Cgroup1Backend(PlacementBackend):
         super().__init__(hierarchy, group, StateStore[Cgroup1Pin](state, StateFile[Cgroup1Pin]))
         self.mode: Cgroup1Mode = mode
         self.attaches_for_life = mode == "resident"
+        self.attaches_at_discovery = mode == "resident"
         #: The CPUs that may be pinned, from :meth:`setup`.
         self.eligible: frozenset[int] = frozenset()
         self.exclusive: dict[str, bool] = {}
