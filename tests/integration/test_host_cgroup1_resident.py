@@ -5,7 +5,10 @@ a kill -9 at any cgroupfs write of attach + pin, unpin or detach converges after
 
 from __future__ import annotations
 
+import asyncio
+import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -17,8 +20,11 @@ import pytest
 from pvhost.placement import Cgroup1Backend, cgroup1, thread_allowed_cpus
 from pvproto import parse_cpulist
 from tests.conftest import absent
-from tests.cpuacct import load_on, share
+from tests.cpuacct import load_on, running_on, share
 from tests.faultpoints import KILLED, killed_before_write, recorded_writes
+from tests.integration.hostrun import daemon_and_guest, free_port, write_config
+from vmlab import VMSpec, start
+from vmlab.bootsector import SPIN
 
 pytestmark = pytest.mark.root
 
@@ -305,3 +311,103 @@ def test_a_resident_pin_isolates_from_a_real_load(
     finally:
         backend.teardown()
     assert not (CPUSET / cpuset_group).exists()
+
+
+@pytest.mark.isolation
+def test_through_the_daemon_threads_move_at_discovery_pin_isolates_and_stop_gives_back(
+    tmp_path: Path, cpuset_group: str, outer: Path, load: tuple[Path, list[int]]
+) -> None:
+    """`pvhost run` in resident mode with a real QEMU (started in ``outer``) whose vCPU 0 spins,
+    the guest's pins played on the channel, 4x CPUs ``yes`` in an ``isolate_from`` cpuset.
+
+    The vCPU threads are moved into their own cpusets when the session finds them, before any
+    request, so the guest's first pin moves nothing; while it holds no ``yes`` runs on the pCPU
+    and vCPU 0 gets >= 90 % of it; the unpin gives the CPUs back; a kill -9 leaves the threads
+    resident and the restarted daemon keeps them; its stop puts every vCPU thread back in the
+    cpuset it came from with the affinity it had (vCPU 1's own choice included)."""
+    path, yes = load
+    qemu = start(VMSpec.empty("res", tmp_path / "vm", smp=2, boot_code=SPIN))
+    try:
+        move_process(qemu.pid, outer)
+        tids = {i: v.tid for i, v in qemu.vcpu_threads().items()}
+        os.sched_setaffinity(tids[1], {0})
+        others = [int(t.name) for t in Path(f"/proc/{qemu.pid}/task").iterdir()]
+        others = [t for t in others if t not in tids.values()]
+        before = {t: (cpuset_of(t), thread_allowed_cpus(t)) for t in tids.values()}
+        assert {c for c, _ in before.values()} == {f"/{outer.name}"}
+        config = write_config(
+            tmp_path,
+            qemu,
+            cpuset_group,
+            free_port(),
+            f'isolate_from = ["/{path.name}"]\ncgroup1_mode = "resident"',
+        )
+        vm_dir = CPUSET / cpuset_group / "vm-t"
+
+        def resident_now() -> dict[int, str]:
+            return {v: cpuset_of(t) for v, t in tids.items()}
+
+        home = {v: f"/{cpuset_group}/vm-t/vcpu{v}" for v in tids}
+
+        async def scenario() -> None:
+            agent = qemu.dir / "agent.sock"
+            async with daemon_and_guest(tmp_path, config, agent, generic=True) as (daemon, guest):
+                # Found and moved once, before the guest asked anything.
+                assert resident_now() == home, daemon.log()
+                assert {cpus(vm_dir / f"vcpu{v}") for v in tids} == {"0-1"}, "outer's CPUs"
+                assert thread_allowed_cpus(tids[1]) == {0}, "its own choice kept"
+                assert {cpuset_of(t) for t in others} == {f"/{outer.name}"}, "vCPU threads only"
+                rc, out = await daemon.pvctl("status", "--json")
+                assert rc == 0, out
+                detail = json.loads(out)["backend_detail"]
+                assert detail["mode"] == "resident", detail
+                assert detail["resident"]["t"]["0"] == {"tid": tids[0], "home": f"/{outer.name}"}
+
+                contended = await asyncio.to_thread(share, tids[0], 2.0, 1)
+                result = await guest.update(1, [0])
+                assert [(p.vcpu, p.pcpu) for p in result.placements] == [(0, 1)], result
+                assert resident_now() == home, "the pin moved no thread"
+                assert cpus(vm_dir / "vcpu0") == "1" and cpus(path) == "0"
+                await asyncio.sleep(0.2)
+                assert await asyncio.to_thread(load_on, yes, 1) == 0
+                pinned = await asyncio.to_thread(share, tids[0], 2.0, 1)
+                running = running_on(1, {tids[0], os.getpid()})
+                assert pinned >= 0.9, (
+                    f"vCPU 0 got {pinned:.0%} of pCPU 1; {pinned.why()}; running now: {running}"
+                )
+
+                await guest.update(2, [])
+                assert resident_now() == home, "the unpin moved no thread"
+                assert cpus(vm_dir / "vcpu0") == "0-1" and cpus(path) == "0-1"
+                await asyncio.sleep(0.2)
+                assert await asyncio.to_thread(load_on, yes, 1) > 0
+                released = await asyncio.to_thread(share, tids[0], 2.0, 1)
+                print(f"\n[isolation/daemon resident] vCPU 0 share contended {contended:.0%}, "
+                      f"pinned {pinned:.0%}, released {released:.0%}", file=sys.stderr)  # fmt: skip
+                assert contended < 0.6 and released < 0.6, (contended, released)
+
+                # kill -9: the threads stay resident; the restarted daemon keeps them there.
+                await daemon.stop(signal.SIGKILL)
+                assert resident_now() == home
+                await daemon.start()
+                async with asyncio.timeout(20):
+                    while guest.connections < 2:
+                        await asyncio.sleep(0.05)
+                assert resident_now() == home, daemon.log()
+                result = await guest.update(3, [0])
+                assert [(p.vcpu, p.pcpu) for p in result.placements] == [(0, 1)], result
+                assert resident_now() == home and cpus(path) == "0"
+
+                # pvhost stop (pinned): every vCPU thread home, as it was; nothing of ours left.
+                await daemon.stop()
+                assert daemon.returncode == 0, daemon.log()
+                after = {t: (cpuset_of(t), thread_allowed_cpus(t)) for t in tids.values()}
+                assert after == before, daemon.log()
+                assert not (CPUSET / cpuset_group).exists()
+                assert cpus(path) == "0-1"
+
+        asyncio.run(asyncio.wait_for(scenario(), 120))
+    finally:
+        qemu.kill()
+        qemu.stop()
+    assert cpus(path) == "0-1"
