@@ -7,7 +7,11 @@ milliseconds apart). Each step is timed: mkdir, ``cpuset.mems``/``cpuset.cpus`` 
 mode (a v1 or v2 hierarchy mounted without ``favordynmods``), the first move after a quiet
 spell waits for an RCU grace period; back-to-back moves do not.
 
-    sudo .venv/bin/python bench/cgroup1_attach.py [--cycles 12] [--gap 0.4]
+Then the pin of the cgroup1 backend's ``resident`` mode: the thread stays in a cpuset of its
+own and only that cpuset's ``cpuset.cpus`` is rewritten (one pCPU, then every CPU again),
+again back to back and ``--gap`` seconds apart. That write takes no threadgroup rwsem.
+
+    sudo .venv/bin/python bench/cgroup1_attach.py [--cycles 12] [--gap 0.4] [--busy]
 """
 
 from __future__ import annotations
@@ -15,10 +19,13 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
+import subprocess
 import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
+
+from pvproto import parse_cpulist
 
 CPUSET = Path("/sys/fs/cgroup/cpuset")
 
@@ -35,14 +42,18 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--cycles", type=int, default=12)
     ap.add_argument("--gap", type=float, default=0.4, help="seconds between cycles")
+    ap.add_argument(
+        "--busy", action="store_true", help="move a spinning process (as a vCPU thread runs)"
+    )
     args = ap.parse_args()
     stop = threading.Event()
     tids: list[int] = []
+    spinner = subprocess.Popen(["sh", "-c", "while :; do :; done"]) if args.busy else None
     worker = threading.Thread(target=lambda: (tids.append(threading.get_native_id()), stop.wait()))
     worker.start()
     while not tids:
         time.sleep(0.01)
-    tid = str(tids[0])
+    tid = str(spinner.pid if spinner is not None else tids[0])
     home = CPUSET / Path(f"/proc/{tid}/cpuset").read_text().strip().lstrip("/")
     mems = (CPUSET / "cpuset.mems").read_text().strip()
     cpus = (CPUSET / "cpuset.cpus").read_text().strip()
@@ -68,9 +79,29 @@ def main() -> int:
                 step(f"{label}: move out (tasks)", lambda: write(home / "tasks", tid))
                 step(f"{label}: rmdir", vcpu.rmdir)
                 time.sleep(gap)
+        # Resident: moved in once, then only its own cpuset's CPUs change.
+        one = str(max(parse_cpulist(cpus)))
+        vcpu.mkdir()
+        write(vcpu / "cpuset.mems", mems)
+        write(vcpu / "cpuset.cpus", cpus)
+        write(vcpu / "tasks", tid)
+        pin_to = vcpu / "cpuset.cpus"
+        for label, gap in (("back to back", 0.0), (f"{args.gap:g} s apart", args.gap)):
+            for _ in range(args.cycles):
+                step(f"{label}: resident pin (cpuset.cpus = {one})", lambda: write(pin_to, one))
+                time.sleep(gap)
+                step(f"{label}: resident unpin (cpuset.cpus = {cpus})", lambda: write(pin_to, cpus))
+                time.sleep(gap)
+        if os.sched_getaffinity(int(tid)) != parse_cpulist(cpus):
+            raise SystemExit("the resident unpin did not give the thread its CPUs back")
+        write(home / "tasks", tid)
+        vcpu.rmdir()
     finally:
         stop.set()
         worker.join()
+        if spinner is not None:
+            spinner.kill()
+            spinner.wait()
         with_tasks = base / "vcpu" / "tasks"
         if with_tasks.exists():
             for t in with_tasks.read_text().split():

@@ -258,6 +258,12 @@ def main() -> int:
     ap.add_argument("--hold", type=float, default=0.4, help="seconds between changes")
     ap.add_argument("--load", type=int, default=0, help="yes processes on the host meanwhile")
     ap.add_argument("--label", default="", help="what this run is (in the report)")
+    ap.add_argument(
+        "--cgroup1-mode",
+        choices=("move", "resident"),
+        default="move",
+        help="[placement] cgroup1_mode of pvhost (cgroup v1 hosts)",
+    )
     ap.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "vm-stages")
     args = ap.parse_args()
 
@@ -267,7 +273,13 @@ def main() -> int:
     runtime.mkdir(parents=True, exist_ok=True)
     load: list[subprocess.Popen[bytes]] = []
     vm = start(VMSpec(name="bench", image=image.path, smp=2, runtime_dir=runtime, test_hook=True))
-    daemon = PvhostDaemon(run, runtime, image.signing_key, verbose=True)
+    daemon = PvhostDaemon(
+        run,
+        runtime,
+        image.signing_key,
+        verbose=True,
+        extra_config=f'cgroup1_mode = "{args.cgroup1_mode}"\n',
+    )
     host_trace: HostTrace | None = None
     try:
         daemon.start()
@@ -375,6 +387,7 @@ def main() -> int:
         "missed_placements": missed,
         "accel": vm.accel,
         "backend": backend,
+        "cgroup1_mode": args.cgroup1_mode,
         "host": platform.node(),
         "kernel": platform.release(),
         "cpus": os.cpu_count(),
@@ -408,13 +421,15 @@ def main() -> int:
         "",
         f"Setup: accel {summary['accel']}, host kernel {summary['kernel']}, {summary['cpus']} "
         f"CPUs ({summary['host']}); guest: test image, -smp 2; pvhost identity policy, backend "
-        f"{backend}. Guest stages on the guest's CLOCK_MONOTONIC (ftrace in the guest), host "
+        f"{backend} (cgroup1_mode {args.cgroup1_mode}). Guest stages on the guest's "
+        "CLOCK_MONOTONIC (ftrace in the guest), host "
         "stages on the host's (ftrace on pvhost's socket calls, `pvhost -v` stage lines); "
         "the transit is the guest's round trip minus the host's time, never a difference of "
         f"the two clocks (those pair events only: ±{summary['clock_offset_error_ms']} ms).",
         "",
         f"Raw samples: `{args.out.name}.json`. Reproduce: "
-        f"`sudo .venv/bin/python bench/vm_stages.py --cycles {args.cycles} --load {args.load}`.",
+        f"`sudo .venv/bin/python bench/vm_stages.py --cycles {args.cycles} --load {args.load} "
+        f"--cgroup1-mode {args.cgroup1_mode}`.",
     ]
     args.out.with_suffix(".md").write_text("\n".join(md) + "\n")
     print("\n".join(md))

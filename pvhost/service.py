@@ -106,6 +106,7 @@ class Service:
             placement.backend,
             placement.group,
             tuple(placement.isolate_from),
+            cgroup1_mode=placement.cgroup1_mode,
         )
         self.metrics = metrics or Metrics()
         #: Where the time of the change under way goes (shared with the backend; one change
@@ -288,6 +289,7 @@ class Service:
             on_gone=self.vm_gone,
             on_vcpus_changed=self.vcpus_changed,
             program=None,
+            on_vcpus_found=self.vcpus_found,
             rate=placement.rate,
             burst=placement.burst,
             max_backoff=self.config.service.max_backoff,
@@ -371,9 +373,33 @@ class Service:
 
     async def vcpus_changed(self, name: str) -> None:
         """QEMU reported a vCPU hot(un)plug: plan the guest's current wish against the new map."""
+        await self.vcpus_found(name)
         vm = self.vms.get(name)
         if vm is not None and vm.last_seq is not None:
             await self.reapply(vm)
+
+    async def vcpus_found(self, name: str) -> None:
+        """The VM's monitor has (re)read its vCPU threads. A backend that attaches at discovery
+        (cgroup v1 ``resident``) prepares them now, so that the guest's first pin is as cheap
+        as any other; the undo is the VM's detach, as for an attach at its first pin."""
+        vm = self.vms.get(name)
+        if vm is None or not self.backend.attaches_at_discovery:
+            return
+        if self._backend_of(name) is not self.backend or not self.services.enabled(
+            name, "affinity"
+        ):
+            return  # libvirt places its domains; a VM without the service is left alone
+        tids = {i: v.tid for i, v in vm.session.vcpus.items()}
+        if not tids:
+            return
+        async with self._lock:
+            if vm.closing is not None or self._stopping:
+                return
+            try:
+                await asyncio.to_thread(self._attach, vm, self.backend, tids)
+            except (HostError, OSError) as err:
+                # Not fatal: the first pin attaches again and is refused with the reason.
+                _log.error("%s: preparing the vCPU threads failed: %s", name, err)
 
     # -- placement -----------------------------------------------------------------------------
     def _backend_of(self, name: str) -> PlacementBackend | LibvirtPlacement:
@@ -531,12 +557,9 @@ class Service:
         (``handed``: when the loop handed it over, ``time.perf_counter()``)."""
         self.stages.add("thread", time.perf_counter() - handed)
         name = vm.spec.name
-        key = tuple(sorted(tids.items()))
         backend = self._backend_of(name)
-        if isinstance(backend, PlacementBackend) and (vm.attached is None or vm.attached[1] != key):
-            pid = qemu_pid_of(next(iter(tids.values())))
-            backend.attach(name, pid, tids)
-            vm.attached = (pid, key)
+        if isinstance(backend, PlacementBackend):
+            self._attach(vm, backend, tids)
         current = backend.pins().get(name, {})
         for vcpu, pcpu in current.items():
             if result.mapping.get(vcpu) != pcpu:
@@ -567,6 +590,16 @@ class Service:
                 "%s: applied seq %d wanted %s begun %.6f done %.6f stages %s",
                 name, seq, wanted, begun, time.monotonic(), self.stages.summary(),
             )  # fmt: skip
+
+    @staticmethod
+    def _attach(vm: VmRecord, backend: PlacementBackend, tids: dict[int, int]) -> None:
+        """``backend.attach`` unless it was attached with these threads already. Runs in a
+        thread, under the lock."""
+        key = tuple(sorted(tids.items()))
+        if vm.attached is None or vm.attached[1] != key:
+            pid = qemu_pid_of(next(iter(tids.values())))
+            backend.attach(vm.spec.name, pid, tids)
+            vm.attached = (pid, key)
 
     def _read_isolation(
         self, name: str, backend: PlacementBackend | LibvirtPlacement

@@ -1,8 +1,9 @@
 """One VM's session: QMP for its vCPU threads, and the guest channel over the chardev socket.
 
 The session owns the VM's connections and their I/O, and nothing of placement: it tells the
-service what the guest wants (``applier``), when the vCPU map changed (``on_vcpus_changed``)
-and when the VM went away (``on_gone``), and offers the operations the service needs
+service what the guest wants (``applier``), when the vCPU map changed (``on_vcpus_changed``),
+when its monitor has read the vCPU threads (``on_vcpus_found``) and when the VM went away
+(``on_gone``), and offers the operations the service needs
 (``vcpus``, ``refresh_vcpus``, ``send_result``, program load/unload, ``describe``).
 
 Channel protocol (docs/interfaces.md, docs/session.md): the shared
@@ -186,6 +187,7 @@ class VmSession:
         on_gone: VmCallback,
         on_vcpus_changed: VmCallback,
         program: ProgramSource | None,
+        on_vcpus_found: VmCallback | None = None,
         rate: float,
         burst: int,
         max_backoff: float,
@@ -207,6 +209,8 @@ class VmSession:
         self._applier = applier
         self._on_gone = on_gone
         self._on_vcpus_changed = on_vcpus_changed
+        #: Told each time the monitor (re)connects and has read the vCPU threads.
+        self._on_vcpus_found = on_vcpus_found
         self._program = program
         #: The paravirtual services: what to inject, and who takes the guest's records.
         self._services = services
@@ -321,6 +325,8 @@ class VmSession:
                 backoff.reset()
                 self._monitor = monitor
                 self.status.qmp = "connected"
+                if self._on_vcpus_found is not None:
+                    await self._on_vcpus_found(self.name)
                 channel: asyncio.Task[None] | None = None
                 try:
                     # The port's state now (an event says only what changes from here on).

@@ -10,6 +10,8 @@ The file (one per backend: ``cgroup1.json``, ``cgroup2.json`` in the state direc
 
     {"version": 1,
      "vms": {"<vm>": {"attach": {"pid": …, "prev_cgroup": "/…"} | null,       (cgroup v2 only)
+                      "homes": {"<n>": {"tid": …, "prev_cpuset": "/…", "prev_affinity": […],
+                                        "prev_effective": […]}},   (cgroup v1 resident only)
                       "vcpus": {"<n>": {"tid": …, "pcpu": …, "prev_affinity": […],
                                         "prev_effective": […], <backend's own fields>}}}},
      "withheld": {"/<cpuset>": "<its cpus before>"}}                 (cgroup v1 isolate_from)
@@ -45,6 +47,7 @@ from pvhost.errors import PlacementError
 __all__ = [
     "STATE_VERSION",
     "AttachRecord",
+    "Cgroup1Home",
     "Cgroup1Pin",
     "Cgroup2Pin",
     "PinRecord",
@@ -100,6 +103,19 @@ class AttachRecord(BaseModel):
     prev_cgroup: str
 
 
+class Cgroup1Home(BaseModel):
+    """A vCPU thread the cgroup v1 backend moved, once, into a cpuset of its own (``resident``
+    mode), and what it had before: it goes back there when the VM is detached."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    tid: PositiveInt
+    #: The v1 cpuset the thread was in (``/proc/<tid>/cpuset``, relative to the hierarchy).
+    prev_cpuset: str
+    prev_affinity: tuple[NonNegativeInt, ...]
+    prev_effective: tuple[NonNegativeInt, ...]
+
+
 PinT = TypeVar("PinT", bound=PinRecord)
 # Covariant for the store: one base class holds either backend's store as StateStore[PinRecord].
 PinT_co = TypeVar("PinT_co", bound=PinRecord, covariant=True)
@@ -110,6 +126,8 @@ class VmRecord(BaseModel, Generic[PinT]):
 
     attach: AttachRecord | None = None
     vcpus: dict[NonNegativeInt, PinT] = Field(default_factory=dict)
+    #: cgroup v1 ``resident`` mode: vCPU → the thread moved into its own cpuset.
+    homes: dict[NonNegativeInt, Cgroup1Home] = Field(default_factory=dict)
 
 
 class StateFile(BaseModel, Generic[PinT]):
@@ -158,6 +176,11 @@ class StateStore(Generic[PinT_co]):
         entry = self._file.vms.get(vm)
         return entry.vcpus.get(vcpu) if entry is not None else None
 
+    def homes(self, vm: str) -> dict[int, Cgroup1Home]:
+        """vCPU → its thread's home (cgroup v1 ``resident`` mode)."""
+        entry = self._file.vms.get(vm)
+        return dict(entry.homes) if entry is not None else {}
+
     def attach(self, vm: str) -> AttachRecord | None:
         entry = self._file.vms.get(vm)
         return entry.attach if entry is not None else None
@@ -183,6 +206,15 @@ class StateStore(Generic[PinT_co]):
 
     def set_attach(self, vm: str, record: AttachRecord | None) -> None:
         self._entry(vm).attach = record
+        self._drop_if_empty(vm)
+        self.save()
+
+    def set_home(self, vm: str, vcpu: int, record: Cgroup1Home | None) -> None:
+        entry = self._entry(vm)
+        if record is None:
+            entry.homes.pop(vcpu, None)
+        else:
+            entry.homes[vcpu] = record
         self._drop_if_empty(vm)
         self.save()
 
@@ -213,7 +245,7 @@ class StateStore(Generic[PinT_co]):
 
     def _drop_if_empty(self, vm: str) -> None:
         entry = self._file.vms.get(vm)
-        if entry is not None and entry.attach is None and not entry.vcpus:
+        if entry is not None and entry.attach is None and not entry.vcpus and not entry.homes:
             del self._file.vms[vm]
 
     def _load(self) -> StateFile[PinT_co]:

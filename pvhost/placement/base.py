@@ -30,7 +30,7 @@ from pydantic import BaseModel, ConfigDict
 from pvhost.errors import PlacementError
 from pvhost.placement.isolation import Isolation
 from pvhost.placement.stages import StageClock
-from pvhost.state import PinRecord, StateStore
+from pvhost.state import Cgroup1Home, PinRecord, StateStore
 from pvproto import CpuListError, format_cpulist, parse_cpulist
 
 __all__ = [
@@ -82,9 +82,13 @@ class PlacementBackend(ABC):
 
     #: ``cgroup2`` or ``cgroup1``: shown in ``pvctl status`` and AffinityResult.
     name: ClassVar[str]
-    #: True when ``attach`` moves a VM's threads for its whole life (v2): a live VM then stays
-    #: attached through a restart even with no pin; otherwise a VM with no pin is detached.
-    attaches_for_life: ClassVar[bool] = False
+    #: True when ``attach`` moves a VM's threads for its whole life (v2, v1 ``resident``): a
+    #: live VM then stays attached through a restart even with no pin; otherwise a VM with no
+    #: pin is detached.
+    attaches_for_life: bool = False
+    #: True when :meth:`attach` should run as soon as a VM's vCPU threads are found (v1
+    #: ``resident``: its one move of each thread then stays off the guest's first pin).
+    attaches_at_discovery: bool = False
 
     def __init__(self, root: Path, group: str, state: StateStore[PinRecord]) -> None:
         self.root = root
@@ -394,7 +398,7 @@ def possible_cpus() -> frozenset[int]:
         return frozenset(range(os.cpu_count() or 1))
 
 
-def restore_own_affinity(record: PinRecord) -> None:
+def restore_own_affinity(record: PinRecord | Cgroup1Home) -> None:
     """Give the pinned thread back the affinity it chose itself, after the cgroup side of an undo.
 
     ``prev_affinity`` and ``prev_effective`` (its cpuset's effective CPUs) are from before the pin.

@@ -19,6 +19,30 @@ kernels: see :func:`~pvhost.placement.base.restore_own_affinity`). The previous 
 affinity are saved in the state file before anything changes (:class:`~pvhost.state.Cgroup1Pin`)
 and cleared after the VM's cpuset has shrunk again. A thread found in one of these cpusets with
 no record (the state file was lost) goes back to its process's cpuset.
+
+**Resident mode** (``[placement] cgroup1_mode = "resident"``). Moving a thread into a v1
+cpuset takes ``cgroup_threadgroup_rwsem`` for writing, which waits for an RCU grace period
+unless a hierarchy is mounted with ``favordynmods``: ~7 ms when moves come hundreds of ms
+apart, as a guest's pins do (bench/cgroup1_attach.py). In resident mode each vCPU thread is
+moved once, at the VM's first placement change, into ``vcpu<N>`` whose CPUs mirror the cpuset
+it came from (its *home*, :class:`~pvhost.state.Cgroup1Home`, saved before the move); a pin
+then writes only ``vcpu<N>/cpuset.cpus`` = the pCPU, an unpin writes the home's CPUs back, and
+the thread goes home when the VM is detached (VM exit, ``pvctl release``, pvhost stop). So::
+
+    extpv/                 cpus = every CPU of the root cpuset (unpinned threads keep their home's)
+      vm-<name>/           cpus = the same
+        vcpu<N>/           vCPU thread N for the VM's life: cpus = the pCPU while pinned, else
+                           its home's cpus as they are now (isolate_from applied)
+
+What the operator sees change: from the first guest request to the VM's end its vCPU threads
+are in extpv's cpusets, not the one QEMU was started in. Their home bounds them all the same:
+while unpinned they get the home's CPUs, re-read at every pin and unpin (so an ``isolate_from``
+home that gives a pinned pCPU up takes it from them too, and an operator's change of the
+home's CPUs reaches them at the next change, not at once). A pin may take a pCPU outside the
+home, as in ``move`` mode. A thread the operator moved elsewhere meanwhile gets that cpuset as
+its new home. ``cpuset.cpu_exclusive`` is not used (extpv's cpuset spans the host). The
+read-back counts unpinned resident threads that may run on a pinned pCPU under their home's
+name. Switching modes between runs: the records of the other mode are undone at start.
 """
 
 from __future__ import annotations
@@ -28,7 +52,7 @@ import os
 import re
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from extpv.vcpus import process_of_thread
 from pvhost.errors import BackendUnavailable, PlacementError
@@ -49,12 +73,17 @@ from pvhost.placement.isolation import (
     cgroup1_isolation,
     sharing_tasks,
 )
-from pvhost.state import Cgroup1Pin, PinRecord, StateFile, StateStore
+from pvhost.state import Cgroup1Home, Cgroup1Pin, PinRecord, StateFile, StateStore
 from pvproto import format_cpulist, parse_cpulist
 
-__all__ = ["Cgroup1Backend"]
+__all__ = ["CGROUP1_MODES", "Cgroup1Backend", "Cgroup1Mode"]
 
 _VCPU_DIR = re.compile(r"^vcpu(\d+)$")
+
+#: ``move``: a pin moves the vCPU thread into its cpuset and an unpin moves it back;
+#: ``resident``: the thread is moved once per VM, pins and unpins rewrite its cpuset's CPUs.
+Cgroup1Mode = Literal["move", "resident"]
+CGROUP1_MODES: tuple[Cgroup1Mode, ...] = ("move", "resident")
 
 
 class Cgroup1Backend(PlacementBackend):
@@ -67,14 +96,21 @@ class Cgroup1Backend(PlacementBackend):
         state: Path,
         group: str = "extpv",
         isolate_from: tuple[str, ...] = (),
+        mode: Cgroup1Mode = "move",
     ) -> None:
         """``hierarchy``: the v1 cpuset mount; ``state``: this backend's state file;
-        ``isolate_from``: cpusets (paths in the hierarchy) a pinned pCPU is taken from."""
+        ``isolate_from``: cpusets (paths in the hierarchy) a pinned pCPU is taken from;
+        ``mode``: how a pin is made (:data:`CGROUP1_MODES`)."""
         if not (hierarchy / "cpuset.cpus").exists():
             raise BackendUnavailable(
                 f"{hierarchy} is not a cgroup v1 cpuset hierarchy (no cpuset.cpus there)"
             )
         super().__init__(hierarchy, group, StateStore[Cgroup1Pin](state, StateFile[Cgroup1Pin]))
+        self.mode: Cgroup1Mode = mode
+        self.attaches_for_life = mode == "resident"
+        self.attaches_at_discovery = mode == "resident"
+        #: The CPUs that may be pinned, from :meth:`setup`.
+        self.eligible: frozenset[int] = frozenset()
         self.exclusive: dict[str, bool] = {}
         self.isolate_from = tuple(hierarchy / c.strip("/") for c in isolate_from)
         #: pCPUs pinned by someone else that ``isolate_from`` withholds too: libvirt domains'
@@ -168,6 +204,11 @@ class Cgroup1Backend(PlacementBackend):
         self._isolate(frozenset(self._held()))
 
     def _isolate(self, held: frozenset[int]) -> None:
+        self._withhold(held)
+        if self.mode == "resident" or any(self.state.homes(vm) for vm in self.state.vms()):
+            self._mirror(held)
+
+    def _withhold(self, held: frozenset[int]) -> None:
         held |= self.also_held()
         withheld = self.state.withheld()
         if not self.isolate_from and not withheld:
@@ -229,11 +270,30 @@ class Cgroup1Backend(PlacementBackend):
         # no longer show it in their effective CPUs, so they count only where that failed.
         pcpus = frozenset(r.pcpu for r in records.values())
         scan = sharing_tasks(self.root, self.base, pcpus, self.kernel_threads)
+        resident = self._resident_sharing(pcpus)
         names = [self._rel(p) for p in self.isolate_from]
         return {
-            key: cgroup1_isolation(names, scan.sharing(record.pcpu))
+            key: cgroup1_isolation(names, _merged(scan.sharing(record.pcpu), resident, record.pcpu))
             for key, record in records.items()
         }
+
+    def _resident_sharing(self, pcpus: frozenset[int]) -> dict[int, dict[str, int]]:
+        """pCPU → home cpuset → how many unpinned resident threads (in extpv's cpusets, which
+        the scan skips) may run there: counted as their home's tasks, as in move mode."""
+        out: dict[int, dict[str, int]] = {}
+        for vm in self.state.vms():
+            pinned = self.state.pin_records(vm)
+            for vcpu, home in self.state.homes(vm).items():
+                if vcpu in pinned:
+                    continue
+                try:
+                    mask = frozenset(os.sched_getaffinity(home.tid))
+                except OSError:
+                    continue  # exited
+                for pcpu in mask & pcpus:
+                    where = out.setdefault(pcpu, {})
+                    where[home.prev_cpuset] = where.get(home.prev_cpuset, 0) + 1
+        return out
 
     def threads_achieved(
         self, pins: Mapping[tuple[str, int], tuple[int, int]]
@@ -250,26 +310,29 @@ class Cgroup1Backend(PlacementBackend):
             self.kernel_threads,
             ignore=frozenset(tid for _, tid in pins.values()),
         )
+        resident = self._resident_sharing(frozenset(pcpu for pcpu, _ in pins.values()))
         names = [self._rel(p) for p in self.isolate_from]
         return {
-            key: cgroup1_isolation(names, scan.sharing(pcpu)) for key, (pcpu, _) in pins.items()
+            key: cgroup1_isolation(names, _merged(scan.sharing(pcpu), resident, pcpu))
+            for key, (pcpu, _) in pins.items()
         }
 
     def isolation_summary(self) -> str:
         """What a pin of the lowest eligible pCPU achieves now: the tasks that may run there
         but in extpv's and the ``isolate_from`` cpusets (which give the pCPU up on a pin)."""
         names = [self._rel(p) for p in self.isolate_from]
-        try:
-            eligible = read_cpus(self.base / "cpuset.cpus")
-        except PlacementError:
-            eligible = frozenset()
+        eligible = self.eligible
+        if not eligible and self.mode == "move":  # not set up by this process: extpv's cpuset
+            with contextlib.suppress(PlacementError):
+                eligible = read_cpus(self.base / "cpuset.cpus")
         if not eligible:
             return "restricted: extpv's cpuset is not set up (no eligible pCPU)"
         pcpu = min(eligible)
         scan = sharing_tasks(self.root, self.base, frozenset({pcpu}), self.kernel_threads)
+        resident = self._resident_sharing(frozenset({pcpu}))
         sharing = {
             cpuset: n
-            for cpuset, n in scan.sharing(pcpu).items()
+            for cpuset, n in _merged(scan.sharing(pcpu), resident, pcpu).items()
             if not any(cpuset == c or cpuset.startswith(c + "/") for c in names)
         }
         isolation = cgroup1_isolation(names, sharing)
@@ -283,6 +346,22 @@ class Cgroup1Backend(PlacementBackend):
         if not eligible:
             raise PlacementError("no eligible CPU to pin: the pool minus housekeeping is empty")
         self._check_isolate_from()
+        self.eligible = eligible
+        if self.mode == "resident":
+            for vm in self.state.vms():
+                homes = self.state.homes(vm)
+                for vcpu in sorted(set(self.state.pin_records(vm)) - set(homes)):
+                    # A pin of a run in move mode: undone (the VM's next request pins again).
+                    self.unpin(vm, vcpu)
+            # Unpinned resident threads keep their home's CPUs: any CPU of the host.
+            self._grow(self.base, read_cpus(self.root / "cpuset.cpus"))
+            self.exclusive[self._rel(self.base).lstrip("/")] = False
+            return
+        for vm in self.state.vms():
+            if self.state.homes(vm):
+                # Left by a run in resident mode: its VM dirs span the host, so give its
+                # threads back before extpv's cpuset shrinks to the pool.
+                self.detach(vm)
         if self.base.is_dir():
             # Grow first (children must stay inside), never shrink below what is pinned.
             write_text(self.base / "cpuset.cpus", format_cpulist(eligible | self._held()))
@@ -290,7 +369,140 @@ class Cgroup1Backend(PlacementBackend):
             self._mkdir(self.base, eligible)
         self._try_exclusive(self.base)
 
+    def _grow(self, path: Path, cpus: frozenset[int]) -> None:
+        """Our cpuset ``path`` exists, can hold tasks and holds at least ``cpus`` (created, or
+        widened: never narrowed), without ``cpu_exclusive`` (it would forbid overlapping the
+        host's other cpusets; a move-mode run may have set it)."""
+        if not path.is_dir():
+            self._mkdir(path, cpus)
+            return
+        if read_text(path / "cpuset.mems") == "":  # created by a run killed before its mems
+            write_text(path / "cpuset.mems", read_text(path.parent / "cpuset.mems"))
+        if read_text(path / "cpuset.cpu_exclusive") == "1":
+            write_text(path / "cpuset.cpu_exclusive", "0")
+        now = read_cpus(path / "cpuset.cpus")
+        if cpus - now:
+            write_text(path / "cpuset.cpus", format_cpulist(cpus | now))
+
+    def _ours(self, cpuset: str) -> bool:
+        """Whether ``cpuset`` (as /proc shows it) is extpv's or inside it."""
+        path = self.root / cpuset.lstrip("/")
+        return path == self.base or self.base in path.parents
+
+    # -- resident mode: each vCPU thread moved once per VM ---------------------------------
+    def attach(self, vm: str, qemu_pid: int, vcpu_tids: Mapping[int, int]) -> None:
+        """Resident mode: move each vCPU thread into its own cpuset, once (a no-op for those
+        already there); vCPUs gone from the VM go home. Move mode: nothing."""
+        if self.mode != "resident":
+            return
+        # Best effort per vCPU: what fails here stays recorded and is tried again (a pin
+        # settles its thread first and is refused with the reason; detach sends it home).
+        for vcpu in sorted(set(self.state.homes(vm)) - set(vcpu_tids)):
+            with contextlib.suppress(PlacementError):
+                self._go_home(vm, vcpu)
+        for vcpu, tid in sorted(vcpu_tids.items()):
+            with contextlib.suppress(PlacementError):
+                self._settle(vm, vcpu, tid)
+
+    def _home_record(self, tid: int) -> Cgroup1Home:
+        prev = self._thread_cgroup(tid)
+        if self._ours(prev):
+            # In one of ours with no record (the state file was lost): its process's cpuset.
+            prev = self._rel(self._home_of(tid))
+        effective = self.root / prev.lstrip("/") / "cpuset.effective_cpus"
+        try:
+            affinity = os.sched_getaffinity(tid)
+        except OSError as err:
+            raise PlacementError(f"cannot read the affinity of thread {tid}: {err}") from err
+        return Cgroup1Home(
+            tid=tid,
+            prev_cpuset=prev,
+            prev_affinity=tuple(sorted(affinity)),
+            prev_effective=tuple(sorted(read_cpus(effective))),
+        )
+
+    def _settle(self, vm: str, vcpu: int, tid: int) -> None:
+        """Thread ``tid`` is vCPU ``vcpu``'s resident: recorded, then moved in (once)."""
+        path = self._vcpu_dir(vm, vcpu)
+        home = self.state.homes(vm).get(vcpu)
+        if home is not None and home.tid != tid:
+            self._go_home(vm, vcpu)  # another thread now (QEMU restarted, vCPU re-plugged)
+            home = None
+        try:
+            where = self._thread_cgroup(tid)
+        except PlacementError as err:
+            raise PlacementError(f"vCPU {vcpu} thread {tid} of VM {vm}: {err}") from err
+        if where == self._rel(path):
+            if home is None:  # moved in, then the state file was lost
+                self.state.set_home(vm, vcpu, self._home_record(tid))
+            return
+        if self.state.pin(vm, vcpu) is not None:
+            self.unpin(vm, vcpu)  # a pin whose thread is not in its cpuset holds nothing
+        if home is None or (not self._ours(where) and where != home.prev_cpuset):
+            # Saved before the move. A thread the operator moved since gets its new home.
+            home = self._home_record(tid)
+            self.state.set_home(vm, vcpu, home)
+        host = read_cpus(self.root / "cpuset.cpus")
+        self._grow(self.base, host)
+        self._grow(self._vm_dir(vm), host)
+        self._mkdir(path, self._home_cpus(home))  # (again after a crash: mems, cpus)
+        write_text(path / "tasks", str(tid))  # the one move of this thread's VM life
+        restore_own_affinity(home)  # kernels < 6.2 reset it to the cpuset on a move
+
+    def _home_cpus(self, home: Cgroup1Home) -> frozenset[int]:
+        """What an unpinned resident thread may use: its home's CPUs now (the root's when its
+        home is gone or has none)."""
+        with contextlib.suppress(PlacementError):
+            cpus = read_cpus(self.root / home.prev_cpuset.lstrip("/") / "cpuset.cpus")
+            if cpus:
+                return cpus
+        return read_cpus(self.root / "cpuset.cpus")
+
+    def _go_home(self, vm: str, vcpu: int) -> None:
+        """Undo :meth:`_settle`: unpin, move the thread back (if it is still in our cpuset),
+        remove its cpuset; the record is cleared last."""
+        if self.state.pin(vm, vcpu) is not None:
+            self.unpin(vm, vcpu)
+        home = self.state.homes(vm).get(vcpu)
+        path = self._vcpu_dir(vm, vcpu)
+        if home is not None and thread_alive(home.tid):
+            with contextlib.suppress(PlacementError):  # it may exit meanwhile
+                if self._thread_cgroup(home.tid) == self._rel(path):
+                    prev = self.root / home.prev_cpuset.lstrip("/")
+                    if not (prev / "tasks").exists():
+                        prev = self.root  # its home is gone: the root is the only safe one
+                    write_text(prev / "tasks", str(home.tid))
+                    restore_own_affinity(home)
+        self._hand_back(path)
+        remove_cgroup(path)
+        self.state.set_home(vm, vcpu, None)
+
+    def _mirror(self, held: frozenset[int]) -> None:
+        """Every unpinned resident thread's cpuset gets its home's CPUs as they are now (after
+        ``isolate_from`` took or gave back pCPUs); a pinned one (its pCPU in ``held``) keeps
+        its pCPU."""
+        for vm in self.state.vms():
+            pins = self.state.pin_records(vm)
+            for vcpu, home in sorted(self.state.homes(vm).items()):
+                pin = pins.get(vcpu)
+                path = self._vcpu_dir(vm, vcpu) / "cpuset.cpus"
+                if (pin is not None and pin.pcpu in held) or not path.exists():
+                    continue
+                want = self._home_cpus(home)
+                if read_cpus(path) != want:
+                    write_text(path, format_cpulist(want))
+
+    def reconcile(self, live: Mapping[str, Mapping[int, int]]) -> dict[str, dict[int, int]]:
+        # Resident threads that are no longer their VM's vCPU go home first.
+        for vm in self.state.vms():
+            for vcpu, home in sorted(self.state.homes(vm).items()):
+                if live.get(vm, {}).get(vcpu) != home.tid:
+                    self._go_home(vm, vcpu)
+        return super().reconcile(live)
+
     def _record(self, vm: str, vcpu: int, tid: int, pcpu: int) -> Cgroup1Pin:
+        if self.mode == "resident":
+            self._settle(vm, vcpu, tid)  # once per VM (attach did it, unless pinned directly)
         prev_cpuset = self._thread_cgroup(tid)
         effective = self.root / prev_cpuset.lstrip("/") / "cpuset.effective_cpus"
         return Cgroup1Pin(
@@ -302,6 +514,10 @@ class Cgroup1Backend(PlacementBackend):
         )
 
     def _apply(self, vm: str, vcpu: int, record: PinRecord) -> None:
+        if self.mode == "resident":
+            # The whole pin: no move, so no wait for the threadgroup rwsem.
+            write_text(self._vcpu_dir(vm, vcpu) / "cpuset.cpus", str(record.pcpu))
+            return
         vm_dir = self._vm_dir(vm)
         held = self._others(vm, vcpu) | {record.pcpu}
         if not vm_dir.is_dir():
@@ -321,6 +537,17 @@ class Cgroup1Backend(PlacementBackend):
     def _undo(self, vm: str, vcpu: int) -> None:
         record = self.state.pin(vm, vcpu)
         path = self._vcpu_dir(vm, vcpu)
+        home = self.state.homes(vm).get(vcpu)
+        if home is not None:
+            # Resident: the thread stays; its cpuset gets its home's CPUs back (isolate_from
+            # gives the pCPU back to the home afterwards, and _mirror passes it on).
+            if path.is_dir():
+                want = self._home_cpus(home)
+                if read_cpus(path / "cpuset.cpus") != want:
+                    write_text(path / "cpuset.cpus", format_cpulist(want))
+            if record is not None:
+                restore_own_affinity(record)
+            return
         if record is not None and thread_alive(record.tid):
             self._restore_thread(record)
         self._hand_back(path)
@@ -345,6 +572,8 @@ class Cgroup1Backend(PlacementBackend):
         restore_own_affinity(record)
 
     def _release(self, vm: str) -> None:
+        for vcpu in sorted(self.state.homes(vm)):
+            self._go_home(vm, vcpu)
         if self._vm_dir(vm).is_dir():
             self._orphan(self._vm_dir(vm))
 
@@ -354,10 +583,10 @@ class Cgroup1Backend(PlacementBackend):
         remove_cgroup(vm_dir)
 
     def _prune(self, vm: str, vm_dir: Path) -> None:
-        pinned = self.state.pin_records(vm)
+        kept = set(self.state.pin_records(vm)) | set(self.state.homes(vm))
         for child in vm_dir.iterdir():
             m = _VCPU_DIR.match(child.name)
-            if child.is_dir() and m and int(m.group(1)) not in pinned:
+            if child.is_dir() and m and int(m.group(1)) not in kept:
                 self._hand_back(child)
                 remove_cgroup(child)
 
@@ -378,9 +607,24 @@ class Cgroup1Backend(PlacementBackend):
                     **achieved[vm][vcpu].fields(),
                 }
             vms[vm] = out
-        return {"backend": self.name, "base": str(self.base), "isolation": self.isolation(),
-                "vms": vms}  # fmt: skip
+        resident = {
+            vm: {str(v): {"tid": h.tid, "home": h.prev_cpuset} for v, h in sorted(homes.items())}
+            for vm in self.state.vms()
+            if (homes := self.state.homes(vm))
+        }
+        return {"backend": self.name, "mode": self.mode, "base": str(self.base),
+                "isolation": self.isolation(), "vms": vms, "resident": resident}  # fmt: skip
 
     def _remove_base(self) -> None:
         self._hand_back(self.base)
         remove_cgroup(self.base)
+
+
+def _merged(
+    sharing: Mapping[str, int], resident: Mapping[int, Mapping[str, int]], pcpu: int
+) -> dict[str, int]:
+    """A scan's counts for ``pcpu`` plus the resident threads counted under their homes."""
+    out = dict(sharing)
+    for cpuset, n in resident.get(pcpu, {}).items():
+        out[cpuset] = out.get(cpuset, 0) + n
+    return out

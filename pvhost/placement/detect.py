@@ -7,7 +7,7 @@ from typing import Literal
 
 from pvhost.errors import BackendUnavailable
 from pvhost.placement.base import PlacementBackend
-from pvhost.placement.cgroup1 import Cgroup1Backend
+from pvhost.placement.cgroup1 import Cgroup1Backend, Cgroup1Mode
 from pvhost.placement.cgroup2 import Cgroup2Backend
 
 __all__ = ["detect_backend"]
@@ -19,6 +19,8 @@ def detect_backend(
     prefer: Literal["auto", "cgroup2", "cgroup1"] = "auto",
     group: str = "",
     isolate_from: tuple[str, ...] = (),
+    *,
+    cgroup1_mode: Cgroup1Mode = "move",
 ) -> PlacementBackend:
     """cgroup v2 when the unified hierarchy has cpuset, else the v1 cpuset hierarchy.
 
@@ -34,7 +36,11 @@ def detect_backend(
     if prefer in ("auto", "cgroup1"):
         try:
             return Cgroup1Backend(
-                cgroup_root / "cpuset", state_dir / "cgroup1.json", group or "extpv", isolate_from
+                cgroup_root / "cpuset",
+                state_dir / "cgroup1.json",
+                group or "extpv",
+                isolate_from,
+                cgroup1_mode,
             )
         except BackendUnavailable as err:
             reasons.append(str(err))

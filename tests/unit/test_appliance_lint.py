@@ -132,6 +132,7 @@ def test_rendered_pvhost_toml_is_what_the_role_variables_say(tmp_path: Path) -> 
         "backend": "auto",
         "housekeeping": "0",
         "pool": "2-5",
+        "cgroup1_mode": "move",
         "policy": "ht-aware",
         "quota": 3,
         "rate": 20.0,
@@ -147,6 +148,13 @@ def test_rendered_pvhost_toml_is_what_the_role_variables_say(tmp_path: Path) -> 
     assert config.placement.policy == "ht-aware"
     assert config.placement.quota == 3
     assert config.placement.isolate_from == []
+    assert config.placement.cgroup1_mode == "move"
+
+
+def test_cgroup1_mode_is_rendered(tmp_path: Path) -> None:
+    toml = ROLE / "templates" / "pvhost.toml.j2"
+    text = _render(tmp_path, toml, {"pvhost_cgroup1_mode": "resident"})
+    assert tomllib.loads(text)["placement"]["cgroup1_mode"] == "resident"
 
 
 def test_isolate_from_is_rendered_as_a_list_of_cpusets(tmp_path: Path) -> None:
@@ -192,6 +200,7 @@ def test_libvirt_domains_turn_on_libvirt_in_the_containerized_pvhost(tmp_path: P
         ("pvhost_quota", "9000", "pvhost_quota must be 0-8192"),
         ("pvhost_policy", "fastest", "pvhost_policy"),
         ("pvhost_metrics_listen", "9464", 'must be "host:port"'),
+        ("pvhost_cgroup1_mode", "fast", "pvhost_cgroup1_mode"),
     ],
 )
 def test_bad_role_variables_fail_before_any_change_with_a_clear_message(

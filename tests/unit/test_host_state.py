@@ -11,6 +11,7 @@ import pytest
 
 from pvhost.state import (
     AttachRecord,
+    Cgroup1Home,
     Cgroup1Pin,
     Cgroup2Pin,
     StateFile,
@@ -52,6 +53,22 @@ def test_a_vm_with_nothing_left_is_dropped(tmp_path: Path) -> None:
     store.set_pin("vm", 0, None)
     assert store.vms() == []
     assert json.loads((tmp_path / "cgroup1.json").read_text())["vms"] == {}
+
+
+def test_a_resident_thread_keeps_its_vm_until_it_goes_home(tmp_path: Path) -> None:
+    """cgroup v1 resident mode: the home of a moved vCPU thread survives a restart, keeps
+    the VM's record with no pin, and the VM is dropped once the last thread went home."""
+    path = tmp_path / "cgroup1.json"
+    home = Cgroup1Home(tid=4242, prev_cpuset="/machine", prev_affinity=(1,), prev_effective=(0, 1))
+    store = v1_store(path)
+    store.set_home("vm", 0, home)
+    store.set_pin("vm", 0, PIN1)
+    store.set_pin("vm", 0, None)
+    again = v1_store(path)
+    assert again.vms() == ["vm"] and again.pins() == {}
+    assert again.homes("vm") == {0: home}
+    again.set_home("vm", 0, None)
+    assert v1_store(path).vms() == []
 
 
 def test_a_file_from_before_versioning_is_read_as_version_1(tmp_path: Path) -> None:
