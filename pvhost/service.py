@@ -182,8 +182,12 @@ class Service:
         if lv is not None and lv.partitions is not None and isinstance(self.backend, Cgroup2Backend):
             lv.partitions.mode = self.backend.mode
             lv.partitions.lend = self.backend.lend_exclusive
-            # After a kill -9: the partitions exactly as the recorded pins imply.
-            await asyncio.to_thread(lv.sync_partitions)
+            try:
+                # After a kill -9: the partitions exactly as the recorded pins imply.
+                await asyncio.to_thread(lv.sync_partitions)
+            except PlacementError as err:
+                # Not fatal: plain-QEMU VMs are served; each pin's read-back says what holds.
+                _log.error("libvirt domains: partitions could not be restored: %s", err)
         specs = scan_vms(self.config)
         monitors = await self._probe(specs)
         live = {name: {i: v.tid for i, v in m.vcpus.items()} for name, m in monitors.items()}

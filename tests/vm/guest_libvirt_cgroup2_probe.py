@@ -67,12 +67,13 @@ def lay_out(pid: int, tids: dict[int, int]) -> list[Path]:
     enable_cpuset(ROOT)
     enable_cpuset(SLICE)
     enable_cpuset(SCOPE)
-    (LV / "cgroup.procs").write_text(str(pid))
     enable_cpuset(LV)
     for name in ["emulator", *(f"vcpu{v}" for v in tids)]:
         (LV / name).mkdir()
         (LV / name / "cgroup.type").write_text("threaded")
         made.append(LV / name)
+    # The process into libvirt/ (a threaded domain now), then each thread to its place.
+    (LV / "cgroup.procs").write_text(str(pid))
     vcpus = set(tids.values())
     for task in Path(f"/proc/{pid}/task").iterdir():
         if int(task.name) not in vcpus:
