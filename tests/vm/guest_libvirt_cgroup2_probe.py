@@ -21,6 +21,7 @@ of observations; test_2d_libvirt_cgroup2_in_guest.py asserts on them.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sys
@@ -77,10 +78,8 @@ def lay_out(pid: int, tids: dict[int, int]) -> list[Path]:
     vcpus = set(tids.values())
     for task in Path(f"/proc/{pid}/task").iterdir():
         if int(task.name) not in vcpus:
-            try:
+            with contextlib.suppress(OSError):  # gone meanwhile
                 (LV / "emulator" / "cgroup.threads").write_text(task.name)
-            except OSError:
-                pass  # gone meanwhile
     for vcpu, tid in tids.items():
         (LV / f"vcpu{vcpu}" / "cgroup.threads").write_text(str(tid))
         os.sched_setaffinity(tid, range(4))  # libvirt: every host CPU, no cpuset.cpus
