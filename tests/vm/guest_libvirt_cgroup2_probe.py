@@ -24,6 +24,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -44,6 +45,7 @@ from tests.vm.guesthost import ROOT, allowed, cgroup_of, read, stepper
 SLICE = ROOT / "machine.slice"
 SCOPE = SLICE / "machine-qemu\\x2d1\\x2dinner.scope"
 LV = SCOPE / "libvirt"
+SCOPE_B = SLICE / "machine-qemu\\x2d2\\x2dother.scope"
 ALL = "0-3"
 
 
@@ -86,6 +88,30 @@ def lay_out(pid: int, tids: dict[int, int]) -> list[Path]:
     return made
 
 
+def second_domain() -> tuple[subprocess.Popen[bytes], str]:
+    """Another domain, ``machine-qemu\\x2d2\\x2dother.scope``: one thread (a ``sleep``) in its
+    ``libvirt/vcpu0``, laid out as above; its vcpu0 cgroup."""
+    proc = subprocess.Popen(["sleep", "600"])
+    for path in (SCOPE_B, SCOPE_B / "libvirt"):
+        path.mkdir()
+        enable_cpuset(path)
+    vcpu0 = SCOPE_B / "libvirt" / "vcpu0"
+    vcpu0.mkdir()
+    (vcpu0 / "cgroup.type").write_text("threaded")
+    (SCOPE_B / "libvirt" / "cgroup.procs").write_text(str(proc.pid))
+    (vcpu0 / "cgroup.threads").write_text(str(proc.pid))
+    return proc, rel(vcpu0)
+
+
+def stop_second_domain(proc: subprocess.Popen[bytes]) -> None:
+    """What libvirt (and systemd) do when a domain stops: QEMU gone, its cgroups removed."""
+    proc.kill()
+    proc.wait(timeout=30)
+    for path in (SCOPE_B / "libvirt" / "vcpu0", SCOPE_B / "libvirt", SCOPE_B):
+        if path.is_dir():
+            remove_cgroup(path)
+
+
 def libvirt_pin(vcpu: int, tid: int, cpus: str) -> None:
     """What libvirt's live vcpupin writes (qemuDomainPinVcpuLive): the vcpuN cpuset, then the
     thread's affinity."""
@@ -121,6 +147,7 @@ def main() -> None:
     step = stepper(obs)
     proc, tids = start_nested_qemu()
     made: list[Path] = []
+    other: subprocess.Popen[bytes] | None = None
     try:
         with tempfile.TemporaryDirectory() as tmp:
             made = lay_out(proc.pid, tids)
@@ -158,6 +185,20 @@ def main() -> None:
             obs["unpin1"] = view(tids)
             obs["unpin1_saved"] = parts.saved()
             obs["pin2_isolation_after_unpin1"] = parts.isolation(leaf(2)).mode
+            # 3b. A second domain's pin: machine.slice holds both, each scope its own; then
+            #     that domain stops (its cgroups gone with it) before its pin is undone.
+            other, leaf_b = second_domain()
+            obs["domain_b_leaf"] = leaf_b
+            (ROOT / leaf_b.lstrip("/") / "cpuset.cpus").write_text("3")  # libvirt's pin
+            os.sched_setaffinity(other.pid, {3})
+            step("pin_b", lambda: parts.sync({**target, leaf_b: 3}))
+            obs["pin_b"] = view(tids)
+            obs["pin_b"]["scope_b_exclusive"] = read(SCOPE_B / "cpuset.cpus.exclusive")
+            obs["pin_b"]["b_partition"] = read(ROOT / leaf_b.lstrip("/") / "cpuset.cpus.partition")
+            stop_second_domain(other)
+            step("b_stopped", lambda: parts.sync({**target, leaf_b: 3}))
+            obs["b_stopped"] = view(tids)
+            obs["b_stopped_saved"] = parts.saved()
             # 4. A sibling libvirt confined to the CPU asked for (vCPU 0 pinned live to 3):
             #    refused before any write, with the reason.
             libvirt_pin(0, tids[0], "3")
@@ -202,6 +243,8 @@ def main() -> None:
     finally:
         proc.kill()
         proc.wait(timeout=30)
+        if other is not None and other.poll() is None:
+            stop_second_domain(other)
         for path in reversed(made):
             try:
                 remove_cgroup(path)

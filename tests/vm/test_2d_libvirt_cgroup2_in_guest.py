@@ -85,6 +85,23 @@ def test_unpin_beside_a_pin_keeps_the_other_isolated(observed: dict) -> None:
     }
 
 
+def test_each_domain_holds_its_own_and_a_stopped_one_gives_back(observed: dict) -> None:
+    pin_b = observed["pin_b"]
+    assert pin_b["b_partition"] == "isolated", pin_b
+    assert pin_b["exclusive"]["/machine.slice"] == "2-3", "machine.slice holds both domains'"
+    assert pin_b["exclusive"][LV] == "2" and pin_b["scope_b_exclusive"] == "3", pin_b
+    assert pin_b["extpv_slice_exclusive"] == "1"
+    assert pin_b["root_isolated"] == "2-3"
+    # The domain stopped (its cgroups removed, as libvirt does) with its pin still recorded:
+    # its pCPU comes back from machine.slice and extpv.slice, nothing of it stays recorded.
+    stopped = observed["b_stopped"]
+    assert stopped["exclusive"] == dict.fromkeys(ANCESTORS, "2"), stopped["exclusive"]
+    assert stopped["extpv_slice_exclusive"] == "1,3"
+    assert stopped["root_isolated"] == "2"
+    saved = observed["b_stopped_saved"]
+    assert not any("x2dother" in cgroup for kind in saved.values() for cgroup in kind), saved
+
+
 def test_pin_that_would_leave_a_sibling_no_cpu_is_refused_unchanged(observed: dict) -> None:
     assert observed["refused"] is not None and "leave it no CPU" in observed["refused"]
     assert f"{LV}/vcpu0" in observed["refused"]
