@@ -179,9 +179,10 @@ class Service:
             )
         await asyncio.to_thread(self.backend.setup, eligible)
         lv = self.libvirt_placement
-        if lv is not None and lv.partitions is not None and isinstance(self.backend, Cgroup2Backend):
-            lv.partitions.mode = self.backend.mode
-            lv.partitions.lend = self.backend.lend_exclusive
+        backend = self.backend
+        if lv is not None and lv.partitions is not None and isinstance(backend, Cgroup2Backend):
+            lv.partitions.mode = backend.mode
+            lv.partitions.lend = backend.lend_exclusive
             try:
                 # After a kill -9: the partitions exactly as the recorded pins imply.
                 await asyncio.to_thread(lv.sync_partitions)

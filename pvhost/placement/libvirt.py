@@ -150,7 +150,9 @@ class LibvirtPlacement:
         if self.partitions is not None:
             parts = self.partitions
             leaves = {
-                (vm, v): p.cgroup for vm, rec in self._state.vms.items() for v, p in rec.vcpus.items()
+                (vm, v): p.cgroup
+                for vm, rec in self._state.vms.items()
+                for v, p in rec.vcpus.items()
             }
             found = {key: parts.isolation(leaves[key]) for key in pins}
         elif self.read_back is not None:
