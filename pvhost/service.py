@@ -183,6 +183,13 @@ class Service:
         if lv is not None and lv.partitions is not None and isinstance(backend, Cgroup2Backend):
             lv.partitions.mode = backend.mode
             lv.partitions.lend = backend.lend_exclusive
+            _log.info(
+                "libvirt domains: %s",
+                "isolated: each pinned pCPU becomes an isolated remote partition at libvirt's "
+                "own vcpuN cgroup"
+                if lv.partitions.isolates()
+                else "restricted: " + lv.partitions.isolation("").reason,
+            )
             try:
                 # After a kill -9: the partitions exactly as the recorded pins imply.
                 await asyncio.to_thread(lv.sync_partitions)
