@@ -329,9 +329,15 @@ class LibvirtPlacement:
         partition: list[Finding] = []
         if self.partitions is not None and pin.cgroup:
             partition = [
-                Finding(vm=vm, vcpu=vcpu, tid=pin.tid, pcpu=pin.pcpu,
-                        check="partition" if what == "partition" else "cpuset",
-                        expected=expected, found=found)  # fmt: skip
+                Finding(
+                    vm=vm,
+                    vcpu=vcpu,
+                    tid=pin.tid,
+                    pcpu=pin.pcpu,
+                    check="partition" if what == "partition" else "cpuset",
+                    expected=expected,
+                    found=found,
+                )
                 for what, expected, found in self.partitions.check(pin.cgroup, pin.pcpu)
             ]
         return partition + [

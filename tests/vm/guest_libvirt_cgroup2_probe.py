@@ -123,9 +123,7 @@ def view(tids: dict[int, int]) -> dict[str, Any]:
     out: dict[str, Any] = {
         "root_isolated": read(ROOT / "cpuset.cpus.isolated"),
         "root_effective": read(ROOT / "cpuset.cpus.effective"),
-        "exclusive": {
-            rel(p): read(p / "cpuset.cpus.exclusive") for p in (SLICE, SCOPE, LV)
-        },
+        "exclusive": {rel(p): read(p / "cpuset.cpus.exclusive") for p in (SLICE, SCOPE, LV)},
         "extpv_slice_exclusive": read(ROOT / "extpv.slice" / "cpuset.cpus.exclusive"),
     }
     for name in ["emulator", *(f"vcpu{v}" for v in tids)]:
