@@ -269,6 +269,14 @@ class LibvirtPartitions:
         if changed:
             self._save()
 
+        # 0. Room beside each partition first (it only shrinks sets): a vCPU cgroup whose
+        #    partition goes below may already hold libvirt's wide cpuset.cpus (its undo ran
+        #    before a kill -9 let extpv's), and the kernel refuses to clear its exclusive CPUs
+        #    while that overlaps a partition beside it (EINVAL, measured on 6.12).
+        for rel, (_now, new) in sorted(trims.items()):
+            path = self._dir(rel)
+            if read_text(path / "cpuset.cpus") != new:
+                write_text(path / "cpuset.cpus", new)
         # 1. Partitions no pin needs: back to what they were, before any room is given back.
         for rel, leaf_was in sorted(st.leaves.items()):
             if rel in target:
@@ -317,11 +325,7 @@ class LibvirtPartitions:
                 changed = True
         if changed:
             self._save()
-        # 4. Room beside each partition, then the partitions, each read back.
-        for rel, (_now, new) in sorted(trims.items()):
-            path = self._dir(rel)
-            if read_text(path / "cpuset.cpus") != new:
-                write_text(path / "cpuset.cpus", new)
+        # 4. The partitions, each read back.
         for leaf, pcpu in sorted(target.items()):
             self._enable(leaf, pcpu)
 
