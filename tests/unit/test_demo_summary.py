@@ -40,6 +40,7 @@ def _summary(status: dict[str, Any], after: dict[int, str], **shown: Any) -> lis
         args,
         accel="tcg",
         boot_s=18.2,
+        agent_s=61.0,
         baseline={0: "0-1", 1: "0-1"},
         placement={"vcpu0": "0-1", "vcpu1": "1"},
         after=after,

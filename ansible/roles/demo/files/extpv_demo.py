@@ -153,6 +153,50 @@ def pvctl_status(container: str) -> Any:
         return {"error": "pvctl status --json printed no JSON", "output": res.stdout[-500:]}
 
 
+def pvhost_view(container: str, vm: str) -> str:
+    """What pvhost says about the demo VM (its session, programs, last request and result)
+    and the last lines of its log that name the VM: a failed demo explains itself."""
+    status = pvctl_status(container)
+    mine = status.get("vms", {}).get(vm) if isinstance(status, dict) else None
+    keys = ("qmp", "channel", "session", "resets", "guest", "programs", "last_seq", "result")
+    seen = {k: mine.get(k) for k in keys} if isinstance(mine, dict) else status
+    try:
+        res = subprocess.run(
+            ["podman", "logs", "--tail", "400", container],
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=False,
+        )
+        lines = [line for line in (res.stdout + res.stderr).splitlines() if vm in line][-25:]
+    except (OSError, subprocess.TimeoutExpired) as err:
+        lines = [f"(podman logs failed: {err})"]
+    return (
+        f"pvhost's status of {vm}: {json.dumps(seen, default=str)}\n"
+        f"pvhost's log about {vm} (last {len(lines)} lines):\n" + "\n".join(lines)
+    )
+
+
+def wait_for_program(args: argparse.Namespace, *, deadline_s: float) -> float:
+    """Seconds until pvhost reports the VM's affinity program loaded by its guest agent;
+    exits with pvhost's view of the VM when that does not happen within ``deadline_s``."""
+    t0 = time.monotonic()
+    while True:
+        status = pvctl_status(args.container)
+        mine = status.get("vms", {}).get(args.name, {}) if isinstance(status, dict) else {}
+        if isinstance(mine, dict) and mine.get("programs", {}).get("affinity") == "loaded":
+            return time.monotonic() - t0
+        if time.monotonic() - t0 > deadline_s:
+            die(
+                PROG,
+                f"the guest agent did not load pvhost's affinity program within {deadline_s:.0f} s"
+                " of the boot\n" + pvhost_view(args.container, args.name),
+                "check the guest's `journalctl -u pvagent` (console: `pvctl vm console "
+                f"{args.name}`) and `podman logs {args.container}`",
+            )
+        time.sleep(2)
+
+
 class Watcher(threading.Thread):
     """Samples the vCPU threads' allowed CPUs until stopped; keeps what differed from baseline."""
 
@@ -215,6 +259,7 @@ def summarize(
     *,
     accel: str,
     boot_s: float,
+    agent_s: float,
     baseline: dict[int, str],
     placement: dict[str, str],
     after: dict[int, str],
@@ -230,7 +275,8 @@ def summarize(
     mpps = result.get("mpps")
     vm_status = status.get("vms", {}).get(args.name, {})
     summary = [
-        f"VM {args.name}: {args.smp} vCPUs, {accel}, booted in {boot_s:.0f} s",
+        f"VM {args.name}: {args.smp} vCPUs, {accel}, booted in {boot_s:.0f} s, pvhost's program "
+        f"loaded by the guest agent {agent_s:.0f} s after the start",
         f"guest: spscq producer on vCPU {args.producer_cpu}, consumer on vCPU {args.consumer_cpu}",
     ]
     capacity = capacity_line(status, wanted=2)
@@ -328,7 +374,10 @@ def run_demo(args: argparse.Namespace) -> dict[str, Any]:
         if len(threads) != args.smp:
             die(PROG, f"found {len(threads)} vCPU threads in QEMU {vm.pid}, expected {args.smp}")
         baseline = {vcpu: allowed_cpus(vm.pid, tid) for vcpu, tid in threads.items()}
-        # The host load starts after the boot (under it a TCG boot takes minutes).
+        # The host load starts once the guest agent has loaded pvhost's program: under it a
+        # TCG guest's agent takes a minute or more to start (Python, then the verifier), and
+        # only then can a pin be seen at all.
+        agent_s = wait_for_program(args, deadline_s=args.agent_timeout) + boot_s
         load.start()
         # Before any pin: the guest keeps every vCPU busy without pinning anything.
         busy = f"for i in $(seq {args.smp}); do timeout 6 sh -c 'while :; do :; done' & done; wait"
@@ -351,7 +400,8 @@ def run_demo(args: argparse.Namespace) -> dict[str, Any]:
             die(
                 PROG,
                 f"no guest pin reached the host within {args.pin_timeout} s "
-                f"(vCPU threads' allowed CPUs stayed {baseline})",
+                f"(vCPU threads' allowed CPUs stayed {baseline})\n"
+                + pvhost_view(args.container, args.name),
                 f"check `podman logs {args.container}` and `pvctl status` in the container",
             )
 
@@ -382,6 +432,7 @@ def run_demo(args: argparse.Namespace) -> dict[str, Any]:
         args,
         accel=vm.accel,
         boot_s=boot_s,
+        agent_s=agent_s,
         baseline=baseline,
         placement=placement,
         after=after,
@@ -394,6 +445,7 @@ def run_demo(args: argparse.Namespace) -> dict[str, Any]:
     return {
         "summary": summary,
         "boot_s": round(boot_s, 1),
+        "agent_ready_s": round(agent_s, 1),
         "first_pin_s": probe.first_pin_s,
         "baseline": baseline,
         "placement": placement,
@@ -415,7 +467,18 @@ def main() -> None:
     ap.add_argument("--consumer-cpu", type=int, default=1, help="guest vCPU of the consumer")
     ap.add_argument("--duration", type=int, default=10, help="workload seconds")
     ap.add_argument("--boot-timeout", type=float, default=300, help="boot deadline, s")
-    ap.add_argument("--pin-timeout", type=float, default=60, help="deadline for the first pin, s")
+    ap.add_argument(
+        "--agent-timeout",
+        type=float,
+        default=240,
+        help="deadline for the guest agent to load pvhost's program after the boot, s",
+    )
+    ap.add_argument(
+        "--pin-timeout",
+        type=float,
+        default=60,
+        help="deadline for the first pin once the program is loaded, s",
+    )
     ap.add_argument("--container", default="pvhost", help="pvhost's container")
     ap.add_argument("--runtime-dir", default="/run/extpv/vms", help="VM runtime directory")
     ap.add_argument("--json", action="store_true", help="print one JSON object")
