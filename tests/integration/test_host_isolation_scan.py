@@ -15,28 +15,19 @@ import pytest
 
 from pvhost.placement.isolation import KernelThreads, sharing_tasks
 from tests.conftest import absent
+from tests.cpusets import CPUSET, require_cpuset_v1, scratch_cpuset
 
 pytestmark = pytest.mark.root
 
-CPUSET = Path("/sys/fs/cgroup/cpuset")
 NS_LAST_PID = Path("/proc/sys/kernel/ns_last_pid")
 
 
 @pytest.fixture
 def scratch(cpuset_group: str) -> Iterator[Path]:
     """A cpuset of ours (every CPU) holding only the tasks a test puts there."""
-    if not (CPUSET / "cpuset.cpus").exists():
-        absent("needs a cgroup v1 cpuset hierarchy")
-    path = CPUSET / cpuset_group
-    path.mkdir()
-    try:
-        (path / "cpuset.mems").write_text((CPUSET / "cpuset.mems").read_text())
-        (path / "cpuset.cpus").write_text((CPUSET / "cpuset.cpus").read_text())
+    require_cpuset_v1()
+    with scratch_cpuset(cpuset_group) as path:
         yield path
-    finally:
-        for tid in (path / "tasks").read_text().split():
-            (CPUSET / "tasks").write_text(tid)
-        path.rmdir()
 
 
 def sleeper(cpuset: Path) -> subprocess.Popen[bytes]:
