@@ -24,6 +24,7 @@ import pytest
 
 from pvhost.libvirt import safe_name
 from tests.cpuacct import load_on, share
+from tests.cpusets import CPUSET, scratch_cpuset
 from vmlab.daemon import PvhostDaemon
 from vmlab.errors import DaemonError
 from vmlab.images import GuestImage, ensure_test_image, ensure_test_image_kernel61
@@ -34,7 +35,6 @@ pytestmark = [pytest.mark.root, pytest.mark.libvirt, pytest.mark.vm]
 
 REPO = Path(__file__).resolve().parents[2]
 DOMAIN = "extpv lab domain. É " + "x" * 50  # spaces, a dot, unicode, 70 characters
-CPUSET = Path("/sys/fs/cgroup/cpuset")
 MACHINE = CPUSET / "machine"
 PCPU = 1  # the pCPU the tests pin to; CPU 0 stays for housekeeping and the load
 
@@ -103,16 +103,8 @@ def domain(
 def load_cpuset() -> Iterator[Path]:
     """A cpuset of ours on CPUs 0-1 standing for where the host's other load runs; pvhost's
     ``isolate_from`` names it, so every pin of these tests takes its pCPU from it."""
-    path = CPUSET / f"extpv-lvtest-{os.getpid()}-load"
-    path.mkdir()
-    try:
-        (path / "cpuset.mems").write_text((CPUSET / "cpuset.mems").read_text())
-        (path / "cpuset.cpus").write_text("0-1")
+    with scratch_cpuset(f"extpv-lvtest-{os.getpid()}-load", "0-1") as path:
         yield path
-    finally:
-        for tid in (path / "tasks").read_text().split():
-            (CPUSET / "tasks").write_text(tid)
-        path.rmdir()
 
 
 @pytest.fixture(scope="module")

@@ -8,15 +8,14 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-from pathlib import Path
 from typing import Any
 
 import pytest
 
 from pvhost.control import ControlServer
 from pvhost.logthrottle import LogThrottle
-from pvhost.session import VmSession
 from pvproto import ProgramLoaded
+from tests.sessions import lone_session
 
 pytestmark = pytest.mark.security
 
@@ -86,21 +85,7 @@ def test_verdicts_on_programs_the_host_never_sent_are_not_kept() -> None:
     """D3: each made-up program id used to be kept for ever (+200 MiB for 50 k messages)."""
 
     async def body() -> None:
-        async def never(*_: object) -> Any:
-            raise AssertionError("not called")
-
-        session = VmSession(
-            "vm1",
-            Path("/nonexistent/qmp.sock"),
-            Path("/nonexistent/agent.sock"),
-            applier=never,
-            on_gone=never,
-            on_vcpus_changed=never,
-            program=None,
-            rate=1.0,
-            burst=1,
-            max_backoff=1.0,
-        )
+        session = lone_session()
         session.status.programs["affinity"] = "loading"  # what the host sent
         for i in range(1000):
             session.guest_message(None, ProgramLoaded(program_id=f"p{i}", ok=True))  # type: ignore[arg-type]
