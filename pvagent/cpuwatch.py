@@ -89,9 +89,13 @@ async def watch_cpus(
 
     def on_uevent() -> None:
         nonlocal pending
-        while monitor.poll(timeout=0) is not None:
-            pass  # the event is a trigger; what counts is sysfs after it
-        if pending is None:
+        seen = False
+        try:
+            while monitor.poll(timeout=0) is not None:
+                seen = True  # the event is a trigger; what counts is sysfs after it
+        except OSError:  # ENOBUFS: the socket overflowed, events were lost: read anyway
+            seen = True
+        if seen and pending is None:
             pending = loop.call_later(SETTLE_S, settled)
 
     loop.add_reader(monitor.fileno(), on_uevent)
