@@ -539,7 +539,7 @@ def test_g_a_hotplugged_vcpu_is_followed_brought_online_by_the_guest_and_pinned(
           file=sys.stderr)  # fmt: skip
     vm = st["vms"][dom.name]
     assert (vm["protocol_version"], vm["topology_changes"]) == (5, 1), vm
-    assert vm["programs"] == {"affinity": "loaded"}, vm
+    assert vm["programs"].get("affinity") == "loaded", vm
     # One pin, made once: the agent and its program were there all along.
     t1 = time.monotonic()
     dom.background(["taskset", "-c", "1", "sleep", "20"])
