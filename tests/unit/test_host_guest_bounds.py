@@ -116,6 +116,7 @@ def test_a_topology_update_flood_is_acted_on_at_the_rate_and_the_newest_wins() -
     """A guest sending ``TopologyUpdate``s in a loop (protocol 5): the host acts on
     ``TOPOLOGY_BURST`` at once, then ``TOPOLOGY_RATE`` per second, holding only the newest
     meanwhile. (The same on the real daemon: tests/integration/test_host_topology_update.py.)"""
+
     async def body() -> None:
         async def never(*_: object) -> Any:
             raise AssertionError("not called")
