@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import logging
 import os
-import tempfile
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -36,9 +35,10 @@ try:
     import libvirt
 except ImportError:  # optional: only a [libvirt]-enabled pvhost makes this backend
     libvirt = None
-from pydantic import BaseModel, ConfigDict, NonNegativeInt, ValidationError
+from pydantic import BaseModel, ConfigDict, NonNegativeInt
 
 from pvhost.errors import HostError, PartitionInvalid, PlacementError
+from pvhost.files import load_model, replace_file
 from pvhost.libvirt import LibvirtLink
 from pvhost.placement.base import Check, Finding
 from pvhost.placement.cgroup2 import thread_cgroup2
@@ -106,24 +106,11 @@ class LibvirtPlacement:
 
     # -- state file --------------------------------------------------------------------------
     def _load(self) -> _File:
-        try:
-            return _File.model_validate_json(self.path.read_bytes())
-        except FileNotFoundError:
-            return _File()
-        except (OSError, ValidationError) as err:
-            aside = self.path.with_name(self.path.name + ".unreadable")
-            _log.error("%s is unreadable (%s): kept aside as %s", self.path, err, aside)
-            os.replace(self.path, aside)
-            return _File()
+        return load_model(self.path, _File, _log) or _File()
 
     def _save(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=".libvirt.")
-        with os.fdopen(fd, "w") as f:
-            f.write(self._state.model_dump_json())
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, self.path)
+        replace_file(self.path, self._state.model_dump_json().encode())
 
     # -- what the service calls ---------------------------------------------------------------
     def known(self, vm: str, uuid: str, domain: str) -> None:

@@ -53,15 +53,14 @@ them. extpv does not do that: the pin is libvirt's alone, reported ``restricted`
 from __future__ import annotations
 
 import logging
-import os
-import tempfile
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict
 
 from pvhost.errors import PartitionInvalid, PlacementError
+from pvhost.files import load_model, replace_file
 from pvhost.placement.base import read_cpus, read_setting, read_text, write_text
 from pvhost.placement.chain import partition_reason
 from pvhost.placement.isolation import Isolation, cgroup2_isolation
@@ -155,24 +154,11 @@ class LibvirtPartitions:
 
     # -- state file --------------------------------------------------------------------------
     def _load(self) -> _File:
-        try:
-            return _File.model_validate_json(self.path.read_bytes())
-        except FileNotFoundError:
-            return _File()
-        except (OSError, ValidationError) as err:
-            aside = self.path.with_name(self.path.name + ".unreadable")
-            _log.error("%s is unreadable (%s): kept aside as %s", self.path, err, aside)
-            os.replace(self.path, aside)
-            return _File()
+        return load_model(self.path, _File, _log) or _File()
 
     def _save(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=".libvirt-cgroup2.")
-        with os.fdopen(fd, "w") as f:
-            f.write(self._state.model_dump_json())
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, self.path)
+        replace_file(self.path, self._state.model_dump_json().encode())
 
     def saved(self) -> dict[str, dict[str, dict[str, str]]]:
         """What is recorded to be put back, per kind and cgroup (for status and tests)."""
