@@ -10,8 +10,11 @@ task last ran on from ``/proc/<pid>/stat``, a CPU's busy, idle and stolen time f
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 import time
-from collections.abc import Collection
+from collections.abc import Collection, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 __all__ = [
@@ -24,6 +27,7 @@ __all__ = [
     "running_on",
     "share",
     "share_and_idle",
+    "spinning_process",
 ]
 
 TICK_NS = 1_000_000_000 // os.sysconf("SC_CLK_TCK")
@@ -133,3 +137,19 @@ def running_on(cpu: int, exclude: set[int]) -> list[str]:
         if fields[0] == "R" and int(fields[36]) == cpu and pid not in exclude:
             out.append(f"{pid} ({pid_comm.split(' (', 1)[1]})")
     return out
+
+
+@contextmanager
+def spinning_process() -> Iterator[int]:
+    """A process of ours that burns CPU, as a running vCPU thread does: its pid (= its tid)."""
+    child = subprocess.Popen(
+        [sys.executable, "-c", "import os; print(os.getpid(), flush=True)\nwhile True: pass"],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    assert child.stdout is not None
+    try:
+        yield int(child.stdout.readline())
+    finally:
+        child.kill()
+        child.wait()

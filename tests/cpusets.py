@@ -9,13 +9,14 @@ removed) and it is removed, whatever the test did.
 from __future__ import annotations
 
 import os
+import subprocess
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 from tests.conftest import absent
 
-__all__ = ["CPUSET", "hand_back", "require_cpuset_v1", "scratch_cpuset"]
+__all__ = ["CPUSET", "hand_back", "require_cpuset_v1", "scratch_cpuset", "yes_load"]
 
 #: The v1 cpuset hierarchy's root.
 CPUSET = Path("/sys/fs/cgroup/cpuset")
@@ -49,3 +50,23 @@ def scratch_cpuset(name: str, cpus: str | None = None) -> Iterator[Path]:
     finally:
         hand_back(path)
         path.rmdir()
+
+
+@contextmanager
+def yes_load(name: str, cpus: str = "0-1") -> Iterator[tuple[Path, list[int]]]:
+    """Scratch cpuset ``name`` on ``cpus`` running 4 x this process's CPUs ``yes`` processes
+    (the paper's host load): the cpuset and their pids; they are killed on exit."""
+    procs: list[subprocess.Popen[bytes]] = []
+    with scratch_cpuset(name, cpus) as path:
+        try:
+            for _ in range(4 * len(os.sched_getaffinity(0))):
+                # Each in its own session, as if started from its own shell: with autogroup
+                # scheduling, a group of them would otherwise count as one task against a vCPU.
+                p = subprocess.Popen(["yes"], stdout=subprocess.DEVNULL, start_new_session=True)
+                (path / "tasks").write_text(str(p.pid))
+                procs.append(p)
+            yield path, [p.pid for p in procs]
+        finally:
+            for p in procs:
+                p.kill()
+                p.wait()

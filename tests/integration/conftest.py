@@ -18,7 +18,8 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import REQUIRE, _missing
-from tests.cpusets import CPUSET, hand_back
+from tests.cpuacct import spinning_process
+from tests.cpusets import CPUSET, hand_back, require_cpuset_v1, yes_load
 from vmlab import VirtualMachine, VMSpec, start
 
 
@@ -90,3 +91,19 @@ def cpuset_group() -> Iterator[str]:
         (leaked / "tasks").read_text()
         leaked.rmdir()
         pytest.fail(f"test leaked cgroup {leaked}")
+
+
+@pytest.fixture
+def load(cpuset_group: str) -> Iterator[tuple[Path, list[int]]]:
+    """A cpuset of ours on CPUs 0-1 running 4x CPUs ``yes`` processes (the host load of the
+    isolation tests; name it in ``isolate_from``)."""
+    require_cpuset_v1({0, 1})
+    with yes_load(f"{cpuset_group}-load") as loaded:
+        yield loaded
+
+
+@pytest.fixture
+def spinner() -> Iterator[int]:
+    """The tid of a process of ours that burns CPU (what a running vCPU thread does)."""
+    with spinning_process() as pid:
+        yield pid

@@ -9,7 +9,6 @@ import asyncio
 import json
 import os
 import signal
-import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -19,8 +18,8 @@ import pytest
 
 from pvhost.placement import Cgroup1Backend, cgroup1, thread_allowed_cpus
 from pvproto import parse_cpulist
-from tests.conftest import absent
 from tests.cpuacct import load_on, running_on, share
+from tests.cpusets import CPUSET, require_cpuset_v1, scratch_cpuset
 from tests.faultpoints import KILLED, killed_before_write, recorded_writes
 from tests.integration.hostrun import daemon_and_guest, free_port, write_config
 from vmlab import VMSpec, start
@@ -28,68 +27,15 @@ from vmlab.bootsector import SPIN
 
 pytestmark = pytest.mark.root
 
-CPUSET = Path("/sys/fs/cgroup/cpuset")
-
 
 @pytest.fixture
 def outer(cpuset_group: str) -> Iterator[Path]:
     """A cpuset of ours next to extpv's (CPUs 0-1), standing in for where QEMU runs. Its name
     begins with "0" so that an isolation reason, which names the first cpusets by name after
     the root, names it whatever other cpusets the host has."""
-    if not {0, 1} <= os.sched_getaffinity(0) or not (CPUSET / "cpuset.cpus").exists():
-        absent("needs a cgroup v1 cpuset hierarchy and CPUs 0 and 1")
-    path = CPUSET / f"0{cpuset_group}-home"
-    path.mkdir()
-    try:
-        (path / "cpuset.mems").write_text((CPUSET / "cpuset.mems").read_text())
-        (path / "cpuset.cpus").write_text("0-1")
+    require_cpuset_v1({0, 1})
+    with scratch_cpuset(f"0{cpuset_group}-home", "0-1") as path:
         yield path
-    finally:
-        for tid in (path / "tasks").read_text().split():
-            (CPUSET / "tasks").write_text(tid)
-        path.rmdir()
-
-
-@pytest.fixture
-def load(cpuset_group: str) -> Iterator[tuple[Path, list[int]]]:
-    """A cpuset of ours on CPUs 0-1 running 4x CPUs ``yes`` processes, each in its own session
-    (with autogroup scheduling a group of them would count as one task against the vCPU)."""
-    if not {0, 1} <= os.sched_getaffinity(0) or not (CPUSET / "cpuset.cpus").exists():
-        absent("needs a cgroup v1 cpuset hierarchy and CPUs 0 and 1")
-    path = CPUSET / f"{cpuset_group}-load"
-    path.mkdir()
-    procs: list[subprocess.Popen[bytes]] = []
-    try:
-        (path / "cpuset.mems").write_text((CPUSET / "cpuset.mems").read_text())
-        (path / "cpuset.cpus").write_text("0-1")
-        for _ in range(4 * len(os.sched_getaffinity(0))):
-            p = subprocess.Popen(["yes"], stdout=subprocess.DEVNULL, start_new_session=True)
-            (path / "tasks").write_text(str(p.pid))
-            procs.append(p)
-        yield path, [p.pid for p in procs]
-    finally:
-        for p in procs:
-            p.kill()
-            p.wait()
-        for tid in (path / "tasks").read_text().split():
-            (CPUSET / "tasks").write_text(tid)
-        path.rmdir()
-
-
-@pytest.fixture
-def spinner() -> Iterator[int]:
-    """A process of ours that burns CPU, as a running vCPU thread does (its pid = its tid)."""
-    child = subprocess.Popen(
-        [sys.executable, "-c", "import os; print(os.getpid(), flush=True)\nwhile True: pass"],
-        stdout=subprocess.PIPE,
-        text=True,
-    )
-    assert child.stdout is not None
-    try:
-        yield int(child.stdout.readline())
-    finally:
-        child.kill()
-        child.wait()
 
 
 def resident(state_dir: Path, group: str, isolate_from: tuple[str, ...] = ()) -> Cgroup1Backend:

@@ -14,11 +14,9 @@ import asyncio
 import json
 import os
 import re
-import subprocess
 import sys
 import time
 import urllib.request
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -26,7 +24,7 @@ import pytest
 from pvhost.errors import PlacementError
 from pvhost.placement import Cgroup1Backend, cgroup1, detect_backend
 from tests.cpuacct import load_on, running_on, share
-from tests.cpusets import CPUSET, require_cpuset_v1, scratch_cpuset
+from tests.cpusets import CPUSET
 from tests.faultpoints import KILLED, killed_before_write, recorded_writes
 from tests.integration.hostrun import daemon_and_guest, free_port, write_config
 from vmlab import VMSpec, start
@@ -35,42 +33,6 @@ from vmlab.bootsector import SPIN
 pytestmark = [pytest.mark.root, pytest.mark.isolation]
 
 PCPU = 1  # CPU 0 stays the host's housekeeping CPU
-
-
-@pytest.fixture
-def load(cpuset_group: str) -> Iterator[tuple[Path, list[int]]]:
-    """A cpuset of ours on CPUs 0-1 running 4x CPUs ``yes`` processes."""
-    require_cpuset_v1({0, 1})
-    procs: list[subprocess.Popen[bytes]] = []
-    with scratch_cpuset(f"{cpuset_group}-load", "0-1") as path:
-        try:
-            for _ in range(4 * len(os.sched_getaffinity(0))):
-                # Each in its own session, as if started from its own shell: with autogroup
-                # scheduling, a group of them would otherwise count as one task against a vCPU.
-                p = subprocess.Popen(["yes"], stdout=subprocess.DEVNULL, start_new_session=True)
-                (path / "tasks").write_text(str(p.pid))
-                procs.append(p)
-            yield path, [p.pid for p in procs]
-        finally:
-            for p in procs:
-                p.kill()
-                p.wait()
-
-
-@pytest.fixture
-def spinner() -> Iterator[int]:
-    """The tid of a thread of ours that burns CPU (what a running vCPU thread does)."""
-    child = subprocess.Popen(
-        [sys.executable, "-c", "import os; print(os.getpid(), flush=True)\nwhile True: pass"],
-        stdout=subprocess.PIPE,
-        text=True,
-    )
-    assert child.stdout is not None
-    try:
-        yield int(child.stdout.readline())
-    finally:
-        child.kill()
-        child.wait()
 
 
 def backend_for(tmp_path: Path, group: str, *isolate_from: Path) -> Cgroup1Backend:
