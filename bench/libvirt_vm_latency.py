@@ -28,7 +28,7 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "bench"))
 
 from exp_stats import percentile  # noqa: E402
-from vm_latency import CYCLER, Poller, match_events  # noqa: E402
+from vm_latency import CYCLER, match_events, run_cycler  # noqa: E402
 
 from pvhost.libvirt import qemu_pid_of_domain, safe_name, vcpu_threads  # noqa: E402
 from vmlab import VMSpec, start  # noqa: E402
@@ -42,18 +42,13 @@ DOMAIN = "extpv-bench-latency"
 
 def cycle(hook: TestHook, tid: int, cycles: int, hold: float) -> dict[str, Any]:
     off0, err0 = hook.clock_offset(30)
-    poller = Poller(tid)
-    poller.start()
-    r = hook.run(
-        ["python3", "-c", CYCLER, str(cycles), str(hold)], cycles * 2 * hold + 120, ""
-    ).check()
-    time.sleep(1.0)
-    poller.stop = True
-    poller.join()
+    stdout, changes = run_cycler(
+        lambda argv, timeout_s: hook.run(argv, timeout_s, ""), tid, CYCLER, cycles, hold
+    )
     off1, err1 = hook.clock_offset(30)
     offset = (off0 + off1) / 2
     error = max(err0, err1) + abs(off1 - off0) / 2
-    lat, missed = match_events(json.loads(r.stdout), poller.changes, offset, error)
+    lat, missed = match_events(json.loads(stdout), changes, offset, error)
     out: dict[str, Any] = {"unmatched": missed, "clock_error_ms": round(error * 1000, 2)}
     for kind, values in lat.items():
         out[kind] = {

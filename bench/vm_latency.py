@@ -22,6 +22,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -32,6 +33,7 @@ from exp_stats import percentile  # noqa: E402
 from vmlab import VMSpec, start  # noqa: E402
 from vmlab.daemon import PvhostDaemon  # noqa: E402
 from vmlab.images import ensure_test_image  # noqa: E402
+from vmlab.testhook import GuestResult  # noqa: E402
 
 # Runs in the guest: pin to vCPU 1, hold, widen back, hold; timestamps right after each return.
 CYCLER = """
@@ -69,6 +71,32 @@ class Poller(threading.Thread):
                 self.changes.append((time.time(), now))
                 last = now
             time.sleep(0.0002)
+
+
+def run_cycler(
+    guest: Callable[[Sequence[str], float], GuestResult],
+    tid: int,
+    cycler: str,
+    cycles: int,
+    hold: float,
+    *,
+    slack_s: float = 120.0,
+) -> tuple[str, list[tuple[float, str]]]:
+    """Run ``cycler`` (a guest Python script taking ``cycles`` and ``hold``) through ``guest``
+    (argv, timeout) while a :class:`Poller` watches host thread ``tid``; the cycler's stdout
+    and the poller's (host time, allowed CPUs) changes. The poller runs on for a second after
+    the cycler ends, so the last change is seen too."""
+    poller = Poller(tid)
+    poller.start()
+    try:
+        result = guest(
+            ["python3", "-c", cycler, str(cycles), str(hold)], cycles * 2 * hold + slack_s
+        ).check()
+        time.sleep(1.0)
+    finally:
+        poller.stop = True
+        poller.join()
+    return result.stdout, poller.changes
 
 
 def match_events(
@@ -120,25 +148,17 @@ def main() -> int:
         inject_s = time.monotonic() - t1
         tid = vm.vcpu_threads()[1].tid
         off0, err0 = vm.clock_offset()
-        poller = Poller(tid)
-        poller.start()
-        r = vm.guest(
-            ["python3", "-c", CYCLER, str(args.cycles), str(args.hold)],
-            timeout_s=args.cycles * 2 * args.hold + 120,
-        ).check()
-        time.sleep(1.0)
-        poller.stop = True
-        poller.join()
+        stdout, changes = run_cycler(vm.guest, tid, CYCLER, args.cycles, args.hold)
         off1, err1 = vm.clock_offset()
         status_backend = daemon.status()["backend"]
     finally:
         vm.stop()
         daemon.close()
         shutil.rmtree(run, ignore_errors=True)
-    events = json.loads(r.stdout)
+    events = json.loads(stdout)
     offset = (off0 + off1) / 2
     error = max(err0, err1) + abs(off1 - off0) / 2
-    lat, missed = match_events(events, poller.changes, offset, error)
+    lat, missed = match_events(events, changes, offset, error)
     summary = {
         "what": "guest sched_setaffinity return -> host vCPU thread placement observed",
         "cycles": args.cycles,

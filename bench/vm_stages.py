@@ -48,7 +48,7 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "bench"))
 
 from exp_stats import percentile  # noqa: E402
-from vm_latency import Poller, match_events  # noqa: E402
+from vm_latency import match_events, run_cycler  # noqa: E402
 
 from vmlab import VMSpec, start  # noqa: E402
 from vmlab.daemon import PvhostDaemon  # noqa: E402
@@ -299,15 +299,7 @@ def main() -> int:
         off0, err0 = vm.clock_offset()
         host_rm = time.time() - time.monotonic()
         host_trace = HostTrace(daemon.proc.pid)
-        poller = Poller(tid)
-        poller.start()
-        r = vm.guest(
-            ["python3", "-c", CYCLER, str(args.cycles), str(args.hold)],
-            timeout_s=args.cycles * 2 * args.hold + 180,
-        ).check()
-        time.sleep(1.0)
-        poller.stop = True
-        poller.join()
+        stdout, changes = run_cycler(vm.guest, tid, CYCLER, args.cycles, args.hold, slack_s=180.0)
         host_text = host_trace.stop()
         off1, err1 = vm.clock_offset()
         guest_text = vm.guest(GUEST_TRACE_OFF, timeout_s=120).check().stdout
@@ -323,11 +315,11 @@ def main() -> int:
         daemon.close()
         shutil.rmtree(run, ignore_errors=True)
 
-    out = json.loads(r.stdout)
+    out = json.loads(stdout)
     events = out["events"]
     offset = (off0 + off1) / 2
     error = max(err0, err1) + abs(off1 - off0) / 2
-    lat, missed = match_events([(k, t) for k, t, _, _ in events], poller.changes, offset, error)
+    lat, missed = match_events([(k, t) for k, t, _, _ in events], changes, offset, error)
 
     def to_host_mono(g_mono: float) -> float:
         return g_mono + out["rm"] - offset - host_rm

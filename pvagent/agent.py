@@ -43,9 +43,16 @@ from pvproto import (
     ProgramRecords,
     ProtocolError,
     ReadMap,
+    TopologyUpdate,
     UnloadProgram,
 )
-from pvproto.messages import MAX_MAP_KEY_BYTES, MAX_MAP_VALUE_BYTES, MAX_RECORD_BYTES, MAX_RECORDS
+from pvproto.messages import (
+    MAX_MAP_KEY_BYTES,
+    MAX_MAP_VALUE_BYTES,
+    MAX_RECORD_BYTES,
+    MAX_RECORDS,
+    TOPOLOGY_UPDATE_VERSION,
+)
 from pvproto.session import PeerSession, SessionClosed, SessionState
 
 __all__ = ["MAX_DOCUMENTS", "Agent", "ProgramLimits"]
@@ -96,9 +103,27 @@ class _HostSession(PeerSession["Agent"]):
         # a host's Hello is written in its lowest version, and an older host must be able
         # to read ours to answer ``unsupported``.
         super().__init__(owner, versions=AGENT_VERSIONS, readable=SUPPORTED_VERSIONS)
+        #: The topology this host was last told (in our Hello, or a TopologyUpdate).
+        self.told: GuestTopology | None = None
 
     def hello(self) -> Hello:
-        return self.owner.hello()
+        hello = self.owner.hello()
+        self.told = hello.topology
+        return hello
+
+    def tell_topology(self) -> None:
+        """Tell a ready host of protocol 5+ the guest's CPUs if they changed since it was last
+        told (an older host learns them at the next Hello only)."""
+        topology = self.owner.topology
+        if (
+            self.ready
+            and self.version is not None
+            and self.version >= TOPOLOGY_UPDATE_VERSION
+            and topology != self.told
+            and self.send(TopologyUpdate(topology=topology))
+        ):
+            self.told = topology
+            log.info("told the host: online CPUs now %s", topology.online_vcpus)
 
     @property
     def ready(self) -> bool:
@@ -112,6 +137,7 @@ class _HostSession(PeerSession["Agent"]):
             ", again" if restarted else "",
         )
         self.owner._conn = self
+        self.tell_topology()  # the CPUs changed between our Hello and the host's answer
 
     async def on_message(self, message: BaseMessage) -> None:
         await self.owner.handle(self, message)
@@ -176,6 +202,18 @@ class Agent:
             capabilities=caps,
             topology=self.topology,
         )
+
+    def set_topology(self, topology: GuestTopology) -> bool:
+        """The guest's CPUs as read now (``pvagent.cpuwatch``): kept for the next Hello, and
+        told to a connected host of protocol 5+ at once. True if they changed."""
+        if topology == self.topology:
+            return False
+        log.info("online CPUs changed: %s -> %s", self.topology.online_vcpus, topology.online_vcpus)
+        self.topology = topology
+        conn = self._conn
+        if conn is not None:
+            conn.tell_topology()
+        return True
 
     def publish(self, document: GuestDocument) -> str | None:
         """Write a host document to ``documents_dir/NAME.json``; None, or why not.

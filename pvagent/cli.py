@@ -13,12 +13,15 @@ import logging
 import os
 import signal
 import sys
+from collections.abc import Coroutine
 from pathlib import Path
+from typing import Any
 
 from extpv.cli import die, setup_logging
 from pvagent import bpfobj
 from pvagent.agent import Agent, ProgramLimits
 from pvagent.config import AgentConfig, load_config
+from pvagent.cpuwatch import watch_cpus
 from pvagent.errors import AgentError
 from pvagent.loaders import load
 from pvagent.memlock import lock_memory
@@ -113,6 +116,10 @@ def _policy(config: AgentConfig) -> TrustPolicy:
     )
 
 
+async def _with_cpus(agent: Agent, transport: Coroutine[Any, Any, None]) -> None:
+    await asyncio.gather(transport, watch_cpus(agent))
+
+
 async def _run(args: argparse.Namespace) -> None:
     from pvagent.port import run_device, run_port, run_unix  # noqa: PLC0415 - needs pyudev
 
@@ -128,13 +135,14 @@ async def _run(args: argparse.Namespace) -> None:
         versions_file=config.state_dir / "versions.json" if config.state_dir else None,
     )
     if args.unix:
-        work = run_unix(agent, args.unix)
+        transport = run_unix(agent, args.unix)
     elif args.device:
-        work = run_device(agent, args.device)
+        transport = run_device(agent, args.device)
     else:
-        work = run_port(agent, args.port_name or config.port_name)
+        transport = run_port(agent, args.port_name or config.port_name)
+    # The guest's CPUs are followed beside the transport, across its connections (hot-plug).
     try:
-        await _until_signalled(asyncio.ensure_future(work))
+        await _until_signalled(asyncio.ensure_future(_with_cpus(agent, transport)))
     finally:
         agent.close()
 

@@ -34,9 +34,10 @@ from pvhost.errors import (
 )
 from pvhost.libvirt import LibvirtLink, LibvirtVcpus
 from pvhost.metrics import Metrics
-from pvhost.placement import Cgroup1Backend, PlacementBackend, detect_backend
+from pvhost.placement import Cgroup1Backend, Cgroup2Backend, PlacementBackend, detect_backend
 from pvhost.placement.isolation import Isolation
 from pvhost.placement.libvirt import LibvirtPlacement
+from pvhost.placement.libvirt_cgroup2 import LibvirtPartitions
 from pvhost.placement.stages import StageClock
 from pvhost.policy import HostPool, Plan, VmView, eligible_cpus, guest_sibling_groups, plan
 from pvhost.programs import program_from_file, sign_program
@@ -138,6 +139,15 @@ class Service:
                 self.backend.also_held = self.libvirt_placement.held
                 self.libvirt_placement.isolate = self.backend.isolate_held
                 self.libvirt_placement.read_back = self.backend.threads_achieved
+            elif isinstance(self.backend, Cgroup2Backend):
+                # Partitions at libvirt's own vcpuN cgroups; the mode is the backend's, known
+                # at setup (start). extpv.slice keeps their pCPUs out of its exclusive CPUs.
+                self.libvirt_placement.partitions = LibvirtPartitions(
+                    self.backend.root,
+                    config.service.state_dir / "libvirt-cgroup2.json",
+                    "restricted",
+                )
+                self.backend.lent = self.libvirt_placement.held
 
     def _service_context(self, name: str) -> ServiceContext:
         return ServiceContext(
@@ -169,6 +179,24 @@ class Service:
                 self.backend.name,
             )
         await asyncio.to_thread(self.backend.setup, eligible)
+        lv = self.libvirt_placement
+        backend = self.backend
+        if lv is not None and lv.partitions is not None and isinstance(backend, Cgroup2Backend):
+            lv.partitions.mode = backend.mode
+            lv.partitions.lend = backend.lend_exclusive
+            _log.info(
+                "libvirt domains: %s",
+                "isolated: each pinned pCPU becomes an isolated remote partition at libvirt's "
+                "own vcpuN cgroup"
+                if lv.partitions.isolates()
+                else "restricted: " + lv.partitions.isolation("").reason,
+            )
+            try:
+                # After a kill -9: the partitions exactly as the recorded pins imply.
+                await asyncio.to_thread(lv.sync_partitions)
+            except PlacementError as err:
+                # Not fatal: plain-QEMU VMs are served; each pin's read-back says what holds.
+                _log.error("libvirt domains: partitions could not be restored: %s", err)
         specs = scan_vms(self.config)
         monitors = await self._probe(specs)
         live = {name: {i: v.tid for i, v in m.vcpus.items()} for name, m in monitors.items()}

@@ -72,8 +72,11 @@ from pvproto import (
     ProgramRecords,
     ProtocolError,
     ReadMap,
+    TopologyUpdate,
     UnloadProgram,
+    format_cpulist,
 )
+from pvproto.messages import TOPOLOGY_UPDATE_VERSION
 from pvproto.session import PeerSession, PeerSilent, SessionClosed, SessionState
 
 __all__ = ["DEFAULT_KEEPALIVE", "Backoff", "Monitor", "ProgramSource", "VmSession"]
@@ -94,6 +97,10 @@ DEFAULT_KEEPALIVE = (5.0, 15.0)
 #: Guest port open/close changes acted on: a burst, then this many per second.
 PORT_BURST = 5
 PORT_RATE = 1.0
+#: The guest's CPU changes (``TopologyUpdate``) acted on: a burst, then this many per second;
+#: the ones that come meanwhile coalesce to the newest (each carries the whole topology).
+TOPOLOGY_BURST = 5
+TOPOLOGY_RATE = 1.0
 
 
 class Monitor(Protocol):
@@ -137,6 +144,10 @@ class ChannelStatus:
     resets: int = 0
     guest_version: str = ""
     guest_topology: GuestTopology | None = None
+    #: ``TopologyUpdate``s received from the guest, and those acted on (the rest coalesced,
+    #: or said nothing new).
+    topology_updates: int = 0
+    topology_changes: int = 0
     protocol_version: int | None = None
     programs: dict[str, str] = field(default_factory=dict)
 
@@ -227,6 +238,10 @@ class VmSession:
         self._operator_programs: dict[str, SignedProgram] = {}
         self._keepalive = keepalive
         self._port_bucket = TokenBucket(PORT_RATE, PORT_BURST)
+        self._topology_bucket = TokenBucket(TOPOLOGY_RATE, TOPOLOGY_BURST)
+        #: The newest TopologyUpdate not yet acted on, and when it will be.
+        self._topology_pending: GuestTopology | None = None
+        self._topology_timer: asyncio.TimerHandle | None = None
         #: What the guest can make the host log, rate-limited for this VM.
         self.guest_log = LogThrottle(_log, name)
 
@@ -291,6 +306,11 @@ class VmSession:
             "resets": st.resets,
             "guest": st.guest_version,
             "protocol_version": st.protocol_version,
+            "guest_online": (
+                list(st.guest_topology.online_vcpus) if st.guest_topology is not None else None
+            ),
+            "topology_updates": st.topology_updates,
+            "topology_changes": st.topology_changes,
             "vcpus": {
                 str(i): {"tid": v.tid, "socket": v.socket, "core": v.core, "thread": v.thread}
                 for i, v in sorted(self.vcpus.items())
@@ -383,6 +403,7 @@ class VmSession:
         """The agent we talked to is gone: nothing it acked holds for the next one."""
         self.status.resets += 1
         self.status.programs.clear()
+        self._drop_topology_update()
         for waiter in self._waiters.values():
             waiter.cancel()
         for map_waiter in self._map_waiters.values():
@@ -462,6 +483,7 @@ class VmSession:
     def guest_ready(self, hello: Hello, version: int | None) -> None:
         self.status.guest_version = hello.software_version
         self.status.guest_topology = hello.topology
+        self._drop_topology_update()  # the Hello's CPUs are newer than any pending update
         self.status.protocol_version = version
         for program in self._programs_to_inject():
             with contextlib.suppress(ChannelError):
@@ -521,6 +543,8 @@ class VmSession:
                 self._services.records(self.name, message.program_id, message.records)
         elif isinstance(message, ProgramEvent):
             self._program_event(message)
+        elif isinstance(message, TopologyUpdate):
+            self._topology_update(channel, message)
         elif isinstance(message, MapContents):
             map_waiter = self._map_waiters.pop(message.request_id, None)
             if map_waiter is not None and not map_waiter.done():
@@ -531,6 +555,55 @@ class VmSession:
             channel.reply_error(
                 message, "bad-request", f"{type(message).__name__} is not for the host"
             )
+
+    def _topology_update(self, channel: _GuestChannel, message: TopologyUpdate) -> None:
+        """The guest's CPUs changed (hot-plug): acted on at most ``TOPOLOGY_RATE`` per second
+        after a burst of ``TOPOLOGY_BURST``; meanwhile the newest one waits, alone (a guest
+        sending them in a loop costs one stored topology and one service call per second)."""
+        version = self.protocol_version
+        if version is None or version < TOPOLOGY_UPDATE_VERSION:
+            channel.reply_error(
+                message,
+                "bad-request",
+                f"TopologyUpdate needs protocol {TOPOLOGY_UPDATE_VERSION}; "
+                f"this session speaks {version}",
+            )
+            return
+        self.status.topology_updates += 1
+        self._topology_pending = message.topology
+        if self._topology_timer is None:
+            self._topology_timer = asyncio.get_running_loop().call_later(
+                self._topology_bucket.delay(), self._apply_topology
+            )
+
+    def _apply_topology(self) -> None:
+        self._topology_timer = None
+        if not self._topology_bucket.try_take():  # the timer fired a hair early
+            self._topology_timer = asyncio.get_running_loop().call_later(
+                self._topology_bucket.delay(), self._apply_topology
+            )
+            return
+        topology, self._topology_pending = self._topology_pending, None
+        if topology is None or topology == self.status.guest_topology:
+            return
+        old = self.status.guest_topology
+        self.status.guest_topology = topology
+        self.status.topology_changes += 1
+        self.guest_log.log(
+            logging.INFO,
+            "%s: the guest's online CPUs changed: %s -> %s",
+            self.name,
+            format_cpulist(old.online_vcpus) if old is not None else "?",
+            format_cpulist(topology.online_vcpus),
+        )
+        if self._services is not None:
+            self._services.topology_changed(self.name)
+
+    def _drop_topology_update(self) -> None:
+        self._topology_pending = None
+        if self._topology_timer is not None:
+            self._topology_timer.cancel()
+            self._topology_timer = None
 
     def _program_event(self, event: ProgramEvent) -> None:
         """A protocol-2 agent's record: ``data = {"raw": HEX}`` (the agent's routing rule)."""

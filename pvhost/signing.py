@@ -14,10 +14,8 @@ accepts.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import os
 import sys
-import tempfile
 from pathlib import Path
 
 from cryptography.hazmat.primitives import serialization
@@ -25,6 +23,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from extpv.cli import die
 from pvhost.errors import HostError
+from pvhost.files import replace_file
 
 __all__ = [
     "DEFAULT_KEY",
@@ -45,27 +44,6 @@ class SigningError(HostError):
     """A key that cannot be created or used."""
 
 
-def _replace_file(path: Path, data: bytes, mode: int) -> None:
-    """Make ``path`` a new file holding ``data`` with ``mode``, whatever ``path`` was before.
-
-    The bytes go to a fresh file next to it (``mkstemp``: O_CREAT|O_EXCL, so never through a
-    symlink, and mode 0600 from the start), which is then renamed over ``path``: an old file's
-    mode is not kept, and a symlink at ``path`` is replaced, not followed.
-    """
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "wb") as out:
-            os.fchmod(out.fileno(), mode)
-            out.write(data)
-            out.flush()
-            os.fsync(out.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-
-
 def generate_keypair(directory: Path, *, overwrite: bool = False) -> tuple[Path, Path]:
     """Write ``signing.key`` (private, mode 0600) and ``signing.pem`` (public, 0644) in
     ``directory``; with ``overwrite``, each replaces whatever is there (file or symlink)."""
@@ -81,13 +59,13 @@ def generate_keypair(directory: Path, *, overwrite: bool = False) -> tuple[Path,
         serialization.PrivateFormat.PKCS8,
         serialization.NoEncryption(),
     )
-    _replace_file(private, pem, 0o600)
-    _replace_file(
+    replace_file(private, pem, mode=0o600)
+    replace_file(
         public,
         key.public_key().public_bytes(
             serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
         ),
-        0o644,
+        mode=0o644,
     )
     return private, public
 

@@ -27,7 +27,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import tempfile
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Final, Generic, Literal, TypeVar
@@ -43,6 +42,7 @@ from pydantic import (
 )
 
 from pvhost.errors import PlacementError
+from pvhost.files import replace_file
 
 __all__ = [
     "STATE_VERSION",
@@ -228,16 +228,7 @@ class StateStore(Generic[PinT_co]):
 
     def save(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-        fd, tmp = tempfile.mkstemp(prefix=".state-", dir=self.path.parent)
-        try:
-            with os.fdopen(fd, "w") as out:
-                out.write(self._file.model_dump_json())
-                out.flush()
-                os.fsync(out.fileno())
-            os.replace(tmp, self.path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        replace_file(self.path, self._file.model_dump_json().encode())
 
     # -- internals -------------------------------------------------------------------------------
     def _entry(self, vm: str) -> VmRecord[PinT_co]:

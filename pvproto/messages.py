@@ -44,6 +44,7 @@ __all__ = [
     "ProgramRecords",
     "ReadMap",
     "ThreadRequest",
+    "TopologyUpdate",
     "UnloadProgram",
     "VcpuPlacement",
     "program_envelope",
@@ -346,6 +347,23 @@ class GuestDocument(BaseMessage):
         return self
 
 
+#: The first protocol version whose agents say when the guest's CPUs change
+#: (``TopologyUpdate``); a side sends it only in a session of this version or newer.
+TOPOLOGY_UPDATE_VERSION = 5
+
+
+class TopologyUpdate(BaseMessage):
+    """Guest → host (protocol 5): the guest's CPUs changed since the Hello (a vCPU hot-plugged
+    and brought online, or taken offline); the whole topology, as in the Hello (idempotent).
+
+    Not a Hello: the session stays as it is (no handshake, no program re-injection). The
+    agent sends it only when what it read differs from what it last told this session."""
+
+    TYPE_CODE: ClassVar[int] = 24
+    type: Literal["topology-update"] = "topology-update"
+    topology: GuestTopology
+
+
 class ThreadRequest(BaseModel):
     """One live guest thread whose affinity mask is a strict subset of the online vCPUs."""
 
@@ -450,6 +468,7 @@ Message = Annotated[
     | ReadMap
     | MapContents
     | GuestDocument
+    | TopologyUpdate
     | AffinityUpdate
     | AffinityResult,
     Field(discriminator="type"),
@@ -471,6 +490,7 @@ MESSAGE_TYPES: dict[int, type[BaseMessage]] = {
         ReadMap,
         MapContents,
         GuestDocument,
+        TopologyUpdate,
         AffinityUpdate,
         AffinityResult,
     )

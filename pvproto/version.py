@@ -25,12 +25,16 @@ __all__ = ["AGENT_VERSIONS", "PROTOCOL_VERSION", "SUPPORTED_VERSIONS", "negotiat
 #: of the ``AffinityResult`` frames of a session of version 2 or 3, whose agents reject
 #: unknown fields. Agents of protocol 2 and 3 track affinity themselves and send
 #: ``AffinityUpdate``; pvhost still serves them.
-PROTOCOL_VERSION = 4
+#: 5: ``TopologyUpdate`` (guest → host): the agent says when the guest's online CPUs change
+#: (vCPU hot-plug) instead of only at Hello. Nothing else changes: a host of protocol 5 serves
+#: an agent of 4 (which never sends it: the Hello's CPUs stand until the agent's next Hello),
+#: and an agent of 5 serves a host of 4 (it then sends none).
+PROTOCOL_VERSION = 5
 #: Every version this library can read and write (pvhost speaks them all).
-SUPPORTED_VERSIONS: tuple[int, ...] = (2, 3, 4)
+SUPPORTED_VERSIONS: tuple[int, ...] = (2, 3, 4, 5)
 #: The versions a generic agent (pvagent) speaks: it cannot serve a host that expects the
 #: agent to track affinity (protocol 2 and 3), and says so at Hello (``unsupported``).
-AGENT_VERSIONS: tuple[int, ...] = (4,)
+AGENT_VERSIONS: tuple[int, ...] = (4, 5)
 
 
 def negotiate(ours: Iterable[int], theirs: Iterable[int]) -> int:

@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 
 from pvproto import (
+    AGENT_VERSIONS,
     AffinityResult,
     AffinityUpdate,
     BaseMessage,
@@ -37,8 +38,8 @@ from pvproto import (
 #: Protocol versions of agents that track affinity in the guest (AffinityUpdate/Result).
 TRACKING_AGENT_VERSIONS = (2, 3)
 #: Protocol versions of the generic agent: it forwards the affinity program's records and
-#: publishes the host's ``placement`` document.
-GENERIC_AGENT_VERSIONS = (4,)
+#: publishes the host's ``placement`` document (5: and says when its CPUs change).
+GENERIC_AGENT_VERSIONS = AGENT_VERSIONS
 
 # The guest program's layouts (bpf/affinity.h), written here as the guest's kernel would:
 # struct pv_affinity_event (kind tgid tid target mask_bytes flags ktime_ns, 128-byte mask)
@@ -60,7 +61,13 @@ class FakeGuestChannel:
     """
 
     def __init__(
-        self, path: Path, vcpus: int = 3, accept_programs: bool = True, *, generic: bool = False
+        self,
+        path: Path,
+        vcpus: int = 3,
+        accept_programs: bool = True,
+        *,
+        generic: bool = False,
+        versions: tuple[int, ...] | None = None,
     ) -> None:
         self.path = path
         self.vcpus = vcpus
@@ -68,6 +75,8 @@ class FakeGuestChannel:
         #: Play the generic agent (protocol 4): a pin is the affinity program's records, the
         #: answer the ``placement`` document; else an agent that tracks (2, 3).
         self.generic = generic
+        #: The versions its Hello offers (default: those of the agent it plays).
+        self.versions = versions or (GENERIC_AGENT_VERSIONS if generic else TRACKING_AGENT_VERSIONS)
         #: Generic: the affinity program's pv_tracked table (tid → its one vCPU).
         self.tracked: dict[int, int] = {}
         self._record_seq = 0
@@ -80,6 +89,8 @@ class FakeGuestChannel:
         self.programs: list[LoadProgram] = []
         #: Frames from the host that did not decode (a test asserts there are none).
         self.bad_frames: list[ProtocolError] = []
+        #: ReadMap requests received, all connections (a test bounds the host's resyncs).
+        self.map_reads = 0
         self._writer: asyncio.StreamWriter | None = None
         self._connected = asyncio.Event()
         self._server: asyncio.Server | None = None
@@ -104,9 +115,7 @@ class FakeGuestChannel:
                     # By default an agent that tracks affinity itself and sends
                     # AffinityUpdate (the protocols before the generic agent's 4): pvhost
                     # serves those too.
-                    protocol_versions=list(
-                        GENERIC_AGENT_VERSIONS if self.generic else TRACKING_AGENT_VERSIONS
-                    ),
+                    protocol_versions=list(self.versions),
                     software_version="test-guest",
                     topology=GuestTopology(online_vcpus=list(range(self.vcpus))),
                 )
@@ -130,7 +139,9 @@ class FakeGuestChannel:
                         writer.write(encode(ProgramLoaded(
                             program_id=item.program_id, ok=self.accept_programs,
                             reason=reason, request_id=item.request_id)))  # fmt: skip
-                    elif isinstance(item, ReadMap) and self.generic:
+                    if isinstance(item, ReadMap):
+                        self.map_reads += 1
+                    if isinstance(item, ReadMap) and self.generic:
                         writer.write(encode(self._map(item)))  # (a test answers otherwise)
                     await self.received.put(item)
         self._connected.clear()

@@ -116,8 +116,13 @@ class Cgroup1Backend(PlacementBackend):
         #: pCPUs pinned by someone else that ``isolate_from`` withholds too: libvirt domains'
         #: vCPUs (:mod:`pvhost.placement.libvirt`), read at every isolation step.
         self.also_held: Callable[[], frozenset[int]] = frozenset
-        #: Which tasks are kernel threads, kept between the read-backs of isolation.
+        #: Which tasks are kernel threads, kept between the read-backs of isolation: one
+        #: memory per read-back (this backend's pins, libvirt's, the summary's pCPU). Each
+        #: scans other pCPUs, so asks about other tasks, and a memory keeps only the tasks its
+        #: latest scan asked about: shared, each scan would forget what the others read.
         self.kernel_threads = KernelThreads()
+        self.libvirt_kernel_threads = KernelThreads()
+        self.summary_kernel_threads = KernelThreads()
 
     # -- helpers -------------------------------------------------------------------------
     def _mkdir(self, path: Path, cpus: frozenset[int]) -> None:
@@ -307,7 +312,7 @@ class Cgroup1Backend(PlacementBackend):
             self.root,
             self.base,
             frozenset(pcpu for pcpu, _ in pins.values()),
-            self.kernel_threads,
+            self.libvirt_kernel_threads,
             ignore=frozenset(tid for _, tid in pins.values()),
         )
         resident = self._resident_sharing(frozenset(pcpu for pcpu, _ in pins.values()))
@@ -328,7 +333,7 @@ class Cgroup1Backend(PlacementBackend):
         if not eligible:
             return "restricted: extpv's cpuset is not set up (no eligible pCPU)"
         pcpu = min(eligible)
-        scan = sharing_tasks(self.root, self.base, frozenset({pcpu}), self.kernel_threads)
+        scan = sharing_tasks(self.root, self.base, frozenset({pcpu}), self.summary_kernel_threads)
         resident = self._resident_sharing(frozenset({pcpu}))
         sharing = {
             cpuset: n

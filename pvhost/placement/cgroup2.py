@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import contextlib
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, Literal
 
@@ -124,6 +124,18 @@ class Cgroup2Backend(PlacementBackend):
         #: The CPUs that may be pinned (the pool minus housekeeping), from :meth:`setup`; the
         #: local chain takes its extra CPUs from them too.
         self.eligible: frozenset[int] = frozenset()
+        #: The pCPUs held beside extpv.slice (libvirt domains' remote partitions, whose
+        #: ancestors hold them in their cpuset.cpus.exclusive): kept out of extpv.slice's,
+        #: since sibling exclusive CPUs may not overlap. See :meth:`lend_exclusive`.
+        self.lent: Callable[[], frozenset[int]] = frozenset
+
+    def lend_exclusive(self, lent: frozenset[int]) -> None:
+        """Keep ``lent`` out of extpv.slice's exclusive CPUs (remote mode), or give back what
+        is no longer lent: called between the shrinking and the growing of the other chain."""
+        if self.remote and self.base.is_dir():
+            want = format_cpulist((self.eligible | self._held()) - lent)
+            if read_text(self.base / "cpuset.cpus.exclusive") != want:
+                write_text(self.base / "cpuset.cpus.exclusive", want)
 
     @property
     def remote(self) -> bool:
@@ -161,7 +173,9 @@ class Cgroup2Backend(PlacementBackend):
         self.mode = probe_mode(self.base)
         self.eligible = eligible
         if self.remote:
-            write_text(self.base / "cpuset.cpus.exclusive", format_cpulist(eligible | self._held()))
+            # Less what libvirt domains' partitions hold (a restart after a kill -9 finds them).
+            cpus = (eligible | self._held()) - self.lent()
+            write_text(self.base / "cpuset.cpus.exclusive", format_cpulist(cpus))
 
     def attach(self, vm: str, qemu_pid: int, vcpu_tids: Mapping[int, int]) -> None:
         attach = self.state.attach(vm)

@@ -15,13 +15,18 @@ v1 backend, together with its own (its ``also_held`` reads :meth:`LibvirtPlaceme
 :attr:`LibvirtPlacement.isolate` is its ``isolate_held``). The pCPU is taken before libvirt pins
 (a cpuset it would leave without a CPU refuses the pin, nothing changed) and given back once the
 pin's record is gone; after a kill -9 the backend's reconcile withholds what the record holds.
+
+Isolation (cgroup v2, :attr:`LibvirtPlacement.partitions`): after libvirt's pin, the vCPU's own
+``vcpuN`` cgroup becomes a remote isolated partition in place (:mod:`.libvirt_cgroup2`: only
+``cpuset.cpus.exclusive`` up libvirt's chain, no thread moves), recorded in the pin (``cgroup``)
+before; an unpin undoes the partition before libvirt's pinning is put back, and syncs again
+after it (libvirt's write of the vCPU's ``cpuset.cpus`` may invalidate a partition beside it).
 """
 
 from __future__ import annotations
 
 import logging
 import os
-import tempfile
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -30,12 +35,15 @@ try:
     import libvirt
 except ImportError:  # optional: only a [libvirt]-enabled pvhost makes this backend
     libvirt = None
-from pydantic import BaseModel, ConfigDict, NonNegativeInt, ValidationError
+from pydantic import BaseModel, ConfigDict, NonNegativeInt
 
-from pvhost.errors import HostError, PlacementError
+from pvhost.errors import HostError, PartitionInvalid, PlacementError
+from pvhost.files import load_model, replace_file
 from pvhost.libvirt import LibvirtLink
 from pvhost.placement.base import Check, Finding
+from pvhost.placement.cgroup2 import thread_cgroup2
 from pvhost.placement.isolation import Isolation, libvirt_isolation
+from pvhost.placement.libvirt_cgroup2 import LibvirtPartitions, leaf_of
 
 __all__ = ["LibvirtPlacement"]
 
@@ -50,6 +58,8 @@ class _Pin(BaseModel):
     pcpu: NonNegativeInt
     #: libvirt's live pinning of this vCPU before extpv's (host CPU numbers).
     previous: tuple[NonNegativeInt, ...]
+    #: cgroup v2: libvirt's vcpuN cgroup made a partition for this pin (``/…``), or "".
+    cgroup: str = ""
 
 
 class _Vm(BaseModel):
@@ -91,27 +101,16 @@ class LibvirtPlacement:
             Callable[[Mapping[tuple[str, int], tuple[int, int]]], dict[tuple[str, int], Isolation]]
             | None
         ) = None
+        #: cgroup v2: the partitions at libvirt's vcpuN cgroups, or None (cgroup v1).
+        self.partitions: LibvirtPartitions | None = None
 
     # -- state file --------------------------------------------------------------------------
     def _load(self) -> _File:
-        try:
-            return _File.model_validate_json(self.path.read_bytes())
-        except FileNotFoundError:
-            return _File()
-        except (OSError, ValidationError) as err:
-            aside = self.path.with_name(self.path.name + ".unreadable")
-            _log.error("%s is unreadable (%s): kept aside as %s", self.path, err, aside)
-            os.replace(self.path, aside)
-            return _File()
+        return load_model(self.path, _File, _log) or _File()
 
     def _save(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=".libvirt.")
-        with os.fdopen(fd, "w") as f:
-            f.write(self._state.model_dump_json())
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, self.path)
+        replace_file(self.path, self._state.model_dump_json().encode())
 
     # -- what the service calls ---------------------------------------------------------------
     def known(self, vm: str, uuid: str, domain: str) -> None:
@@ -135,11 +134,18 @@ class LibvirtPlacement:
             for vm, rec in self._state.vms.items()
             for v, p in rec.vcpus.items()
         }
-        found = (
-            self.read_back(pins)
-            if self.read_back is not None
-            else {key: libvirt_isolation() for key in pins}
-        )
+        if self.partitions is not None:
+            parts = self.partitions
+            leaves = {
+                (vm, v): p.cgroup
+                for vm, rec in self._state.vms.items()
+                for v, p in rec.vcpus.items()
+            }
+            found = {key: parts.isolation(leaves[key]) for key in pins}
+        elif self.read_back is not None:
+            found = self.read_back(pins)
+        else:
+            found = {key: libvirt_isolation() for key in pins}
         out: dict[str, dict[int, Isolation]] = {}
         for (vm, vcpu), isolation in found.items():
             out.setdefault(vm, {})[vcpu] = isolation
@@ -148,6 +154,35 @@ class LibvirtPlacement:
     def _isolate(self) -> None:
         if self.isolate is not None:
             self.isolate()
+
+    def _targets(self, without: tuple[str, int] | None = None) -> dict[str, int]:
+        """libvirt vcpuN cgroup → pCPU of every recorded pin with one (less ``without``)."""
+        return {
+            p.cgroup: p.pcpu
+            for vm, rec in self._state.vms.items()
+            for v, p in rec.vcpus.items()
+            if p.cgroup and (vm, v) != without
+        }
+
+    def sync_partitions(self, without: tuple[str, int] | None = None) -> None:
+        """cgroup v2: make the partitions exactly the recorded pins' (also after a kill -9)."""
+        if self.partitions is not None:
+            self.partitions.sync(self._targets(without))
+
+    def _partition(self, vm: str, vcpu: int, tid: int) -> None:
+        """cgroup v2, after libvirt's pin: its vcpuN cgroup becomes an isolated partition."""
+        parts = self.partitions
+        if parts is None or not parts.isolates():
+            return
+        rec = self._state.vms[vm]
+        try:
+            leaf = leaf_of(thread_cgroup2(tid), vcpu) or ""
+        except PlacementError:
+            leaf = ""  # the thread is gone: verify says so
+        # Recorded before the first write: a kill -9 from here on is undone by the next sync.
+        rec.vcpus[vcpu] = rec.vcpus[vcpu].model_copy(update={"cgroup": leaf})
+        self._save()
+        parts.sync(self._targets())
 
     def _domain(self, vm: str) -> Any:
         uuid = self._known[vm][0] if vm in self._known else self._state.vms[vm].uuid
@@ -194,6 +229,14 @@ class LibvirtPlacement:
         if drift:
             self.unpin(vm, vcpu)
             raise PlacementError(f"VM {vm} vCPU {vcpu}: verify failed: {drift[0]}")
+        try:
+            self._partition(vm, vcpu, tid)
+        except PartitionInvalid as err:
+            self.unpin(vm, vcpu)
+            raise PartitionInvalid(f"VM {vm} vCPU {vcpu}: {err}", err.reason) from err
+        except PlacementError as err:
+            self.unpin(vm, vcpu)
+            raise PlacementError(f"VM {vm} vCPU {vcpu}: {err}") from err
 
     def unpin(self, vm: str, vcpu: int) -> None:
         """Put back libvirt's pinning from before extpv's; the record goes only once it is."""
@@ -201,6 +244,10 @@ class LibvirtPlacement:
         if rec is None or vcpu not in rec.vcpus:
             return
         pin = rec.vcpus[vcpu]
+        if pin.cgroup:
+            # The partition goes before libvirt's pinning is put back: libvirt writes the
+            # vcpuN cgroup's cpuset.cpus, which a partition there would not take.
+            self.sync_partitions(without=(vm, vcpu))
         try:
             dom = self.link.domain(rec.uuid)
         except HostError as err:
@@ -220,6 +267,10 @@ class LibvirtPlacement:
             del self._state.vms[vm]
         self._save()
         self._isolate()  # gives the pCPU back
+        if pin.cgroup:
+            # libvirt's write of this vCPU's cpuset.cpus may have invalidated a partition
+            # beside it (Linux 6.12): room is made again and it is enabled again.
+            self.sync_partitions()
 
     def detach(self, vm: str) -> None:
         rec = self._state.vms.get(vm)
@@ -244,6 +295,7 @@ class LibvirtPlacement:
         if changed:
             self._save()
             self._isolate()
+            self.sync_partitions()  # a stopped domain's cgroups are gone: the rest goes back
 
     def _check(self, vm: str, vcpu: int, dom: Any) -> list[Finding]:
         """libvirt's live pinning of the vCPU, and the thread's affinity, against the record."""
@@ -261,7 +313,21 @@ class LibvirtPlacement:
             ("cpuset", shown, "nothing"),
             ("affinity", allowed, "thread gone"),
         ]
-        return [
+        partition: list[Finding] = []
+        if self.partitions is not None and pin.cgroup:
+            partition = [
+                Finding(
+                    vm=vm,
+                    vcpu=vcpu,
+                    tid=pin.tid,
+                    pcpu=pin.pcpu,
+                    check="partition" if what == "partition" else "cpuset",
+                    expected=expected,
+                    found=found,
+                )
+                for what, expected, found in self.partitions.check(pin.cgroup, pin.pcpu)
+            ]
+        return partition + [
             Finding(
                 vm=vm,
                 vcpu=vcpu,
@@ -294,6 +360,7 @@ class LibvirtPlacement:
                         "pcpu": p.pcpu,
                         "tid": p.tid,
                         "previous": list(p.previous),
+                        "cgroup": p.cgroup or None,
                         "domain": rec.domain,
                     }
                     for v, p in sorted(rec.vcpus.items())

@@ -12,9 +12,11 @@ under one lock, cgroup backends, reconcile at start) depends on the agent:
 * **Protocol 4** (the generic agent): the agent forwards the records undecoded; this service
   decodes them (:mod:`pvhost.services.affinity_event`, the layout's only decoder) and runs the
   tracker (:mod:`pvhost.services.affinity_tracker`) per VM, with the online vCPUs of the
-  agent's Hello. Its ``AffinityUpdate``s enter the VM session's placement path exactly where
-  a guest's did (rate-limited, coalesced), and the answer goes back to the guest as the
-  ``placement`` document (``GuestDocument``: ``/run/pvagent/placement.json``).
+  agent's Hello, renewed and resynchronised when an agent of protocol 5 says they changed
+  (``TopologyUpdate``: a vCPU hot-plugged and brought online). Its ``AffinityUpdate``s enter
+  the VM session's placement path exactly where a guest's did (rate-limited, coalesced), and
+  the answer goes back to the guest as the ``placement`` document (``GuestDocument``:
+  ``/run/pvagent/placement.json``).
   Resynchronisation needs no code in the guest: when the agent reports the program loaded (a
   fresh load, or one found loaded after pvhost restarted) and whenever records were lost (the
   kernel's ring buffer overflowed — ``pv_state`` is read at most every ``LOST_CHECK_S`` after
@@ -82,6 +84,8 @@ class _Guest:
     check: asyncio.Task[None] | None = None
     resync: asyncio.Task[None] | None = None
     resyncs: int = 0
+    #: The affinity program's id in this guest, once it loaded or sent records.
+    program_id: str | None = None
 
     def cancel(self) -> None:
         for task in (self.check, self.resync):
@@ -143,11 +147,15 @@ class AffinityService(ServicePlugin):
             return guest
         name = vm.name
         tracker = AffinityTracker(online, lambda update: self._publish(name, update))
-        if guest is not None:  # the guest's CPUs changed (a new agent, after a hot-plug)
+        new = _Guest(tracker)
+        if guest is not None:  # the guest's CPUs changed (TopologyUpdate, or a new Hello)
             tracker.replace_all(guest.tracker.threads)
+            new.program_id, new.lost_seen, new.resyncs = (
+                guest.program_id, guest.lost_seen, guest.resyncs
+            )  # fmt: skip
             guest.cancel()
-        guest = self._guests[name] = _Guest(tracker)
-        return guest
+        self._guests[name] = new
+        return new
 
     def _publish(self, vm: str, update: AffinityUpdate) -> None:
         record = self.host.vms.get(vm)
@@ -158,15 +166,26 @@ class AffinityService(ServicePlugin):
         if self._guest(vm) is None:
             self._forget(vm.name)  # an older agent: it tracks, and says so itself
 
+    async def on_topology(self, vm: VmHandle) -> None:
+        """The guest's online CPUs changed (a hot-plugged vCPU came online): a mask is a
+        request relative to them, so the tracker is renewed (``_guest``) and its table rebuilt
+        from the kernel's ``pv_tracked`` (the threads' masks themselves, not the old requests:
+        a mask that covered every online CPU may not cover the new set)."""
+        guest = self._guest(vm)
+        if guest is not None and guest.program_id is not None:
+            self._resync_soon(vm, guest, guest.program_id, "the guest's online CPUs changed")
+
     async def on_loaded(self, vm: VmHandle, program_id: str) -> None:
         guest = self._guest(vm)
         if guest is not None:
+            guest.program_id = program_id
             await self._resync(vm, guest, program_id, reason="program loaded")
 
     async def on_events(self, vm: VmHandle, program_id: str, events: Sequence[object]) -> None:
         guest = self._guest(vm)
         if guest is None:
             return  # an older agent does not forward these; a guest that does is ignored
+        guest.program_id = program_id
         async with guest.lock:
             for event in events:
                 guest.tracker.handle(event)  # type: ignore[arg-type]  # decode() made them

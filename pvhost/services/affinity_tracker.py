@@ -26,8 +26,12 @@ Semantics (also in docs/design.md, "Affinity service"):
   at most one window after the last call. Each update carries the *whole* state
   (idempotent), with a new ``seq``; a state equal to the last published is not resent.
 
-Known limits: cpuset and CPU-hotplug changes alter effective masks without a call and
-are not observed; the online set is the one the agent's Hello reported. Explicit tids from a
+The online set is the one the agent last reported: in its Hello, and (protocol 5) in each
+``TopologyUpdate`` after a CPU came online or went offline; the affinity service then makes a
+new tracker for the new set and rebuilds its table from the guest program's ``pv_tracked``.
+An agent of protocol 4 reports it at Hello only (hot-plugged CPUs are known after the agent
+restarts). Known limits: cpuset changes alter effective masks without a call and are not
+observed. Explicit tids from a
 caller in a non-initial PID namespace are that namespace's numbers.
 """
 

@@ -161,6 +161,11 @@ class ServicePlugin(abc.ABC):
         """The guest's agent said Hello (first connection, or it restarted): its programs are
         being injected; resend whatever the guest should know."""
 
+    async def on_topology(self, vm: VmHandle) -> None:  # noqa: B027 - optional hook
+        """The guest's online CPUs changed since its agent's Hello (a vCPU hot-plugged and
+        brought online, or one taken offline; agents of protocol 5 say so): ``vm.topology`` is
+        the new one. Agents of older protocols tell their CPUs at Hello only."""
+
     async def on_events(  # noqa: B027 - optional hook
         self, vm: VmHandle, program_id: str, events: Sequence[object]
     ) -> None:

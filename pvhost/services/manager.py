@@ -260,6 +260,17 @@ class ServiceManager:
         for service, plugin in self.plugins.items():
             self._submit(vm, service, "on_ready", functools.partial(plugin.on_ready, state.handle))
 
+    def topology_changed(self, vm: str) -> None:
+        """The guest's online CPUs changed since its Hello (``vm.topology`` is the new one):
+        each enabled service's ``on_topology``."""
+        state = self._vms.get(vm)
+        if state is None:
+            return
+        for service, plugin in self.plugins.items():
+            self._submit(
+                vm, service, "on_topology", functools.partial(plugin.on_topology, state.handle)
+            )
+
     def records(self, vm: str, program_id: str, records: Sequence[bytes]) -> None:
         """Ring-buffer records of ``program_id`` from ``vm``'s agent → its service, decoded."""
         state = self._vms.get(vm)

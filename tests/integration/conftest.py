@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import REQUIRE, _missing
+from tests.cpusets import CPUSET, hand_back
 from vmlab import VirtualMachine, VMSpec, start
 
 
@@ -80,12 +81,11 @@ def cpuset_group() -> Iterator[str]:
     """A cgroup v1 cpuset name of our own for this test; checked removed at teardown."""
     group = f"extpv-test-{os.getpid()}-{time.monotonic_ns() % 10**6}"
     yield group
-    leaked = Path("/sys/fs/cgroup/cpuset") / group
+    leaked = CPUSET / group
     if leaked.exists():
         for path in sorted(leaked.rglob("*"), key=lambda p: -len(p.parts)):
             if path.is_dir():
-                for tid in (path / "tasks").read_text().split():
-                    (Path("/sys/fs/cgroup/cpuset") / "tasks").write_text(tid)
+                hand_back(path)
                 path.rmdir()
         (leaked / "tasks").read_text()
         leaked.rmdir()

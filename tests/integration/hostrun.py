@@ -200,11 +200,14 @@ async def daemon_and_guest(
     daemon_class: type[Daemon] = Daemon,
     connect_timeout: float = 10,
     generic: bool = False,
+    vcpus: int = 3,
+    versions: tuple[int, ...] | None = None,
 ) -> AsyncIterator[tuple[Daemon, FakeGuestChannel]]:
     """The running daemon (a ``daemon_class``) and the guest end of ``agent``, connected;
     both gone after, and whatever the daemon placed undone (:meth:`Daemon.close`).
-    ``generic``: the guest plays the generic agent (protocol 4), else one that tracks."""
-    guest = FakeGuestChannel(agent, generic=generic)
+    ``generic``: the guest plays the generic agent (protocol 4+), else one that tracks;
+    ``vcpus``: the online CPUs its Hello reports; ``versions``: those it offers."""
+    guest = FakeGuestChannel(agent, vcpus=vcpus, generic=generic, versions=versions)
     await guest.start()
     daemon = daemon_class(tmp_path, config)
     try:

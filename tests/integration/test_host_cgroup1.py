@@ -18,12 +18,10 @@ from pvhost.placement import (
     detect_backend,
     thread_allowed_cpus,
 )
-from tests.conftest import absent
+from tests.cpusets import CPUSET, require_cpuset_v1, scratch_cpuset
 from tests.faultpoints import KILLED, killed_before_write
 
 pytestmark = pytest.mark.root
-
-CPUSET = Path("/sys/fs/cgroup/cpuset")
 
 
 @pytest.fixture
@@ -35,18 +33,9 @@ def threads(process: tuple[int, list[int]]) -> list[int]:
 @pytest.fixture
 def outer(cpuset_group: str) -> Iterator[Path]:
     """A cpuset of ours next to extpv's (CPUs 0-1), standing in for where QEMU runs."""
-    if not {0, 1} <= os.sched_getaffinity(0) or not (CPUSET / "cpuset.cpus").exists():
-        absent("needs a cgroup v1 cpuset hierarchy and CPUs 0 and 1")
-    path = CPUSET / f"{cpuset_group}-outer"
-    path.mkdir()
-    try:
-        (path / "cpuset.mems").write_text((CPUSET / "cpuset.mems").read_text())
-        (path / "cpuset.cpus").write_text("0-1")
+    require_cpuset_v1({0, 1})
+    with scratch_cpuset(f"{cpuset_group}-outer", "0-1") as path:
         yield path
-    finally:
-        for tid in (path / "tasks").read_text().split():
-            (CPUSET / "tasks").write_text(tid)
-        path.rmdir()
 
 
 def backend_in(state_dir: Path, group: str) -> PlacementBackend:
@@ -73,15 +62,10 @@ def test_unpinned_thread_follows_its_cpuset_and_keeps_its_own_mask(
     to 0-1 must widen the first like the control and give the second its own CPU 1 back.
     Regression: unpin passed the affinity of the moment to sched_setaffinity, which the kernel
     (≥ 6.2) keeps as the thread's own mask, so neither followed the cpuset any more."""
-    if not {0, 1} <= os.sched_getaffinity(0) or not (CPUSET / "cpuset.cpus").exists():
-        absent("needs a cgroup v1 cpuset hierarchy and CPUs 0 and 1")
+    require_cpuset_v1({0, 1})
     plain, chooser, control = threads
     os.sched_setaffinity(chooser, {1})
-    outer = CPUSET / f"{cpuset_group}-outer"
-    outer.mkdir()
-    try:
-        (outer / "cpuset.mems").write_text((CPUSET / "cpuset.mems").read_text())
-        (outer / "cpuset.cpus").write_text("0")
+    with scratch_cpuset(f"{cpuset_group}-outer", "0") as outer:
         for tid in threads:
             (outer / "tasks").write_text(str(tid))
         assert {t: thread_allowed_cpus(t) for t in threads} == {t: {0} for t in threads}
@@ -103,10 +87,6 @@ def test_unpinned_thread_follows_its_cpuset_and_keeps_its_own_mask(
         assert thread_allowed_cpus(control) == {0, 1}
         assert thread_allowed_cpus(plain) == {0, 1}, "the unpinned thread follows its cpuset"
         assert thread_allowed_cpus(chooser) == {1}, "and one that chose CPU 1 has it back"
-    finally:
-        for tid in (outer / "tasks").read_text().split():
-            (CPUSET / "tasks").write_text(tid)
-        outer.rmdir()
 
 
 def test_unreadable_state_file_is_kept_aside_and_cgroups_reconciled(

@@ -25,8 +25,8 @@ import pytest
 
 from pvhost.errors import PlacementError
 from pvhost.placement import Cgroup1Backend, cgroup1, detect_backend
-from tests.conftest import absent
 from tests.cpuacct import load_on, running_on, share
+from tests.cpusets import CPUSET, require_cpuset_v1, scratch_cpuset
 from tests.faultpoints import KILLED, killed_before_write, recorded_writes
 from tests.integration.hostrun import daemon_and_guest, free_port, write_config
 from vmlab import VMSpec, start
@@ -34,35 +34,27 @@ from vmlab.bootsector import SPIN
 
 pytestmark = [pytest.mark.root, pytest.mark.isolation]
 
-CPUSET = Path("/sys/fs/cgroup/cpuset")
 PCPU = 1  # CPU 0 stays the host's housekeeping CPU
 
 
 @pytest.fixture
 def load(cpuset_group: str) -> Iterator[tuple[Path, list[int]]]:
     """A cpuset of ours on CPUs 0-1 running 4x CPUs ``yes`` processes."""
-    if not {0, 1} <= os.sched_getaffinity(0) or not (CPUSET / "cpuset.cpus").exists():
-        absent("needs a cgroup v1 cpuset hierarchy and CPUs 0 and 1")
-    path = CPUSET / f"{cpuset_group}-load"
-    path.mkdir()
+    require_cpuset_v1({0, 1})
     procs: list[subprocess.Popen[bytes]] = []
-    try:
-        (path / "cpuset.mems").write_text((CPUSET / "cpuset.mems").read_text())
-        (path / "cpuset.cpus").write_text("0-1")
-        for _ in range(4 * len(os.sched_getaffinity(0))):
-            # Each in its own session, as if started from its own shell: with autogroup
-            # scheduling, a group of them would otherwise count as one task against a vCPU.
-            p = subprocess.Popen(["yes"], stdout=subprocess.DEVNULL, start_new_session=True)
-            (path / "tasks").write_text(str(p.pid))
-            procs.append(p)
-        yield path, [p.pid for p in procs]
-    finally:
-        for p in procs:
-            p.kill()
-            p.wait()
-        for tid in (path / "tasks").read_text().split():
-            (CPUSET / "tasks").write_text(tid)
-        path.rmdir()
+    with scratch_cpuset(f"{cpuset_group}-load", "0-1") as path:
+        try:
+            for _ in range(4 * len(os.sched_getaffinity(0))):
+                # Each in its own session, as if started from its own shell: with autogroup
+                # scheduling, a group of them would otherwise count as one task against a vCPU.
+                p = subprocess.Popen(["yes"], stdout=subprocess.DEVNULL, start_new_session=True)
+                (path / "tasks").write_text(str(p.pid))
+                procs.append(p)
+            yield path, [p.pid for p in procs]
+        finally:
+            for p in procs:
+                p.kill()
+                p.wait()
 
 
 @pytest.fixture

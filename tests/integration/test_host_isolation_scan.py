@@ -13,30 +13,25 @@ from pathlib import Path
 
 import pytest
 
+from pvhost.placement import Cgroup1Backend, isolation
 from pvhost.placement.isolation import KernelThreads, sharing_tasks
+from pvhost.state import Cgroup1Pin
 from tests.conftest import absent
+from tests.cpusets import CPUSET, require_cpuset_v1, scratch_cpuset
 
 pytestmark = pytest.mark.root
 
-CPUSET = Path("/sys/fs/cgroup/cpuset")
 NS_LAST_PID = Path("/proc/sys/kernel/ns_last_pid")
+#: The read of a task's flags the memory saves (before any test replaces it).
+kernel_thread = isolation._kernel_thread
 
 
 @pytest.fixture
 def scratch(cpuset_group: str) -> Iterator[Path]:
     """A cpuset of ours (every CPU) holding only the tasks a test puts there."""
-    if not (CPUSET / "cpuset.cpus").exists():
-        absent("needs a cgroup v1 cpuset hierarchy")
-    path = CPUSET / cpuset_group
-    path.mkdir()
-    try:
-        (path / "cpuset.mems").write_text((CPUSET / "cpuset.mems").read_text())
-        (path / "cpuset.cpus").write_text((CPUSET / "cpuset.cpus").read_text())
+    require_cpuset_v1()
+    with scratch_cpuset(cpuset_group) as path:
         yield path
-    finally:
-        for tid in (path / "tasks").read_text().split():
-            (CPUSET / "tasks").write_text(tid)
-        path.rmdir()
 
 
 def sleeper(cpuset: Path) -> subprocess.Popen[bytes]:
@@ -110,3 +105,59 @@ def test_a_new_task_with_an_old_tid_is_read_again(scratch: Path) -> None:
         assert memory.reads == reads + 1  # the new task was read, not taken for the old one
     finally:
         stop(new)
+
+
+def test_the_backends_read_backs_do_not_make_each_other_read_tasks_again(
+    scratch: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The cgroup v1 backend reads back its own pins, libvirt's and its summary's pCPU, each
+    scanning other pCPUs, so asking about other tasks: a task that may run on one pCPU only is
+    asked about by some of them. Once they alternated over one memory, each scan forgot what
+    the others had asked about, and such tasks were read again at every scan.
+
+    The backend's hierarchy is the scratch cpuset: its scans see only the tasks made here.
+    Its own pin is on record only (the read-back reads the record; extpv's cpuset, where the
+    pinned thread would be, is not scanned)."""
+    require_cpuset_v1({0, 1})
+    reads: list[str] = []
+
+    def counted(tid: str) -> bool:
+        reads.append(tid)
+        return kernel_thread(tid)
+
+    monkeypatch.setattr(isolation, "_kernel_thread", counted)
+    backend = Cgroup1Backend(scratch, tmp_path / "cgroup1.json", "extpv")
+    backend.setup(frozenset({0}))  # the summary's pCPU: 0
+    children = [sleeper(scratch) for _ in range(4)]
+    try:
+        only0, only1, both, libvirt_vcpu = children
+        for child, cpus in ((only0, {0}), (only1, {1}), (libvirt_vcpu, {1})):
+            os.sched_setaffinity(child.pid, cpus)
+        record = Cgroup1Pin(
+            tid=both.pid, pcpu=0, prev_cpuset="/", prev_affinity=(0, 1), prev_effective=(0, 1)
+        )
+        backend.state.set_pin("vm", 0, record)
+        libvirt_pins = {("lv", 0): (1, libvirt_vcpu.pid)}
+
+        def read_backs() -> tuple[object, ...]:
+            return (
+                backend.achieved(),
+                backend.threads_achieved(libvirt_pins),
+                backend.isolation_summary(),
+            )
+
+        first = read_backs()
+        own, libvirt, summary = first
+        assert "2 other task(s)" in own["vm"][0].reason  # type: ignore[index]
+        assert "2 other task(s)" in libvirt[("lv", 0)].reason  # type: ignore[index]
+        assert "2 other task(s)" in str(summary)
+        assert set(reads) == {str(c.pid) for c in (only0, only1, both)}
+        reads.clear()
+        for _ in range(3):
+            assert read_backs() == first
+        assert reads == [], "tasks read again though nothing changed"
+    finally:
+        for child in children:
+            stop(child)
+        backend.state.set_pin("vm", 0, None)
+        (scratch / "extpv").rmdir()

@@ -24,6 +24,7 @@ import pytest
 
 from pvhost.libvirt import safe_name
 from tests.cpuacct import load_on, share
+from tests.cpusets import CPUSET, scratch_cpuset
 from vmlab.daemon import PvhostDaemon
 from vmlab.errors import DaemonError
 from vmlab.images import GuestImage, ensure_test_image, ensure_test_image_kernel61
@@ -34,7 +35,6 @@ pytestmark = [pytest.mark.root, pytest.mark.libvirt, pytest.mark.vm]
 
 REPO = Path(__file__).resolve().parents[2]
 DOMAIN = "extpv lab domain. É " + "x" * 50  # spaces, a dot, unicode, 70 characters
-CPUSET = Path("/sys/fs/cgroup/cpuset")
 MACHINE = CPUSET / "machine"
 PCPU = 1  # the pCPU the tests pin to; CPU 0 stays for housekeeping and the load
 
@@ -103,16 +103,8 @@ def domain(
 def load_cpuset() -> Iterator[Path]:
     """A cpuset of ours on CPUs 0-1 standing for where the host's other load runs; pvhost's
     ``isolate_from`` names it, so every pin of these tests takes its pCPU from it."""
-    path = CPUSET / f"extpv-lvtest-{os.getpid()}-load"
-    path.mkdir()
-    try:
-        (path / "cpuset.mems").write_text((CPUSET / "cpuset.mems").read_text())
-        (path / "cpuset.cpus").write_text("0-1")
+    with scratch_cpuset(f"extpv-lvtest-{os.getpid()}-load", "0-1") as path:
         yield path
-    finally:
-        for tid in (path / "tasks").read_text().split():
-            (CPUSET / "tasks").write_text(tid)
-        path.rmdir()
 
 
 @pytest.fixture(scope="module")
@@ -499,8 +491,9 @@ def test_g_a_hotplugged_vcpu_is_followed_brought_online_by_the_guest_and_pinned(
 ) -> None:
     """``virsh setvcpus --live`` (libvirt emits no event for it): pvhost sees the new vCPU in
     libvirt's new vcpu1 cgroup before the guest asks for anything; the image's udev rule brings
-    the CPU online in the guest (nothing here writes to it); a guest pin to it is placed on the
-    new vCPU's thread, shown by ``virsh vcpupin`` and libvirt's vcpu1 cgroup, and released."""
+    the CPU online in the guest (nothing here writes to it); the guest's agent tells pvhost
+    (``TopologyUpdate``; the agent is not restarted); a guest pin to it is placed on the new
+    vCPU's thread, shown by ``virsh vcpupin`` and libvirt's vcpu1 cgroup, and released."""
     dom = hotplug_domain
     st = pvhost.wait_status(
         "the second domain's agent program loaded",
@@ -527,22 +520,24 @@ def test_g_a_hotplugged_vcpu_is_followed_brought_online_by_the_guest_and_pinned(
     print(f"[libvirt] setvcpus --live → online in the guest: {time.monotonic() - t0:.2f} s",
           file=sys.stderr)  # fmt: skip
     assert dom.vcpupin() == {0: "0-1", 1: "0-1"}
-    # The host's affinity tracker knows the guest's online CPUs from the agent's Hello
-    # (pvhost/services/affinity_tracker.py): a pin to a CPU that came online later is no request
-    # to it. Until the agent's Hello follows CPU hot-plug, it is restarted here, as an operator
-    # would after hot-plugging.
-    dom.guest("systemctl restart pvagent").check()
-    # Its program is attached some seconds after (TCG): a pin made before is not seen, so one
-    # is made again until the host places it.
-    end = time.monotonic() + 180
-    while True:
-        dom.background(["taskset", "-c", "1", "sleep", "15"])
-        try:
-            st = pvhost.wait_status("the new vCPU 1 → pCPU 1 via libvirt", pinned_1(dom), 20)
-            break
-        except DaemonError:
-            if time.monotonic() > end:
-                raise
+    # The guest's agent tells pvhost that CPU 1 came online (TopologyUpdate, protocol 5): the
+    # host's affinity tracker follows it with no new handshake and no restart of the agent.
+    st = pvhost.wait_status(
+        "pvhost told CPU 1 is online in the guest",
+        lambda s: s["vms"][dom.name].get("guest_online") == [0, 1],
+        30,
+    )
+    print(f"[libvirt] setvcpus --live → pvhost told by the agent: {time.monotonic() - t0:.2f} s",
+          file=sys.stderr)  # fmt: skip
+    vm = st["vms"][dom.name]
+    assert (vm["protocol_version"], vm["topology_changes"]) == (5, 1), vm
+    assert vm["programs"].get("affinity") == "loaded", vm
+    # One pin, made once: the agent and its program were there all along.
+    t1 = time.monotonic()
+    dom.background(["taskset", "-c", "1", "sleep", "20"])
+    st = pvhost.wait_status("the new vCPU 1 → pCPU 1 via libvirt", pinned_1(dom), 18)
+    print(f"[libvirt] pin to the hot-plugged vCPU → placed: {time.monotonic() - t1:.2f} s",
+          file=sys.stderr)  # fmt: skip
     assert st["vms"][dom.name]["vcpus"]["1"]["tid"] == tid
     assert dom.vcpupin() == {0: "0-1", 1: "1"}
     assert os.sched_getaffinity(tid) == {1}

@@ -23,6 +23,7 @@ from pvproto import (
     ProgramRecords,
     ReadMap,
     ThreadRequest,
+    TopologyUpdate,
     UnloadProgram,
     VcpuPlacement,
 )
@@ -162,6 +163,7 @@ BY_TYPE: dict[type, st.SearchStrategy[object]] = {
         ).map(json.dumps),
         request_id=request_ids,
     ),
+    TopologyUpdate: st.builds(TopologyUpdate, topology=topologies(), request_id=request_ids),
     AffinityUpdate: affinity_updates(),
     AffinityResult: st.builds(
         AffinityResult,

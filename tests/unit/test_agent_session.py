@@ -27,6 +27,7 @@ from pvproto import (
     Ping,
     Pong,
     ProgramLoaded,
+    TopologyUpdate,
     UnloadProgram,
     VcpuPlacement,
     encode,
@@ -128,12 +129,12 @@ def test_version_mismatch_closes_with_unsupported() -> None:
     with_agent(body)
 
 
-def test_protocol_4_only_and_no_affinity_messages() -> None:
-    """The generic agent speaks protocol 4 only: a host that expects it to track affinity
-    (protocol 2 or 3) gets ``unsupported``; affinity messages are not for it."""
+def test_protocol_4_and_5_only_and_no_affinity_messages() -> None:
+    """The generic agent speaks protocols 4 and 5 only: a host that expects it to track
+    affinity (protocol 2 or 3) gets ``unsupported``; affinity messages are not for it."""
 
     async def body(agent: Agent) -> None:
-        assert agent.hello().protocol_versions == [4]
+        assert agent.hello().protocol_versions == [4, 5]
         host, task = await connect(agent)
         await host.expect(Hello)
         # pvhost writes its Hello in its lowest version (2): the agent must read it.
@@ -275,3 +276,73 @@ def test_the_placement_document_is_what_agents_wrote_with_what_each_pin_achieved
          "isolation_reason": "v1 root"},
         {"vcpu": 3, "pcpu": None, "refused": "pool exhausted", **none},
     ]  # fmt: skip
+
+
+HOTPLUGGED = GuestTopology(online_vcpus=[0, 1, 2, 3, 4], sibling_groups=[[0, 1], [2, 3]])
+
+
+async def nothing_sent(host: HostEnd) -> None:
+    """The agent sent nothing before answering this Ping (frames keep their order)."""
+    host.send(Ping(nonce=7))
+    assert (await host.expect(Pong)).nonce == 7
+    assert host.inbox == [], host.inbox
+
+
+def test_a_cpu_change_is_told_to_a_host_of_protocol_5_once_and_never_as_a_hello() -> None:
+    """vCPU hot-plug: the agent tells a ready host of protocol 5 its new CPUs in a
+    ``TopologyUpdate`` (the session stays as it is: no Hello), once per change."""
+
+    async def body(agent: Agent) -> None:
+        host, task = await connect(agent)
+        assert (await host.expect(Hello)).topology == TOPOLOGY
+        host.hello()
+        await ready(host)
+        assert agent.set_topology(HOTPLUGGED)
+        update = await host.expect(TopologyUpdate, skip_others=False)
+        assert update.topology == HOTPLUGGED
+        assert not agent.set_topology(HOTPLUGGED), "no change, nothing to tell"
+        await nothing_sent(host)
+        assert agent.set_topology(TOPOLOGY)  # the CPU went offline again
+        assert (await host.expect(TopologyUpdate, skip_others=False)).topology == TOPOLOGY
+        host.close()
+        await task
+
+    with_agent(body)
+
+
+def test_a_host_of_protocol_4_gets_no_update_and_learns_the_cpus_at_the_next_hello() -> None:
+    """An older host (protocol 4) reads no TopologyUpdate: it is not sent; the agent's next
+    Hello carries the CPUs as they are then."""
+
+    async def body(agent: Agent) -> None:
+        host, task = await connect(agent)
+        await host.expect(Hello)
+        host.hello(versions=[2, 3, 4])
+        await ready(host)
+        assert agent.set_topology(HOTPLUGGED)
+        await nothing_sent(host)
+        host.close()
+        await task
+        again, task2 = await connect(agent)
+        assert (await again.expect(Hello)).topology == HOTPLUGGED
+        again.close()
+        await task2
+
+    with_agent(body)
+
+
+def test_a_cpu_change_between_our_hello_and_the_hosts_is_told_once_ready() -> None:
+    """The CPUs changed after the agent's Hello went out but before the host answered: the
+    host's view is the Hello's, so the agent tells it the new one as soon as it is ready."""
+
+    async def body(agent: Agent) -> None:
+        host, task = await connect(agent)
+        assert (await host.expect(Hello)).topology == TOPOLOGY
+        assert agent.set_topology(HOTPLUGGED)  # not ready: nothing can be sent yet
+        host.hello()
+        assert (await host.expect(TopologyUpdate)).topology == HOTPLUGGED
+        await nothing_sent(host)
+        host.close()
+        await task
+
+    with_agent(body)

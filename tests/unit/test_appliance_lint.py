@@ -221,3 +221,30 @@ def test_bad_role_variables_fail_before_any_change_with_a_clear_message(
     out = res.stdout + res.stderr
     assert message in out, out[-3000:]
     assert "changed=0" in out
+
+
+def test_libvirt_domains_without_libvirt_fail_before_any_change_with_a_clear_message() -> None:
+    """pvhost_libvirt_domains on a host without libvirt's directories: the role says libvirt is
+    missing before the container (which would bind-mount them) is touched. The directories
+    are overridden with paths that exist nowhere, so the test does not depend on this host."""
+    missing = "/nonexistent/extpv-test/libvirt"
+    extra = {
+        "pvhost_libvirt_domains": ["web 1"],
+        "_pvhost_libvirt_volumes": [f"{missing}:/run/libvirt:rw"],
+    }
+    res = _run(
+        [
+            _tool("ansible-playbook"),
+            "site.yml",
+            "--tags",
+            "pvhost",
+            "-e",
+            json.dumps(extra),
+            "--check",
+        ]
+    )
+    out = res.stdout + res.stderr
+    assert res.returncode != 0, out[-3000:]
+    assert f"{missing} does not exist" in re.sub(r"\s+", " ", out), out[-3000:]
+    assert "install libvirt and start its daemon" in re.sub(r"\s+", " ", out), out[-3000:]
+    assert "changed=0" in out

@@ -8,15 +8,16 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-from pathlib import Path
 from typing import Any
 
 import pytest
 
 from pvhost.control import ControlServer
 from pvhost.logthrottle import LogThrottle
-from pvhost.session import VmSession
-from pvproto import ProgramLoaded
+from pvhost.session import TOPOLOGY_BURST, _GuestChannel
+from pvproto import GuestTopology, Hello, ProgramLoaded, TopologyUpdate
+from pvproto.session import SessionState
+from tests.sessions import lone_session
 
 pytestmark = pytest.mark.security
 
@@ -86,26 +87,41 @@ def test_verdicts_on_programs_the_host_never_sent_are_not_kept() -> None:
     """D3: each made-up program id used to be kept for ever (+200 MiB for 50 k messages)."""
 
     async def body() -> None:
-        async def never(*_: object) -> Any:
-            raise AssertionError("not called")
-
-        session = VmSession(
-            "vm1",
-            Path("/nonexistent/qmp.sock"),
-            Path("/nonexistent/agent.sock"),
-            applier=never,
-            on_gone=never,
-            on_vcpus_changed=never,
-            program=None,
-            rate=1.0,
-            burst=1,
-            max_backoff=1.0,
-        )
+        session = lone_session()
         session.status.programs["affinity"] = "loading"  # what the host sent
         for i in range(1000):
             session.guest_message(None, ProgramLoaded(program_id=f"p{i}", ok=True))  # type: ignore[arg-type]
         session.guest_message(None, ProgramLoaded(program_id="affinity", ok=True))  # type: ignore[arg-type]
         assert session.status.programs == {"affinity": "loaded"}
         assert session.guest_log.suppressed_total == 1000 - session.guest_log.burst
+
+    asyncio.run(body())
+
+
+def test_a_topology_update_flood_is_acted_on_at_the_rate_and_the_newest_wins() -> None:
+    """A guest sending ``TopologyUpdate``s in a loop (protocol 5): the host acts on
+    ``TOPOLOGY_BURST`` at once, then ``TOPOLOGY_RATE`` per second, holding only the newest
+    meanwhile. (The same on the real daemon: tests/integration/test_host_topology_update.py.)"""
+
+    async def body() -> None:
+        session = lone_session()
+        one, two = GuestTopology(online_vcpus=[0]), GuestTopology(online_vcpus=[0, 1])
+        hello = Hello(role="guest", protocol_versions=[5], software_version="g", topology=one)
+        channel = _GuestChannel(session)
+        # A ready session of protocol 5, as after the agent's Hello (no socket needed here).
+        channel.state, channel.version = SessionState.READY, 5
+        session._channel = channel
+        session.guest_ready(hello, 5)
+        for i in range(20_000):
+            session.guest_message(channel, TopologyUpdate(topology=two if i % 2 else one))
+            if i % 1000 == 0:
+                await asyncio.sleep(0)  # let due timers run, as a real stream would
+        await asyncio.sleep(0.05)
+        assert session.status.topology_changes <= TOPOLOGY_BURST
+        await asyncio.sleep(1.2)
+        assert session.status.topology_updates == 20_000
+        assert session.status.topology_changes <= TOPOLOGY_BURST + 2
+        assert session.status.guest_topology == two, "the newest wins"
+        assert session.describe()["guest_online"] == [0, 1]
 
     asyncio.run(body())

@@ -20,7 +20,7 @@ from typing import Any
 import pytest
 
 from extpv.vcpus import VcpuThread
-from pvhost.session import VmSession
+from tests.sessions import lone_session
 
 
 class RecordingMonitor:
@@ -56,22 +56,8 @@ class RecordingMonitor:
 @pytest.mark.parametrize("where", ["waiting", "asking-the-port"])
 def test_a_cancelled_session_closes_its_monitor(where: str) -> None:
     async def body() -> None:
-        async def never(*_: object) -> Any:
-            raise AssertionError("not called")
-
         monitor = RecordingMonitor(port_open_blocks=where == "asking-the-port")
-        session = VmSession(
-            "vm1",
-            Path("/nonexistent/qmp.sock"),
-            Path("/nonexistent/agent.sock"),
-            applier=never,
-            on_gone=never,
-            on_vcpus_changed=never,
-            program=None,
-            rate=1.0,
-            burst=1,
-            max_backoff=1.0,
-        )
+        session = lone_session()
         task = asyncio.create_task(session.run(monitor))  # type: ignore[arg-type]
         await asyncio.wait_for(monitor.asked.wait(), 5)
         await asyncio.sleep(0.05)  # the channel loop running (retrying the missing socket)
