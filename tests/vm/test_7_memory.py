@@ -40,6 +40,7 @@ from typing import Any
 import pytest
 
 import vmlab
+from pvproto.version import AGENT_VERSIONS
 from vmlab.daemon import PvhostDaemon
 from vmlab.images import GuestImage
 
@@ -274,6 +275,20 @@ ExecStart=/usr/bin/python3 -m pvagent run --config {OLD_DIR}/pvagent.toml
 DROPIN_DIR = "/run/systemd/system/pvagent.service.d"
 #: What the old agent's allocation takes beyond what the guest has available at the minimum.
 EXTRA_MIB = 96
+#: ALLOCATOR at 10 MiB/s in 1 MiB chunks (16 times slower): pressure the old agent, whose pages
+#: the guest evicts, can report before the guest runs out (at 8 MiB a chunk its records came
+#: ~12 s late, after an OOM kill, in one run of three).
+SLOW_ALLOCATOR = """
+import time
+print("start", time.monotonic(), flush=True)
+chunks = []
+for _ in range({n}):
+    b = bytearray(1 << 20)
+    b[::4096] = b"\\x01" * 256
+    chunks.append(b)
+    time.sleep(0.1)
+print("done", time.monotonic(), flush=True)
+"""
 
 
 def install_old_agent(vm: vmlab.VirtualMachine) -> None:
@@ -325,8 +340,11 @@ def test_an_agent_older_than_the_memory_service_runs_it(
     Lighter pressure than the test above, on purpose: the old agent does not lock its pages
     (pvagent.memlock came with the memory service), and under the 640 MiB allocation the guest
     evicts the agent's own file pages and thrashes (see the module's docstring). The
-    allocation here is what the guest has available at the minimum plus EXTRA_MIB: it cannot
-    complete without a deflation, and needs only about one step of it.
+    allocation here is what the guest has available at the minimum plus EXTRA_MIB, at 10 MiB/s:
+    it cannot complete without a deflation and needs only about one step of it, and it comes
+    slowly enough that the old agent, refaulting its own pages, reports the first direct
+    reclaim before the guest runs out (at the faster pace the test above uses, the records
+    reached the host ~12 s late, after an OOM kill, in one run of three).
     """
     vm, daemon = memory_lab
     daemon.wait_status(
@@ -335,6 +353,7 @@ def test_an_agent_older_than_the_memory_service_runs_it(
         deadline_s=180,
     )
     wait_balloon(vm, daemon, MIN_MIB, "at the minimum, before the old agent")
+    log_at = len(daemon.log.read_bytes())
     install_old_agent(vm)
     pid = None
     try:
@@ -353,15 +372,16 @@ def test_an_agent_older_than_the_memory_service_runs_it(
             file=sys.stderr,
         )
         assert memory(st)["target_mib"] == MIN_MIB, memory(st)
+        # pvhost greeted the new agent in a version it reads (it kept the old agent's before).
+        assert b"bad-frame" not in daemon.log.read_bytes()[log_at:], daemon.tail()
         wait_balloon(vm, daemon, MIN_MIB, "at the minimum, with the old agent")
         available = int(vm.guest("grep MemAvailable /proc/meminfo").check().stdout.split()[1])
         alloc_mib = (available >> 10) // 8 * 8 + EXTRA_MIB
-        n = alloc_mib // 8
         before = memory(daemon.status())
         t0 = time.time()
         # In the background, the host side watched meanwhile: a failure says how far it got.
         pid = vm.guest_background(
-            ["python3", "-c", ALLOCATOR.replace(f"range({ALLOC_MIB // 8})", f"range({n})")],
+            ["python3", "-c", SLOW_ALLOCATOR.format(n=alloc_mib)],
             log_path="/run/old-agent-alloc.log",
         )
         first_record = None
