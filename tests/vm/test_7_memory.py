@@ -40,6 +40,7 @@ from typing import Any
 import pytest
 
 import vmlab
+from pvproto.version import AGENT_VERSIONS
 from vmlab.daemon import PvhostDaemon
 from vmlab.images import GuestImage
 
@@ -451,7 +452,7 @@ def test_an_agent_older_than_the_memory_service_runs_it(
     daemon.wait_status(
         "today's agent back",
         lambda s: (
-            s["vms"][VM]["protocol_version"] == 4
+            s["vms"][VM]["protocol_version"] == AGENT_VERSIONS[-1]
             and s["vms"][VM]["programs"].get("memory") == "loaded"
         ),
         deadline_s=120,
