@@ -51,6 +51,8 @@ class PvhostDaemon:
         verbose: bool = False,
     ) -> None:
         self.workdir = workdir
+        #: pvhost's ``state_dir`` (a bench may mount a tmpfs here before :meth:`start`).
+        self.state_dir = workdir / "state"
         self.socket = workdir / "pvhost.sock"
         self.log = workdir / "pvhost.log"
         self.group = group or f"extpv-e2e-{os.getpid()}"
@@ -59,7 +61,7 @@ class PvhostDaemon:
             affinity_program = CHECKOUT_AFFINITY_PROGRAM
         self.config = workdir / "pvhost.toml"
         self.config.write_text(
-            f'[service]\nruntime_dir = "{runtime_dir}"\nstate_dir = "{workdir / "state"}"\n'
+            f'[service]\nruntime_dir = "{runtime_dir}"\nstate_dir = "{self.state_dir}"\n'
             f'control_socket = "{self.socket}"\nmetrics = ""\nsigning_key = "{signing_key}"\n'
             "max_backoff = 0.5\n"
             + (

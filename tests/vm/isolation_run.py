@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import vmlab
+from tests.vm.probes import run_probe
 
 __all__ = [
     "assert_crashes_restart_to_the_last_request",
@@ -39,18 +40,7 @@ def _guest_pylib() -> None:
 
 
 def run_isolation_probe(vm: vmlab.VirtualMachine, timeout_s: int = 360) -> dict[str, Any]:
-    r = vm.guest(
-        [
-            "env",
-            "PYTHONDONTWRITEBYTECODE=1",
-            "python3",
-            "/mnt/extpv/tests/vm/guest_isolation_probe.py",
-        ],
-        timeout_s=timeout_s,
-    )
-    assert r.returncode == 0, f"the in-guest isolation probe failed:\n{r.stderr[-3000:]}"
-    obs: dict[str, Any] = json.loads(r.stdout)
-    return obs
+    return run_probe(vm, "guest_isolation_probe.py", timeout_s=timeout_s)
 
 
 def assert_isolated_under_load(obs: dict[str, Any], pcpu: int = 1) -> None:

@@ -7,28 +7,17 @@ against its own /sys/fs/cgroup, with a nested QEMU providing real vCPU threads.
 
 from __future__ import annotations
 
-import json
-
 import pytest
 
 import vmlab
+from tests.vm.probes import run_probe
 
 pytestmark = [pytest.mark.vm, pytest.mark.slow]
 
 
 @pytest.fixture(scope="module")
 def observed(guest_vm: vmlab.VirtualMachine) -> dict:
-    r = guest_vm.guest(
-        [
-            "env",
-            "PYTHONDONTWRITEBYTECODE=1",
-            "python3",
-            "/mnt/extpv/tests/vm/guest_cgroup2_probe.py",
-        ],
-        timeout_s=240,
-    )
-    assert r.returncode == 0, f"the in-guest probe failed:\n{r.stderr[-3000:]}"
-    return json.loads(r.stdout)
+    return run_probe(guest_vm, "guest_cgroup2_probe.py", timeout_s=240)
 
 
 def test_kernel_offers_remote_partitions(observed: dict) -> None:

@@ -12,12 +12,11 @@ libvirt API part of a pin is tested against a real libvirtd in tests/libvirt (cg
 
 from __future__ import annotations
 
-import json
-
 import pytest
 
 import vmlab
 from pvproto import parse_cpulist
+from tests.vm.probes import run_probe
 
 pytestmark = [pytest.mark.vm, pytest.mark.slow]
 
@@ -27,17 +26,7 @@ ANCESTORS = ("/machine.slice", "/machine.slice/machine-qemu\\x2d1\\x2dinner.scop
 
 @pytest.fixture(scope="module")
 def observed(guest_vm: vmlab.VirtualMachine) -> dict:
-    r = guest_vm.guest(
-        [
-            "env",
-            "PYTHONDONTWRITEBYTECODE=1",
-            "python3",
-            "/mnt/extpv/tests/vm/guest_libvirt_cgroup2_probe.py",
-        ],
-        timeout_s=240,
-    )
-    assert r.returncode == 0, f"the in-guest probe failed:\n{r.stderr[-3000:]}"
-    return json.loads(r.stdout)
+    return run_probe(guest_vm, "guest_libvirt_cgroup2_probe.py", timeout_s=240)
 
 
 def test_no_step_failed(observed: dict) -> None:

@@ -12,11 +12,10 @@ against a real libvirtd in tests/libvirt, on this cgroup v1 host).
 
 from __future__ import annotations
 
-import json
-
 import pytest
 
 import vmlab
+from tests.vm.probes import run_probe
 
 pytestmark = [pytest.mark.vm, pytest.mark.slow]
 
@@ -28,17 +27,7 @@ EVERY = dict.fromkeys(("0", "1", "2", "3"), "0-3")  # virsh vcpupin, vCPU → pC
 
 @pytest.fixture(scope="module")
 def observed(guest_vm: vmlab.VirtualMachine) -> dict:
-    r = guest_vm.guest(
-        [
-            "env",
-            "PYTHONDONTWRITEBYTECODE=1",
-            "python3",
-            "/mnt/extpv/tests/vm/guest_libvirt_placement_probe.py",
-        ],
-        timeout_s=240,
-    )
-    assert r.returncode == 0, f"the in-guest probe failed:\n{r.stderr[-3000:]}"
-    return json.loads(r.stdout)
+    return run_probe(guest_vm, "guest_libvirt_placement_probe.py", timeout_s=240)
 
 
 def test_no_step_failed(observed: dict) -> None:
