@@ -201,6 +201,9 @@ class PeerSession(Generic[OwnerT]):
         if self.state is SessionState.READY:
             self.state = SessionState.AWAITING_HELLO
             self.peer = None
+        # The next peer may speak an older version than the last one (an agent downgraded in
+        # place): until its Hello, write in the lowest frame version, which every peer reads.
+        self.version = None
         self._greeted_at = None
 
     def greet(self) -> None:

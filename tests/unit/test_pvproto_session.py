@@ -386,3 +386,31 @@ def test_a_peer_saying_hello_in_a_loop_is_rate_limited() -> None:
         task.cancel()
 
     run(body)
+
+
+def test_a_new_peer_is_greeted_in_the_lowest_version_not_the_last_peers() -> None:
+    """The peer's end reopened: the new peer may be older than the last (an agent downgraded
+    in place, issue #12's old-agent test). Our Hello must be in the lowest version, which it
+    reads, not in the version negotiated with the peer before (it answered bad-frame)."""
+
+    async def body() -> None:
+        (hr, hw), (gr, gw) = await _streams()
+        host = Side("host", versions=(2, 3, 4))
+        task = asyncio.create_task(host.run(hr, hw))
+        hello = Hello(
+            role="guest", protocol_versions=[2, 3, 4], software_version="g", topology=TOPOLOGY
+        )
+        gw.write(encode(hello, version=2))
+        await _until(lambda: host.state is SessionState.READY)
+        assert host.version == 4
+        raw = await gr.read(65536)  # our first Hello
+        host.reset()  # QEMU: the guest closed the port
+        host.greet()  # ... and a new agent opened it
+        async with asyncio.timeout(5):
+            raw = await gr.read(65536)
+        frames = [f for f in raw.split(b"\xe5PVF") if f]
+        assert [struct.unpack_from("B", f)[0] for f in frames] == [2]
+        assert isinstance(FrameDecoder(versions=(2,)).feed(raw)[0], Hello)
+        task.cancel()
+
+    run(body)

@@ -24,11 +24,14 @@ OOM-killed: kswapd kept "making progress" on the refaulting pages.
 
 from __future__ import annotations
 
+import base64
 import contextlib
+import io
 import os
 import signal
 import subprocess
 import sys
+import tarfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -37,6 +40,7 @@ from typing import Any
 import pytest
 
 import vmlab
+from pvproto.version import AGENT_VERSIONS
 from vmlab.daemon import PvhostDaemon
 from vmlab.images import GuestImage
 
@@ -251,6 +255,207 @@ def test_disabling_the_service_gives_the_vm_its_configured_memory_back(
     daemon.wait_status(
         "the service enabled again, at the minimum after quiet",
         lambda s: memory(s)["target_mib"] == MIN_MIB,
+    )
+
+
+#: The guest agent of 9e66cc4^1 (main just before the memory service merged; protocols 2 and
+#: 3; no pvagent.memlock), pinned by tests/fixtures/make-old-agent.sh.
+OLD_AGENT = Path(__file__).resolve().parents[1] / "fixtures" / "pvagent-0.1.0-1c76aad.tar.gz"
+OLD_AGENT_COMMIT = "1c76aad9c5af7b3fe177ed7be232e9fa20161262"
+OLD_DIR = "/opt/pvagent-old"
+#: Runs the unit's agent from OLD_DIR only: PYTHONPATH puts its pvagent, pvproto and extpv
+#: before the image's (a package is taken whole from the first directory that has it), so
+#: no module of today's agent can be imported. A runtime drop-in: gone with a reboot.
+OLD_DROPIN = f"""[Service]
+Environment=PYTHONPATH={OLD_DIR}
+WorkingDirectory={OLD_DIR}
+ExecStart=
+ExecStart=/usr/bin/python3 -m pvagent run --config {OLD_DIR}/pvagent.toml
+"""
+DROPIN_DIR = "/run/systemd/system/pvagent.service.d"
+#: What the old agent's allocation takes beyond what the guest has available at the minimum.
+EXTRA_MIB = 96
+#: ALLOCATOR at 10 MiB/s in 1 MiB chunks (16 times slower): time for the old agent, whose
+#: pages the guest evicts, to report.
+SLOW_ALLOCATOR = """
+import time
+print("start", time.monotonic(), flush=True)
+chunks = []
+for _ in range({n}):
+    b = bytearray(1 << 20)
+    b[::4096] = b"\\x01" * 256
+    chunks.append(b)
+    time.sleep(0.1)
+print("done", time.monotonic(), flush=True)
+"""
+
+
+def install_old_agent(vm: vmlab.VirtualMachine) -> None:
+    """The pinned old agent in OLD_DIR, run by the guest's pvagent.service instead of today's."""
+    blob = OLD_AGENT.read_bytes()
+    with tarfile.open(fileobj=io.BytesIO(blob)) as tar:
+        assert tar.pax_headers.get("comment") == OLD_AGENT_COMMIT, tar.pax_headers
+    vm.guest(
+        f"rm -rf {OLD_DIR} && mkdir -p {OLD_DIR} && base64 -d | tar -xz -C {OLD_DIR}"
+        # its own defaults (today's /etc/pvagent/pvagent.toml has keys it does not know);
+        # no replay state shared with today's agent
+        f" && printf 'state_dir = \"\"\\n' > {OLD_DIR}/pvagent.toml"
+        f" && mkdir -p {DROPIN_DIR} && cat > {DROPIN_DIR}/old-agent.conf <<'EOF'\n"
+        f"{OLD_DROPIN}EOF\n",
+        input_text=base64.b64encode(blob).decode(),
+    ).check()
+    probe = vm.guest(
+        f"cd {OLD_DIR} && PYTHONPATH={OLD_DIR} python3 -c '"
+        "import pvagent, pvproto, extpv, importlib.util as u; "
+        "from pvproto.version import SUPPORTED_VERSIONS as v; "
+        "print(pvagent.__file__, pvproto.__file__, extpv.__file__, v, "
+        'u.find_spec("pvagent.memlock"))'
+        "'"
+    ).check()
+    old = f"{OLD_DIR}/pvagent/__init__.py {OLD_DIR}/pvproto/__init__.py {OLD_DIR}/extpv/__init__.py"
+    assert probe.stdout.split("(")[0].strip() == old, probe.stdout
+    assert "(2, 3) None" in probe.stdout, probe.stdout  # protocol 3 at most; no memlock
+    vm.guest("systemctl daemon-reload && systemctl restart pvagent.service").check()
+
+
+def remove_old_agent(vm: vmlab.VirtualMachine) -> None:
+    vm.guest(
+        f"rm -rf {DROPIN_DIR}/old-agent.conf {OLD_DIR} && systemctl daemon-reload"
+        " && systemctl restart pvagent.service"
+    ).check()
+
+
+def test_an_agent_older_than_the_memory_service_runs_it(
+    memory_lab: tuple[vmlab.VirtualMachine, PvhostDaemon],
+) -> None:
+    """Issue #12's proof of extensibility, in a real guest: the agent of 9e66cc4^1 (pinned in
+    tests/fixtures, so a shallow CI clone has it), which predates the memory service, runs it
+    through today's pvhost. The guest's pvagent.service is pointed at the old code only (the
+    probe shows no module of today's agent is importable by it), pvhost negotiates protocol 3
+    with it, the old agent loads the memory program and forwards its records as it forwarded
+    any program's, and under memory pressure pvhost deflates the balloon; quiet again, it
+    inflates back to the minimum.
+
+    What it does not assert: that the allocation completes with no OOM kill (the test above
+    does, with today's agent). The old agent does not lock its pages (pvagent.memlock came
+    with the memory service): the guest evicts them, and its records can reach the host
+    seconds late, after the OOM killer made room (3 runs of 6, with the pacings tried). The
+    host must then see that kill too, as the old agent reports it.
+
+    Lighter pressure than the test above, on purpose: the old agent does not lock its pages
+    (pvagent.memlock came with the memory service), and under the 640 MiB allocation the guest
+    evicts the agent's own file pages and thrashes (see the module's docstring). The
+    allocation here is what the guest has available at the minimum plus EXTRA_MIB, at 10 MiB/s:
+    it cannot complete without a deflation and needs only about one step of it, and it comes
+    slowly, to give the old agent, refaulting its own pages, time to report.
+    """
+    vm, daemon = memory_lab
+    daemon.wait_status(
+        "the memory service at its minimum",
+        lambda s: memory(s)["target_mib"] == MIN_MIB,
+        deadline_s=180,
+    )
+    wait_balloon(vm, daemon, MIN_MIB, "at the minimum, before the old agent")
+    log_at = len(daemon.log.read_bytes())
+    install_old_agent(vm)
+    pid = None
+    try:
+        t_restart = time.time()
+        st = daemon.wait_status(
+            "the old agent (protocol 3) with the memory program loaded",
+            lambda s: (
+                s["vms"][VM]["protocol_version"] == 3
+                and s["vms"][VM]["programs"].get("memory") == "loaded"
+            ),
+            deadline_s=120,
+        )
+        print(
+            f"\n[memory/old agent] protocol 3, program loaded "
+            f"{time.time() - t_restart:.1f} s after the restart",
+            file=sys.stderr,
+        )
+        assert memory(st)["target_mib"] == MIN_MIB, memory(st)
+        # pvhost greeted the new agent in a version it reads (it kept the old agent's before).
+        assert b"bad-frame" not in daemon.log.read_bytes()[log_at:], daemon.tail()
+        wait_balloon(vm, daemon, MIN_MIB, "at the minimum, with the old agent")
+        available = int(vm.guest("grep MemAvailable /proc/meminfo").check().stdout.split()[1])
+        alloc_mib = (available >> 10) // 8 * 8 + EXTRA_MIB
+        before = memory(daemon.status())
+        t0 = time.time()
+        # In the background, the host side watched meanwhile: a failure says how far it got.
+        pid = vm.guest_background(
+            ["python3", "-c", SLOW_ALLOCATOR.format(n=alloc_mib)],
+            log_path="/run/old-agent-alloc.log",
+        )
+        first_record = None
+        progress: list[str] = []  # host side: seconds, reclaim records, balloon target
+        seen: dict[str, Any] = before
+        while True:
+            seen = memory(daemon.status())
+            if first_record is None and seen["reclaims"] > before["reclaims"]:
+                first_record = time.time() - t0
+            progress.append(
+                f"{time.time() - t0:.1f}s:{seen['reclaims'] - before['reclaims']}r/"
+                f"{seen['target_mib']}M"
+            )
+            try:  # its output so far, and whether it still runs (the test hook reaps it)
+                probe = vm.guest(
+                    f"cat /run/old-agent-alloc.log; test -d /proc/{pid} && echo RUN", 30
+                )
+            except vmlab.WaitTimeout:  # a guest thrashing answers late, or not at all
+                probe = None
+            if probe is not None and "RUN" not in probe.stdout:
+                break
+            assert time.time() - t0 < 180, (
+                f"the {alloc_mib} MiB allocation did not end in 180 s; first reclaim record at "
+                f"the host {first_record} s; {progress}; memory service {seen}\n{daemon.tail()}"
+            )
+            time.sleep(0.5)
+        t_done = time.time()
+        pid = None
+        completed = "done" in probe.stdout
+        # The host saw what the old agent saw: its reclaim records, and the OOM kill if any.
+        after = daemon.wait_status(
+            "the old agent's records at the host",
+            lambda s: (
+                memory(s)["reclaims"] > before["reclaims"]
+                and (memory(s)["oom_kills"] > before["oom_kills"]) != completed
+            ),
+            deadline_s=60,
+        )
+        after = memory(after)
+        kernel = vm.guest("dmesg | grep -ci 'out of memory' || true").stdout.strip()
+        assert (kernel == "0") == completed, vm.guest("dmesg | tail -40").stdout
+        deflations = [d for d in after["decisions"] if d["action"] == "deflate" and d["at"] >= t0]
+        assert deflations, after
+        assert "_dropped" not in daemon.status()["vms"][VM]["services"]
+        print(
+            f"[memory/old agent] first reclaim record at the host {first_record} s; "
+            f"{'completed' if completed else 'OOM-killed (its records came late)'}: "
+            f"{alloc_mib} MiB allocated ({available >> 10} MiB available "
+            f"at {MIN_MIB} MiB) in {t_done - t0:.2f} s; first deflation "
+            f"{deflations[0]['at'] - t0:.2f} s after it began; {len(deflations)} deflations to "
+            f"{max(d['target_mib'] for d in deflations)} MiB; "
+            f"{after['reclaims'] - before['reclaims']} reclaim records",
+            file=sys.stderr,
+        )
+        daemon.wait_status(
+            "the balloon inflated back to the minimum after quiet (old agent)",
+            lambda s: memory(s)["target_mib"] == MIN_MIB,
+            deadline_s=120,
+        )
+        assert daemon.status()["vms"][VM]["protocol_version"] == 3  # still the old agent
+    finally:
+        if pid is not None:  # an allocation that failed the test
+            vm.guest(f"kill -9 {pid}", timeout_s=120)
+        remove_old_agent(vm)
+    daemon.wait_status(
+        "today's agent back",
+        lambda s: (
+            s["vms"][VM]["protocol_version"] == AGENT_VERSIONS[-1]
+            and s["vms"][VM]["programs"].get("memory") == "loaded"
+        ),
+        deadline_s=120,
     )
 
 
