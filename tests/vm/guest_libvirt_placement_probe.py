@@ -118,15 +118,15 @@ class StandInLink:
 def wire(
     tmp: Path, link: StandInLink
 ) -> tuple[Cgroup2Backend, LibvirtPlacement, LibvirtPartitions]:
-    """What ``Service`` does at construction and at start (setup, then the sync after a kill)."""
+    """What ``Service`` does at construction and at start (setup, the partitions in the mode
+    it found, then the sync after a kill)."""
     backend = Cgroup2Backend(ROOT, tmp / "cgroup2.json")
     placement = LibvirtPlacement(link, tmp / "libvirt.json")  # type: ignore[arg-type]
-    parts = LibvirtPartitions(ROOT, tmp / "libvirt-cgroup2.json", "restricted")
-    placement.partitions = parts
     backend.lent = placement.held
     backend.setup(frozenset({1, 2, 3}))
-    parts.mode = backend.mode
+    parts = LibvirtPartitions(ROOT, tmp / "libvirt-cgroup2.json", backend.mode)
     parts.lend = backend.lend_exclusive
+    placement.partitions = parts
     placement.sync_partitions()
     placement.known(VM, UUID, VM)
     return backend, placement, parts
