@@ -140,13 +140,9 @@ class Service:
                 self.libvirt_placement.isolate = self.backend.isolate_held
                 self.libvirt_placement.read_back = self.backend.threads_achieved
             elif isinstance(self.backend, Cgroup2Backend):
-                # Partitions at libvirt's own vcpuN cgroups; the mode is the backend's, known
-                # at setup (start). extpv.slice keeps their pCPUs out of its exclusive CPUs.
-                self.libvirt_placement.partitions = LibvirtPartitions(
-                    self.backend.root,
-                    config.service.state_dir / "libvirt-cgroup2.json",
-                    "restricted",
-                )
+                # extpv.slice keeps the pCPUs of libvirt pins out of its exclusive CPUs. The
+                # partitions at libvirt's vcpuN cgroups come at start: their mode is the
+                # backend's, known once it is set up.
                 self.backend.lent = self.libvirt_placement.held
 
     def _service_context(self, name: str) -> ServiceContext:
@@ -181,15 +177,21 @@ class Service:
         await asyncio.to_thread(self.backend.setup, eligible)
         lv = self.libvirt_placement
         backend = self.backend
-        if lv is not None and lv.partitions is not None and isinstance(backend, Cgroup2Backend):
-            lv.partitions.mode = backend.mode
-            lv.partitions.lend = backend.lend_exclusive
+        if lv is not None and isinstance(backend, Cgroup2Backend):
+            # Partitions at libvirt's own vcpuN cgroups, in the mode the backend's setup found.
+            partitions = LibvirtPartitions(
+                backend.root,
+                self.config.service.state_dir / "libvirt-cgroup2.json",
+                backend.mode,
+            )
+            partitions.lend = backend.lend_exclusive
+            lv.partitions = partitions
             _log.info(
                 "libvirt domains: %s",
                 "isolated: each pinned pCPU becomes an isolated remote partition at libvirt's "
                 "own vcpuN cgroup"
-                if lv.partitions.isolates()
-                else "restricted: " + lv.partitions.isolation("").reason,
+                if partitions.isolates()
+                else "restricted: " + partitions.isolation("").reason,
             )
             try:
                 # After a kill -9: the partitions exactly as the recorded pins imply.

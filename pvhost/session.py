@@ -35,7 +35,8 @@ opened it (the host greets the new agent); a keepalive Ping with a deadline find
 stopped answering (a SIGSTOPped agent, a hung guest) and drops the connection, so the next
 one starts a fresh handshake. Port changes are acted on at most ``PORT_RATE`` per second (a
 guest opening and closing its port in a loop costs the host one Hello and one program
-injection each); changes that come meanwhile coalesce in the QMP monitor.
+injection each); changes that come meanwhile coalesce to the newest
+(:class:`pvhost.coalesce.Coalescer`, as the guest's ``TopologyUpdate``s do).
 """
 
 from __future__ import annotations
@@ -50,6 +51,7 @@ from typing import Any, Protocol, TypeVar
 
 from extpv.aio import being_cancelled, cancel_and_wait
 from extpv.vcpus import VcpuThread
+from pvhost.coalesce import Coalescer
 from pvhost.errors import ChannelError, GuestRequestError, QmpError
 from pvhost.logthrottle import LogThrottle
 from pvhost.programs import SignedProgram
@@ -101,6 +103,11 @@ PORT_RATE = 1.0
 #: the ones that come meanwhile coalesce to the newest (each carries the whole topology).
 TOPOLOGY_BURST = 5
 TOPOLOGY_RATE = 1.0
+
+
+def _fold_port_changes(waiting: tuple[bool, int], newer: tuple[bool, int]) -> tuple[bool, int]:
+    """The port's newest state, and every change folded into it (for the log line)."""
+    return newer[0], waiting[1] + newer[1]
 
 
 class Monitor(Protocol):
@@ -237,11 +244,14 @@ class VmSession:
         #: Programs the operator loaded into this VM, by id: re-injected at every Hello.
         self._operator_programs: dict[str, SignedProgram] = {}
         self._keepalive = keepalive
-        self._port_bucket = TokenBucket(PORT_RATE, PORT_BURST)
-        self._topology_bucket = TokenBucket(TOPOLOGY_RATE, TOPOLOGY_BURST)
-        #: The newest TopologyUpdate not yet acted on, and when it will be.
-        self._topology_pending: GuestTopology | None = None
-        self._topology_timer: asyncio.TimerHandle | None = None
+        #: The guest's port changes (opened, how many changes) and CPU changes, acted on at
+        #: a bounded rate, the newest winning.
+        self._port_pacer: Coalescer[tuple[bool, int]] = Coalescer(
+            PORT_RATE, PORT_BURST, self._act_on_port, merge=_fold_port_changes
+        )
+        self._topology_pacer: Coalescer[GuestTopology] = Coalescer(
+            TOPOLOGY_RATE, TOPOLOGY_BURST, self._apply_topology
+        )
         #: What the guest can make the host log, rate-limited for this VM.
         self.guest_log = LogThrottle(_log, name)
 
@@ -356,6 +366,9 @@ class VmSession:
                     channel = asyncio.create_task(self._channel_loop(), name=f"channel-{self.name}")
                     await monitor.wait_closed()
                 finally:
+                    # A port change not acted on yet was this monitor's: it says nothing of
+                    # the next connection's port.
+                    self._port_pacer.drop()
                     # Cancelled (pvhost stops, the VM's directory went): cancel_and_wait
                     # re-raises our cancellation, and the monitor must be closed all the same
                     # (QEMU serves one QMP client: a connection left open locks out the next).
@@ -382,7 +395,10 @@ class VmSession:
 
     async def _port_changed(self, opened: bool, changes: int) -> None:
         """QEMU: the guest opened or closed the agent's port (``changes`` coalesced)."""
-        await self._port_bucket.take()  # meanwhile, further changes coalesce in the monitor
+        self._port_pacer.submit((opened, changes))
+
+    def _act_on_port(self, change: tuple[bool, int]) -> None:
+        opened, changes = change
         self.status.port = "open" if opened else "closed"
         _log.info(
             "%s: the guest %s the agent's port%s",
@@ -403,7 +419,7 @@ class VmSession:
         """The agent we talked to is gone: nothing it acked holds for the next one."""
         self.status.resets += 1
         self.status.programs.clear()
-        self._drop_topology_update()
+        self._topology_pacer.drop()
         for waiter in self._waiters.values():
             waiter.cancel()
         for map_waiter in self._map_waiters.values():
@@ -483,7 +499,7 @@ class VmSession:
     def guest_ready(self, hello: Hello, version: int | None) -> None:
         self.status.guest_version = hello.software_version
         self.status.guest_topology = hello.topology
-        self._drop_topology_update()  # the Hello's CPUs are newer than any pending update
+        self._topology_pacer.drop()  # the Hello's CPUs are newer than any pending update
         self.status.protocol_version = version
         for program in self._programs_to_inject():
             with contextlib.suppress(ChannelError):
@@ -570,21 +586,10 @@ class VmSession:
             )
             return
         self.status.topology_updates += 1
-        self._topology_pending = message.topology
-        if self._topology_timer is None:
-            self._topology_timer = asyncio.get_running_loop().call_later(
-                self._topology_bucket.delay(), self._apply_topology
-            )
+        self._topology_pacer.submit(message.topology)
 
-    def _apply_topology(self) -> None:
-        self._topology_timer = None
-        if not self._topology_bucket.try_take():  # the timer fired a hair early
-            self._topology_timer = asyncio.get_running_loop().call_later(
-                self._topology_bucket.delay(), self._apply_topology
-            )
-            return
-        topology, self._topology_pending = self._topology_pending, None
-        if topology is None or topology == self.status.guest_topology:
+    def _apply_topology(self, topology: GuestTopology) -> None:
+        if topology == self.status.guest_topology:
             return
         old = self.status.guest_topology
         self.status.guest_topology = topology
@@ -598,12 +603,6 @@ class VmSession:
         )
         if self._services is not None:
             self._services.topology_changed(self.name)
-
-    def _drop_topology_update(self) -> None:
-        self._topology_pending = None
-        if self._topology_timer is not None:
-            self._topology_timer.cancel()
-            self._topology_timer = None
 
     def _program_event(self, event: ProgramEvent) -> None:
         """A protocol-2 agent's record: ``data = {"raw": HEX}`` (the agent's routing rule)."""

@@ -101,7 +101,8 @@ class LibvirtPlacement:
             Callable[[Mapping[tuple[str, int], tuple[int, int]]], dict[tuple[str, int], Isolation]]
             | None
         ) = None
-        #: cgroup v2: the partitions at libvirt's vcpuN cgroups, or None (cgroup v1).
+        #: cgroup v2: the partitions at libvirt's vcpuN cgroups (set by the service once its
+        #: backend is set up, in the mode it found), or None (cgroup v1, or not yet set up).
         self.partitions: LibvirtPartitions | None = None
 
     # -- state file --------------------------------------------------------------------------

@@ -52,6 +52,7 @@ from pvproto import (
     Hello,
     LoadProgram,
     ProgramLoaded,
+    TopologyUpdate,
     encode,
 )
 from vmlab import VirtualMachine, VMSpec, start
@@ -75,6 +76,16 @@ _T = TypeVar("_T")
 
 
 # -- the attacks: run in a process of their own ------------------------------------------------
+
+#: TopologyUpdates per burst of the ``topology-old`` attack.
+TOPOLOGY_FRAMES = 200
+#: What the host answers each of them with, on a session of protocol 4.
+TOPOLOGY_REFUSAL = "TopologyUpdate needs protocol 5; this session speaks 4"
+#: The guest each attack plays (default: an agent that tracks, protocols 2 and 3).
+_ATTACKER: dict[str, dict[str, Any]] = {
+    # The generic agent of protocol 4, which has no TopologyUpdate (protocol 5 brought it).
+    "topology-old": {"generic": True, "versions": (4,)},
+}
 
 
 def _frames_for(kind: str) -> Callable[[int], bytes]:
@@ -103,6 +114,16 @@ def _frames_for(kind: str) -> Callable[[int], bytes]:
             return (b"\xe5PVF" + b"\xff" * 60) * 200 + error * 20
         if kind == "unknown-vcpu":  # D2
             return encode(AffinityUpdate(seq=i + 1, wanted=[2]))
+        if kind == "topology-old":  # each a change, each with a request id of its own
+            return b"".join(
+                encode(
+                    TopologyUpdate(
+                        topology=GuestTopology(online_vcpus=[0] if j % 2 else [0, 1]),
+                        request_id=i * TOPOLOGY_FRAMES + j + 1,
+                    )
+                )
+                for j in range(TOPOLOGY_FRAMES)
+            )
         raise ValueError(kind)
 
     return burst
@@ -111,11 +132,14 @@ def _frames_for(kind: str) -> Callable[[int], bytes]:
 def attack_main(kind: str, agent_sock: str, pace_s: float, conn: Any) -> None:
     """Serve ``agent_sock`` as the attacker's guest, send bursts every ``pace_s`` until stopped.
 
-    Reports ``{"sent": bytes, "programs": LoadPrograms received, "received": {type: n}}``.
+    Reports ``{"sent": bytes, "bursts": n, "programs": LoadPrograms received, "received":
+    {type: n}, "errors": {code: n}, "error_texts": [...]}``; for ``topology-old`` also
+    ``"unanswered"`` and ``"stray"`` (updates no Error answered, Errors that answered no
+    update, by request id) and ``"after"``: the placement a valid request got after it.
     """
 
     async def main() -> dict[str, Any]:
-        guest = FakeGuestChannel(Path(agent_sock))
+        guest = FakeGuestChannel(Path(agent_sock), **_ATTACKER.get(kind, {}))
         await guest.start()
         await guest.connected(30)
         await guest.expect(LoadProgram, 30)
@@ -132,19 +156,45 @@ def attack_main(kind: str, agent_sock: str, pace_s: float, conn: Any) -> None:
             await asyncio.sleep(pace_s)
         await asyncio.sleep(0.5)  # let the last answers arrive
         received: dict[str, int] = {}
+        errors: dict[str, int] = {}
+        texts: set[str] = set()
+        ids: set[int] = set()
         big = 0
-        while not guest.received.empty():
-            message = guest.received.get_nowait()
+        # An attack answered one for one: wait for the last answer (the host may lag).
+        expected = i * TOPOLOGY_FRAMES if kind == "topology-old" else 0
+        deadline = time.monotonic() + 20
+        while not guest.received.empty() or (
+            sum(errors.values()) < expected and time.monotonic() < deadline
+        ):
+            try:
+                message = await asyncio.wait_for(guest.received.get(), 1)
+            except TimeoutError:
+                continue
             received[message.type] = received.get(message.type, 0) + 1
             if isinstance(message, AffinityResult):
                 big = max(big, len(message.placements))
-        await guest.close()
-        return {
+            if isinstance(message, Error):
+                errors[message.code] = errors.get(message.code, 0) + 1
+                texts.add(message.message[:200])
+                ids.add(message.request_id)
+        report: dict[str, Any] = {
             "sent": sent,
+            "bursts": i,
             "programs": len(guest.programs),
             "received": received,
             "largest_result": big,
+            "errors": errors,
+            "error_texts": sorted(texts)[:10],
         }
+        if kind == "topology-old":
+            sent_ids = set(range(1, expected + 1))
+            report["unanswered"] = len(sent_ids - ids)
+            report["stray"] = len(ids - sent_ids)
+            # The session still serves a valid request.
+            result = await guest.update(1, [0], timeout=30)
+            report["after"] = [[p.vcpu, p.pcpu] for p in result.placements]
+        await guest.close()
+        return report
 
     conn.send(asyncio.run(main()))
 
@@ -513,6 +563,35 @@ def test_d6_guest_caused_log_lines_are_rate_limited_per_vm(lab: Lab) -> None:
     while not any("a-d6: suppressed" in line for line in lab.daemon.log.read_text().splitlines()):
         assert time.monotonic() < end, f"no 'suppressed N' summary; last lines: {lines[-5:]}"
         time.sleep(0.2)
+
+
+# -- TopologyUpdate before protocol 5 ----------------------------------------------------------
+
+
+def test_topology_updates_on_a_session_before_protocol_5_are_refused_one_for_one(
+    lab: Lab,
+) -> None:
+    """A guest whose session was negotiated at protocol 4 floods ``TopologyUpdate`` (protocol 5
+    brought it), each a change: each is answered ``Error{bad-request}`` and nothing else, so
+    the replies are bounded by the frames the guest itself sends (one short Error per frame,
+    written as the channel reads: a guest that stops reading stops the host reading it);
+    nothing of it is logged beyond the per-VM bound; the session still serves a valid request
+    after it, and the victim VM's placements are not slowed."""
+    outcome = lab.channel_attack("a-topo", "topology-old", pace_s=0.02)
+    _record("TopologyUpdate at protocol 4", outcome)
+    outcome.check_victim_and_memory()
+    report = outcome.report
+    frames = report["bursts"] * TOPOLOGY_FRAMES
+    assert frames >= 10 * TOPOLOGY_FRAMES, report["bursts"]
+    assert report["errors"] == {"bad-request": frames}, "one refusal per update, no more"
+    assert report["error_texts"] == [TOPOLOGY_REFUSAL], report["error_texts"]
+    assert (report["unanswered"], report["stray"]) == (0, 0), "each update answered, once"
+    assert report["after"] == [[0, 0]], "the session serves a valid request after the flood"
+    lines = _lines_about(outcome, "a-topo")
+    assert len(lines) <= 40, f"{len(lines)} log lines about a-topo, e.g. {lines[-3:]}"
+    status = outcome.status["vms"]["a-topo"]
+    assert status["topology_updates"] == 0, "a refused update is not acted on"
+    assert status["guest_online"] == [0, 1, 2], "the Hello's CPUs stand"
 
 
 # -- D7: reconnect back-off resets after a healthy conversation --------------------------------

@@ -37,6 +37,15 @@ def _run(argv: list[str], cwd: Path = REPO) -> subprocess.CompletedProcess[str]:
     return subprocess.run(argv, cwd=cwd, env=env, capture_output=True, text=True, check=False)
 
 
+def _role_check(extra_vars: str) -> tuple[int, str]:
+    """``ansible-playbook site.yml --tags pvhost -e EXTRA_VARS --check``: its exit status and
+    its output (stdout, then stderr)."""
+    res = _run(
+        [_tool("ansible-playbook"), "site.yml", "--tags", "pvhost", "-e", extra_vars, "--check"]
+    )
+    return res.returncode, res.stdout + res.stderr
+
+
 def test_ansible_lint_production_profile_passes() -> None:
     res = _run([_tool("ansible-lint"), "--profile", "production", "--nocolor"])
     assert res.returncode == 0, res.stdout[-4000:] + res.stderr[-4000:]
@@ -207,19 +216,8 @@ def test_libvirt_domains_turn_on_libvirt_in_the_containerized_pvhost(tmp_path: P
 def test_bad_role_variables_fail_before_any_change_with_a_clear_message(
     var: str, value: str, message: str
 ) -> None:
-    res = _run(
-        [
-            _tool("ansible-playbook"),
-            "site.yml",
-            "--tags",
-            "pvhost",
-            "-e",
-            f"{var}={value}",
-            "--check",
-        ]
-    )
-    assert res.returncode != 0
-    out = res.stdout + res.stderr
+    returncode, out = _role_check(f"{var}={value}")
+    assert returncode != 0
     assert message in out, out[-3000:]
     assert "changed=0" in out
 
@@ -233,19 +231,8 @@ def test_libvirt_domains_without_libvirt_fail_before_any_change_with_a_clear_mes
         "pvhost_libvirt_domains": ["web 1"],
         "_pvhost_libvirt_volumes": [f"{missing}:/run/libvirt:rw"],
     }
-    res = _run(
-        [
-            _tool("ansible-playbook"),
-            "site.yml",
-            "--tags",
-            "pvhost",
-            "-e",
-            json.dumps(extra),
-            "--check",
-        ]
-    )
-    out = res.stdout + res.stderr
-    assert res.returncode != 0, out[-3000:]
+    returncode, out = _role_check(json.dumps(extra))
+    assert returncode != 0, out[-3000:]
     assert f"{missing} does not exist" in re.sub(r"\s+", " ", out), out[-3000:]
     assert "install libvirt and start its daemon" in re.sub(r"\s+", " ", out), out[-3000:]
     assert "changed=0" in out

@@ -27,6 +27,7 @@ import os
 import subprocess
 import sys
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -37,70 +38,43 @@ from pvhost.placement import libvirt_cgroup2
 from pvhost.placement.base import remove_cgroup
 from pvhost.placement.cgroup2 import Cgroup2Backend, probe_mode
 from pvhost.placement.libvirt_cgroup2 import LibvirtPartitions
-from pvproto import parse_cpulist
 from tests.faultpoints import KILLED, killed_before_write
 from tests.vm.guest_cgroup2_probe import start_nested_qemu
-from tests.vm.guesthost import ROOT, allowed, cgroup_of, read, stepper
+from tests.vm.guesthost import (
+    LV,
+    ROOT,
+    SLICE,
+    enable_cpuset,
+    leaf,
+    libvirt_domain,
+    libvirt_pin,
+    read,
+    rel,
+    stepper,
+    view,
+)
 
-SLICE = ROOT / "machine.slice"
-SCOPE = SLICE / "machine-qemu\\x2d1\\x2dinner.scope"
-LV = SCOPE / "libvirt"
 SCOPE_B = SLICE / "machine-qemu\\x2d2\\x2dother.scope"
 ALL = "0-3"
 
 
-def rel(path: Path) -> str:
-    return "/" + str(path.relative_to(ROOT))
-
-
-def leaf(vcpu: int) -> str:
-    return rel(LV / f"vcpu{vcpu}")
-
-
-def enable_cpuset(path: Path) -> None:
-    if "cpuset" not in (read(path / "cgroup.subtree_control") or "").split():
-        (path / "cgroup.subtree_control").write_text("+cpuset")
-
-
-def lay_out(pid: int, tids: dict[int, int]) -> list[Path]:
-    """libvirt's layout with QEMU's threads in it; the cgroups this made (to remove after)."""
-    made = [p for p in (SLICE, SCOPE, LV) if not p.exists()]
-    for path in (SLICE, SCOPE, LV):
-        path.mkdir(exist_ok=True)
-    enable_cpuset(ROOT)
-    enable_cpuset(SLICE)
-    enable_cpuset(SCOPE)
-    enable_cpuset(LV)
-    for name in ["emulator", *(f"vcpu{v}" for v in tids)]:
-        (LV / name).mkdir()
-        (LV / name / "cgroup.type").write_text("threaded")
-        made.append(LV / name)
-    # The process into libvirt/ (a threaded domain now), then each thread to its place.
-    (LV / "cgroup.procs").write_text(str(pid))
-    vcpus = set(tids.values())
-    for task in Path(f"/proc/{pid}/task").iterdir():
-        if int(task.name) not in vcpus:
-            with contextlib.suppress(OSError):  # gone meanwhile
-                (LV / "emulator" / "cgroup.threads").write_text(task.name)
-    for vcpu, tid in tids.items():
-        (LV / f"vcpu{vcpu}" / "cgroup.threads").write_text(str(tid))
-        os.sched_setaffinity(tid, range(4))  # libvirt: every host CPU, no cpuset.cpus
-    return made
-
-
-def second_domain() -> tuple[subprocess.Popen[bytes], str]:
+@contextlib.contextmanager
+def second_domain() -> Iterator[tuple[subprocess.Popen[bytes], str]]:
     """Another domain, ``machine-qemu\\x2d2\\x2dother.scope``: one thread (a ``sleep``) in its
-    ``libvirt/vcpu0``, laid out as above; its vcpu0 cgroup."""
+    ``libvirt/vcpu0``, laid out as libvirt does; its vcpu0 cgroup. Stopped after, if it was not."""
     proc = subprocess.Popen(["sleep", "600"])
-    for path in (SCOPE_B, SCOPE_B / "libvirt"):
-        path.mkdir()
-        enable_cpuset(path)
-    vcpu0 = SCOPE_B / "libvirt" / "vcpu0"
-    vcpu0.mkdir()
-    (vcpu0 / "cgroup.type").write_text("threaded")
-    (SCOPE_B / "libvirt" / "cgroup.procs").write_text(str(proc.pid))
-    (vcpu0 / "cgroup.threads").write_text(str(proc.pid))
-    return proc, rel(vcpu0)
+    try:
+        for path in (SCOPE_B, SCOPE_B / "libvirt"):
+            path.mkdir()
+            enable_cpuset(path)
+        vcpu0 = SCOPE_B / "libvirt" / "vcpu0"
+        vcpu0.mkdir()
+        (vcpu0 / "cgroup.type").write_text("threaded")
+        (SCOPE_B / "libvirt" / "cgroup.procs").write_text(str(proc.pid))
+        (vcpu0 / "cgroup.threads").write_text(str(proc.pid))
+        yield proc, rel(vcpu0)
+    finally:
+        stop_second_domain(proc)
 
 
 def stop_second_domain(proc: subprocess.Popen[bytes]) -> None:
@@ -112,43 +86,11 @@ def stop_second_domain(proc: subprocess.Popen[bytes]) -> None:
             remove_cgroup(path)
 
 
-def libvirt_pin(vcpu: int, tid: int, cpus: str) -> None:
-    """What libvirt's live vcpupin writes (qemuDomainPinVcpuLive): the vcpuN cpuset, then the
-    thread's affinity."""
-    (LV / f"vcpu{vcpu}" / "cpuset.cpus").write_text(cpus)
-    os.sched_setaffinity(tid, parse_cpulist(cpus))
-
-
-def view(tids: dict[int, int]) -> dict[str, Any]:
-    out: dict[str, Any] = {
-        "root_isolated": read(ROOT / "cpuset.cpus.isolated"),
-        "root_effective": read(ROOT / "cpuset.cpus.effective"),
-        "exclusive": {rel(p): read(p / "cpuset.cpus.exclusive") for p in (SLICE, SCOPE, LV)},
-        "extpv_slice_exclusive": read(ROOT / "extpv.slice" / "cpuset.cpus.exclusive"),
-    }
-    for name in ["emulator", *(f"vcpu{v}" for v in tids)]:
-        d = LV / name
-        out[name] = {
-            "partition": read(d / "cpuset.cpus.partition"),
-            "exclusive": read(d / "cpuset.cpus.exclusive"),
-            "cpus": read(d / "cpuset.cpus"),
-            "effective": read(d / "cpuset.cpus.effective"),
-        }
-    for vcpu, tid in tids.items():
-        out[f"vcpu{vcpu}"]["allowed"] = allowed(tid)
-        out[f"vcpu{vcpu}"]["cgroup"] = cgroup_of(tid)
-    return out
-
-
 def main() -> None:
     obs: dict[str, Any] = {"errors": {}}
     step = stepper(obs)
-    proc, tids = start_nested_qemu()
-    made: list[Path] = []
-    other: subprocess.Popen[bytes] | None = None
     try:
-        with tempfile.TemporaryDirectory() as tmp:
-            made = lay_out(proc.pid, tids)
+        with libvirt_domain(obs, start_nested_qemu) as tids, tempfile.TemporaryDirectory() as tmp:
             obs["before"] = view(tids)
             mode = probe_mode(ROOT)
             obs["mode"] = mode
@@ -185,15 +127,16 @@ def main() -> None:
             obs["pin2_isolation_after_unpin1"] = parts.isolation(leaf(2)).mode
             # 3b. A second domain's pin: machine.slice holds both, each scope its own; then
             #     that domain stops (its cgroups gone with it) before its pin is undone.
-            other, leaf_b = second_domain()
-            obs["domain_b_leaf"] = leaf_b
-            (ROOT / leaf_b.lstrip("/") / "cpuset.cpus").write_text("3")  # libvirt's pin
-            os.sched_setaffinity(other.pid, {3})
-            step("pin_b", lambda: parts.sync({**target, leaf_b: 3}))
-            obs["pin_b"] = view(tids)
-            obs["pin_b"]["scope_b_exclusive"] = read(SCOPE_B / "cpuset.cpus.exclusive")
-            obs["pin_b"]["b_partition"] = read(ROOT / leaf_b.lstrip("/") / "cpuset.cpus.partition")
-            stop_second_domain(other)
+            with second_domain() as (other, leaf_b):
+                obs["domain_b_leaf"] = leaf_b
+                (ROOT / leaf_b.lstrip("/") / "cpuset.cpus").write_text("3")  # libvirt's pin
+                os.sched_setaffinity(other.pid, {3})
+                step("pin_b", lambda: parts.sync({**target, leaf_b: 3}))
+                obs["pin_b"] = view(tids)
+                obs["pin_b"]["scope_b_exclusive"] = read(SCOPE_B / "cpuset.cpus.exclusive")
+                b_partition = ROOT / leaf_b.lstrip("/") / "cpuset.cpus.partition"
+                obs["pin_b"]["b_partition"] = read(b_partition)
+                stop_second_domain(other)
             step("b_stopped", lambda: parts.sync({**target, leaf_b: 3}))
             obs["b_stopped"] = view(tids)
             obs["b_stopped_saved"] = parts.saved()
@@ -238,17 +181,6 @@ def main() -> None:
             step("backend_teardown", backend.teardown)
     except PartitionInvalid as err:
         obs["invalid_error"] = f"{err} ({err.reason})"
-    finally:
-        proc.kill()
-        proc.wait(timeout=30)
-        if other is not None and other.poll() is None:
-            stop_second_domain(other)
-        for path in reversed(made):
-            try:
-                remove_cgroup(path)
-            except PlacementError as err:
-                obs["errors"].setdefault("cleanup", "")
-                obs["errors"]["cleanup"] += f"{path}: {err}; "
     print(json.dumps(obs))
 
 

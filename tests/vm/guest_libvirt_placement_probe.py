@@ -54,15 +54,22 @@ sys.modules["libvirt"] = StandInLibvirt("libvirt")
 
 from pvhost.errors import PlacementError  # noqa: E402
 from pvhost.placement import libvirt_cgroup2  # noqa: E402
-from pvhost.placement.base import remove_cgroup  # noqa: E402
 from pvhost.placement.cgroup2 import Cgroup2Backend, probe_mode  # noqa: E402
 from pvhost.placement.libvirt import LibvirtPlacement  # noqa: E402
 from pvhost.placement.libvirt_cgroup2 import LibvirtPartitions  # noqa: E402
-from pvproto import format_cpulist, parse_cpulist  # noqa: E402
+from pvproto import format_cpulist  # noqa: E402
 from tests.faultpoints import KILLED, killed_before_write  # noqa: E402
 from tests.vm.guest_cgroup2_probe import start_nested_qemu  # noqa: E402
-from tests.vm.guest_libvirt_cgroup2_probe import LV, lay_out, leaf, view  # noqa: E402
-from tests.vm.guesthost import ROOT, read, stepper  # noqa: E402
+from tests.vm.guesthost import (  # noqa: E402
+    LV,
+    ROOT,
+    leaf,
+    libvirt_domain,
+    libvirt_pin,
+    read,
+    stepper,
+    view,
+)
 
 VM = "inner"
 UUID = "4f1b7c2e-0000-4000-8000-00000000e11e"
@@ -92,8 +99,7 @@ class StandInDomain:
     def pinVcpuFlags(self, vcpu: int, cpumap: tuple[bool, ...], flags: int) -> None:
         cpus = format_cpulist(i for i, on in enumerate(cpumap) if on)
         try:
-            (LV / f"vcpu{vcpu}" / "cpuset.cpus").write_text(cpus)
-            os.sched_setaffinity(self.tids[vcpu], parse_cpulist(cpus))
+            libvirt_pin(vcpu, self.tids[vcpu], cpus)
         except OSError as err:  # libvirt reports a failed cgroup write as an error of its own
             raise StandInLibvirtError(f"vcpupin {vcpu} {cpus}: {err}", 1) from err
         self.pins[vcpu] = tuple(cpumap)
@@ -118,15 +124,15 @@ class StandInLink:
 def wire(
     tmp: Path, link: StandInLink
 ) -> tuple[Cgroup2Backend, LibvirtPlacement, LibvirtPartitions]:
-    """What ``Service`` does at construction and at start (setup, then the sync after a kill)."""
+    """What ``Service`` does at construction and at start (setup, the partitions in the mode
+    it found, then the sync after a kill)."""
     backend = Cgroup2Backend(ROOT, tmp / "cgroup2.json")
     placement = LibvirtPlacement(link, tmp / "libvirt.json")  # type: ignore[arg-type]
-    parts = LibvirtPartitions(ROOT, tmp / "libvirt-cgroup2.json", "restricted")
-    placement.partitions = parts
     backend.lent = placement.held
     backend.setup(frozenset({1, 2, 3}))
-    parts.mode = backend.mode
+    parts = LibvirtPartitions(ROOT, tmp / "libvirt-cgroup2.json", backend.mode)
     parts.lend = backend.lend_exclusive
+    placement.partitions = parts
     placement.sync_partitions()
     placement.known(VM, UUID, VM)
     return backend, placement, parts
@@ -149,73 +155,58 @@ def seen(placement: LibvirtPlacement, dom: StandInDomain, tids: dict[int, int]) 
 def main() -> None:
     obs: dict[str, Any] = {"errors": {}}
     step = stepper(obs)
-    proc, tids = start_nested_qemu()
-    made: list[Path] = []
-    try:
-        with tempfile.TemporaryDirectory() as tmp_dir:
-            tmp = Path(tmp_dir)
-            made = lay_out(proc.pid, tids)
-            dom = StandInDomain(tids)
-            link = StandInLink(dom)
-            obs["mode"] = probe_mode(ROOT)
-            obs["before"] = view(tids)
-            backend, placement, _ = wire(tmp, link)
-            obs["setup"] = seen(placement, dom, tids)
+    with libvirt_domain(obs, start_nested_qemu) as tids, tempfile.TemporaryDirectory() as tmp_dir:
+        tmp = Path(tmp_dir)
+        dom = StandInDomain(tids)
+        link = StandInLink(dom)
+        obs["mode"] = probe_mode(ROOT)
+        obs["before"] = view(tids)
+        backend, placement, _ = wire(tmp, link)
+        obs["setup"] = seen(placement, dom, tids)
 
-            # 1. The guest asks vCPU 1 → pCPU 1: libvirt pins, then the partition in place.
-            step("pin1", lambda: placement.pin(VM, 1, tids[1], 1))
-            obs["pin1"] = seen(placement, dom, tids)
-            # 2. vCPU 2 → pCPU 2.
-            step("pin2", lambda: placement.pin(VM, 2, tids[2], 2))
-            obs["pin2"] = seen(placement, dom, tids)
-            # 3. vCPU 1's thread exits: the unpin; the other pin holds.
-            step("unpin1", lambda: placement.unpin(VM, 1))
-            obs["unpin1"] = seen(placement, dom, tids)
-            # 4. A pin that would leave libvirt's vcpu0 no CPU (pinned to pCPU 3 by the
-            #    operator): refused, libvirt's pin of vCPU 3 put back, nothing else changed.
-            dom.pinVcpuFlags(0, (False, False, False, True), 1)
-            before = seen(placement, dom, tids)
-            try:
-                placement.pin(VM, 3, tids[3], 3)
-                obs["refused"] = None
-            except PlacementError as err:
-                obs["refused"] = str(err)
-            after = seen(placement, dom, tids)
-            obs["refusal_changed"] = {
-                k: [before[k], after[k]] for k in after if after[k] != before[k]
-            }
-            dom.pinVcpuFlags(0, (True,) * HOST_CPUS, 1)
-            # 5. kill -9 just before the partition's write of a pin of vCPU 3; a new pvhost
-            #    (everything wired anew from the state files) converges to the recorded pin.
-            exit_code = killed_before_write(
-                libvirt_cgroup2,
-                LV / "vcpu3" / "cpuset.cpus.partition",
-                lambda: placement.pin(VM, 3, tids[3], 3),
-            )
-            # libvirt's own state survived the kill: the child's pin is libvirt's now
-            dom.pins[3] = tuple(i == 3 for i in range(HOST_CPUS))
-            crash: dict[str, Any] = {"killed": exit_code == KILLED}
-            crash["left"] = {"vcpu3": view(tids)["vcpu3"]}
-            restarted = step("restart", lambda: wire(tmp, link))
-            if restarted is not None:
-                backend, placement, _ = restarted
-            crash["after"] = seen(placement, dom, tids)
-            obs["crash"] = crash
-            # 6. The domain's session ends (the agent gone): detach undoes every pin.
-            step("detach", lambda: placement.detach(VM))
-            obs["after"] = seen(placement, dom, tids)
-            obs["after_saved"] = json.loads(read(tmp / "libvirt-cgroup2.json") or "{}")
-            obs["after_state"] = json.loads(read(tmp / "libvirt.json") or "{}")
-            step("backend_teardown", backend.teardown)
-    finally:
-        proc.kill()
-        proc.wait(timeout=30)
-        for path in reversed(made):
-            try:
-                remove_cgroup(path)
-            except PlacementError as err:
-                obs["errors"].setdefault("cleanup", "")
-                obs["errors"]["cleanup"] += f"{path}: {err}; "
+        # 1. The guest asks vCPU 1 → pCPU 1: libvirt pins, then the partition in place.
+        step("pin1", lambda: placement.pin(VM, 1, tids[1], 1))
+        obs["pin1"] = seen(placement, dom, tids)
+        # 2. vCPU 2 → pCPU 2.
+        step("pin2", lambda: placement.pin(VM, 2, tids[2], 2))
+        obs["pin2"] = seen(placement, dom, tids)
+        # 3. vCPU 1's thread exits: the unpin; the other pin holds.
+        step("unpin1", lambda: placement.unpin(VM, 1))
+        obs["unpin1"] = seen(placement, dom, tids)
+        # 4. A pin that would leave libvirt's vcpu0 no CPU (pinned to pCPU 3 by the
+        #    operator): refused, libvirt's pin of vCPU 3 put back, nothing else changed.
+        dom.pinVcpuFlags(0, (False, False, False, True), 1)
+        before = seen(placement, dom, tids)
+        try:
+            placement.pin(VM, 3, tids[3], 3)
+            obs["refused"] = None
+        except PlacementError as err:
+            obs["refused"] = str(err)
+        after = seen(placement, dom, tids)
+        obs["refusal_changed"] = {k: [before[k], after[k]] for k in after if after[k] != before[k]}
+        dom.pinVcpuFlags(0, (True,) * HOST_CPUS, 1)
+        # 5. kill -9 just before the partition's write of a pin of vCPU 3; a new pvhost
+        #    (everything wired anew from the state files) converges to the recorded pin.
+        exit_code = killed_before_write(
+            libvirt_cgroup2,
+            LV / "vcpu3" / "cpuset.cpus.partition",
+            lambda: placement.pin(VM, 3, tids[3], 3),
+        )
+        # libvirt's own state survived the kill: the child's pin is libvirt's now
+        dom.pins[3] = tuple(i == 3 for i in range(HOST_CPUS))
+        crash: dict[str, Any] = {"killed": exit_code == KILLED}
+        crash["left"] = {"vcpu3": view(tids)["vcpu3"]}
+        restarted = step("restart", lambda: wire(tmp, link))
+        if restarted is not None:
+            backend, placement, _ = restarted
+        crash["after"] = seen(placement, dom, tids)
+        obs["crash"] = crash
+        # 6. The domain's session ends (the agent gone): detach undoes every pin.
+        step("detach", lambda: placement.detach(VM))
+        obs["after"] = seen(placement, dom, tids)
+        obs["after_saved"] = json.loads(read(tmp / "libvirt-cgroup2.json") or "{}")
+        obs["after_state"] = json.loads(read(tmp / "libvirt.json") or "{}")
+        step("backend_teardown", backend.teardown)
     obs["leaf1"] = leaf(1)
     print(json.dumps(obs))
 

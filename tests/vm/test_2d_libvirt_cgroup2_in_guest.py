@@ -14,19 +14,13 @@ from __future__ import annotations
 
 import pytest
 
-import vmlab
 from pvproto import parse_cpulist
-from tests.vm.probes import run_probe
+from tests.vm.guesthost import LV_ANCESTORS, LV_CGROUP, assert_as_libvirt_had
+from tests.vm.probes import probe_fixture
 
 pytestmark = [pytest.mark.vm, pytest.mark.slow]
 
-LV = "/machine.slice/machine-qemu\\x2d1\\x2dinner.scope/libvirt"
-ANCESTORS = ("/machine.slice", "/machine.slice/machine-qemu\\x2d1\\x2dinner.scope", LV)
-
-
-@pytest.fixture(scope="module")
-def observed(guest_vm: vmlab.VirtualMachine) -> dict:
-    return run_probe(guest_vm, "guest_libvirt_cgroup2_probe.py", timeout_s=240)
+observed = probe_fixture("guest_libvirt_cgroup2_probe.py")
 
 
 def test_no_step_failed(observed: dict) -> None:
@@ -40,10 +34,10 @@ def test_pin_is_an_isolated_partition_in_libvirts_own_vcpu_cgroup(observed: dict
     vcpu1 = pin1["vcpu1"]
     assert vcpu1["partition"] == "isolated", pin1
     assert vcpu1["exclusive"] == "1"
-    assert vcpu1["cgroup"] == f"{LV}/vcpu1", "the thread stays in libvirt's cgroup"
+    assert vcpu1["cgroup"] == f"{LV_CGROUP}/vcpu1", "the thread stays in libvirt's cgroup"
     assert vcpu1["allowed"] == "1"
     # Remote partition: exclusive CPUs up the chain, no partition root in between.
-    assert pin1["exclusive"] == dict.fromkeys(ANCESTORS, "1"), pin1["exclusive"]
+    assert pin1["exclusive"] == dict.fromkeys(LV_ANCESTORS, "1"), pin1["exclusive"]
     assert pin1["root_isolated"] == "1"
     # extpv.slice (plain-QEMU VMs) lent pCPU 1 out of its exclusive CPUs.
     assert pin1["extpv_slice_exclusive"] == "2-3"
@@ -54,7 +48,7 @@ def test_pin_is_an_isolated_partition_in_libvirts_own_vcpu_cgroup(observed: dict
     assert observed["pin1_check"] == []
     pin2 = observed["pin2"]
     assert pin2["vcpu1"]["partition"] == pin2["vcpu2"]["partition"] == "isolated", pin2
-    assert pin2["exclusive"] == dict.fromkeys(ANCESTORS, "1-2"), pin2["exclusive"]
+    assert pin2["exclusive"] == dict.fromkeys(LV_ANCESTORS, "1-2"), pin2["exclusive"]
     assert pin2["root_isolated"] == "1-2"
     assert pin2["extpv_slice_exclusive"] == "3"
 
@@ -66,11 +60,11 @@ def test_unpin_beside_a_pin_keeps_the_other_isolated(observed: dict) -> None:
     assert after["vcpu1"]["partition"] == "member" and after["vcpu1"]["exclusive"] == ""
     assert after["vcpu1"]["cpus"] == "0-1,3", after["vcpu1"]
     assert after["vcpu2"]["partition"] == "isolated", after["vcpu2"]
-    assert after["exclusive"] == dict.fromkeys(ANCESTORS, "2"), after["exclusive"]
+    assert after["exclusive"] == dict.fromkeys(LV_ANCESTORS, "2"), after["exclusive"]
     assert after["extpv_slice_exclusive"] == "1,3"
     assert observed["pin2_isolation_after_unpin1"] == "isolated"
     assert observed["unpin1_saved"]["siblings"] == {
-        f"{LV}/vcpu1": {"cpus": "0-3", "wrote": "0-1,3"}
+        f"{LV_CGROUP}/vcpu1": {"cpus": "0-3", "wrote": "0-1,3"}
     }
 
 
@@ -78,13 +72,13 @@ def test_each_domain_holds_its_own_and_a_stopped_one_gives_back(observed: dict) 
     pin_b = observed["pin_b"]
     assert pin_b["b_partition"] == "isolated", pin_b
     assert pin_b["exclusive"]["/machine.slice"] == "2-3", "machine.slice holds both domains'"
-    assert pin_b["exclusive"][LV] == "2" and pin_b["scope_b_exclusive"] == "3", pin_b
+    assert pin_b["exclusive"][LV_CGROUP] == "2" and pin_b["scope_b_exclusive"] == "3", pin_b
     assert pin_b["extpv_slice_exclusive"] == "1"
     assert pin_b["root_isolated"] == "2-3"
     # The domain stopped (its cgroups removed, as libvirt does) with its pin still recorded:
     # its pCPU comes back from machine.slice and extpv.slice, nothing of it stays recorded.
     stopped = observed["b_stopped"]
-    assert stopped["exclusive"] == dict.fromkeys(ANCESTORS, "2"), stopped["exclusive"]
+    assert stopped["exclusive"] == dict.fromkeys(LV_ANCESTORS, "2"), stopped["exclusive"]
     assert stopped["extpv_slice_exclusive"] == "1,3"
     assert stopped["root_isolated"] == "2"
     saved = observed["b_stopped_saved"]
@@ -93,31 +87,21 @@ def test_each_domain_holds_its_own_and_a_stopped_one_gives_back(observed: dict) 
 
 def test_pin_that_would_leave_a_sibling_no_cpu_is_refused_unchanged(observed: dict) -> None:
     assert observed["refused"] is not None and "leave it no CPU" in observed["refused"]
-    assert f"{LV}/vcpu0" in observed["refused"]
+    assert f"{LV_CGROUP}/vcpu0" in observed["refused"]
     assert observed["refusal_changed_nothing"] is True
 
 
 def test_kill_9_mid_pin_converges_on_restart(observed: dict) -> None:
     crash = observed["crash"]
     assert crash["killed"] is True, crash
-    assert f"{LV}/vcpu3" in crash["recorded"]["leaves"], crash["recorded"]
+    assert f"{LV_CGROUP}/vcpu3" in crash["recorded"]["leaves"], crash["recorded"]
     after = crash["after"]
     assert after["vcpu3"]["partition"] == "member" and after["vcpu3"]["exclusive"] == ""
     assert after["vcpu2"]["partition"] == "isolated"
-    assert after["exclusive"] == dict.fromkeys(ANCESTORS, "2"), after["exclusive"]
+    assert after["exclusive"] == dict.fromkeys(LV_ANCESTORS, "2"), after["exclusive"]
     assert after["root_isolated"] == "2"
 
 
 def test_undo_restores_exactly_what_libvirt_had(observed: dict) -> None:
-    before, after = observed["before"], observed["after"]
-    assert after["exclusive"] == before["exclusive"] == dict.fromkeys(ANCESTORS, "")
-    assert after["root_isolated"] == ""
-    assert after["emulator"] == before["emulator"]
-    for vcpu in range(4):
-        a = after[f"vcpu{vcpu}"]
-        assert a["partition"] == "member" and a["exclusive"] == "", a
-        assert a["cgroup"] == f"{LV}/vcpu{vcpu}"
-        assert a["allowed"] == "0-3"
-        # libvirt's own write (its pinning from before, every CPU) stands; nothing of extpv's.
-        assert a["cpus"] in ("", "0-3"), a
+    assert_as_libvirt_had(observed["before"], observed["after"])
     assert observed["after_saved"] == {"leaves": {}, "ancestors": {}, "siblings": {}}

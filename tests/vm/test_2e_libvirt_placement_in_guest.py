@@ -14,20 +14,16 @@ from __future__ import annotations
 
 import pytest
 
-import vmlab
-from tests.vm.probes import run_probe
+from tests.vm.guesthost import LV_ANCESTORS, LV_CGROUP, assert_as_libvirt_had
+from tests.vm.probes import probe_fixture
 
 pytestmark = [pytest.mark.vm, pytest.mark.slow]
 
 VM = "inner"
-LV = "/machine.slice/machine-qemu\\x2d1\\x2dinner.scope/libvirt"
-ANCESTORS = ("/machine.slice", "/machine.slice/machine-qemu\\x2d1\\x2dinner.scope", LV)
 EVERY = dict.fromkeys(("0", "1", "2", "3"), "0-3")  # virsh vcpupin, vCPU → pCPUs
 
 
-@pytest.fixture(scope="module")
-def observed(guest_vm: vmlab.VirtualMachine) -> dict:
-    return run_probe(guest_vm, "guest_libvirt_placement_probe.py", timeout_s=240)
+observed = probe_fixture("guest_libvirt_placement_probe.py")
 
 
 def test_no_step_failed(observed: dict) -> None:
@@ -42,13 +38,13 @@ def test_pin_goes_through_libvirt_and_isolates_in_its_vcpu_cgroup(observed: dict
     assert pin1["vcpupin"] == {**EVERY, "1": "1"}, "virsh vcpupin shows extpv's pin"
     assert pin1["pins"] == {VM: {"1": 1}}
     assert pin1["vcpu1"]["partition"] == "isolated", pin1["vcpu1"]
-    assert pin1["vcpu1"]["cgroup"] == f"{LV}/vcpu1", "the thread stays in libvirt's cgroup"
+    assert pin1["vcpu1"]["cgroup"] == f"{LV_CGROUP}/vcpu1", "the thread stays in libvirt's cgroup"
     assert pin1["vcpu1"]["allowed"] == "1"
-    assert pin1["exclusive"] == dict.fromkeys(ANCESTORS, "1"), pin1["exclusive"]
+    assert pin1["exclusive"] == dict.fromkeys(LV_ANCESTORS, "1"), pin1["exclusive"]
     assert pin1["root_isolated"] == "1"
     assert pin1["extpv_slice_exclusive"] == "2-3", "extpv.slice lent pCPU 1"
     # What pvctl status and the guest's answer say: the partition, read back.
-    assert pin1["describe"][VM]["1"]["cgroup"] == f"{LV}/vcpu1"
+    assert pin1["describe"][VM]["1"]["cgroup"] == f"{LV_CGROUP}/vcpu1"
     assert pin1["describe"][VM]["1"]["previous"] == [0, 1, 2, 3]
     assert pin1["achieved"] == {VM: {"1": ["isolated", ""]}}, pin1["achieved"]
     assert pin1["verify"] == []
@@ -68,7 +64,7 @@ def test_unpin_puts_libvirts_pinning_back_and_the_other_pin_holds(observed: dict
     assert after["vcpu1"]["partition"] == "member" and after["vcpu1"]["exclusive"] == ""
     assert after["vcpu1"]["allowed"] != "1", after["vcpu1"]
     assert after["vcpu2"]["partition"] == "isolated", after["vcpu2"]
-    assert after["exclusive"] == dict.fromkeys(ANCESTORS, "2"), after["exclusive"]
+    assert after["exclusive"] == dict.fromkeys(LV_ANCESTORS, "2"), after["exclusive"]
     assert after["extpv_slice_exclusive"] == "1,3", "pCPU 1 given back to extpv.slice"
     assert after["achieved"] == {VM: {"2": ["isolated", ""]}}
     assert after["verify"] == []
@@ -76,7 +72,7 @@ def test_unpin_puts_libvirts_pinning_back_and_the_other_pin_holds(observed: dict
 
 def test_pin_that_would_leave_a_sibling_no_cpu_is_refused_and_undone(observed: dict) -> None:
     assert observed["refused"] is not None and "leave it no CPU" in observed["refused"]
-    assert f"{LV}/vcpu0" in observed["refused"]
+    assert f"{LV_CGROUP}/vcpu0" in observed["refused"]
     # libvirt's pin of vCPU 3 was put back and nothing was recorded: only what libvirt itself
     # wrote for the pin and its undo differs (vcpu3's cpuset.cpus, now explicit).
     changed = observed["refusal_changed"]
@@ -94,24 +90,16 @@ def test_kill_9_mid_pin_converges_to_the_recorded_pin_on_restart(observed: dict)
     after = crash["after"]
     assert after["pins"] == {VM: {"2": 2, "3": 3}}
     assert after["vcpu3"]["partition"] == after["vcpu2"]["partition"] == "isolated", after
-    assert after["exclusive"] == dict.fromkeys(ANCESTORS, "2-3"), after["exclusive"]
+    assert after["exclusive"] == dict.fromkeys(LV_ANCESTORS, "2-3"), after["exclusive"]
     assert after["extpv_slice_exclusive"] == "1", "the restarted backend lent both"
     assert [m for m, _ in after["achieved"][VM].values()] == ["isolated", "isolated"]
     assert after["verify"] == []
 
 
 def test_detach_restores_exactly_what_libvirt_had(observed: dict) -> None:
-    before, after = observed["before"], observed["after"]
+    after = observed["after"]
     assert after["vcpupin"] == EVERY
     assert after["pins"] == {}
-    assert after["exclusive"] == before["exclusive"] == dict.fromkeys(ANCESTORS, "")
-    assert after["root_isolated"] == ""
-    assert after["emulator"] == before["emulator"]
-    for vcpu in range(4):
-        a = after[f"vcpu{vcpu}"]
-        assert a["partition"] == "member" and a["exclusive"] == "", a
-        assert a["cgroup"] == f"{LV}/vcpu{vcpu}"
-        assert a["allowed"] == "0-3"
-        assert a["cpus"] in ("", "0-3"), a  # libvirt's own write of its pinning stands
+    assert_as_libvirt_had(observed["before"], after)
     assert observed["after_saved"].get("leaves", {}) == {}, observed["after_saved"]
     assert observed["after_state"].get("vms", {}) == {}, observed["after_state"]
