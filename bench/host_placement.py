@@ -52,7 +52,11 @@ from vmlab.guestpeer import TRACKING_AGENT_VERSIONS, FakeGuestChannel  # noqa: E
 
 
 def bench_backend(iterations: int, tmp: Path) -> dict[str, object]:
-    backend = detect_backend(Path("/sys/fs/cgroup"), tmp / "state", group="extpv-bench")
+    # cgroup v1: move mode, as bench/results/host-cgroup1.md was recorded (resident mode's
+    # pin, pvhost's default: bench/cgroup1_attach.py, bench/vm_stages.py).
+    backend = detect_backend(
+        Path("/sys/fs/cgroup"), tmp / "state", group="extpv-bench", cgroup1_mode="move"
+    )
     cpus = sorted(os.sched_getaffinity(0))
     backend.setup(frozenset(cpus))
     stop = threading.Event()

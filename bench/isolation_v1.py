@@ -64,7 +64,10 @@ def load_seen_on(pids: list[int], cpu: int, seconds: float) -> float:
 def measure(mode: str, n: int, pcpu: int, *, load: Path, yes: list[int], tid: int) -> Any:
     with tempfile.TemporaryDirectory() as tmp:
         isolate = ("/" + load.name,) if mode == "isolate_from" else ()
-        backend = Cgroup1Backend(CPUSET, Path(tmp) / "state.json", "extpv-bench-iso", isolate)
+        # Move mode, as bench/results/isolation-v1.md was recorded (resident: vm_stages.py).
+        backend = Cgroup1Backend(
+            CPUSET, Path(tmp) / "state.json", "extpv-bench-iso", isolate, mode="move"
+        )
         backend.setup(frozenset({pcpu}))
         try:
             pins, unpins = cycles(backend, n, tid, pcpu)

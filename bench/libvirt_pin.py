@@ -80,7 +80,10 @@ async def bench_libvirt(lv: Libvirtd, tmp: Path, n: int) -> dict[str, Any]:
 
 def bench_plain(tmp: Path, n: int) -> dict[str, Any]:
     qemu = start(VMSpec.empty("lvbench", tmp / "vms", smp=2))
-    backend = detect_backend(Path("/sys/fs/cgroup"), tmp / "state", group="extpv-lvbench")
+    # cgroup v1: move mode, as bench/results/libvirt.md was recorded (a thread move per pin).
+    backend = detect_backend(
+        Path("/sys/fs/cgroup"), tmp / "state", group="extpv-lvbench", cgroup1_mode="move"
+    )
     try:
         tids = {i: v.tid for i, v in qemu.vcpu_threads().items()}
         backend.setup(frozenset({0, 1}))

@@ -267,8 +267,8 @@ def main() -> int:
     ap.add_argument(
         "--cgroup1-mode",
         choices=("move", "resident"),
-        default="move",
-        help="[placement] cgroup1_mode of pvhost (cgroup v1 hosts)",
+        default="resident",
+        help="[placement] cgroup1_mode of pvhost (cgroup v1 hosts; default: pvhost's)",
     )
     ap.add_argument(
         "--qemu-nice",

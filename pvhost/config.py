@@ -23,7 +23,7 @@ Example::
     rate = 20.0                         # AffinityUpdates applied per second per VM
     burst = 5
     isolate_from = []                   # cgroup v1: cpusets pinned pCPUs are taken from
-    cgroup1_mode = "move"               # cgroup v1: move or resident (docs/cgroup1-resident.md)
+    cgroup1_mode = "resident"           # cgroup v1: resident or move (docs/cgroup1-resident.md)
 
     [libvirt]                           # domains libvirt runs (docs/libvirt.md)
     enabled = false
@@ -146,10 +146,11 @@ class PlacementConfig(_Strict):
     #: it is pinned, e.g. where the other VMs and services run. cgroup v2 isolates with
     #: partitions instead.
     isolate_from: Annotated[list[str], Field(max_length=64)] = []
-    #: cgroup v1: ``move`` moves a vCPU thread into its cpuset at every pin and back at every
-    #: unpin; ``resident`` moves it once per VM into a cpuset of its own whose CPUs a pin and
-    #: an unpin rewrite (no thread move, so no wait for an RCU grace period on the hot path).
-    cgroup1_mode: Literal["move", "resident"] = "move"
+    #: cgroup v1: ``resident`` (the default) moves a vCPU thread once per VM into a cpuset of
+    #: its own whose CPUs a pin and an unpin rewrite (no thread move, so no wait for an RCU
+    #: grace period on the hot path); ``move`` moves it into its cpuset at every pin and back
+    #: at every unpin (libvirt domains are pinned through libvirt in either mode).
+    cgroup1_mode: Literal["move", "resident"] = "resident"
 
     _lists = field_validator("housekeeping", "pool")(_cpulist)
 

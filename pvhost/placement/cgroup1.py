@@ -1,6 +1,9 @@
 """cgroup v1 backend: the ``cpuset`` hierarchy, for hybrid hosts without cpuset in cgroup2.
 
-Layout (under the v1 cpuset mount, default ``/sys/fs/cgroup/cpuset``)::
+Two modes (``[placement] cgroup1_mode``, docs/cgroup1-resident.md): ``resident``, the default,
+moves each vCPU thread once per VM and makes a pin a write of its cpuset's CPUs (below);
+``move``, the opt-out, moves the thread at each pin and unpin. **Move mode** layout (under the
+v1 cpuset mount, default ``/sys/fs/cgroup/cpuset``)::
 
     extpv/                 cpus = every CPU that may be pinned (the eligible pool)
       vm-<name>/           cpus = the pCPUs this VM holds now (grown before a pin, shrunk after)
@@ -20,21 +23,24 @@ affinity are saved in the state file before anything changes (:class:`~pvhost.st
 and cleared after the VM's cpuset has shrunk again. A thread found in one of these cpusets with
 no record (the state file was lost) goes back to its process's cpuset.
 
-**Resident mode** (``[placement] cgroup1_mode = "resident"``). Moving a thread into a v1
-cpuset takes ``cgroup_threadgroup_rwsem`` for writing, which waits for an RCU grace period
-unless a hierarchy is mounted with ``favordynmods``: ~7 ms when moves come hundreds of ms
-apart, as a guest's pins do (bench/cgroup1_attach.py). In resident mode each vCPU thread is
-moved once, at the VM's first placement change, into ``vcpu<N>`` whose CPUs mirror the cpuset
-it came from (its *home*, :class:`~pvhost.state.Cgroup1Home`, saved before the move); a pin
-then writes only ``vcpu<N>/cpuset.cpus`` = the pCPU, an unpin writes the home's CPUs back, and
-the thread goes home when the VM is detached (VM exit, ``pvctl release``, pvhost stop). So::
+**Resident mode** (``[placement] cgroup1_mode = "resident"``, the default). Moving a thread
+into a v1 cpuset takes ``cgroup_threadgroup_rwsem`` for writing, which waits for an RCU grace
+period unless a hierarchy is mounted with ``favordynmods``: ~7 ms when moves come hundreds of
+ms apart, as a guest's pins do (bench/cgroup1_attach.py). In resident mode each vCPU thread is
+moved once, when pvhost finds the VM's vCPU threads (else at its first placement change), into
+``vcpu<N>`` whose CPUs mirror the cpuset it came from (its *home*,
+:class:`~pvhost.state.Cgroup1Home`, saved before the move); a pin then writes only
+``vcpu<N>/cpuset.cpus`` = the pCPU, an unpin writes the home's CPUs back, and the thread goes
+home when the VM is detached (VM exit, ``pvctl release``, pvhost stop). libvirt domains are
+not attached: libvirt keeps their threads in its own ``vcpuN`` cpusets and pins them
+(:mod:`pvhost.placement.libvirt`), in either mode. So::
 
     extpv/                 cpus = every CPU of the root cpuset (unpinned threads keep their home's)
       vm-<name>/           cpus = the same
         vcpu<N>/           vCPU thread N for the VM's life: cpus = the pCPU while pinned, else
                            its home's cpus as they are now (isolate_from applied)
 
-What the operator sees change: from the first guest request to the VM's end its vCPU threads
+What the operator sees change: from pvhost finding the VM to the VM's end its vCPU threads
 are in extpv's cpusets, not the one QEMU was started in. Their home bounds them all the same:
 while unpinned they get the home's CPUs, re-read at every pin and unpin (so an ``isolate_from``
 home that gives a pinned pCPU up takes it from them too, and an operator's change of the
@@ -96,7 +102,7 @@ class Cgroup1Backend(PlacementBackend):
         state: Path,
         group: str = "extpv",
         isolate_from: tuple[str, ...] = (),
-        mode: Cgroup1Mode = "move",
+        mode: Cgroup1Mode = "resident",
     ) -> None:
         """``hierarchy``: the v1 cpuset mount; ``state``: this backend's state file;
         ``isolate_from``: cpusets (paths in the hierarchy) a pinned pCPU is taken from;

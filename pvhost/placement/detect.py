@@ -20,7 +20,7 @@ def detect_backend(
     group: str = "",
     isolate_from: tuple[str, ...] = (),
     *,
-    cgroup1_mode: Cgroup1Mode = "move",
+    cgroup1_mode: Cgroup1Mode = "resident",
 ) -> PlacementBackend:
     """cgroup v2 when the unified hierarchy has cpuset, else the v1 cpuset hierarchy.
 

@@ -1,6 +1,9 @@
 """cgroup v1 backend against this host's real cpuset hierarchy: undo leaves a thread as if it
 had never been pinned, including its own affinity choice and later cpuset changes; a lost state
-file or a crash in the middle of an undo leaves nothing behind after the next start."""
+file or a crash in the middle of an undo leaves nothing behind after the next start.
+
+Move mode (``[placement] cgroup1_mode = "move"``, the opt-out): each pin moves the thread in
+and each unpin moves it back. Resident mode, the default: test_host_cgroup1_resident.py."""
 
 from __future__ import annotations
 
@@ -40,7 +43,9 @@ def outer(cpuset_group: str) -> Iterator[Path]:
 
 def backend_in(state_dir: Path, group: str) -> PlacementBackend:
     """What pvhost does at start: choose the backend (it reads its state file), set it up."""
-    backend = detect_backend(Path("/sys/fs/cgroup"), state_dir, "cgroup1", group)
+    backend = detect_backend(
+        Path("/sys/fs/cgroup"), state_dir, "cgroup1", group, cgroup1_mode="move"
+    )
     backend.setup(frozenset({0, 1}))
     return backend
 
@@ -70,7 +75,7 @@ def test_unpinned_thread_follows_its_cpuset_and_keeps_its_own_mask(
             (outer / "tasks").write_text(str(tid))
         assert {t: thread_allowed_cpus(t) for t in threads} == {t: {0} for t in threads}
 
-        backend = Cgroup1Backend(CPUSET, tmp_path / "cgroup1.json", cpuset_group)
+        backend = Cgroup1Backend(CPUSET, tmp_path / "cgroup1.json", cpuset_group, mode="move")
         backend.setup(frozenset({1}))
         backend.pin("vm", 0, plain, 1)
         assert thread_allowed_cpus(plain) == {1}

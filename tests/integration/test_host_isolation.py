@@ -6,6 +6,9 @@ thread is pinned, no ``yes`` may run on its pCPU and the thread gets ≥ 90 % of
 pin and after the unpin it shares the CPUs with the load, and the load's cpuset is exactly as
 it was. The host's own accounting says so: ``/proc/<pid>/stat`` (the CPU each task last ran
 on) and ``/proc/<pid>/task/<tid>/schedstat`` (run time).
+
+These run ``[placement] cgroup1_mode = "move"`` (each pin moves the thread), the opt-out from
+the default; resident mode (the default) has the same proofs in test_host_cgroup1_resident.py.
 """
 
 from __future__ import annotations
@@ -38,7 +41,7 @@ PCPU = 1  # CPU 0 stays the host's housekeeping CPU
 def backend_for(tmp_path: Path, group: str, *isolate_from: Path) -> Cgroup1Backend:
     backend = detect_backend(
         Path("/sys/fs/cgroup"), tmp_path / "state", "cgroup1", group,
-        tuple("/" + p.name for p in isolate_from),
+        tuple("/" + p.name for p in isolate_from), cgroup1_mode="move",
     )  # fmt: skip
     assert isinstance(backend, Cgroup1Backend)
     backend.setup(frozenset({PCPU}))
@@ -218,8 +221,9 @@ def test_through_the_daemon_a_spinning_vcpu_gets_its_pcpu_to_itself_while_pinned
         tid = qemu.vcpu_threads()[0].tid
         port = free_port()
         config = write_config(
-            tmp_path, qemu, cpuset_group, port, f'isolate_from = ["/{path.name}"]'
-        )
+            tmp_path, qemu, cpuset_group, port,
+            f'isolate_from = ["/{path.name}"]\ncgroup1_mode = "move"',
+        )  # fmt: skip
 
         def metrics() -> str:
             with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as r:

@@ -126,7 +126,7 @@ def test_the_backends_read_backs_do_not_make_each_other_read_tasks_again(
         return kernel_thread(tid)
 
     monkeypatch.setattr(isolation, "_kernel_thread", counted)
-    backend = Cgroup1Backend(scratch, tmp_path / "cgroup1.json", "extpv")
+    backend = Cgroup1Backend(scratch, tmp_path / "cgroup1.json", "extpv", mode="move")
     backend.setup(frozenset({0}))  # the summary's pCPU: 0
     children = [sleeper(scratch) for _ in range(4)]
     try:

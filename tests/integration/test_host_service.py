@@ -1,6 +1,9 @@
 """End to end on this host: real QEMU (TCG), real QMP, real cgroup v1 cpusets, the guest
 played on the channel socket. An AffinityUpdate for vCPU 1 must end with QEMU's vCPU-1
-thread restricted to the planned pCPU, and an empty update must restore it exactly."""
+thread restricted to the planned pCPU, and an empty update must restore it exactly.
+
+pvhost's default ``cgroup1_mode`` (``resident``) unless a test names one: the first test runs
+both modes, as their cgroup layouts differ."""
 
 from __future__ import annotations
 
@@ -34,16 +37,22 @@ def hot_plug_vcpu1(qemu: VirtualMachine) -> int:
     return qemu.vcpu_threads()[1].tid
 
 
+@pytest.mark.parametrize("mode", [None, "move"], ids=["default", "move"])
 def test_update_pins_vcpu_thread_and_empty_update_restores(
-    tmp_path: Path, qemu: VirtualMachine, cpuset_group: str
+    tmp_path: Path, qemu: VirtualMachine, cpuset_group: str, mode: str | None
 ) -> None:
+    """Both modes pin and unpin the same for the thread's CPUs; ``move`` puts the thread back
+    in its cpuset at the unpin, ``resident`` (the default) keeps it in its own (with its home's
+    CPUs) until the VM's end, here pvhost's stop."""
     tid = qemu.vcpu_threads()[1].tid
     before = (thread_allowed_cpus(tid), thread_cpuset(tid))
+    home_cpus = (CPUSET / before[1].lstrip("/") / "cpuset.cpus").read_text().strip()
 
     async def scenario() -> None:
-        async with served(
-            service_config(tmp_path, qemu, cpuset_group), qemu.dir / "agent.sock"
-        ) as (service, guest):
+        chosen = {} if mode is None else {"cgroup1_mode": mode}
+        config = service_config(tmp_path, qemu, cpuset_group, **chosen)
+        async with served(config, qemu.dir / "agent.sock") as (service, guest):
+            assert service.status()["backend_detail"]["mode"] == (mode or "resident")
             load = await guest.expect(LoadProgram)
             assert isinstance(load, LoadProgram) and load.program_id == "affinity"
 
@@ -65,8 +74,13 @@ def test_update_pins_vcpu_thread_and_empty_update_restores(
 
             empty = await guest.update(2, [])
             assert empty.placements == []
-            assert (thread_allowed_cpus(tid), thread_cpuset(tid)) == before
-            assert not vcpu_dir.exists()
+            assert thread_allowed_cpus(tid) == before[0]
+            if mode == "move":
+                assert thread_cpuset(tid) == before[1]
+                assert not vcpu_dir.exists()
+            else:  # resident: the thread stays in its cpuset, which has its home's CPUs again
+                assert thread_cpuset(tid) == f"/{cpuset_group}/vm-t/vcpu1"
+                assert (vcpu_dir / "cpuset.cpus").read_text().strip() == home_cpus
             assert guest.bad_frames == []
 
     asyncio.run(scenario())

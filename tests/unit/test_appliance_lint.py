@@ -141,7 +141,7 @@ def test_rendered_pvhost_toml_is_what_the_role_variables_say(tmp_path: Path) -> 
         "backend": "auto",
         "housekeeping": "0",
         "pool": "2-5",
-        "cgroup1_mode": "move",
+        "cgroup1_mode": "resident",
         "policy": "ht-aware",
         "quota": 3,
         "rate": 20.0,
@@ -157,13 +157,14 @@ def test_rendered_pvhost_toml_is_what_the_role_variables_say(tmp_path: Path) -> 
     assert config.placement.policy == "ht-aware"
     assert config.placement.quota == 3
     assert config.placement.isolate_from == []
-    assert config.placement.cgroup1_mode == "move"
+    assert config.placement.cgroup1_mode == "resident"
 
 
 def test_cgroup1_mode_is_rendered(tmp_path: Path) -> None:
+    """The opt-out from the default (resident) reaches pvhost.toml."""
     toml = ROLE / "templates" / "pvhost.toml.j2"
-    text = _render(tmp_path, toml, {"pvhost_cgroup1_mode": "resident"})
-    assert tomllib.loads(text)["placement"]["cgroup1_mode"] == "resident"
+    text = _render(tmp_path, toml, {"pvhost_cgroup1_mode": "move"})
+    assert tomllib.loads(text)["placement"]["cgroup1_mode"] == "move"
 
 
 def test_isolate_from_is_rendered_as_a_list_of_cpusets(tmp_path: Path) -> None:

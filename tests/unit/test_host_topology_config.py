@@ -74,6 +74,10 @@ def test_config_defaults_and_values(tmp_path: Path) -> None:
     assert config.placement.housekeeping_cpus() == {0, 1}
     assert config.placement.pool_cpus() == {2, 3, 4, 5}
     assert Config().placement.pool_cpus() is None
+    # cgroup v1: resident vCPU threads by default, move is the opt-out.
+    assert config.placement.cgroup1_mode == "resident"
+    path.write_text('[placement]\ncgroup1_mode = "move"\n')
+    assert load_config(path).placement.cgroup1_mode == "move"
 
 
 def test_partition_reason_parses_the_kernels_words() -> None:
