@@ -25,8 +25,8 @@ through the test hook's clock offset (±1 ms is plenty: changes are ``--hold`` a
 
 pvhost's state directory is a private tmpfs mounted for the run (:mod:`state_tmpfs`), as its
 default ``/run/extpv/state`` is on a real host: the state record's fsync then flushes no disk.
-``--qemu-nice N`` (a diagnostic, not a recommendation pvhost makes) renices QEMU's threads
-before the load starts, to tell CPU starvation of QEMU from pvhost's own stages.
+``--qemu-nice N`` starts QEMU at nice N, as ``pvctl vm start --nice N`` does: the VM manager's
+priority for the guest against the load (docs/vm-priority.md), which pvhost does not set.
 
     sudo .venv/bin/python bench/vm_stages.py --cycles 100 --load 8 \
         --out bench/results/vm-stages-load
@@ -274,7 +274,7 @@ def main() -> int:
         "--qemu-nice",
         type=int,
         default=None,
-        help="diagnostic: renice every QEMU thread to this before the load starts",
+        help="QEMU's nice value (pvctl vm start --nice; docs/vm-priority.md); default: ours",
     )
     ap.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "vm-stages")
     args = ap.parse_args()
@@ -284,7 +284,16 @@ def main() -> int:
     runtime = run / "vms"
     runtime.mkdir(parents=True, exist_ok=True)
     load: list[subprocess.Popen[bytes]] = []
-    vm = start(VMSpec(name="bench", image=image.path, smp=2, runtime_dir=runtime, test_hook=True))
+    vm = start(
+        VMSpec(
+            name="bench",
+            image=image.path,
+            smp=2,
+            runtime_dir=runtime,
+            test_hook=True,
+            nice=args.qemu_nice,
+        )
+    )
     daemon = PvhostDaemon(
         run,
         runtime,
@@ -308,10 +317,6 @@ def main() -> int:
         setup = vm.guest(GUEST_TRACE_ON, timeout_s=60).check().stdout
         agent = int(re.search(r"^agent (\d+)", setup, re.M).group(1))  # type: ignore[union-attr]
         port_fds = {int(m.group(1)) for m in re.finditer(r"^fd (\d+) /dev/vport\S+$", setup, re.M)}
-        if args.qemu_nice is not None:
-            for task in Path(f"/proc/{vm.pid}/task").iterdir():
-                with suppress(ProcessLookupError):
-                    os.setpriority(os.PRIO_PROCESS, int(task.name), args.qemu_nice)
         for _ in range(args.load):
             load.append(subprocess.Popen(["yes"], stdout=subprocess.DEVNULL))
         time.sleep(1.0 if args.load else 0)
