@@ -40,7 +40,8 @@ from vmlab.daemon import PvhostDaemon  # noqa: E402
 from vmlab.images import ensure_test_image  # noqa: E402
 from vmlab.testhook import GuestResult  # noqa: E402
 
-# Runs in the guest: pin to vCPU 1, hold, widen back, hold; timestamps right after each return.
+# Runs in the guest: pin to vCPU 1, hold, widen back, hold; (kind, time right after the call
+# returned, time right before it was made) per change.
 CYCLER = """
 import json, os, sys, time
 n, hold = int(sys.argv[1]), float(sys.argv[2])
@@ -48,8 +49,9 @@ everything = os.sched_getaffinity(0)
 events = []
 time.sleep(hold)
 for _ in range(n):
-    os.sched_setaffinity(0, {1}); events.append(("pin", time.time())); time.sleep(hold)
-    os.sched_setaffinity(0, everything); events.append(("unpin", time.time())); time.sleep(hold)
+    for kind, cpus in (("pin", {1}), ("unpin", everything)):
+        t0 = time.time(); os.sched_setaffinity(0, cpus); t1 = time.time()
+        events.append((kind, t1, t0)); time.sleep(hold)
 print(json.dumps(events))
 """
 
@@ -114,23 +116,32 @@ def run_cycler(
 
 
 def match_events(
-    events: list[tuple[str, float]], changes: list[tuple[float, str]], offset: float, error: float
+    events: list[tuple[str, float, float]],
+    changes: list[tuple[float, str]],
+    offset: float,
+    error: float,
 ) -> tuple[dict[str, list[float]], int]:
     """Latency (ms) of each guest pin/unpin to the first matching host change, and the misses.
 
-    ``events`` are the guest's (kind, guest time) pairs, ``changes`` the poller's (host time,
-    value) pairs; a guest time maps to host time by ``offset``, within ``error`` either side.
+    ``events`` are the guest's (kind, time the call returned, time it was made) triples,
+    ``changes`` the poller's (host time, value) pairs; a guest time maps to host time by
+    ``offset``, within ``error`` either side. A change is searched from the moment the call was
+    *made*: the guest thread can be preempted between the call's return and its clock read
+    (under load, for longer than the whole round trip), and the placement then lands before the
+    recorded return. Searching from the return would pair it with the next change of that kind,
+    a whole cycle later (seen: 810 ms "unpin" samples whose result was in the guest after
+    10 ms). Such a placement counts 0 ms: it was there when the guest's clock was read.
     """
     lat: dict[str, list[float]] = {"pin": [], "unpin": []}
     missed = 0
-    for kind, gtime in events:
-        host_t = gtime - offset
+    for kind, returned, made in events:
+        host_made, host_returned = made - offset, returned - offset
         want = (lambda v: v == "1") if kind == "pin" else (lambda v: v != "1")
-        hit = next((t for t, v in changes if t >= host_t - error and want(v)), None)
+        hit = next((t for t, v in changes if t >= host_made - error and want(v)), None)
         if hit is None:
             missed += 1
         else:
-            lat[kind].append((hit - host_t) * 1000)
+            lat[kind].append(max(0.0, hit - host_returned) * 1000)
     return lat, missed
 
 

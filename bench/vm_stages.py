@@ -344,7 +344,14 @@ def main() -> int:
     events = out["events"]
     offset = (off0 + off1) / 2
     error = max(err0, err1) + abs(off1 - off0) / 2
-    lat, missed = match_events([(k, t) for k, t, _, _ in events], changes, offset, error)
+    # The cycler's realtime clock is read after the call: back to the call's start by the
+    # monotonic span around it.
+    lat, missed = match_events(
+        [(k, t, t - (t1 - t0)) for k, t, t0, t1 in events],
+        changes,
+        offset,
+        error,
+    )
 
     def to_host_mono(g_mono: float) -> float:
         return g_mono + out["rm"] - offset - host_rm
