@@ -23,7 +23,6 @@ import shutil
 import statistics
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Callable, Sequence
 from contextlib import ExitStack
@@ -56,37 +55,53 @@ print(json.dumps(events))
 """
 
 
-def allowed(tid: int) -> str:
-    for line in Path(f"/proc/{tid}/status").read_text().splitlines():
-        if line.startswith("Cpus_allowed_list:"):
-            return line.split(":", 1)[1].strip()
+# The poller's own process: prints "host time<TAB>allowed CPUs" at each change of thread argv[1].
+POLLER = """
+import sys, time
+path = f"/proc/{sys.argv[1]}/status"
+def allowed():
+    with open(path) as f:
+        for line in f:
+            if line.startswith("Cpus_allowed_list:"):
+                return line.split(":", 1)[1].strip()
     return "?"
+last = None
+while True:
+    now = allowed()
+    if now != last:
+        print(f"{time.time()}\t{now}", flush=True)
+        last = now
+    time.sleep(0.0002)
+"""
 
 
-class Poller(threading.Thread):
+class Poller:
     """Timestamps every change of a thread's allowed CPUs (host CLOCK_REALTIME).
 
-    The poller is the instrument: on a loaded host (``--load``) a poller at the load's priority
-    sees a change only when the scheduler next runs it, and the figure would measure its own
-    wait for the CPU (seen under 8 ``yes``: "placement seen" 36 ms after a call whose result,
-    sent by pvhost after the placement, was in the guest after 7 ms). So it runs at nice -20
-    when it may (root): each poll is one short read, 0.2 ms apart.
+    The poller is the instrument, so it must not wait for the CPU itself: on a loaded host
+    (``--load``) a poller at the load's priority sees a change only when the scheduler next
+    runs it (seen under 8 ``yes``: "placement seen" 36-60 ms after a call whose result, sent by
+    pvhost after the placement, was in the guest after 5-7 ms). It is a process of its own (no
+    GIL shared with the bench's other threads) at nice -20 where it may (root): each poll is
+    one short read, 0.2 ms apart.
     """
 
     def __init__(self, tid: int) -> None:
-        super().__init__(daemon=True)
-        self.tid, self.changes, self.stop = tid, [(time.time(), allowed(tid))], False
-
-    def run(self) -> None:
+        self.proc = subprocess.Popen(
+            [sys.executable, "-c", POLLER, str(tid)], stdout=subprocess.PIPE, text=True
+        )
         with contextlib.suppress(PermissionError):
-            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), -20)
-        last = self.changes[0][1]
-        while not self.stop:
-            now = allowed(self.tid)
-            if now != last:
-                self.changes.append((time.time(), now))
-                last = now
-            time.sleep(0.0002)
+            os.setpriority(os.PRIO_PROCESS, self.proc.pid, -20)
+        self.changes: list[tuple[float, str]] = []
+
+    def stop(self) -> list[tuple[float, str]]:
+        """End the poller; every change it saw."""
+        self.proc.terminate()
+        out, _ = self.proc.communicate(timeout=10)
+        for line in out.splitlines():
+            t, value = line.split("\t")
+            self.changes.append((float(t), value))
+        return self.changes
 
 
 def run_cycler(
@@ -103,16 +118,15 @@ def run_cycler(
     and the poller's (host time, allowed CPUs) changes. The poller runs on for a second after
     the cycler ends, so the last change is seen too."""
     poller = Poller(tid)
-    poller.start()
     try:
+        time.sleep(0.2)  # its first line: the mask before the first change
         result = guest(
             ["python3", "-c", cycler, str(cycles), str(hold)], cycles * 2 * hold + slack_s
         ).check()
         time.sleep(1.0)
     finally:
-        poller.stop = True
-        poller.join()
-    return result.stdout, poller.changes
+        changes = poller.stop()
+    return result.stdout, changes
 
 
 def match_events(
