@@ -25,8 +25,8 @@ through the test hook's clock offset (±1 ms is plenty: changes are ``--hold`` a
 
 pvhost's state directory is a private tmpfs mounted for the run (:mod:`state_tmpfs`), as its
 default ``/run/extpv/state`` is on a real host: the state record's fsync then flushes no disk.
-``--qemu-nice N`` (a diagnostic, not a recommendation pvhost makes) renices QEMU's threads
-before the load starts, to tell CPU starvation of QEMU from pvhost's own stages.
+``--qemu-nice N`` starts QEMU at nice N, as ``pvctl vm start --nice N`` does: the VM manager's
+priority for the guest against the load (docs/vm-priority.md), which pvhost does not set.
 
     sudo .venv/bin/python bench/vm_stages.py --cycles 100 --load 8 \
         --out bench/results/vm-stages-load
@@ -53,6 +53,7 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "bench"))
 
 from exp_stats import percentile  # noqa: E402
+from isolation_common import stop_all, yes_load  # noqa: E402
 from state_tmpfs import state_tmpfs  # noqa: E402
 from vm_latency import match_events, run_cycler  # noqa: E402
 
@@ -107,6 +108,7 @@ cat $I/trace
 rmdir $I
 """
 HOST_TRACING = Path("/sys/kernel/tracing")
+CPUSET = Path("/sys/fs/cgroup/cpuset")
 
 _LINE = re.compile(
     r"^\s*(?P<task>.+?)-(?P<pid>\d+)\s+\[\d+\].*?\s(?P<ts>\d+\.\d+):\s+"
@@ -274,7 +276,13 @@ def main() -> int:
         "--qemu-nice",
         type=int,
         default=None,
-        help="diagnostic: renice every QEMU thread to this before the load starts",
+        help="QEMU's nice value (pvctl vm start --nice; docs/vm-priority.md); default: ours",
+    )
+    ap.add_argument(
+        "--isolate-load",
+        action="store_true",
+        help="run the load in a cpuset of ours named in pvhost's [placement] isolate_from "
+        "(cgroup v1: the pinned pCPU is taken from the load; without: restricted)",
     )
     ap.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "vm-stages")
     args = ap.parse_args()
@@ -284,13 +292,29 @@ def main() -> int:
     runtime = run / "vms"
     runtime.mkdir(parents=True, exist_ok=True)
     load: list[subprocess.Popen[bytes]] = []
-    vm = start(VMSpec(name="bench", image=image.path, smp=2, runtime_dir=runtime, test_hook=True))
+    load_cpuset = CPUSET / f"extpv-bench-load-{os.getpid()}" if args.isolate_load else None
+    config = f'cgroup1_mode = "{args.cgroup1_mode}"\n'
+    if load_cpuset is not None:
+        load_cpuset.mkdir()
+        (load_cpuset / "cpuset.mems").write_text((CPUSET / "cpuset.mems").read_text())
+        (load_cpuset / "cpuset.cpus").write_text((CPUSET / "cpuset.cpus").read_text())
+        config += f'isolate_from = ["/{load_cpuset.name}"]\n'
+    vm = start(
+        VMSpec(
+            name="bench",
+            image=image.path,
+            smp=2,
+            runtime_dir=runtime,
+            test_hook=True,
+            nice=args.qemu_nice,
+        )
+    )
     daemon = PvhostDaemon(
         run,
         runtime,
         image.signing_key,
         verbose=True,
-        extra_config=f'cgroup1_mode = "{args.cgroup1_mode}"\n',
+        extra_config=config,
     )
     host_trace: HostTrace | None = None
     state = ExitStack()
@@ -308,12 +332,7 @@ def main() -> int:
         setup = vm.guest(GUEST_TRACE_ON, timeout_s=60).check().stdout
         agent = int(re.search(r"^agent (\d+)", setup, re.M).group(1))  # type: ignore[union-attr]
         port_fds = {int(m.group(1)) for m in re.finditer(r"^fd (\d+) /dev/vport\S+$", setup, re.M)}
-        if args.qemu_nice is not None:
-            for task in Path(f"/proc/{vm.pid}/task").iterdir():
-                with suppress(ProcessLookupError):
-                    os.setpriority(os.PRIO_PROCESS, int(task.name), args.qemu_nice)
-        for _ in range(args.load):
-            load.append(subprocess.Popen(["yes"], stdout=subprocess.DEVNULL))
+        load = yes_load(args.load, load_cpuset)
         time.sleep(1.0 if args.load else 0)
         off0, err0 = vm.clock_offset()
         host_rm = time.time() - time.monotonic()
@@ -324,9 +343,7 @@ def main() -> int:
         guest_text = vm.guest(GUEST_TRACE_OFF, timeout_s=120).check().stdout
         backend = daemon.status()["backend"]
     finally:
-        for p in load:
-            p.kill()
-            p.wait()
+        stop_all(load)
         if host_trace is not None:
             host_trace.close()
         vm.stop()
@@ -334,12 +351,21 @@ def main() -> int:
         daemon.close()
         state.close()
         shutil.rmtree(run, ignore_errors=True)
+        if load_cpuset is not None:
+            load_cpuset.rmdir()
 
     out = json.loads(stdout)
     events = out["events"]
     offset = (off0 + off1) / 2
     error = max(err0, err1) + abs(off1 - off0) / 2
-    lat, missed = match_events([(k, t) for k, t, _, _ in events], changes, offset, error)
+    # The cycler's realtime clock is read after the call: back to the call's start by the
+    # monotonic span around it.
+    lat, missed = match_events(
+        [(k, t, t - (t1 - t0)) for k, t, t0, t1 in events],
+        changes,
+        offset,
+        error,
+    )
 
     def to_host_mono(g_mono: float) -> float:
         return g_mono + out["rm"] - offset - host_rm
@@ -401,6 +427,7 @@ def main() -> int:
         "backend": backend,
         "cgroup1_mode": args.cgroup1_mode,
         "qemu_nice": args.qemu_nice,
+        "load_in_isolate_from": args.isolate_load,
         "state_dir": "tmpfs (bench/state_tmpfs.py)",
         "host": platform.node(),
         "kernel": platform.release(),
@@ -436,7 +463,10 @@ def main() -> int:
         "",
         f"Setup: accel {summary['accel']}, host kernel {summary['kernel']}, {summary['cpus']} "
         f"CPUs ({summary['host']}); guest: test image, -smp 2; pvhost identity policy, backend "
-        f"{backend} (cgroup1_mode {args.cgroup1_mode}). Guest stages on the guest's "
+        f"{backend} (cgroup1_mode {args.cgroup1_mode}"
+        f"{'; the load in an isolate_from cpuset' if args.isolate_load else ''}"
+        f"{f'; QEMU at nice {args.qemu_nice}' if args.qemu_nice is not None else ''}). "
+        "Guest stages on the guest's "
         "CLOCK_MONOTONIC (ftrace in the guest), host "
         "stages on the host's (ftrace on pvhost's socket calls, `pvhost -v` stage lines); "
         "the transit is the guest's round trip minus the host's time, never a difference of "
@@ -444,7 +474,9 @@ def main() -> int:
         "",
         f"Raw samples: `{args.out.name}.json`. Reproduce: "
         f"`sudo .venv/bin/python bench/vm_stages.py --cycles {args.cycles} --load {args.load} "
-        f"--cgroup1-mode {args.cgroup1_mode}`.",
+        f"--cgroup1-mode {args.cgroup1_mode}"
+        f"{' --isolate-load' if args.isolate_load else ''}"
+        f"{f' --qemu-nice {args.qemu_nice}' if args.qemu_nice is not None else ''}`.",
     ]
     args.out.with_suffix(".md").write_text("\n".join(md) + "\n")
     print("\n".join(md))

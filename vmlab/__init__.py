@@ -6,6 +6,7 @@ same split between ``qemu.qmp`` and ``qemu.machine``). The lab imports pvproto a
 * :mod:`vmlab.qemu` — :class:`VMSpec` and the QEMU command line (the runtime-directory layout);
 * :mod:`vmlab.kvm` — KVM when it really runs a guest here, else TCG;
 * :mod:`vmlab.machine` — :class:`VirtualMachine`: start, find, wait on, end; its vCPU threads;
+* :mod:`vmlab.priority` — QEMU's nice value on every one of its threads;
 * :mod:`vmlab.monitor` — one QMP command on the lab's own monitor (qemu.qmp);
 * :mod:`vmlab.testhook` — the test images' command hook (run commands in the guest);
 * :mod:`vmlab.console` — the interactive serial console;

@@ -16,7 +16,7 @@ from vmlab.console import attach_console
 from vmlab.errors import ImageError, LauncherError
 from vmlab.kvm import ACCELERATORS
 from vmlab.machine import list_vms, start, stop
-from vmlab.qemu import DEFAULT_RUNTIME_DIR, VMSpec
+from vmlab.qemu import DEFAULT_RUNTIME_DIR, NICE_MAX, NICE_MIN, VMSpec
 
 __all__ = ["main", "register_cli", "run_cli"]
 
@@ -34,9 +34,20 @@ def _cmd_start(args: argparse.Namespace) -> None:
         accel=args.accel,
         virtfs=tuple((Path(p), t) for p, t in (v.split(":", 1) for v in args.virtfs)),
         test_hook=args.test_hook,
+        nice=args.nice,
     )
     vm = start(spec, wait=not args.no_wait, deadline_s=args.timeout)
-    print(json.dumps({"name": vm.name, "pid": vm.pid, "accel": vm.accel, "dir": str(vm.dir)}))
+    print(
+        json.dumps(
+            {
+                "name": vm.name,
+                "pid": vm.pid,
+                "accel": vm.accel,
+                "nice": vm.spec.nice,
+                "dir": str(vm.dir),
+            }
+        )
+    )
 
 
 def _cmd_stop(args: argparse.Namespace) -> None:
@@ -51,7 +62,8 @@ def _cmd_list(args: argparse.Namespace) -> None:
     for v in vms:
         state = "running" if v["alive"] else "dead"
         print(f"{v['name']:16} {state:8} pid {v['pid']:<8} smp {v['smp']:<3} ", end="")
-        print(f"{v['accel']:4} {v['image'] or '(empty machine)'}")
+        nice = "" if v["nice"] is None else f"nice {v['nice']} "
+        print(f"{v['accel']:4} {nice}{v['image'] or '(empty machine)'}")
 
 
 def _cmd_console(args: argparse.Namespace) -> None:
@@ -99,6 +111,16 @@ def register_cli(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]
         default=[],
         metavar="HOSTDIR:TAG",
         help="share a host directory over 9p (mount -t 9p TAG in the guest)",
+    )
+    p.add_argument(
+        "--nice",
+        type=int,
+        default=None,
+        metavar="N",
+        help=f"run every QEMU thread at nice N ({NICE_MIN}..{NICE_MAX}; below 0 needs root): "
+        "the guest's priority against other host load. On a loaded host a guest at the load's "
+        "priority is starved, and so are its pins' round trips (docs/vm-priority.md). "
+        "Default: the launcher's own nice",
     )
     p.add_argument(
         "--test-hook", action="store_true", help="serve the test images' command hook on test.sock"

@@ -36,6 +36,7 @@ from vmlab.errors import (
     WaitTimeout,
 )
 from vmlab.monitor import qmp_command
+from vmlab.priority import renice_all_threads
 from vmlab.qemu import (
     BOOT_DISK,
     DEFAULT_RUNTIME_DIR,
@@ -341,6 +342,7 @@ def _spawn(spec: VMSpec) -> VirtualMachine:
         "accel": accel,
         "test_hook": spec.test_hook,
         "ssh_port": spec.ssh_port,
+        "nice": spec.nice,
         "argv": argv,
     }
     (d / "vm.json").write_text(json.dumps(info, indent=2) + "\n")
@@ -349,6 +351,8 @@ def _spawn(spec: VMSpec) -> VirtualMachine:
             argv, stdin=subprocess.DEVNULL, stdout=qlog, stderr=qlog, start_new_session=True
         )
     vm = VirtualMachine(spec, proc.pid, accel, proc)
+    if spec.nice is not None:
+        _set_nice(vm, spec.nice)
     end = time.monotonic() + 15.0
     while not (d / "qemu.pid").exists() or not (d / "launcher-qmp.sock").exists():
         if proc.poll() is not None:
@@ -361,6 +365,18 @@ def _spawn(spec: VMSpec) -> VirtualMachine:
         time.sleep(0.05)
     log.info("started %s: pid %d, %s, -smp %d", spec.name, proc.pid, accel, spec.smp)
     return vm
+
+
+def _set_nice(vm: VirtualMachine, nice: int) -> None:
+    """QEMU's threads at ``nice``, or the VM stopped and a clear error (never a VM left at
+    another priority than asked)."""
+    try:
+        renice_all_threads(vm.pid, nice)
+    except (OSError, RuntimeError) as err:
+        vm.stop()
+        hint = " (below 0 needs root or CAP_SYS_NICE)" if isinstance(err, PermissionError) else ""
+        raise BootError(f"cannot set QEMU's nice to {nice} for {vm.name}: {err}{hint}") from err
+    log.info("%s: every QEMU thread at nice %d", vm.name, nice)
 
 
 def start(
@@ -425,6 +441,7 @@ def attach(name: str, runtime_dir: Path = DEFAULT_RUNTIME_DIR) -> VirtualMachine
         memory_mib=int(info["memory_mib"]),
         runtime_dir=runtime_dir,
         test_hook=bool(info.get("test_hook")),
+        nice=info.get("nice"),
     )
     return VirtualMachine(spec, pid if pid is not None else -1, str(info.get("accel", "?")))
 
@@ -435,7 +452,7 @@ def stop(name: str, runtime_dir: Path = DEFAULT_RUNTIME_DIR, deadline_s: float =
 
 
 def list_vms(runtime_dir: Path = DEFAULT_RUNTIME_DIR) -> list[dict[str, Any]]:
-    """The VMs under ``runtime_dir``: name, pid, alive, smp, accel, image."""
+    """The VMs under ``runtime_dir``: name, pid, alive, smp, accel, nice, image."""
     out = []
     if runtime_dir.is_dir():
         for d in sorted(runtime_dir.iterdir()):
@@ -453,6 +470,7 @@ def list_vms(runtime_dir: Path = DEFAULT_RUNTIME_DIR) -> list[dict[str, Any]]:
                     "alive": vm.alive(),
                     "smp": vm.spec.smp,
                     "accel": vm.accel,
+                    "nice": vm.spec.nice,
                     "image": str(vm.spec.image) if vm.spec.image is not None else None,
                     "dir": str(d),
                 }

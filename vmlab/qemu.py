@@ -37,6 +37,8 @@ __all__ = [
     "AGENT_PORT_NAME",
     "DEFAULT_RUNTIME_DIR",
     "KERNEL_CMDLINE",
+    "NICE_MAX",
+    "NICE_MIN",
     "TEST_PORT_NAME",
     "VMSpec",
     "accel_for",
@@ -55,6 +57,8 @@ IMAGE_FILES = ("rootfs.img", "vmlinuz", "initrd.img")
 #: An empty machine runs no guest code: TCG costs nothing there, needs no KVM probe, and the
 #: default CPU model keeps hot-plug's driver name (``qemu64-x86_64-cpu``) stable.
 EMPTY_ACCEL_ARGS = ("-accel", "tcg,thread=multi")
+#: setpriority(2)'s range.
+NICE_MIN, NICE_MAX = -20, 19
 
 
 @dataclasses.dataclass(frozen=True)
@@ -84,6 +88,9 @@ class VMSpec:
     #: An empty machine that runs this boot-sector code (vmlab.bootsector) instead of
     #: waiting paused: vCPU 0 executes it from the moment QEMU starts.
     boot_code: bytes | None = None
+    #: QEMU's nice value, for every one of its threads (None: the launcher's own). The VM
+    #: manager's priority for the guest against other host load: docs/vm-priority.md.
+    nice: int | None = None
 
     def __post_init__(self) -> None:
         # The one rule pvhost applies too: a VM it would ignore is never started.
@@ -100,6 +107,11 @@ class VMSpec:
             )
         if self.ssh_port is not None and not 0 < self.ssh_port < 65536:
             raise LauncherError(f"VM {self.name}: ssh_port {self.ssh_port} is not a TCP port")
+        if self.nice is not None and not NICE_MIN <= self.nice <= NICE_MAX:
+            raise LauncherError(
+                f"VM {self.name}: nice {self.nice} is outside {NICE_MIN}..{NICE_MAX} "
+                "(lower runs first; below 0 needs root or CAP_SYS_NICE)"
+            )
         if self.image is not None and self.boot_code is not None:
             raise LauncherError(
                 f"VM {self.name}: boot_code is for an empty machine; an image boots its kernel"

@@ -171,3 +171,16 @@ def test_vms_get_a_balloon_device_unless_told_not_to(tmp_path: Path) -> None:
     assert "virtio-balloon-pci,id=balloon0" in vmlab.qemu_argv(spec, [])
     spec = vmlab.VMSpec(name="t", image=_image(tmp_path), runtime_dir=tmp_path, balloon=False)
     assert "virtio-balloon-pci,id=balloon0" not in vmlab.qemu_argv(spec, [])
+
+
+def test_a_nice_value_outside_setpriority_range_is_refused_with_the_range(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    for bad in ("20", "-21"):
+        with pytest.raises(SystemExit) as exit_info:
+            cli.main(["vm", "--runtime-dir", str(tmp_path), "start", "x",
+                      "--image", str(_image(tmp_path)), "--nice", bad])  # fmt: skip
+        assert exit_info.value.code == 1
+        err = capsys.readouterr().err
+        assert f"nice {bad} is outside -20..19" in err, err
+    assert not (tmp_path / "x").exists(), "nothing was started"
