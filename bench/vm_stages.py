@@ -27,6 +27,9 @@ pvhost's state directory is a private tmpfs mounted for the run (:mod:`state_tmp
 default ``/run/extpv/state`` is on a real host: the state record's fsync then flushes no disk.
 ``--qemu-nice N`` starts QEMU at nice N, as ``pvctl vm start --nice N`` does: the VM manager's
 priority for the guest against the load (docs/vm-priority.md), which pvhost does not set.
+``--sched-trace`` adds the host scheduler's view (:mod:`sched_trace`): per change, how long each
+QEMU and pvhost thread waited on a run queue in the guest's part and in pvhost's, and how many
+``yes`` ran on each CPU meanwhile.
 
     sudo .venv/bin/python bench/vm_stages.py --cycles 100 --load 8 \
         --out bench/results/vm-stages-load
@@ -53,7 +56,9 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "bench"))
 
 from exp_stats import percentile  # noqa: E402
+from ftrace import FtraceInstance  # noqa: E402
 from isolation_common import stop_all, yes_load  # noqa: E402
+from sched_trace import SchedTrace, parse_sched, window_waits  # noqa: E402
 from state_tmpfs import state_tmpfs  # noqa: E402
 from vm_latency import match_events, run_cycler  # noqa: E402
 
@@ -107,7 +112,6 @@ echo 0 > $I/tracing_on
 cat $I/trace
 rmdir $I
 """
-HOST_TRACING = Path("/sys/kernel/tracing")
 CPUSET = Path("/sys/fs/cgroup/cpuset")
 
 _LINE = re.compile(
@@ -188,28 +192,14 @@ def split_guest(text: str, agent: int, port_fds: set[int]) -> list[dict[str, flo
     return calls
 
 
-class HostTrace:
+class HostTrace(FtraceInstance):
     """An ftrace instance on this host: pvhost's recvfrom returns and sendto calls."""
 
     def __init__(self, pid: int) -> None:
-        self.dir = HOST_TRACING / "instances" / f"extpv-stages-{os.getpid()}"
-        self.dir.mkdir()
-        (self.dir / "trace_clock").write_text("mono")
-        (self.dir / "buffer_size_kb").write_text("4096")
+        super().__init__(f"extpv-stages-{os.getpid()}", buffer_kb=4096)
         for event in ("sys_exit_recvfrom", "sys_enter_sendto"):
-            ev = self.dir / "events" / "syscalls" / event
-            (ev / "filter").write_text(f"common_pid == {pid}")
-            (ev / "enable").write_text("1")
-        (self.dir / "tracing_on").write_text("1")
-
-    def stop(self) -> str:
-        (self.dir / "tracing_on").write_text("0")
-        return (self.dir / "trace").read_text()
-
-    def close(self) -> None:
-        with suppress(OSError):
-            (self.dir / "tracing_on").write_text("0")
-            self.dir.rmdir()
+            self.enable(f"syscalls/{event}", f"common_pid == {pid}")
+        self.start()
 
 
 def host_applies(log: str) -> list[dict[str, object]]:
@@ -258,6 +248,53 @@ STAGE_ROWS = (
 )
 
 
+def thread_names(pid: int, prefix: str) -> dict[int, str]:
+    """tid -> "prefix: comm" for each thread of ``pid`` now."""
+    out = {}
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        with suppress(OSError):
+            out[int(task.name)] = f"{prefix}: {(task / 'comm').read_text().strip()}"
+    return out
+
+
+def sched_report(sched_rows: dict[str, list[dict[str, float]]]) -> list[str]:
+    """The ``--sched-trace`` tables: per thread, ms runnable but waiting for a CPU (and ms
+    run) in each part of a change; and the slowest pins' guest parts, who waited most."""
+    md = [
+        "Host scheduler (`--sched-trace`): per change, ms each thread was runnable but "
+        "waiting for a CPU (woken or preempted, on a run queue) or ran, in the guest's part "
+        "(guest call → frame received by pvhost: the guest's vCPUs and QEMU's I/O) and "
+        "pvhost's part (frame received → change done); load tasks: how many `yes` ran on "
+        "the CPU in the guest's part. p50 / p99 / max over the changes (0 where absent).",
+        "",
+        "| thread, part | pin p50 | pin p99 | pin max | unpin p50 | unpin p99 | unpin max |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    keys = sorted({k for kind in sched_rows.values() for r in kind for k in r})
+    for key in keys:
+        cells = [key]
+        for kind in ("pin", "unpin"):
+            xs = [r.get(key, 0.0) for r in sched_rows[kind]]
+            s = summarize(xs) if xs else None
+            cells += [str(s["p50"]), str(s["p99"]), str(s["max"])] if s else ["-"] * 3
+        md.append("| " + " | ".join(cells) + " |")
+    span = "guest part (call → frame received on the host)"
+    slow = sorted(sched_rows["pin"], key=lambda r: -r.get(span, 0.0))[:8]
+    md += ["", "Slowest pins, guest part: ms, and the three longest waits in it.", ""]
+    for r in slow:
+        waits = sorted(
+            ((v, k) for k, v in r.items() if ", waited: " in k and k.startswith("guest")),
+            reverse=True,
+        )[:3]
+        loads = ", ".join(f"{k.rsplit(' ', 1)[1]}: {v:.0f}" for k, v in r.items() if "load" in k)
+        md.append(
+            f"* {r.get(span, 0.0):.1f} ms — "
+            + "; ".join(f"{k.split(': ', 1)[1]} {v:.1f}" for v, k in waits)
+            + f" (load tasks per CPU {loads})"
+        )
+    return md
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -279,10 +316,24 @@ def main() -> int:
         help="QEMU's nice value (pvctl vm start --nice; docs/vm-priority.md); default: ours",
     )
     ap.add_argument(
+        "--pvhost-nice",
+        type=int,
+        default=None,
+        help="pvhost's nice value, in a session of its own (as a unit's Nice= gives it); "
+        "default: the bench's session and priority",
+    )
+    ap.add_argument(
         "--isolate-load",
         action="store_true",
         help="run the load in a cpuset of ours named in pvhost's [placement] isolate_from "
         "(cgroup v1: the pinned pCPU is taken from the load; without: restricted)",
+    )
+    ap.add_argument(
+        "--sched-trace",
+        action="store_true",
+        help="also record the host scheduler's events for QEMU's and pvhost's threads and the "
+        "load (bench/sched_trace.py): per change, who waited for a CPU between the guest's "
+        "call and the host's placement",
     )
     ap.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "vm-stages")
     args = ap.parse_args()
@@ -315,8 +366,12 @@ def main() -> int:
         image.signing_key,
         verbose=True,
         extra_config=config,
+        nice=args.pvhost_nice,
     )
     host_trace: HostTrace | None = None
+    sched: SchedTrace | None = None
+    sched_text = ""
+    sched_names: dict[int, str] = {}
     state = ExitStack()
     try:
         # pvhost's state directory on a tmpfs, as /run/extpv/state is on a real host.
@@ -337,8 +392,16 @@ def main() -> int:
         off0, err0 = vm.clock_offset()
         host_rm = time.time() - time.monotonic()
         host_trace = HostTrace(daemon.proc.pid)
+        if args.sched_trace:
+            sched_names = {
+                **thread_names(vm.pid, "qemu"),
+                **thread_names(daemon.proc.pid, "pvhost"),
+            }
+            sched = SchedTrace([*sched_names, *(p.pid for p in load)])
         stdout, changes = run_cycler(vm.guest, tid, CYCLER, args.cycles, args.hold, slack_s=180.0)
         host_text = host_trace.stop()
+        if sched is not None:
+            sched_text = sched.stop()
         off1, err1 = vm.clock_offset()
         guest_text = vm.guest(GUEST_TRACE_OFF, timeout_s=120).check().stdout
         backend = daemon.status()["backend"]
@@ -346,6 +409,8 @@ def main() -> int:
         stop_all(load)
         if host_trace is not None:
             host_trace.close()
+        if sched is not None:
+            sched.close()
         vm.stop()
         log = daemon.log.read_text(errors="replace") if daemon.log.exists() else ""
         daemon.close()
@@ -376,6 +441,9 @@ def main() -> int:
     recvs = [e.ts for e in host_events if e.event == "sys_recvfrom" and _ret(e.text) > 0]
     sends = [e.ts for e in host_events if e.event == "sys_sendto"]
     rows: dict[str, dict[str, list[float]]] = {"pin": {}, "unpin": {}}
+    sched_rows: dict[str, list[dict[str, float]]] = {"pin": [], "unpin": []}
+    sched_events = parse_sched(sched_text)
+    load_pids = {p.pid for p in load}
     unmatched = 0
     for (kind, _real, _t0, _t1), call in zip(events, calls, strict=False):
         if not {"enter", "exit", "wake", "frame", "result"} <= call.keys():
@@ -414,6 +482,23 @@ def main() -> int:
         }
         for key, value in row.items():
             rows[kind].setdefault(key, []).append(value)
+        if sched_events:
+            # The guest's part (call → frame received on the host) and the host's (frame
+            # received → change done): who waited for a CPU in each.
+            guest_part = window_waits(
+                sched_events, to_host_mono(call["enter"]), recv, sched_names, load_pids
+            )
+            host_part = window_waits(sched_events, recv, done, sched_names, load_pids)
+            sched_rows[kind].append({
+                "guest part (call → frame received on the host)": (
+                    recv - to_host_mono(call["enter"])
+                ) * ms,
+                **{f"guest part, waited: {k}": v for k, v in guest_part.waited_ms.items()},
+                **{f"guest part, ran: {k}": v for k, v in guest_part.ran_ms.items()},
+                **{f"host part, waited: {k}": v for k, v in host_part.waited_ms.items()},
+                **{f"guest part, load tasks on CPU {c}": float(n)
+                   for c, n in guest_part.load_on_cpu.items()},
+            })  # fmt: skip
     for kind, cols in rows.items():
         cols["e2e_placed"] = lat[kind]
     summary = {
@@ -427,6 +512,7 @@ def main() -> int:
         "backend": backend,
         "cgroup1_mode": args.cgroup1_mode,
         "qemu_nice": args.qemu_nice,
+        "pvhost_nice": args.pvhost_nice,
         "load_in_isolate_from": args.isolate_load,
         "state_dir": "tmpfs (bench/state_tmpfs.py)",
         "host": platform.node(),
@@ -440,7 +526,7 @@ def main() -> int:
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.with_suffix(".json").write_text(
-        json.dumps({**summary, "samples_ms": rows}, indent=1) + "\n"
+        json.dumps({**summary, "samples_ms": rows, "sched_ms": sched_rows}, indent=1) + "\n"
     )
     md = [
         f"# Stages of a guest pin ({summary['date']}{', ' + args.label if args.label else ''})",
@@ -465,7 +551,8 @@ def main() -> int:
         f"CPUs ({summary['host']}); guest: test image, -smp 2; pvhost identity policy, backend "
         f"{backend} (cgroup1_mode {args.cgroup1_mode}"
         f"{'; the load in an isolate_from cpuset' if args.isolate_load else ''}"
-        f"{f'; QEMU at nice {args.qemu_nice}' if args.qemu_nice is not None else ''}). "
+        f"{f'; QEMU at nice {args.qemu_nice}' if args.qemu_nice is not None else ''}"
+        f"{f'; pvhost at nice {args.pvhost_nice}' if args.pvhost_nice is not None else ''}). "
         "Guest stages on the guest's "
         "CLOCK_MONOTONIC (ftrace in the guest), host "
         "stages on the host's (ftrace on pvhost's socket calls, `pvhost -v` stage lines); "
@@ -476,8 +563,12 @@ def main() -> int:
         f"`sudo .venv/bin/python bench/vm_stages.py --cycles {args.cycles} --load {args.load} "
         f"--cgroup1-mode {args.cgroup1_mode}"
         f"{' --isolate-load' if args.isolate_load else ''}"
-        f"{f' --qemu-nice {args.qemu_nice}' if args.qemu_nice is not None else ''}`.",
+        f"{f' --qemu-nice {args.qemu_nice}' if args.qemu_nice is not None else ''}"
+        f"{f' --pvhost-nice {args.pvhost_nice}' if args.pvhost_nice is not None else ''}"
+        f"{' --sched-trace' if args.sched_trace else ''}`.",
     ]
+    if any(sched_rows.values()):
+        md += ["", *sched_report(sched_rows)]
     args.out.with_suffix(".md").write_text("\n".join(md) + "\n")
     print("\n".join(md))
     return 0 if unmatched <= args.cycles // 10 else 1

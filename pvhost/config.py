@@ -102,6 +102,7 @@ class ServiceConfig(_Strict):
     #: The daemon's nice value, set at start for all its threads. A guest's pin waits for
     #: pvhost's few milliseconds of work; at the default nice a loaded host (the very load
     #: the pin shields a vCPU from) stretched them to 50-120 ms (bench/results/vm-stages.md).
+    #: Also its session's autogroup's value when it leads its session (docs/vm-priority.md).
     nice: Annotated[int, Field(ge=-20, le=19)] = -10
 
     @model_validator(mode="after")

@@ -49,6 +49,7 @@ class PvhostDaemon:
         keepalive: tuple[float, float] | None = None,
         extra_config: str = "",
         verbose: bool = False,
+        nice: int | None = None,
     ) -> None:
         self.workdir = workdir
         #: pvhost's ``state_dir`` (a bench may mount a tmpfs here before :meth:`start`).
@@ -64,6 +65,7 @@ class PvhostDaemon:
             f'[service]\nruntime_dir = "{runtime_dir}"\nstate_dir = "{self.state_dir}"\n'
             f'control_socket = "{self.socket}"\nmetrics = ""\nsigning_key = "{signing_key}"\n'
             "max_backoff = 0.5\n"
+            + (f"nice = {nice}\n" if nice is not None else "")
             + (
                 f"keepalive_interval = {keepalive[0]}\nkeepalive_deadline = {keepalive[1]}\n"
                 if keepalive
@@ -78,6 +80,10 @@ class PvhostDaemon:
         self.proc: subprocess.Popen[bytes] | None = None
         #: ``pvhost run -v``: debug lines (e.g. each change's stages) in the log too.
         self.verbose = verbose
+        #: ``[service] nice``, and pvhost in a session of its own, as a service runs: it then
+        #: sets its threads and (where autogroup is on) its session group to the value
+        #: (pvhost.daemon.set_priority). None: pvhost's default value, in the caller's session.
+        self.nice = nice
 
     def start(self, deadline_s: float = 30.0) -> None:
         """Start ``pvhost run`` and wait for its control socket."""
@@ -90,6 +96,7 @@ class PvhostDaemon:
                 stdout=log,
                 stderr=log,
                 cwd=self.cwd,
+                start_new_session=self.nice is not None,
             )
         end = time.monotonic() + deadline_s
         while not self.socket.exists():

@@ -22,6 +22,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from extpv.autogroup import set_autogroup_nice
 from extpv.names import is_vm_name
 from extpv.vcpus import VcpuThread, parse_query_cpus_fast
 from vmlab.bootsector import write_boot_disk
@@ -130,6 +131,26 @@ class VirtualMachine:
             return parse_query_cpus_fast(reply)
         except ValueError as err:
             raise MonitorError(f"{self.name}: {err}") from err
+
+    def hot_plug_vcpu(self) -> VcpuThread:
+        """QMP ``device_add`` of a vCPU into the lowest free slot (room from ``maxcpus``); the
+        new vCPU and its host thread. The guest sees a CPU appear as on a real host: it
+        onlines it when its kernel (or its firmware code) acknowledges the hot-plug."""
+        slots: Any = self.qmp("query-hotpluggable-cpus")
+        prop_order = ("socket-id", "die-id", "cluster-id", "core-id", "thread-id")
+        free = sorted(
+            (s for s in slots if "qom-path" not in s),
+            key=lambda s: tuple(s["props"].get(k, 0) for k in prop_order),
+        )
+        if not free:
+            raise MonitorError(
+                f"{self.name}: no free vCPU slot to hot-plug (start the VM with maxcpus > smp)"
+            )
+        before = self.vcpu_threads()
+        slot = free[0]
+        self.qmp("device_add", {"driver": slot["type"], "id": f"cpu{len(before)}", **slot["props"]})
+        (added,) = (v for i, v in self.vcpu_threads().items() if i not in before)
+        return added
 
     # The console.
     def console_text(self) -> str:
@@ -372,11 +393,15 @@ def _set_nice(vm: VirtualMachine, nice: int) -> None:
     another priority than asked)."""
     try:
         renice_all_threads(vm.pid, nice)
+        # QEMU leads its own session: where autogroup is on, that group's value is what
+        # weighs it against other sessions' load (vmlab.priority).
+        grouped = set_autogroup_nice(vm.pid, nice)
     except (OSError, RuntimeError) as err:
         vm.stop()
         hint = " (below 0 needs root or CAP_SYS_NICE)" if isinstance(err, PermissionError) else ""
         raise BootError(f"cannot set QEMU's nice to {nice} for {vm.name}: {err}{hint}") from err
-    log.info("%s: every QEMU thread at nice %d", vm.name, nice)
+    also = ", and its autogroup" if grouped else ""
+    log.info("%s: every QEMU thread at nice %d%s", vm.name, nice, also)
 
 
 def start(

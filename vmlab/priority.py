@@ -5,6 +5,11 @@ vCPU, I/O and worker threads while it starts (and more later), so renicing the p
 would miss threads made meanwhile. :func:`renice_all_threads` therefore sets every thread it
 finds and scans again until a whole pass finds each one at the value: from then on every thread
 QEMU creates descends from a reniced one.
+
+A thread's value weighs it only inside its task group; where the scheduler's autogroup is on,
+the session's group value is what weighs QEMU against other sessions' load
+(:mod:`extpv.autogroup`). QEMU leads a session of its own (the lab starts it so), and the lab
+gives that group the same value.
 """
 
 from __future__ import annotations

@@ -27,16 +27,6 @@ def thread_cpuset(tid: int) -> str:
     return Path(f"/proc/{tid}/cpuset").read_text().strip()
 
 
-def hot_plug_vcpu1(qemu: VirtualMachine) -> int:
-    """Hot-plug vCPU 1 on the lab's own monitor (pvhost holds qmp.sock); its host tid."""
-    qemu.qmp(
-        "device_add",
-        {"driver": "qemu64-x86_64-cpu", "id": "cpu1", "socket-id": 0,
-         "core-id": 1, "thread-id": 0},
-    )  # fmt: skip
-    return qemu.vcpu_threads()[1].tid
-
-
 @pytest.mark.parametrize("mode", [None, "move"], ids=["default", "move"])
 def test_update_pins_vcpu_thread_and_empty_update_restores(
     tmp_path: Path, qemu: VirtualMachine, cpuset_group: str, mode: str | None
@@ -190,7 +180,7 @@ def test_hot_plugged_vcpu_is_found_and_pinned(tmp_path: Path, cpuset_group: str)
             ) as (service, guest):
                 result = await guest.update(1, [1])
                 assert "unknown vCPU 1" in (result.placements[0].refused or "")
-                tid = hot_plug_vcpu1(qemu)
+                tid = qemu.hot_plug_vcpu().tid
                 before = thread_allowed_cpus(tid)
                 result = await guest.update(2, [1])
                 assert [(p.vcpu, p.pcpu) for p in result.placements] == [(1, 1)]
@@ -220,7 +210,7 @@ def test_a_vcpu_the_guest_acks_hot_plugging_is_placed_without_a_new_request(
             async with served(config, qemu.dir / "agent.sock", vcpus=1) as (service, guest):
                 result = await guest.update(1, [1])
                 assert "unknown vCPU 1" in (result.placements[0].refused or "")
-                tid = hot_plug_vcpu1(qemu)
+                tid = qemu.hot_plug_vcpu().tid
                 replanned = await guest.expect(AffinityResult, timeout=15)
                 assert isinstance(replanned, AffinityResult)
                 assert replanned.seq == 1, "an answer to the standing request, not a new one"
