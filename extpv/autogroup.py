@@ -12,6 +12,12 @@ unused, and setting it is harmless.
 
 The group value is the whole session's: only a session leader (a daemon, a VM the lab started
 in a session of its own) may set it for itself without changing its neighbours'.
+
+A task whose session was never given a group (PID 1's session, sid 0, and whatever descends from
+it without ``setsid``; every kernel thread) stays in the kernel's default group, which is the
+root task group itself: ``/proc/<pid>/autogroup`` is then empty, its threads' own nice values
+weigh directly, and there is no group value to set (the kernel refuses the write). CI runners
+started by a container's init are such tasks.
 """
 
 from __future__ import annotations
@@ -19,21 +25,34 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-__all__ = ["autogroup_nice", "leads_its_session", "set_autogroup_nice"]
+__all__ = ["autogroup_nice", "leads_its_session", "parse_autogroup", "set_autogroup_nice"]
 
 _SWITCH = Path("/proc/sys/kernel/sched_autogroup_enabled")
 
 
 def autogroup_nice(pid: int) -> int | None:
-    """The nice value of ``pid``'s autogroup; None where the kernel has no autogroup or has it
-    off (then a thread's own nice value is what counts)."""
+    """The nice value of ``pid``'s autogroup; None where no autogroup weighs ``pid``: the
+    kernel has none or has it off, or ``pid`` is in the kernel's default group (then a thread's
+    own nice value is what counts)."""
     try:
         if _SWITCH.read_text().strip() != "1":
             return None
         text = Path(f"/proc/{pid}/autogroup").read_text()
     except FileNotFoundError:
         return None
-    return int(text.split()[-1])  # "/autogroup-123 nice 0"
+    return parse_autogroup(text)
+
+
+def parse_autogroup(text: str) -> int | None:
+    """The nice value in a ``/proc/<pid>/autogroup`` text (``/autogroup-123 nice 0``); None
+    for the empty text the kernel shows for a task in its default group. Anything else is
+    not a format this code knows: ValueError, not a guess."""
+    if not text.strip():
+        return None
+    fields = text.split()
+    if len(fields) != 3 or not fields[0].startswith("/autogroup-") or fields[1] != "nice":
+        raise ValueError(f"unknown /proc/<pid>/autogroup format: {text!r}")
+    return int(fields[2])
 
 
 def leads_its_session(pid: int) -> bool:

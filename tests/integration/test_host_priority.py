@@ -49,7 +49,9 @@ def test_pvhost_in_a_shells_session_leaves_the_group_alone_and_says_so(tmp_path:
         assert daemon.proc is not None
         assert set(thread_nices(daemon.proc.pid).values()) == {-10}, "the default [service] nice"
         assert autogroup_nice(os.getpid()) == ours, "the session's group is not pvhost's to set"
-        if AUTOGROUP_ON:
-            assert "weighs only inside its session's scheduler autogroup" in daemon.tail()
+        # A runner in the kernel's default group (PID 1's session, as on a container's init)
+        # has no group value: pvhost's thread values weigh directly and there is nothing to say.
+        warned = "weighs only inside its session's scheduler autogroup" in daemon.tail()
+        assert warned == (ours is not None)
     finally:
         daemon.close()
