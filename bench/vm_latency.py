@@ -34,6 +34,7 @@ sys.path.insert(0, str(REPO))
 from exp_stats import percentile  # noqa: E402
 from state_tmpfs import state_tmpfs  # noqa: E402
 
+from pvproto.cpulist import parse_cpulist  # noqa: E402
 from vmlab import VMSpec, start  # noqa: E402
 from vmlab.daemon import PvhostDaemon  # noqa: E402
 from vmlab.images import ensure_test_image  # noqa: E402
@@ -55,53 +56,80 @@ print(json.dumps(events))
 """
 
 
-# The poller's own process: prints "host time<TAB>allowed CPUs" at each change of thread argv[1].
+# The poller's own process: prints "host time<TAB>allowed CPUs<TAB>watched file" at each change
+# of thread argv[1]'s allowed CPUs or of the file argv[2] (optional: a cpuset's cpuset.cpus).
 POLLER = """
 import sys, time
 path = f"/proc/{sys.argv[1]}/status"
+watched = sys.argv[2] if len(sys.argv) > 2 else None
 def allowed():
     with open(path) as f:
         for line in f:
             if line.startswith("Cpus_allowed_list:"):
                 return line.split(":", 1)[1].strip()
     return "?"
+def watch():
+    if watched is None:
+        return ""
+    with open(watched) as f:
+        return f.read().strip()
 last = None
 while True:
-    now = allowed()
+    now = (allowed(), watch())
     if now != last:
-        print(f"{time.time()}\t{now}", flush=True)
+        print(f"{time.time()}\t{now[0]}\t{now[1]}", flush=True)
         last = now
     time.sleep(0.0002)
 """
 
 
 class Poller:
-    """Timestamps every change of a thread's allowed CPUs (host CLOCK_REALTIME).
+    """Timestamps every change of a thread's allowed CPUs (host CLOCK_REALTIME), and of a
+    watched file's content when one is given (the other load's ``cpuset.cpus``: when that
+    load gave the pinned pCPU up).
 
     The poller is the instrument, so it must not wait for the CPU itself: on a loaded host
     (``--load``) a poller at the load's priority sees a change only when the scheduler next
     runs it (seen under 8 ``yes``: "placement seen" 36-60 ms after a call whose result, sent by
     pvhost after the placement, was in the guest after 5-7 ms). It is a process of its own (no
     GIL shared with the bench's other threads) at nice -20 where it may (root): each poll is
-    one short read, 0.2 ms apart.
+    one or two short reads, 0.2 ms apart.
     """
 
-    def __init__(self, tid: int) -> None:
+    def __init__(self, tid: int, watched: Path | None = None) -> None:
         self.proc = subprocess.Popen(
-            [sys.executable, "-c", POLLER, str(tid)], stdout=subprocess.PIPE, text=True
+            [sys.executable, "-c", POLLER, str(tid), *([str(watched)] if watched else [])],
+            stdout=subprocess.PIPE,
+            text=True,
         )
         with contextlib.suppress(PermissionError):
             os.setpriority(os.PRIO_PROCESS, self.proc.pid, -20)
-        self.changes: list[tuple[float, str]] = []
+        #: (host time, allowed CPUs, watched file's content) at each change of either.
+        self.samples: list[tuple[float, str, str]] = []
 
     def stop(self) -> list[tuple[float, str]]:
-        """End the poller; every change it saw."""
+        """End the poller; every change of the allowed CPUs it saw (:attr:`samples` has the
+        watched file's too)."""
         self.proc.terminate()
         out, _ = self.proc.communicate(timeout=10)
         for line in out.splitlines():
-            t, value = line.split("\t")
-            self.changes.append((float(t), value))
-        return self.changes
+            t, value, watched = line.split("\t")
+            self.samples.append((float(t), value, watched))
+        changes: list[tuple[float, str]] = []
+        for t, value, _watched in self.samples:
+            if not changes or changes[-1][1] != value:
+                changes.append((t, value))
+        return changes
+
+
+def isolated_changes(samples: list[tuple[float, str, str]]) -> list[tuple[float, str]]:
+    """The :class:`Poller` samples as ``match_events`` changes in which the value is "1" only
+    while the thread is confined to CPU 1 *and* the watched cpuset has given CPU 1 up: a pin's
+    latency to *isolated*, not only placed."""
+    return [
+        (t, "1" if allowed == "1" and 1 not in parse_cpulist(cpus) else "-")
+        for t, allowed, cpus in samples
+    ]
 
 
 def run_cycler(
@@ -112,12 +140,13 @@ def run_cycler(
     hold: float,
     *,
     slack_s: float = 120.0,
+    poller: Poller | None = None,
 ) -> tuple[str, list[tuple[float, str]]]:
     """Run ``cycler`` (a guest Python script taking ``cycles`` and ``hold``) through ``guest``
-    (argv, timeout) while a :class:`Poller` watches host thread ``tid``; the cycler's stdout
-    and the poller's (host time, allowed CPUs) changes. The poller runs on for a second after
-    the cycler ends, so the last change is seen too."""
-    poller = Poller(tid)
+    (argv, timeout) while a :class:`Poller` (``poller``, or a new one) watches host thread
+    ``tid``; the cycler's stdout and the poller's (host time, allowed CPUs) changes. The poller
+    runs on for a second after the cycler ends, so the last change is seen too."""
+    poller = poller or Poller(tid)
     try:
         time.sleep(0.2)  # its first line: the mask before the first change
         result = guest(

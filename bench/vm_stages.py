@@ -60,7 +60,7 @@ from ftrace import FtraceInstance  # noqa: E402
 from isolation_common import stop_all, yes_load  # noqa: E402
 from sched_trace import SchedTrace, parse_sched, window_waits  # noqa: E402
 from state_tmpfs import state_tmpfs  # noqa: E402
-from vm_latency import match_events, run_cycler  # noqa: E402
+from vm_latency import Poller, isolated_changes, match_events, run_cycler  # noqa: E402
 
 from vmlab import VMSpec, start  # noqa: E402
 from vmlab.daemon import PvhostDaemon  # noqa: E402
@@ -245,6 +245,7 @@ STAGE_ROWS = (
     ("h_total", "host: frame received → result sent"),
     ("e2e_result", "end to end: call returned → result read by the agent (guest clock)"),
     ("e2e_placed", "end to end: call returned → host placement seen (vm_latency's figure)"),
+    ("e2e_isolated", "end to end: call returned → placed and the load's cpuset gave the pCPU up"),
 )
 
 
@@ -398,7 +399,12 @@ def main() -> int:
                 **thread_names(daemon.proc.pid, "pvhost"),
             }
             sched = SchedTrace([*sched_names, *(p.pid for p in load)])
-        stdout, changes = run_cycler(vm.guest, tid, CYCLER, args.cycles, args.hold, slack_s=180.0)
+        # With the load in isolate_from, the poller also watches its cpuset: when the pinned
+        # pCPU is the guest's alone, not only the thread confined to it.
+        poller = Poller(tid, load_cpuset / "cpuset.cpus" if load_cpuset is not None else None)
+        stdout, changes = run_cycler(
+            vm.guest, tid, CYCLER, args.cycles, args.hold, slack_s=180.0, poller=poller
+        )
         host_text = host_trace.stop()
         if sched is not None:
             sched_text = sched.stop()
@@ -425,12 +431,12 @@ def main() -> int:
     error = max(err0, err1) + abs(off1 - off0) / 2
     # The cycler's realtime clock is read after the call: back to the call's start by the
     # monotonic span around it.
-    lat, missed = match_events(
-        [(k, t, t - (t1 - t0)) for k, t, t0, t1 in events],
-        changes,
-        offset,
-        error,
-    )
+    made = [(k, t, t - (t1 - t0)) for k, t, t0, t1 in events]
+    lat, missed = match_events(made, changes, offset, error)
+    isolated: list[float] = []
+    if load_cpuset is not None:
+        pins = [e for e in made if e[0] == "pin"]
+        isolated = match_events(pins, isolated_changes(poller.samples), offset, error)[0]["pin"]
 
     def to_host_mono(g_mono: float) -> float:
         return g_mono + out["rm"] - offset - host_rm
@@ -501,6 +507,8 @@ def main() -> int:
             })  # fmt: skip
     for kind, cols in rows.items():
         cols["e2e_placed"] = lat[kind]
+    if isolated:
+        rows["pin"]["e2e_isolated"] = isolated
     summary = {
         "what": "per-stage time of a guest pin/unpin (guest and host clocks kept apart)",
         "label": args.label,

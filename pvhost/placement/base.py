@@ -137,6 +137,11 @@ class PlacementBackend(ABC):
         nothing, where that would leave one of them without a CPU. v2: partitions do it."""
         return
 
+    def _isolate_check(self, held: frozenset[int]) -> None:
+        """Raise the PlacementError ``_isolate(held)`` would, reading only: a pin is refused
+        before it changes anything, then placed, then isolated."""
+        return
+
     @abstractmethod
     def _thread_cgroup(self, tid: int) -> str:
         """The cgroup of ``tid`` in this hierarchy, as /proc shows it (``/…``)."""
@@ -207,11 +212,17 @@ class PlacementBackend(ABC):
             record = self._record(vm, vcpu, tid, pcpu)
             # Saved before the first change: a crash from here on is undone by reconcile.
             self.state.set_pin(vm, vcpu, record)
+        held = frozenset(self._held())
         try:
+            # The thread is confined first and the other load's cpusets give the pCPU up
+            # after: what the guest asked for is in place one isolate_from write sooner (that
+            # write moves the load's tasks), and a refusal still comes before any change.
             with clock.stage("isolate"):
-                self._isolate(frozenset(self._held()))
+                self._isolate_check(held)
             with clock.stage("cgroup"):
                 self._apply(vm, vcpu, record)
+            with clock.stage("isolate"):
+                self._isolate(held)
             with clock.stage("verify"):
                 self._verify_pin(vm, vcpu, record)
         except PlacementError:

@@ -219,12 +219,18 @@ class Cgroup1Backend(PlacementBackend):
         if self.mode == "resident" or any(self.state.homes(vm) for vm in self.state.vms()):
             self._mirror(held)
 
-    def _withhold(self, held: frozenset[int]) -> None:
-        held |= self.also_held()
+    def _isolate_check(self, held: frozenset[int]) -> None:
+        self._withhold_plan(held | self.also_held())
+
+    def _withhold_plan(
+        self, held: frozenset[int]
+    ) -> tuple[dict[str, str], dict[str, frozenset[int]]]:
+        """What withholding ``held`` writes, read from the kernel and changing nothing: each
+        cpuset's CPUs before it first lost one (the saved ones and the new), and each one's
+        target; PlacementError where a cpuset would be left without a CPU."""
         withheld = self.state.withheld()
         if not self.isolate_from and not withheld:
-            return
-        # 1. Record what each cpuset had before it first loses a CPU (saved before changing).
+            return withheld, {}
         for path in self._isolate_tree():
             rel = self._rel(path)
             if rel not in withheld and read_cpus(path / "cpuset.cpus") & held:
@@ -241,6 +247,13 @@ class Cgroup1Backend(PlacementBackend):
                     "the guests may pin, or leave it out of isolate_from"
                 )
             targets[rel] = had - held
+        return withheld, targets
+
+    def _withhold(self, held: frozenset[int]) -> None:
+        withheld, targets = self._withhold_plan(held | self.also_held())
+        if not targets and not withheld:
+            return
+        # 1. Record what each cpuset had before it first loses a CPU (saved before changing).
         self.state.set_withheld({r: withheld[r] for r in targets})
         # 2. Shrink children before parents (a child's CPUs must stay inside its parent's),
         #    then grow parents before children.

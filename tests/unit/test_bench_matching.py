@@ -9,7 +9,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "bench"))
 
-from vm_latency import match_events
+from vm_latency import isolated_changes, match_events
 
 
 def test_a_placement_seen_before_the_guest_read_its_clock_pairs_with_its_own_call() -> None:
@@ -30,3 +30,13 @@ def test_latency_counts_from_the_calls_return_and_a_missing_change_is_a_miss() -
     assert lat == {"pin": [], "unpin": []} and missed == 2
     lat, missed = match_events(events, changes, offset=0.0, error=0.0005)
     assert [round(x, 3) for x in lat["pin"]] == [8.0] and missed == 1
+
+
+def test_a_pin_is_isolated_only_once_the_loads_cpuset_gave_its_pcpu_up() -> None:
+    # The thread is confined at 5.004 (placed: 4 ms); the load's cpuset loses CPU 1 at 5.007.
+    samples = [(4.0, "0-1", "0-1"), (5.004, "1", "0-1"), (5.007, "1", "0"), (5.4, "0-1", "0-1")]
+    events = [("pin", 5.000, 4.999)]
+    placed = match_events(events, [(t, a) for t, a, _ in samples], offset=0.0, error=0.0005)
+    isolated = match_events(events, isolated_changes(samples), offset=0.0, error=0.0005)
+    assert [round(x, 3) for x in placed[0]["pin"]] == [4.0]
+    assert [round(x, 3) for x in isolated[0]["pin"]] == [7.0]

@@ -3,7 +3,10 @@
 Each cell injects one fault at one phase into the image VM ``faults`` (lab: tests/vm/faultlab.py)
 and then asserts, within ``RECOVER_S`` = 10 s after the fault is released (where the fault reboots
 the guest or replaces its QEMU: 10 s + the boot, measured and reported apart, + ``AGENT_START_S``
-= 10 s for the agent's own start-up from udev in a guest still booting under TCG):
+= 10 s for the agent's own start-up from udev in a guest still booting under TCG; where the
+fault makes the guest start a new agent, ``NEW_AGENT``, within 10 s of that agent's Hello, and
+10 + ``AGENT_START_S`` s in all: its Python start-up under TCG is the guest's, 3 s on one 2-CPU
+host and 5-9 s on a slower one):
 
 * the affinity program is loaded again (the agent acked it) and the session is ready;
 * the placement equals the guest's current wish (vCPU 1 → pCPU 1 while its pinned thread
@@ -31,7 +34,8 @@ pinned         the thread's pin is placed (vCPU 1 on pCPU 1); then the fault.
 fault            how it is injected (all 9 x 4 cells run; none is impossible)
 ================ ================================================================================
 agent-restart    ``systemctl restart pvagent`` in the guest
-agent-kill       ``systemctl kill -s KILL pvagent`` (systemd restarts it after 2 s)
+agent-kill       ``systemctl kill -s KILL pvagent``; systemd starts a new agent after 2 s
+                 (``RestartSec``), and the cell counts from that start, as agent-restart's
 pvhost-restart   SIGTERM to pvhost (SIGCONT too if frozen), then a new ``pvhost run``
 pvhost-kill      SIGKILL to pvhost, then a new ``pvhost run``
 qemu-kill        SIGKILL to QEMU, then a new QEMU under the same name (a fresh boot)
@@ -83,6 +87,8 @@ FAULTS = (
     "port-replug",
 )
 CELLS = [(f, p) for f in FAULTS for p in PHASES]
+#: The faults after which the guest runs a new agent process (its start-up is the guest's).
+NEW_AGENT = frozenset({"agent-restart", "agent-kill", "port-garbage"})
 
 
 @dataclass
@@ -96,6 +102,9 @@ class Outcome:
     boot_s: float
     #: Whether the bystander's session reset (only allowed when pvhost itself restarted).
     bystander_reset: bool
+    #: Where the fault starts a new agent (NEW_AGENT): its start-up inside that time, until
+    #: pvhost had its Hello (session ready); 0 elsewhere.
+    agent_s: float = 0.0
 
 
 _OUTCOMES: list[Outcome] = []
@@ -140,7 +149,11 @@ def _record(total_s: float, boots: list[float]) -> None:
         "release to convergence (program loaded, placement = the guest's wish, nothing left",
         f"of a dead VM); bound {RECOVER_S:g} s, plus the boot and {AGENT_START_S:g} s for the",
         "agent's start-up where the fault reboots the guest",
-        "(boot time in brackets). `*`: the bystander's session was restarted (pvhost restarts).",
+        "(boot time in brackets). Where the fault starts a new agent, its start-up until its",
+        f"Hello is in square brackets and the bound is {RECOVER_S:g} s after that Hello (and",
+        f"{RECOVER_S + AGENT_START_S:g} s in all); agent-kill counts from the new agent's start",
+        "(the guest's systemd waits its RestartSec first). `*`: the bystander's session was",
+        "restarted.",
         f"Whole module: {total_s:.0f} s wall, {len(boots)} boots.",
         "",
         "| fault | " + " | ".join(PHASES) + " |",
@@ -159,6 +172,8 @@ def _record(total_s: float, boots: list[float]) -> None:
             text = f"{o.recover_s:.1f}"
             if o.boot_s:
                 text += f" ({o.boot_s:.0f})"
+            elif o.agent_s:
+                text += f" [{o.agent_s:.1f}]"
             cells.append(text + ("*" if o.bystander_reset else ""))
         lines.append(f"| {fault} | " + " | ".join(cells) + " |")
     (d / "faults.md").write_text("\n".join(lines) + "\n")
@@ -260,7 +275,12 @@ def _inject(lab: FaultLab, fault: str, phase: Phase) -> tuple[bool, bool]:
     if fault == "agent-restart":
         lab.guest(["systemctl", "restart", "pvagent"])
     elif fault == "agent-kill":
+        old = lab.agent_pid()
         lab.guest(["systemctl", "kill", "-s", "KILL", "pvagent"])
+        # The guest's service manager starts a new agent after its RestartSec (2 s): the
+        # guest's policy, not extpv's recovery. The cell counts from the new agent's start,
+        # as the cells whose fault starts it with systemctl (agent-restart, port-garbage).
+        poll("the guest's systemd started a new agent", lambda: lab.agent_pid() not in (0, old), 60)
     elif fault == "port-garbage":
         lab.guest(
             f"systemctl stop pvagent && head -c 16384 /dev/urandom > {PORT} && "
@@ -314,6 +334,16 @@ def _cell(lab: FaultLab, fault: str, phase: str, sessions: tuple[int, int]) -> N
     elif fault == "qemu-kill":
         boot_s = lab.boot()
     assert guest_alive or lab.workload is None
+    agent_s = 0.0
+    if fault in NEW_AGENT:
+        # The fault ended the old agent's session (its port closed) before the new agent
+        # started; ready again is the new agent's Hello. (Read before pvhost saw the close,
+        # "ready" is the old session's: 0 s, which only makes the bound stricter.)
+        agent_s = poll(
+            "Hello from the new agent",
+            lambda: lab.daemon.status()["vms"][VM]["session"] == "ready",
+            RECOVER_S + AGENT_START_S + 30,
+        )
     recover_s, status = lab.wait_converged(
         f"convergence after {fault} at {phase}", RECOVER_S + boot_s + AGENT_START_S + 30
     )
@@ -321,11 +351,25 @@ def _cell(lab: FaultLab, fault: str, phase: str, sessions: tuple[int, int]) -> N
     lab.check_host(status)
     lab.check_bystander(sessions, pvhost_restarted)
     outcome = Outcome(
-        fault, phase, round(recover_s, 1), round(boot_s, 1), lab.bystander.sessions != sessions
+        fault,
+        phase,
+        round(recover_s, 1),
+        round(boot_s, 1),
+        lab.bystander.sessions != sessions,
+        round(agent_s, 1),
     )
     _OUTCOMES.append(outcome)
     print(f"\n[faults] {outcome}", file=sys.stderr)
     bound = RECOVER_S + (boot_s + AGENT_START_S if boot_s else 0.0)
+    if fault in NEW_AGENT:
+        # The agent's own Python start-up under TCG (3 s on one 2-CPU host, 5-9 s on a
+        # slower one) is the guest's; extpv's part, after the new agent's Hello, has the
+        # bound, and the whole is bounded as a booting guest's agent start is.
+        assert recover_s - agent_s <= RECOVER_S, (
+            f"{fault} at {phase}: converged {recover_s - agent_s:.1f} s after the new agent's "
+            f"Hello (bound {RECOVER_S:.0f} s; its start-up took {agent_s:.1f} s)"
+        )
+        bound = RECOVER_S + AGENT_START_S
     assert recover_s <= bound, (
         f"{fault} at {phase}: converged after {recover_s:.1f} s (bound {bound:.0f} s)"
     )
