@@ -1,12 +1,11 @@
 """The fault matrix (issue #13): every fault at every phase of the channel, on real parts.
 
 Each cell injects one fault at one phase into the image VM ``faults`` (lab: tests/vm/faultlab.py)
-and then asserts, within ``RECOVER_S`` = 10 s after the fault is released (where the fault reboots
-the guest or replaces its QEMU: 10 s + the boot, measured and reported apart, + ``AGENT_START_S``
-= 10 s for the agent's own start-up from udev in a guest still booting under TCG; where the
-fault makes the guest start a new agent, ``NEW_AGENT``, within 10 s of that agent's Hello, and
-10 + ``AGENT_START_S`` s in all: its Python start-up under TCG is the guest's, 3 s on one 2-CPU
-host and 5-9 s on a slower one):
+and then asserts, within ``RECOVER_S`` = 10 s after the fault is released, or, where the fault
+makes the guest start a new agent (``NEW_AGENT``, a reboot, a new QEMU), within 10 s of that
+agent's Hello, the boot and the agent's own start-up measured and reported apart (its Python
+start-up under TCG is the guest's: 5-9 s in a running guest and up to 20 s in a booting one on a
+slow 2-CPU host; the whole is bounded by 10 s + the boot + ``AGENT_START_S`` = 30 s):
 
 * the affinity program is loaded again (the agent acked it) and the session is ready;
 * the placement equals the guest's current wish (vCPU 1 → pCPU 1 while its pinned thread
@@ -102,8 +101,8 @@ class Outcome:
     boot_s: float
     #: Whether the bystander's session reset (only allowed when pvhost itself restarted).
     bystander_reset: bool
-    #: Where the fault starts a new agent (NEW_AGENT): its start-up inside that time, until
-    #: pvhost had its Hello (session ready); 0 elsewhere.
+    #: Where the fault starts a new agent (NEW_AGENT, or a boot): its start-up inside that
+    #: time, after the boot, until pvhost had its Hello (session ready); 0 elsewhere.
     agent_s: float = 0.0
 
 
@@ -335,13 +334,13 @@ def _cell(lab: FaultLab, fault: str, phase: str, sessions: tuple[int, int]) -> N
         boot_s = lab.boot()
     assert guest_alive or lab.workload is None
     agent_s = 0.0
-    if fault in NEW_AGENT:
-        # The fault ended the old agent's session (its port closed) before the new agent
-        # started; ready again is the new agent's Hello. (Read before pvhost saw the close,
-        # "ready" is the old session's: 0 s, which only makes the bound stricter.)
+    if fault in NEW_AGENT or boot_s:
+        # The fault ended the old agent's session (its port closed, or its QEMU went) before
+        # the new agent started; ready again is the new agent's Hello. (Read before pvhost saw
+        # the close, "ready" is the old session's: 0 s, which only makes the bound stricter.)
         agent_s = poll(
             "Hello from the new agent",
-            lambda: lab.daemon.status()["vms"][VM]["session"] == "ready",
+            lambda: lab.daemon.status()["vms"].get(VM, {}).get("session") == "ready",
             RECOVER_S + AGENT_START_S + 30,
         )
     recover_s, status = lab.wait_converged(
@@ -360,16 +359,18 @@ def _cell(lab: FaultLab, fault: str, phase: str, sessions: tuple[int, int]) -> N
     )
     _OUTCOMES.append(outcome)
     print(f"\n[faults] {outcome}", file=sys.stderr)
-    bound = RECOVER_S + (boot_s + AGENT_START_S if boot_s else 0.0)
-    if fault in NEW_AGENT:
+    bound = RECOVER_S
+    if fault in NEW_AGENT or boot_s:
         # The agent's own Python start-up under TCG (3 s on one 2-CPU host, 5-9 s on a
         # slower one) is the guest's; extpv's part, after the new agent's Hello, has the
         # bound, and the whole is bounded as a booting guest's agent start is.
-        assert recover_s - agent_s <= RECOVER_S, (
-            f"{fault} at {phase}: converged {recover_s - agent_s:.1f} s after the new agent's "
-            f"Hello (bound {RECOVER_S:.0f} s; its start-up took {agent_s:.1f} s)"
+        extpv_s = recover_s - boot_s - agent_s
+        assert extpv_s <= RECOVER_S, (
+            f"{fault} at {phase}: converged {extpv_s:.1f} s after the new agent's Hello "
+            f"(bound {RECOVER_S:.0f} s; the boot took {boot_s:.1f} s, the agent's start-up "
+            f"{agent_s:.1f} s)"
         )
-        bound = RECOVER_S + AGENT_START_S
+        bound = RECOVER_S + boot_s + AGENT_START_S
     assert recover_s <= bound, (
         f"{fault} at {phase}: converged after {recover_s:.1f} s (bound {bound:.0f} s)"
     )
