@@ -42,6 +42,7 @@ import pytest
 import vmlab
 from pvproto.version import AGENT_VERSIONS
 from vmlab.daemon import PvhostDaemon
+from vmlab.errors import DaemonError
 from vmlab.images import GuestImage
 
 pytestmark = [
@@ -420,14 +421,24 @@ def test_an_agent_older_than_the_memory_service_runs_it(
         pid = None
         completed = "done" in probe.stdout
         # The host saw what the old agent saw: its reclaim records, and the OOM kill if any.
-        after = daemon.wait_status(
-            "the old agent's records at the host",
-            lambda s: (
-                memory(s)["reclaims"] > before["reclaims"]
-                and (memory(s)["oom_kills"] > before["oom_kills"]) != completed
-            ),
-            deadline_s=60,
-        )
+        try:
+            after = daemon.wait_status(
+                "the old agent's records at the host",
+                lambda s: (
+                    memory(s)["reclaims"] > before["reclaims"]
+                    and (memory(s)["oom_kills"] > before["oom_kills"]) != completed
+                ),
+                deadline_s=60,
+            )
+        except DaemonError as err:
+            # pvhost's whole status is too long to read in an error: the counts that decide.
+            now = memory(daemon.status())
+            raise AssertionError(
+                f"the allocation {'completed' if completed else 'did not complete'} "
+                f"({probe.stdout!r}); reclaims {before['reclaims']} -> {now['reclaims']}, "
+                f"OOM kills {before['oom_kills']} -> {now['oom_kills']}; guest: "
+                + vm.guest("dmesg | grep -i -A3 'out of memory' | tail -20", 60).stdout
+            ) from err
         after = memory(after)
         kernel = vm.guest("dmesg | grep -ci 'out of memory' || true").stdout.strip()
         assert (kernel == "0") == completed, vm.guest("dmesg | tail -40").stdout
