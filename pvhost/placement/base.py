@@ -131,16 +131,19 @@ class PlacementBackend(ABC):
         """Inside a recorded VM's cgroup, remove what no record accounts for (v1: vcpu dirs)."""
         return
 
-    def _isolate(self, held: frozenset[int]) -> None:
+    def _isolate(self, held: frozenset[int], checked: Any = None) -> None:
         """Take exactly the ``held`` pCPUs from the other cgroups the operator named, giving
         back what is no longer held (v1 ``isolate_from``); raise PlacementError, changing
-        nothing, where that would leave one of them without a CPU. v2: partitions do it."""
+        nothing, where that would leave one of them without a CPU. v2: partitions do it.
+        ``checked``: what :meth:`_isolate_check` returned for the same ``held`` (not read
+        again)."""
         return
 
-    def _isolate_check(self, held: frozenset[int]) -> None:
+    def _isolate_check(self, held: frozenset[int]) -> Any:
         """Raise the PlacementError ``_isolate(held)`` would, reading only: a pin is refused
-        before it changes anything, then placed, then isolated."""
-        return
+        before it changes anything, then placed, then isolated. Returns what it read, for
+        ``_isolate``."""
+        return None
 
     @abstractmethod
     def _thread_cgroup(self, tid: int) -> str:
@@ -218,11 +221,11 @@ class PlacementBackend(ABC):
             # after: what the guest asked for is in place one isolate_from write sooner (that
             # write moves the load's tasks), and a refusal still comes before any change.
             with clock.stage("isolate"):
-                self._isolate_check(held)
+                checked = self._isolate_check(held)
             with clock.stage("cgroup"):
                 self._apply(vm, vcpu, record)
             with clock.stage("isolate"):
-                self._isolate(held)
+                self._isolate(held, checked)
             with clock.stage("verify"):
                 self._verify_pin(vm, vcpu, record)
         except PlacementError:

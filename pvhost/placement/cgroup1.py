@@ -214,13 +214,13 @@ class Cgroup1Backend(PlacementBackend):
         changing nothing, where a cpuset would be left without a CPU."""
         self._isolate(frozenset(self._held()))
 
-    def _isolate(self, held: frozenset[int]) -> None:
-        self._withhold(held)
+    def _isolate(self, held: frozenset[int], checked: Any = None) -> None:
+        self._withhold(held, checked)
         if self.mode == "resident" or any(self.state.homes(vm) for vm in self.state.vms()):
             self._mirror(held)
 
-    def _isolate_check(self, held: frozenset[int]) -> None:
-        self._withhold_plan(held | self.also_held())
+    def _isolate_check(self, held: frozenset[int]) -> Any:
+        return self._withhold_plan(held | self.also_held())
 
     def _withhold_plan(
         self, held: frozenset[int]
@@ -249,8 +249,8 @@ class Cgroup1Backend(PlacementBackend):
             targets[rel] = had - held
         return withheld, targets
 
-    def _withhold(self, held: frozenset[int]) -> None:
-        withheld, targets = self._withhold_plan(held | self.also_held())
+    def _withhold(self, held: frozenset[int], checked: Any = None) -> None:
+        withheld, targets = checked or self._withhold_plan(held | self.also_held())
         if not targets and not withheld:
             return
         # 1. Record what each cpuset had before it first loses a CPU (saved before changing).
