@@ -34,6 +34,7 @@ sys.path.insert(0, str(REPO))
 from exp_stats import percentile  # noqa: E402
 from state_tmpfs import state_tmpfs  # noqa: E402
 
+from extpv.autogroup import set_autogroup_nice  # noqa: E402
 from pvproto.cpulist import parse_cpulist  # noqa: E402
 from vmlab import VMSpec, start  # noqa: E402
 from vmlab.daemon import PvhostDaemon  # noqa: E402
@@ -59,20 +60,21 @@ print(json.dumps(events))
 # The poller's own process: prints "host time<TAB>allowed CPUs<TAB>watched file" at each change
 # of thread argv[1]'s allowed CPUs or of the file argv[2] (optional: a cpuset's cpuset.cpus).
 POLLER = """
-import sys, time
-path = f"/proc/{sys.argv[1]}/status"
-watched = sys.argv[2] if len(sys.argv) > 2 else None
+import os, sys, time
+# Files kept open and re-read with pread (procfs and cgroupfs regenerate them at offset 0):
+# each poll is one or two syscalls, so that the instrument takes little CPU from what it
+# measures.
+status = os.open(f"/proc/{sys.argv[1]}/status", os.O_RDONLY)
+watched = os.open(sys.argv[2], os.O_RDONLY) if len(sys.argv) > 2 else None
+KEY = b"Cpus_allowed_list:"
 def allowed():
-    with open(path) as f:
-        for line in f:
-            if line.startswith("Cpus_allowed_list:"):
-                return line.split(":", 1)[1].strip()
-    return "?"
+    data = os.pread(status, 8192, 0)
+    i = data.find(KEY)
+    if i < 0:
+        return "?"
+    return data[i + len(KEY):data.find(b"\\n", i)].strip().decode()
 def watch():
-    if watched is None:
-        return ""
-    with open(watched) as f:
-        return f.read().strip()
+    return "" if watched is None else os.pread(watched, 4096, 0).strip().decode()
 last = None
 while True:
     now = (allowed(), watch())
@@ -93,7 +95,10 @@ class Poller:
     runs it (seen under 8 ``yes``: "placement seen" 36-60 ms after a call whose result, sent by
     pvhost after the placement, was in the guest after 5-7 ms). It is a process of its own (no
     GIL shared with the bench's other threads) at nice -20 where it may (root): each poll is
-    one or two short reads, 0.2 ms apart.
+    one ``pread`` per file, 0.2 ms apart. It leads a session of its own, and where the
+    scheduler's autogroup is on that group is at -20 too: a thread's own value weighs only
+    inside its group (:mod:`extpv.autogroup`), and in the bench's session the poller's group
+    would be the bench's, at 0, against one group per ``yes``.
     """
 
     def __init__(self, tid: int, watched: Path | None = None) -> None:
@@ -101,9 +106,11 @@ class Poller:
             [sys.executable, "-c", POLLER, str(tid), *([str(watched)] if watched else [])],
             stdout=subprocess.PIPE,
             text=True,
+            start_new_session=True,
         )
         with contextlib.suppress(PermissionError):
             os.setpriority(os.PRIO_PROCESS, self.proc.pid, -20)
+            set_autogroup_nice(self.proc.pid, -20)
         #: (host time, allowed CPUs, watched file's content) at each change of either.
         self.samples: list[tuple[float, str, str]] = []
 

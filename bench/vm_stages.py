@@ -244,6 +244,7 @@ STAGE_ROWS = (
     ("g_roundtrip", "guest: frame written → result read by the agent"),
     ("h_total", "host: frame received → result sent"),
     ("e2e_result", "end to end: call returned → result read by the agent (guest clock)"),
+    ("e2e_received", "end to end: call returned → frame received by pvhost (clocks paired)"),
     ("e2e_placed", "end to end: call returned → host placement seen (vm_latency's figure)"),
     ("e2e_isolated", "end to end: call returned → placed and the load's cpuset gave the pCPU up"),
 )
@@ -393,15 +394,16 @@ def main() -> int:
         off0, err0 = vm.clock_offset()
         host_rm = time.time() - time.monotonic()
         host_trace = HostTrace(daemon.proc.pid)
+        # With the load in isolate_from, the poller also watches its cpuset: when the pinned
+        # pCPU is the guest's alone, not only the thread confined to it.
+        poller = Poller(tid, load_cpuset / "cpuset.cpus" if load_cpuset is not None else None)
         if args.sched_trace:
             sched_names = {
                 **thread_names(vm.pid, "qemu"),
                 **thread_names(daemon.proc.pid, "pvhost"),
+                poller.proc.pid: "poller",  # the instrument: does it wait to see a change?
             }
             sched = SchedTrace([*sched_names, *(p.pid for p in load)])
-        # With the load in isolate_from, the poller also watches its cpuset: when the pinned
-        # pCPU is the guest's alone, not only the thread confined to it.
-        poller = Poller(tid, load_cpuset / "cpuset.cpus" if load_cpuset is not None else None)
         stdout, changes = run_cycler(
             vm.guest, tid, CYCLER, args.cycles, args.hold, slack_s=180.0, poller=poller
         )
@@ -485,6 +487,8 @@ def main() -> int:
             "g_roundtrip": roundtrip,
             "h_total": host_total,
             "e2e_result": (call["result"] - call["exit"]) * ms,
+            # Clocks paired (± the offset's error): the instrument-free half of "placed".
+            "e2e_received": (recv - to_host_mono(call["exit"])) * ms,
         }
         for key, value in row.items():
             rows[kind].setdefault(key, []).append(value)
