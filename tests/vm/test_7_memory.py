@@ -199,10 +199,18 @@ def test_pressure_deflates_so_an_allocation_completes_and_quiet_inflates_back(
     result = vm.guest(["python3", "-c", ALLOCATOR], timeout_s=240)
     t_done = time.time()
     # The allocation's own outcome first: what comes after asks the guest again.
+    if result.returncode != 0 or "done" not in result.stdout:
+        # Whole, on stderr: pytest cuts a long assertion message to its first lines.
+        print(
+            f"\n[memory] the allocation ended {t_done - t0:.1f} s after it began: {result}"
+            f"\n--- pvhost's memory service now:\n{memory(daemon.status())}"
+            f"\n--- pvhost's log:\n{daemon.tail()}"
+            f"\n--- the guest's console:\n{vm.console_tail(40)}",
+            file=sys.stderr,
+        )
     assert result.returncode == 0 and "done" in result.stdout, (
-        result,
-        daemon.tail(),
-        vm.console_tail(40),
+        f"the allocation did not complete (returncode {result.returncode}; stderr has the "
+        "service's decisions, pvhost's log and the console)"
     )
     cpu_alloc = agent_cpu_s(vm) - cpu0
     after = memory(daemon.status())
