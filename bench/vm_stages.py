@@ -371,6 +371,7 @@ def main() -> int:
         nice=args.pvhost_nice,
     )
     host_trace: HostTrace | None = None
+    poller: Poller | None = None
     sched: SchedTrace | None = None
     sched_text = ""
     sched_names: dict[int, str] = {}
@@ -414,6 +415,8 @@ def main() -> int:
         guest_text = vm.guest(GUEST_TRACE_OFF, timeout_s=120).check().stdout
         backend = daemon.status()["backend"]
     finally:
+        if poller is not None and poller.proc.poll() is None:
+            poller.stop()  # its own session: nothing else ends it when a step above failed
         stop_all(load)
         if host_trace is not None:
             host_trace.close()
