@@ -58,7 +58,7 @@ from pvhost.programs import SignedProgram
 from pvhost.qmp import QmpMonitor
 from pvhost.ratelimit import TokenBucket
 from pvhost.services.affinity import GENERIC_PROTOCOL, placement_document
-from pvhost.services.base import QMP_ALLOWED
+from pvhost.services.base import qmp_refusal
 from pvhost.services.manager import ServiceManager
 from pvproto import (
     SUPPORTED_VERSIONS,
@@ -677,9 +677,10 @@ class VmSession:
         return verdict
 
     async def qmp(self, command: str, arguments: Mapping[str, Any] | None = None) -> object:
-        """One of the QMP commands a service may send (``QMP_ALLOWED``), to this VM's QEMU."""
-        if command not in QMP_ALLOWED:
-            raise ChannelError(f"QMP command {command!r} is not one a service may send")
+        """One of the QMP commands a service may send (``qmp_refusal``), to this VM's QEMU."""
+        refusal = qmp_refusal(command, arguments or {})
+        if refusal is not None:
+            raise ChannelError(refusal)
         monitor = self._monitor
         if not isinstance(monitor, QmpMonitor):
             raise ChannelError(f"VM {self.name}: no QMP monitor (not connected, or libvirt)")

@@ -36,10 +36,39 @@ from pvproto import BaseMessage, GuestTopology, MapContents, ProgramKind
 if TYPE_CHECKING:
     from pvhost.service import Service
 
-__all__ = ["QMP_ALLOWED", "EventError", "ServiceContext", "ServicePlugin", "VmHandle"]
+__all__ = [
+    "QMP_ALLOWED",
+    "QOM_READABLE",
+    "QOM_WRITABLE",
+    "EventError",
+    "ServiceContext",
+    "ServicePlugin",
+    "VmHandle",
+    "qmp_refusal",
+]
 
 #: The QMP commands a service may send through :meth:`VmHandle.qmp` (never the monitor itself).
-QMP_ALLOWED = frozenset({"balloon", "query-balloon", "query-memory-size-summary"})
+QMP_ALLOWED = frozenset(
+    {"balloon", "query-balloon", "query-memory-size-summary", "qom-list", "qom-get", "qom-set"}
+)
+#: The QOM properties ``qom-get`` may read and ``qom-set`` may write: the balloon's guest
+#: statistics and how often QEMU asks the guest for them (any other property of any device,
+#: e.g. a disk's backing file, stays out of a service's reach).
+QOM_READABLE = frozenset({"guest-stats", "guest-stats-polling-interval"})
+QOM_WRITABLE = frozenset({"guest-stats-polling-interval"})
+
+
+def qmp_refusal(command: str, arguments: Mapping[str, Any]) -> str | None:
+    """Why a service may not send this QMP command (None: it may)."""
+    if command not in QMP_ALLOWED:
+        return f"QMP command {command!r} is not one a service may send"
+    allowed = {"qom-get": QOM_READABLE, "qom-set": QOM_WRITABLE}.get(command)
+    if allowed is not None and arguments.get("property") not in allowed:
+        return f"{command} of property {arguments.get('property')!r}: a service may only " + (
+            f"use {sorted(allowed)}"
+        )
+    return None
+
 
 #: What ``status()`` and ``metrics()`` may return: JSON values.
 JsonValue = Any
@@ -93,8 +122,9 @@ class VmHandle(Protocol):
 
     async def qmp(self, command: str, arguments: Mapping[str, Any] | None = None) -> object:
         """One QMP command to the VM's QEMU, of the few a service may send (``QMP_ALLOWED``:
-        the balloon and the memory size); QmpError when it fails or the monitor is down,
-        ChannelError for another command or a VM without a QMP monitor (libvirt)."""
+        the balloon, its statistics and the memory size; :func:`qmp_refusal`); QmpError when
+        it fails or the monitor is down, ChannelError for another command or a VM without a
+        QMP monitor (libvirt)."""
         ...
 
 

@@ -7,15 +7,20 @@ when a batch carries pressure, :func:`pvhost.services.memory_policy.decide` turn
 guest reported into a balloon target: under pressure the balloon deflates (the guest gets
 memory, within the VM's maximum and never taking the host's MemAvailable below
 ``host_floor_mib``); after ``quiet_s`` without pressure it inflates step by step back to the
-VM's minimum; at most ``max_changes_per_s`` changes per second per VM, whatever the guest
-sends. Every decision that changes something, and every refusal under pressure, is logged
-with its reason, kept in ``pvctl status`` (the last ones) and counted in ``/metrics``.
+VM's minimum, each step only when the guest's balloon statistics, taken after the last change
+settled, show it keeps ``guest_reserve_mib`` available after it; at most
+``max_changes_per_s`` changes per second per VM, whatever the guest sends. Every decision
+that changes something, and every refusal under pressure, is logged with its reason, kept in
+``pvctl status`` (the last ones) and counted in ``/metrics``.
 
 When the service is disabled for a VM, or pvhost closes the VM's session (pvhost stops, the
 VM's directory went away), the balloon goes back to the VM's configured size (QEMU's
 ``base-memory``): extpv leaves no guest short of memory behind it.
 
-QMP goes through :meth:`VmHandle.qmp`, which lets a service send only the balloon commands.
+QMP goes through :meth:`VmHandle.qmp`, which lets a service send only the balloon commands
+and read the balloon's guest statistics (``qom-get guest-stats``; QEMU asks the guest for them
+every :data:`STATS_INTERVAL_S` while the service runs, and stops again when it ends, unless
+someone else had asked first).
 Off by default: ``[services] enabled = ["affinity", "memory"]`` or per VM.
 """
 
@@ -55,6 +60,13 @@ MIB = 1024 * 1024
 PROGRAM_ID = "memory"
 #: Decisions kept per VM for ``pvctl status``.
 _HISTORY = 20
+#: How often QEMU asks the guest's balloon driver for its statistics (s; QOM takes whole
+#: seconds), when nobody had set it before.
+STATS_INTERVAL_S = 1
+#: Where the QOM tree keeps devices with and without an ``id``.
+_PERIPHERALS = ("/machine/peripheral", "/machine/peripheral-anon")
+#: A u64 statistic the guest's driver never reported reads as -1 (all bits set).
+_STAT_UNSET = 1 << 63
 
 
 class VmBoundsConfig(BaseModel):
@@ -81,6 +93,11 @@ class MemoryConfig(BaseModel):
     max_changes_per_s: Annotated[float, Field(gt=0, le=100)] = 1.0
     #: Direct-reclaim stall per window that counts as pressure (0: any reclaim).
     stall_ms: Annotated[float, Field(ge=0)] = 0.0
+    #: What a guest must keep available (its MemAvailable) after an inflation (MiB).
+    guest_reserve_mib: Annotated[int, Field(ge=0)] = 128
+    #: Inflate after quiet without the guest's balloon statistics (guests whose driver does
+    #: not report them): the guest may then be short of memory it is using.
+    inflate_without_guest_stats: bool = False
     #: Where MemAvailable is read (tests point it at a file of their own).
     meminfo: Path = Path("/proc/meminfo")
     #: Per-VM bounds: ``[services.memory.vms.NAME] min_mib/max_mib``.
@@ -103,6 +120,8 @@ class MemoryConfig(BaseModel):
             host_floor_mib=self.host_floor_mib,
             max_changes_per_s=self.max_changes_per_s,
             stall_ms=self.stall_ms,
+            guest_reserve_mib=self.guest_reserve_mib,
+            inflate_without_guest_stats=self.inflate_without_guest_stats,
         )
 
 
@@ -138,6 +157,18 @@ class _Vm:
     state: VmMemoryState = field(default_factory=lambda: VmMemoryState(0))
     window: WindowStats = field(default_factory=WindowStats)
     actual_mib: int | None = None
+    #: The balloon device's QOM path (its guest statistics); None: not found (yet).
+    balloon_path: str | None = None
+    #: QEMU was asked to poll the guest's statistics (by the service or someone before it).
+    stats_asked: bool = False
+    #: The polling interval was 0 and the service set it (undone when the service ends).
+    stats_polling_set: bool = False
+    #: time.time() when the balloon was first seen at its target since the last change.
+    settled_at: float | None = None
+    #: The guest's last statistics: (QEMU's last-update, whole seconds; MemAvailable MiB).
+    guest_stats: tuple[int, int] | None = None
+    #: Why there are none (shown in status).
+    guest_stats_note: str = "not asked yet"
     problem: str = ""
     reclaims: int = 0
     stall_ns: int = 0
@@ -213,10 +244,78 @@ class MemoryService(ServicePlugin):
             known.actual_mib = actual
             known.state = VmMemoryState(actual)
             known.bounds = self._bounds(vm.name, configured)
+        if not self.settings.inflate_without_guest_stats and not known.stats_asked:
+            try:
+                await self._ask_guest_stats(known)
+            except (QmpError, ChannelError, KeyError, TypeError, ValueError) as err:
+                known.guest_stats_note = f"cannot ask the guest for statistics: {err}"[:300]
         if known.ticker is None or known.ticker.done():
             known.ticker = asyncio.get_running_loop().create_task(
                 self._tick(known), name=f"memory-{vm.name}"
             )
+
+    async def _ask_guest_stats(self, known: _Vm) -> None:
+        """Find the balloon device and have QEMU poll the guest's statistics."""
+        vm = known.handle
+        if known.balloon_path is None:
+            for parent in _PERIPHERALS:
+                children: Any = await vm.qmp("qom-list", {"path": parent})
+                for child in children:
+                    if str(child["type"]).startswith("child<virtio-balloon"):
+                        known.balloon_path = f"{parent}/{child['name']}"
+            if known.balloon_path is None:
+                known.guest_stats_note = "no virtio-balloon device in QEMU's QOM tree"
+                return
+        where = {"path": known.balloon_path, "property": "guest-stats-polling-interval"}
+        if int(await vm.qmp("qom-get", where)) == 0:  # type: ignore[call-overload]
+            await vm.qmp("qom-set", {**where, "value": STATS_INTERVAL_S})
+            known.stats_polling_set = True
+        known.stats_asked = True
+        known.guest_stats_note = "none yet"
+
+    async def _refresh(self, known: _Vm) -> None:
+        """The balloon's actual size, and the guest's statistics, as QEMU has them now."""
+        reply: Any = await known.handle.qmp("query-balloon")
+        actual = int(reply["actual"])
+        known.actual_mib = actual // MIB
+        if abs(actual - known.state.target_mib * MIB) <= MIB:
+            if known.settled_at is None:
+                known.settled_at = time.time()
+        else:  # the driver is still at it (or gave memory back on its own)
+            known.settled_at = None
+        if known.balloon_path is None or self.settings.inflate_without_guest_stats:
+            return
+        try:
+            stats: Any = await known.handle.qmp(
+                "qom-get", {"path": known.balloon_path, "property": "guest-stats"}
+            )
+        except QmpError as err:
+            known.guest_stats_note = str(err)[:200]
+            return
+        if int(stats["last-update"]) == 0:
+            known.guest_stats_note = "the guest reported none yet (is its balloon driver loaded?)"
+            return
+        available = int(stats["stats"]["stat-available-memory"])
+        if not 0 <= available < _STAT_UNSET:
+            known.guest_stats_note = "the guest's driver does not report its MemAvailable"
+            return
+        known.guest_stats = (int(stats["last-update"]), available // MIB)
+        known.guest_stats_note = ""
+
+    def _stats_state(self, known: _Vm) -> str:
+        if self.settings.inflate_without_guest_stats:
+            return "not used (inflate_without_guest_stats)"
+        if known.guest_stats_note:
+            return known.guest_stats_note
+        return "fresh" if self._guest_available(known) is not None else "older than the last change"
+
+    @staticmethod
+    def _guest_available(known: _Vm) -> int | None:
+        """The guest's MemAvailable, if reported after the balloon last settled."""
+        if known.settled_at is None or known.guest_stats is None:
+            return None
+        at, available = known.guest_stats
+        return available if at >= int(known.settled_at) + 1 else None
 
     async def on_events(self, vm: VmHandle, program_id: str, events: Sequence[object]) -> None:
         known = self._vms.get(vm.name)
@@ -273,9 +372,8 @@ class MemoryService(ServicePlugin):
         while True:
             await asyncio.sleep(self.settings.window_s)
             try:
+                await self._refresh(known)
                 await self._evaluate(known)
-                reply = await known.handle.qmp("query-balloon")
-                known.actual_mib = int(reply["actual"]) // MIB  # type: ignore[index]
             except (QmpError, ChannelError, KeyError, TypeError, ValueError) as err:
                 known.problem = str(err)[:300]
 
@@ -286,12 +384,14 @@ class MemoryService(ServicePlugin):
             now = time.monotonic()
             stats, known.window = known.window, WindowStats()
             available = await asyncio.to_thread(host_available_mib, self.settings.meminfo)
+            guest = self._guest_available(known)
             decision = decide(
                 now,
                 known.state,
                 stats,
                 known.bounds,
                 host_available_mib=available,
+                guest_available_mib=guest,
                 policy=self.policy,
             )
             if stats.ooms or stats.reclaims:
@@ -307,13 +407,14 @@ class MemoryService(ServicePlugin):
             known.balloon_qmp_ms = round((time.monotonic() - sent) * 1e3, 3)
             known.state.target_mib = decision.target_mib
             known.state.last_change = now
+            known.settled_at = None
             known.problem = ""
             if decision.action == "deflate" and known.first_pressure is not None:
                 known.reaction_ms = round((time.monotonic() - known.first_pressure) * 1e3, 3)
                 known.first_pressure = None
             known.deflated = decision.action == "deflate"
             self.counts[decision.action] += 1
-            self._record(known, decision, available)
+            self._record(known, decision, available, guest)
 
     def _hold(self, known: _Vm, decision: Decision, stats: WindowStats) -> None:
         # Quiet holds (nothing to do) are counted only; a refusal under pressure is logged
@@ -323,7 +424,13 @@ class MemoryService(ServicePlugin):
         known.last_hold = decision.code
         self._record(known, decision, None)
 
-    def _record(self, known: _Vm, decision: Decision, available: int | None) -> None:
+    def _record(
+        self,
+        known: _Vm,
+        decision: Decision,
+        available: int | None,
+        guest: int | None = None,
+    ) -> None:
         if decision.target_mib is not None:
             known.last_hold = ""
         entry = {
@@ -334,6 +441,8 @@ class MemoryService(ServicePlugin):
         }
         if available is not None:
             entry["host_available_mib"] = available
+        if guest is not None:
+            entry["guest_available_mib"] = guest
         known.history.append(entry)
         self.context.log.info(
             "%s: %s → %d MiB: %s",
@@ -352,6 +461,7 @@ class MemoryService(ServicePlugin):
             known.ticker.cancel()
             known.ticker = None
         async with known.lock:
+            await self._stop_guest_stats(known)
             configured = known.configured_mib
             if configured is None or known.state.target_mib == configured:
                 return
@@ -366,6 +476,22 @@ class MemoryService(ServicePlugin):
                 known,
                 Decision(configured, "restore", "service stopped for the VM", "restore"),
                 None,
+            )
+
+    async def _stop_guest_stats(self, known: _Vm) -> None:
+        """Undo :meth:`_ask_guest_stats`: QEMU stops polling if it did not before."""
+        known.stats_asked = False
+        known.guest_stats = None
+        known.guest_stats_note = "not asked (the service is not running for the VM)"
+        if not known.stats_polling_set or known.balloon_path is None:
+            return
+        known.stats_polling_set = False
+        where = {"path": known.balloon_path, "property": "guest-stats-polling-interval"}
+        try:
+            await known.handle.qmp("qom-set", {**where, "value": 0})
+        except (QmpError, ChannelError) as err:  # QEMU gone: so is its polling
+            self.context.log.info(
+                "%s: balloon statistics polling not stopped: %s", known.handle.name, err
             )
 
     # -- what the operator sees -------------------------------------------------------------
@@ -391,6 +517,8 @@ class MemoryService(ServicePlugin):
             stall_ms=round(known.stall_ns / 1e6, 3),
             oom_kills=known.ooms,
             last_oom_pid=known.last_oom_pid,
+            guest_available_mib=None if known.guest_stats is None else known.guest_stats[1],
+            guest_stats=self._stats_state(known),
             reaction_ms=known.reaction_ms,
             balloon_qmp_ms=known.balloon_qmp_ms,
             decisions=list(known.history),

@@ -10,7 +10,11 @@ Each window the service asks :func:`decide` with what the guest reported in it:
   kill): raise the target by ``step_mib`` (two steps after an OOM kill), never past the VM's
   maximum and never so far that the host's MemAvailable would fall below ``host_floor_mib``;
 * **quiet** for ``quiet_s`` since the last pressure: lower it by ``step_mib``, never below
-  the VM's minimum;
+  the VM's minimum, and only when the guest's own statistics (virtio-balloon's
+  ``stat-available-memory``, taken after the last change settled) say it keeps at least
+  ``guest_reserve_mib`` available after the step. No pressure is not the same as memory to
+  spare: a guest that was just given memory stops stalling *because* it is using it, and
+  taking it back then drove the VM test's allocation into the OOM killer;
 * at most ``max_changes_per_s`` changes per second per VM, whatever the guest sends.
 
 Every call returns a :class:`Decision` with its reason, also when nothing changes.
@@ -31,6 +35,11 @@ class Policy:
     max_changes_per_s: float = 1.0
     #: Reclaim stall per window that counts as pressure (0: any reclaim).
     stall_ms: float = 0.0
+    #: What the guest must still have available (its MemAvailable) after an inflation.
+    guest_reserve_mib: int = 128
+    #: Inflate after quiet without the guest's statistics (for guests whose balloon driver
+    #: does not report them; an operator's explicit choice, never a fallback).
+    inflate_without_guest_stats: bool = False
 
 
 @dataclass(frozen=True)
@@ -76,9 +85,14 @@ def decide(
     bounds: Bounds,
     *,
     host_available_mib: int,
+    guest_available_mib: int | None,
     policy: Policy,
 ) -> Decision:
-    """What to do with one VM's balloon after a window (``state`` is not changed)."""
+    """What to do with one VM's balloon after a window (``state`` is not changed).
+
+    ``guest_available_mib`` is the guest's MemAvailable as its balloon driver last reported
+    it, and only if that report was taken after the last change settled (None otherwise).
+    """
     pressure = stats.ooms > 0 or (
         stats.reclaims > 0 and stats.stall_ns >= policy.stall_ms * 1_000_000
     )
@@ -118,6 +132,17 @@ def decide(
     if not rate_ok:
         return _hold("rate", "quiet; rate limited")
     shrink = min(policy.step_mib, current - bounds.min_mib)
+    if not policy.inflate_without_guest_stats:
+        if guest_available_mib is None:
+            return _hold(
+                "guest-stats", "quiet, but no guest memory statistics since the last change"
+            )
+        if guest_available_mib - shrink < policy.guest_reserve_mib:
+            return _hold(
+                "guest-in-use",
+                f"quiet, but the guest has {guest_available_mib} MiB available: -{shrink} MiB "
+                f"would leave less than its reserve of {policy.guest_reserve_mib} MiB",
+            )
     return Decision(
         current - shrink, "inflate", f"quiet for {policy.quiet_s:g} s: -{shrink} MiB", "quiet"
     )

@@ -70,6 +70,9 @@ def test_a_reclaim_storm_is_rate_limited_and_respects_max_and_host_floor(
                 "window_s": 0.1,
                 "max_changes_per_s": MAX_RATE,
                 "meminfo": str(meminfo),
+                # No guest, so no balloon driver to report statistics: the operator's
+                # explicit choice for such guests (the default is tested below).
+                "inflate_without_guest_stats": True,
             },
         }
     )
@@ -142,5 +145,43 @@ def test_a_reclaim_storm_is_rate_limited_and_respects_max_and_host_floor(
             assert plugin.counts["restore"] == 1  # type: ignore[attr-defined]
             metrics = plugin.metrics()
             assert metrics["deflate"] == len(deflations) and metrics["inflate"] == 5
+
+    asyncio.run(scenario())
+
+
+def test_without_the_guests_statistics_quiet_never_inflates_and_polling_is_undone(
+    tmp_path: Path, big_qemu: VirtualMachine, cpuset_group: str
+) -> None:
+    """The default: an inflation needs the guest's MemAvailable from its balloon driver. QEMU
+    is asked to poll it (found in the QOM tree); with no driver there is none, and quiet
+    inflates nothing past the VM's maximum. Disabling the service stops the polling."""
+    services = ServicesConfig.model_validate(
+        {
+            "enabled": ["memory"],
+            "memory": {"min_mib": 256, "max_mib": 768, "quiet_s": 0.2, "window_s": 0.1,
+                       "max_changes_per_s": 20.0},
+        }
+    )  # fmt: skip
+    config = service_config(tmp_path, big_qemu, cpuset_group).model_copy(
+        update={"services": services}
+    )
+    interval = {"path": "/machine/peripheral/balloon0", "property": "guest-stats-polling-interval"}
+
+    async def scenario() -> None:
+        async with served(config, big_qemu.dir / "agent.sock") as (service, guest):
+
+            def memory() -> dict[str, Any]:
+                return service.status()["vms"]["t"]["services"]["memory"]["status"]  # type: ignore[no-any-return]
+
+            await guest.expect(LoadProgram)
+            await _until(lambda: memory().get("target_mib") == 768)  # over its maximum
+            assert await asyncio.to_thread(big_qemu.qmp, "qom-get", interval) == 1
+            plugin = service.services.plugins["memory"]
+            await _until(lambda: plugin.metrics().get("decisions_guest-stats", 0) >= 10)
+            assert memory()["target_mib"] == 768, memory()["decisions"]
+            assert "reported none yet" in memory()["guest_stats"], memory()
+            assert memory()["guest_available_mib"] is None
+            await service.services.disable("t", "memory")
+            assert await asyncio.to_thread(big_qemu.qmp, "qom-get", interval) == 0
 
     asyncio.run(scenario())

@@ -36,9 +36,12 @@ POLICY = Policy(step_mib=128, quiet_s=10, host_floor_mib=1000, max_changes_per_s
 
 def _decide(  # noqa: PLR0917 - decide()'s order, positional for brevity
     now: float, state: VmMemoryState, stats: WindowStats, bounds: Bounds, host: int,
-    policy: Policy = POLICY,
+    policy: Policy = POLICY, guest: int | None = 4096,
 ) -> Decision:  # fmt: skip
-    return decide(now, state, stats, bounds, host_available_mib=host, policy=policy)
+    return decide(
+        now, state, stats, bounds, host_available_mib=host, guest_available_mib=guest,
+        policy=policy,
+    )  # fmt: skip
 
 
 def test_the_python_layout_mirrors_the_header(tmp_path: Path) -> None:
@@ -121,6 +124,28 @@ def test_quiet_inflates_step_by_step_to_the_minimum() -> None:
     assert _decide(105.0, state, QUIET, BOUNDS, 8000, POLICY).target_mib == 512
     state.target_mib = 512
     assert _decide(105.0, state, QUIET, BOUNDS, 8000, POLICY).code == "at-min"
+
+
+def test_quiet_inflates_only_what_the_guest_can_spare() -> None:
+    """No pressure is not memory to spare: a guest just given memory stops stalling because it
+    uses it. Inflation needs the guest's MemAvailable (reported after the last change settled)
+    to stay at or above the reserve after the step."""
+    state = VmMemoryState(1024, last_pressure=0.0)
+    d = _decide(100.0, state, QUIET, BOUNDS, 8000, guest=None)
+    assert (d.target_mib, d.code) == (None, "guest-stats")
+    d = _decide(100.0, state, QUIET, BOUNDS, 8000, guest=128 + 127)
+    assert (d.target_mib, d.code) == (None, "guest-in-use")
+    assert "255 MiB available" in d.reason and "reserve of 128 MiB" in d.reason
+    d = _decide(100.0, state, QUIET, BOUNDS, 8000, guest=128 + 128)
+    assert (d.target_mib, d.action) == (896, "inflate")
+    # The last, partial step to the minimum needs only what it takes.
+    state.target_mib = 560
+    assert _decide(100.0, state, QUIET, BOUNDS, 8000, guest=128 + 48).target_mib == 512
+    # Pressure never waits for the guest's statistics.
+    assert _decide(100.0, state, PRESSURE, BOUNDS, 8000, guest=None).action == "deflate"
+    # An operator's explicit choice for guests that report none.
+    blind = Policy(step_mib=128, quiet_s=10, inflate_without_guest_stats=True)
+    assert _decide(100.0, state, QUIET, BOUNDS, 8000, blind, guest=None).target_mib == 512
 
 
 def test_a_storm_never_passes_the_maximum_the_floor_or_the_rate() -> None:

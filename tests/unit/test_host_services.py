@@ -24,6 +24,7 @@ from pvhost.services import (
     discover,
 )
 from pvhost.services.affinity import AffinityService
+from pvhost.services.base import qmp_refusal
 from pvhost.services.discovery import Found
 from pvhost.services.manager import ServicesSettings
 from tests import plugindist
@@ -136,3 +137,16 @@ def test_a_service_is_told_its_program_loaded_and_its_records_lost() -> None:
         return _Recorder.calls
 
     assert asyncio.run(body()) == [("lost", "rec", 3), ("lost", "rec", 4), ("loaded", "rec", 0)]
+
+
+def test_a_service_sends_only_the_balloons_qmp_and_reads_only_its_statistics() -> None:
+    balloon = "/machine/peripheral/balloon0"
+    assert qmp_refusal("balloon", {"value": 1 << 30}) is None
+    assert qmp_refusal("qom-get", {"path": balloon, "property": "guest-stats"}) is None
+    assert qmp_refusal("qom-set", {"path": balloon, "property": "guest-stats-polling-interval",
+                                   "value": 1}) is None  # fmt: skip
+    assert "'quit' is not one a service may send" in str(qmp_refusal("quit", {}))
+    disk = {"path": "/machine/peripheral/disk0", "property": "drive", "value": "x"}
+    assert "qom-set of property 'drive'" in str(qmp_refusal("qom-set", disk))
+    assert qmp_refusal("qom-set", {"path": balloon, "property": "guest-stats"}) is not None
+    assert qmp_refusal("qom-get", {"path": balloon}) is not None
