@@ -8,7 +8,8 @@
      ├── VMExists          a live VM already has this name
      ├── VMNotFound        no VM with this name
      ├── BootError         QEMU would not start, or the guest never became ready
-     │    └── GuestCrashed the guest kernel oopsed or panicked (console lines attached)
+     │    ├── GuestCrashed the guest kernel oopsed or panicked (console lines attached)
+     │    └── GuestHung    a guest timer stopped while booting (console lines attached)
      ├── WaitTimeout       a wait passed its deadline (says what it waited for)
      ├── MonitorError      a command on the lab's own QMP monitor failed
      ├── GuestCommandError a test-hook command could not be run in the guest
@@ -24,6 +25,7 @@ __all__ = [
     "DaemonError",
     "GuestCommandError",
     "GuestCrashed",
+    "GuestHung",
     "ImageError",
     "LauncherError",
     "MonitorError",
@@ -60,6 +62,15 @@ class BootError(LauncherError):
 
 class GuestCrashed(BootError):
     """The guest kernel oopsed or panicked; ``lines`` holds the console lines around it."""
+
+    def __init__(self, message: str, lines: Sequence[str] = ()) -> None:
+        super().__init__(message)
+        self.lines = list(lines)
+
+
+class GuestHung(BootError):
+    """The guest kernel reported a timer that never fired and did not finish booting after it;
+    ``lines`` holds the console lines around the report."""
 
     def __init__(self, message: str, lines: Sequence[str] = ()) -> None:
         super().__init__(message)

@@ -11,7 +11,7 @@ import vmlab
 from extpv.names import VM_NAME_MAX
 from pvhost.config import Config
 from pvhost.registry import scan_vms
-from vmlab import cli
+from vmlab import cli, machine
 from vmlab.machine import READY_PATTERN
 
 # Recorded from a QEMU 7.2 multi-threaded TCG boot that hit the known race (shortened).
@@ -140,6 +140,45 @@ def test_an_oops_on_the_console_is_a_crash(tmp_path: Path) -> None:
     with pytest.raises(vmlab.GuestCrashed, match="Oops") as info:
         vm.check_crash()
     assert any("sched_clock_cpu" in line for line in info.value.lines)
+
+
+#: The console of the CI boot that hung (2026-12-01): the kernel's lost-timer report.
+HUNG_CONSOLE = """\
+[  276.178517] rcu: rcu_preempt kthread timer wakeup didn't happen for 5251 jiffies! g-1119 f0x0
+[  276.184634] rcu: \tPossible timer handling issue on cpu=1 timer-softirq=7
+"""
+
+
+class _NeverReady(vmlab.VirtualMachine):
+    """Stand-in for a booting guest whose login never comes (a lost TCG timer cannot be
+    caused on demand): each wait times out at once."""
+
+    def wait_for(self, pattern: str, deadline_s: float, what: str | None = None) -> re.Match[str]:
+        raise vmlab.WaitTimeout(f"no {what} within {deadline_s:.0f} s")
+
+
+@pytest.mark.parametrize(
+    ("console", "raised"),
+    [(HUNG_CONSOLE, vmlab.GuestHung), ("[ 1.0] booting\n", vmlab.WaitTimeout)],
+)
+def test_a_boot_that_reports_a_lost_timer_is_hung_after_a_grace(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, console: str, raised: type[Exception]
+) -> None:
+    """A boot whose kernel reported a lost timer is GuestHung (which start() retries) once
+    HANG_GRACE_S passed; without that report, the same wait is an ordinary timeout."""
+    monkeypatch.setattr(machine, "HANG_GRACE_S", 0.0)
+    monkeypatch.setattr(machine, "_HANG_POLL_S", 0.01)
+    spec = vmlab.VMSpec(name="h", image=_image(tmp_path), runtime_dir=tmp_path)
+    (tmp_path / "h").mkdir()
+    (tmp_path / "h" / "console.log").write_text(console)
+    vm = _NeverReady(spec, pid=-1, accel="tcg")
+    with pytest.raises(raised) as info:
+        machine._wait_booted(vm, spec, deadline_s=0.5)
+    if raised is vmlab.GuestHung:
+        assert isinstance(info.value, vmlab.GuestHung)
+        assert any("timer-softirq=7" in line for line in info.value.lines)
+    else:
+        assert "userspace not up" in str(info.value) and "booting" in str(info.value)
 
 
 def test_stop_of_an_unknown_vm_says_so(tmp_path: Path) -> None:
