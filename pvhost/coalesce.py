@@ -12,7 +12,7 @@ import asyncio
 from collections.abc import Callable
 from typing import Generic, TypeVar
 
-from pvhost.ratelimit import TokenBucket
+from pvproto.ratelimit import TokenBucket
 
 __all__ = ["Coalescer"]
 

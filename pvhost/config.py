@@ -12,6 +12,7 @@ Example::
     metrics = "127.0.0.1:9464"          # "" disables /metrics
     keepalive_interval = 5.0            # Ping a silent guest agent every N s (0: never)
     keepalive_deadline = 15.0           # reset its session after N s without a word
+    max_frames_per_s = 5000             # guest agent frames acted on per VM and second
     nice = -10                          # the daemon's CPU priority (0: the default)
 
     [placement]
@@ -99,6 +100,11 @@ class ServiceConfig(_Strict):
     #: only has to cover a guest that is slow, not one that is busy.
     keepalive_interval: Annotated[float, Field(ge=0, le=3600)] = 5.0
     keepalive_deadline: Annotated[float, Field(gt=0, le=86400)] = 15.0
+    #: Frames of one VM's guest agent acted on per second (a second's worth at once): past
+    #: it pvhost reads nothing more from that VM's channel until the budget refills, so a
+    #: guest that floods blocks on its own writes and costs the host a bounded share of its
+    #: event loop. An agent sends records in batches: a few hundred frames a second at most.
+    max_frames_per_s: Annotated[float, Field(ge=100, le=1_000_000)] = 5000.0
     #: The daemon's nice value, set at start for all its threads. A guest's pin waits for
     #: pvhost's few milliseconds of work; at the default nice a loaded host (the very load
     #: the pin shields a vCPU from) stretched them to 50-120 ms (bench/results/vm-stages.md).

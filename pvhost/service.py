@@ -324,6 +324,7 @@ class Service:
             burst=placement.burst,
             max_backoff=self.config.service.max_backoff,
             keepalive=self.config.service.keepalive,
+            max_frames_per_s=self.config.service.max_frames_per_s,
             monitor=new_monitor,
             port_events=spec.libvirt is None,
             services=self.services,

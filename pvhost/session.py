@@ -56,7 +56,6 @@ from pvhost.errors import ChannelError, GuestRequestError, QmpError
 from pvhost.logthrottle import LogThrottle
 from pvhost.programs import SignedProgram
 from pvhost.qmp import QmpMonitor
-from pvhost.ratelimit import TokenBucket
 from pvhost.services.affinity import GENERIC_PROTOCOL, placement_document
 from pvhost.services.base import qmp_refusal
 from pvhost.services.manager import ServiceManager
@@ -79,6 +78,7 @@ from pvproto import (
     format_cpulist,
 )
 from pvproto.messages import TOPOLOGY_UPDATE_VERSION
+from pvproto.ratelimit import TokenBucket
 from pvproto.session import PeerSession, PeerSilent, SessionClosed, SessionState
 
 __all__ = ["DEFAULT_KEEPALIVE", "Backoff", "Monitor", "ProgramSource", "VmSession"]
@@ -210,11 +210,19 @@ class VmSession:
         burst: int,
         max_backoff: float,
         keepalive: tuple[float, float] | None = DEFAULT_KEEPALIVE,
+        max_frames_per_s: float | None = None,
         monitor: Callable[[], Monitor] | None = None,
         port_events: bool = True,
         services: ServiceManager | None = None,
     ) -> None:
         self.name = name
+        #: The guest agent's frames acted on per second, over all its connections
+        #: (config: service.max_frames_per_s; a second's worth at once).
+        self._frames = (
+            None
+            if max_frames_per_s is None
+            else TokenBucket(max_frames_per_s, max(1, int(max_frames_per_s)))
+        )
         #: Makes the VM's monitor (a QMP connection unless told otherwise: libvirt domains).
         self._new_monitor = monitor or self._qmp_monitor
         #: Whether the monitor reports the guest opening/closing the agent's port (QMP does;
@@ -438,7 +446,7 @@ class VmSession:
                 self.status.channel = f"unreachable: {err}"
                 await backoff.wait()
                 continue
-            channel = _GuestChannel(self)
+            channel = _GuestChannel(self, frames=self._frames)
             self._channel = channel
             self.status.channel = "connected"
             try:

@@ -9,11 +9,12 @@ one list of them: the star imports bind exactly those names (mypy strict counts 
 re-exports), and the package's ``__all__`` is their sum.
 """
 
-from pvproto import cpulist, errors, framing, messages, session, version
+from pvproto import cpulist, errors, framing, messages, ratelimit, session, version
 from pvproto.cpulist import *  # noqa: F403 - the names are cpulist.__all__
 from pvproto.errors import *  # noqa: F403
 from pvproto.framing import *  # noqa: F403
 from pvproto.messages import *  # noqa: F403
+from pvproto.ratelimit import *  # noqa: F403
 from pvproto.session import *  # noqa: F403
 from pvproto.version import *  # noqa: F403
 
@@ -24,5 +25,6 @@ __all__ += cpulist.__all__
 __all__ += errors.__all__
 __all__ += framing.__all__
 __all__ += messages.__all__
+__all__ += ratelimit.__all__
 __all__ += session.__all__
 __all__ += version.__all__

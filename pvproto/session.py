@@ -34,6 +34,10 @@ States and what moves between them (``docs/session.md`` draws them)::
   on with the next frame.
 * Peer restarts are acted on at most ``RESTART_BURST`` at once and ``RESTART_RATE`` per
   second after that; a Hello beyond is answered with ``Error{rate-limited}`` and ignored.
+* Frames: a session given a ``frames`` budget (a token bucket) acts on the peer's frames at
+  its rate and reads nothing more while it is spent, so a peer that floods
+  blocks on its own writes; every session yields to the event loop every ``YIELD_EVERY``
+  frames, so a chunk full of small frames never holds the loop other sessions share.
 * Liveness: :meth:`PeerSession.keepalive` pings a *ready* peer and raises
   :class:`PeerSilent` when it has sent nothing for a deadline. A peer that has not said
   Hello yet is not silent, only absent (a VM without an agent, a port nobody opened).
@@ -54,6 +58,7 @@ from typing import ClassVar, Generic, Literal, TypeVar
 from pvproto.errors import FrameTooLarge, ProtocolError, VersionMismatch
 from pvproto.framing import FrameDecoder, encode
 from pvproto.messages import BaseMessage, Error, ErrorCode, Hello, Ping, Pong
+from pvproto.ratelimit import TokenBucket
 from pvproto.version import SUPPORTED_VERSIONS, negotiate
 
 __all__ = ["PeerSession", "PeerSilent", "SessionClosed", "SessionState"]
@@ -103,6 +108,9 @@ class PeerSession(Generic[OwnerT]):
     #: A peer Hello this soon after an unanswered one of ours is its answer; later, ours is
     #: stale (the peer took it as the answer to its own, or lost it) and the peer is new.
     ANSWER_S: ClassVar[float] = 3.0
+    #: Frames acted on between two yields to the event loop (a 64 KiB chunk holds ~1,300
+    #: small frames: acting on all of them at once delayed every other VM's placement).
+    YIELD_EVERY: ClassVar[int] = 32
 
     def __init__(
         self,
@@ -110,6 +118,7 @@ class PeerSession(Generic[OwnerT]):
         *,
         versions: Iterable[int] = SUPPORTED_VERSIONS,
         readable: Iterable[int] | None = None,
+        frames: TokenBucket | None = None,
     ) -> None:
         #: What this session serves; the hooks of a subclass act on it.
         self.owner = owner
@@ -130,8 +139,12 @@ class PeerSession(Generic[OwnerT]):
         self._writer: asyncio.StreamWriter | None = None
         self._heard = time.monotonic()
         self._decoder = FrameDecoder(versions=self.frame_versions)
-        self._restart_tokens = float(self.RESTART_BURST)
-        self._restart_stamp = time.monotonic()
+        self._restarts = TokenBucket(self.RESTART_RATE, self.RESTART_BURST)
+        #: The budget of the peer's frames acted on (None: as fast as they come). Passed in,
+        #: so that it outlives a connection: a peer that reconnects gets no fresh burst.
+        self._frames = frames
+        #: Frames acted on since the last yield to the event loop.
+        self._since_yield = 0
         #: When we sent a Hello the peer has not answered yet (None: no such Hello).
         self._greeted_at: float | None = None
         #: A greeting put off until our last Hello is REGREET_S old (see _regreet).
@@ -240,8 +253,9 @@ class PeerSession(Generic[OwnerT]):
                 self._regreet_later = None
 
     async def feed_chunk(self, chunk: bytes) -> None:
-        """Decode ``chunk`` and act on every frame in it, in stream order."""
+        """Decode ``chunk`` and act on every frame in it, in stream order (within ``frames``)."""
         for item in self._decoder.feed(chunk):
+            await self._pace()
             if isinstance(item, ProtocolError):
                 self.send(
                     Error(
@@ -253,6 +267,16 @@ class PeerSession(Generic[OwnerT]):
                 self.on_bad_frame(item)
             else:
                 await self._dispatch(item)
+
+    async def _pace(self) -> None:
+        """Wait for the frame budget (the peer's writes block meanwhile), and let the event
+        loop run every YIELD_EVERY frames."""
+        if self._frames is not None:
+            await self._frames.take()
+        self._since_yield += 1
+        if self._since_yield >= self.YIELD_EVERY:
+            self._since_yield = 0
+            await asyncio.sleep(0)
 
     async def _dispatch(self, message: BaseMessage) -> None:
         if isinstance(message, Hello):
@@ -332,16 +356,7 @@ class PeerSession(Generic[OwnerT]):
 
     def _restart_allowed(self) -> bool:
         """Token bucket over peer restarts: ``RESTART_BURST``, refilled ``RESTART_RATE`` per s."""
-        now = time.monotonic()
-        self._restart_tokens = min(
-            self.RESTART_BURST,
-            self._restart_tokens + (now - self._restart_stamp) * self.RESTART_RATE,
-        )
-        self._restart_stamp = now
-        if self._restart_tokens < 1:
-            return False
-        self._restart_tokens -= 1
-        return True
+        return self._restarts.try_take()
 
     async def keepalive(self, interval: float, deadline: float) -> None:
         """Ping a ready peer every ``interval`` s; :class:`PeerSilent` after ``deadline`` s.

@@ -34,13 +34,13 @@ from pydantic import BaseModel, ValidationError
 from pvhost.errors import ChannelError, ConfigError, HostError
 from pvhost.metrics import Metrics
 from pvhost.programs import SignedProgram
-from pvhost.ratelimit import TokenBucket
 from pvhost.services.base import ServiceContext, ServicePlugin, VmHandle
 from pvhost.services.discovery import Found
 from pvhost.services.guard import MAX_REASON, Call, Runner, guarded
 from pvhost.services.intake import decode_records
 from pvhost.services.vmstate import VmState
 from pvproto import BaseMessage
+from pvproto.ratelimit import TokenBucket
 
 __all__ = ["ServiceManager", "ServicesSettings"]
 

@@ -5,9 +5,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from pvhost.metrics import Metrics
-from pvhost.ratelimit import TokenBucket
 from pvhost.services.base import VmHandle
 from pvhost.services.guard import Runner
+from pvproto.ratelimit import TokenBucket
 
 __all__ = ["VmState"]
 

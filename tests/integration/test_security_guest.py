@@ -278,6 +278,12 @@ class Lab:
         self.run(self.guest.connected(30))
         self.run(self.guest.expect(LoadProgram, 30))
         self.latencies(6)  # warm up: the VM's cgroups, the first attach
+        self.measure_baseline()
+
+    def measure_baseline(self) -> None:
+        """The victim's median round trip now, before an attacker starts: each attack is
+        compared with the host as it is just before it (a CI host's load drifts over the
+        minutes a module runs)."""
         self.baseline_s = statistics.median(self.latencies(30))
 
     def close(self) -> None:
@@ -379,6 +385,7 @@ class Lab:
 
     def channel_attack(self, name: str, kind: str, pace_s: float) -> Outcome:
         """An attacker VM (real empty QEMU) whose guest writes ``kind`` bursts on its channel."""
+        self.measure_baseline()
         attacker = start(VMSpec.empty(name, self.runtime))
         ctx = multiprocessing.get_context("spawn")
         ours, theirs = ctx.Pipe()
@@ -453,6 +460,7 @@ def test_d1_guest_event_flood_leaves_pvhost_memory_and_the_victim_alone(lab: Lab
     """Real guest code (vmlab.bootsector.ACPI_OST_FLOOD) loops on QEMU's ACPI CPU hot-plug
     port: QEMU emits tens of thousands of ACPI_DEVICE_OST events a second on pvhost's QMP."""
     spec = VMSpec.empty("a-d1", lab.runtime, smp=1, maxcpus=2, boot_code=ACPI_OST_FLOOD)
+    lab.measure_baseline()
     attacker = start(spec)
     try:
         lab.wait_session("a-d1", lambda vm: vm["qmp"] != "connecting")
@@ -481,6 +489,7 @@ def test_d2_unknown_vcpu_with_a_stalled_monitor_does_not_stall_other_vms(lab: La
     monitor does not answer: stopped with SIGSTOP, the stand-in for a QEMU busy for seconds
     (a fault not worth producing for real). Before the fix that 5 s QMP timeout ran under
     the lock every VM's placement needs."""
+    lab.measure_baseline()
     attacker = start(VMSpec.empty("a-d2", lab.runtime, smp=2))
     guest = FakeGuestChannel(attacker.dir / "agent.sock", vcpus=2)
     lab.run(guest.start())

@@ -6,8 +6,8 @@ import asyncio
 import time
 
 from pvhost.metrics import Metrics
-from pvhost.ratelimit import TokenBucket
 from pvhost.refusal import Refusal, RefusalCode
+from pvproto.ratelimit import TokenBucket
 
 
 def test_refusals_are_counted_by_code_never_by_message() -> None:

@@ -28,6 +28,7 @@ SUBMODULES = (
     pvproto.errors,
     pvproto.framing,
     pvproto.messages,
+    pvproto.ratelimit,
     pvproto.session,
     pvproto.version,
 )

@@ -21,6 +21,7 @@ from pvproto import (
     Hello,
     Ping,
     Pong,
+    TokenBucket,
     encode,
 )
 from pvproto.session import PeerSession, PeerSilent, SessionClosed, SessionState
@@ -31,8 +32,13 @@ TOPOLOGY = GuestTopology(online_vcpus=[0, 1])
 class Side(PeerSession[None]):
     """A session that records what it was told; its role is set per instance."""
 
-    def __init__(self, role: str, versions: tuple[int, ...] = SUPPORTED_VERSIONS) -> None:
-        super().__init__(None, versions=versions)
+    def __init__(
+        self,
+        role: str,
+        versions: tuple[int, ...] = SUPPORTED_VERSIONS,
+        frames: TokenBucket | None = None,
+    ) -> None:
+        super().__init__(None, versions=versions, frames=frames)
         self.role = role
         self.ready_calls: list[bool] = []
         self.messages: list[BaseMessage] = []
@@ -91,6 +97,54 @@ def test_handshake_then_messages_flow_and_early_messages_are_refused() -> None:
         assert isinstance(host.messages[0], AffinityUpdate) and host.messages[0].seq == 2
         for t in tasks:
             t.cancel()
+
+    run(body)
+
+
+def test_a_flooding_peer_is_acted_on_at_the_frame_rate_and_blocks_on_its_own_writes() -> None:
+    """A peer writing frames in a loop gets ``frames``' burst, then its rate; meanwhile the
+    session reads nothing more, so the flood backs up in the flooder's own write buffer."""
+
+    async def body() -> None:
+        (hr, hw), (gr, gw) = await _streams()
+        host, guest = Side("host", frames=TokenBucket(200, 50)), Side("guest")
+        tasks = [asyncio.create_task(host.run(hr, hw)), asyncio.create_task(guest.run(gr, gw))]
+        await _until(lambda: host.state is guest.state is SessionState.READY)
+        frame = encode(AffinityUpdate(seq=1, wanted=[1]), version=guest.version or PROTOCOL_VERSION)
+        t0 = time.monotonic()
+        gw.write(frame * 40_000)  # ~1.5 MB: more than the socket buffers hold
+        await asyncio.sleep(1.0)
+        took = time.monotonic() - t0
+        assert 50 <= len(host.messages) <= 50 + 200 * took + 20, (len(host.messages), took)
+        assert gw.transport.get_write_buffer_size() > 0, "the flood backs up at its sender"
+        for t in tasks:
+            t.cancel()
+
+    run(body)
+
+
+def test_a_chunk_of_many_frames_lets_the_event_loop_run_between_them() -> None:
+    """A 64 KiB chunk holds ~1,300 small frames: other sessions on the loop must run while
+    they are acted on, not after the last."""
+
+    async def body() -> None:
+        host = Side("host")
+        host.state, host.version = SessionState.READY, PROTOCOL_VERSION
+        chunk = encode(AffinityUpdate(seq=1, wanted=[1])) * 1500
+        seen: list[int] = []
+
+        async def other_session() -> None:
+            while True:
+                seen.append(len(host.messages))
+                await asyncio.sleep(0)
+
+        other = asyncio.create_task(other_session())
+        await asyncio.sleep(0)
+        await host.feed_chunk(chunk)
+        other.cancel()
+        assert len(host.messages) == 1500
+        between = [n for n in seen if 0 < n < 1500]
+        assert len(between) >= 1500 // PeerSession.YIELD_EVERY - 2, seen[:10]
 
     run(body)
 

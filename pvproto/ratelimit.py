@@ -1,5 +1,5 @@
-"""Token bucket: how many AffinityUpdates (or service records) per second one VM may make the
-host handle."""
+"""Token bucket: how many frames, peer restarts, AffinityUpdates or service records per second
+one peer may make the other side handle."""
 
 from __future__ import annotations
 
