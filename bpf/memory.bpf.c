@@ -7,6 +7,8 @@
  * so one object runs on every kernel with BTF. The start time of a reclaim is kept per tid
  * between begin and end (user tasks only); one record per finished reclaim (kind, tid, duration, pages freed)
  * and one per OOM victim go to the ring buffer pv_memory, which the agent forwards as bytes.
+ * The same events are also counted in pv_mem_state (reclaims, stall ns, OOM victims, records
+ * the ring buffer had no room for), which the host reads to resynchronise after lost records.
  * The host (pvhost/services/memory.py) turns them into balloon decisions. Layout: memory.h.
  */
 #include <linux/bpf.h>
@@ -47,7 +49,7 @@ struct {
 	__type(value, __u64);
 } pv_reclaim_start SEC(".maps");
 
-/* Counters the host can read (ReadMap): PV_MEM_STATE_LOST. */
+/* Counters the host can read (ReadMap): PV_MEM_STATE_* (memory.h). */
 struct {
 	__uint(type, BPF_MAP_TYPE_ARRAY);
 	__uint(max_entries, PV_MEM_STATE_SLOTS);
@@ -55,13 +57,12 @@ struct {
 	__type(value, __u64);
 } pv_mem_state SEC(".maps");
 
-static __always_inline void count_lost(void)
+static __always_inline void count(__u32 slot, __u64 amount)
 {
-	__u32 slot = PV_MEM_STATE_LOST;
 	__u64 *value = bpf_map_lookup_elem(&pv_mem_state, &slot);
 
 	if (value)
-		__sync_fetch_and_add(value, 1);
+		__sync_fetch_and_add(value, amount);
 }
 
 /* A kernel thread in direct reclaim is not the guest's workload short of memory: chiefly
@@ -93,19 +94,23 @@ int pv_memory_reclaim_end(struct trace_event_raw_mm_vmscan_direct_reclaim_end_te
 	__u32 tid = (__u32)bpf_get_current_pid_tgid();
 	__u64 *start = bpf_map_lookup_elem(&pv_reclaim_start, &tid);
 	struct pv_memory_event *ev;
-	__u64 now;
+	__u64 now, stall;
 
 	if (!start)
 		return 0; /* began before the program was loaded */
 	now = bpf_ktime_get_ns();
+	stall = now - *start;
+	/* Counted first, whatever becomes of the record: the host's resynchronisation. */
+	count(PV_MEM_STATE_RECLAIMS, 1);
+	count(PV_MEM_STATE_STALL_NS, stall);
 	ev = bpf_ringbuf_reserve(&pv_memory, sizeof(*ev), 0);
 	if (!ev) {
-		count_lost();
+		count(PV_MEM_STATE_LOST, 1);
 	} else {
 		ev->kind = PV_MEMORY_RECLAIM;
 		ev->pid = tid;
 		ev->ktime_ns = now;
-		ev->duration_ns = now - *start;
+		ev->duration_ns = stall;
 		ev->nr_reclaimed = ctx->nr_reclaimed;
 		bpf_ringbuf_submit(ev, 0);
 	}
@@ -116,10 +121,12 @@ int pv_memory_reclaim_end(struct trace_event_raw_mm_vmscan_direct_reclaim_end_te
 SEC("tracepoint/oom/mark_victim")
 int pv_memory_oom(struct trace_event_raw_mark_victim *ctx)
 {
-	struct pv_memory_event *ev = bpf_ringbuf_reserve(&pv_memory, sizeof(*ev), 0);
+	struct pv_memory_event *ev;
 
+	count(PV_MEM_STATE_OOMS, 1);
+	ev = bpf_ringbuf_reserve(&pv_memory, sizeof(*ev), 0);
 	if (!ev) {
-		count_lost();
+		count(PV_MEM_STATE_LOST, 1);
 		return 0;
 	}
 	ev->kind = PV_MEMORY_OOM;

@@ -2,7 +2,8 @@
 /*
  * Event layout of the memory-pressure service: the ONE definition shared by memory.bpf.c
  * (CO-RE, libbpf) and the host's decoder, pvhost/services/memory_event.py, which mirrors it
- * with struct format "<IIQQQ" (a unit test compiles this header and checks the mirror).
+ * with struct format "<IIQQQ", and its pv_mem_state slots (a unit test compiles this header and
+ * checks the mirror).
  *
  * Only fixed-width __u* types: compiled against the program's own declarations (CO-RE).
  */
@@ -14,9 +15,15 @@
 /* Ring buffer size (bytes, power of two pages): ~8 000 events of slack. */
 #define PV_MEMORY_RINGBUF_BYTES (256 * 1024)
 
-/* Slot indexes of the pv_mem_state array map. */
-#define PV_MEM_STATE_LOST 0 /* events dropped because the ring buffer was full */
-#define PV_MEM_STATE_SLOTS 1
+/* Slot indexes of the pv_mem_state array map (__u64 values): cumulative counters the program
+ * keeps itself since it was loaded, on every event whether or not its record reached the ring
+ * buffer. The host reads them (ReadMap) to learn of what its records never told it: records
+ * the ring buffer, the agent or the channel lost. */
+#define PV_MEM_STATE_LOST 0     /* events dropped because the ring buffer was full */
+#define PV_MEM_STATE_RECLAIMS 1 /* direct reclaims finished (user tasks) */
+#define PV_MEM_STATE_STALL_NS 2 /* their total stall time (ns) */
+#define PV_MEM_STATE_OOMS 3     /* OOM victims marked */
+#define PV_MEM_STATE_SLOTS 4
 
 enum pv_memory_kind {
 	PV_MEMORY_RECLAIM = 1, /* a direct reclaim ended: duration_ns, nr_reclaimed */

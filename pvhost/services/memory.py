@@ -13,6 +13,13 @@ settled, show it keeps ``guest_reserve_mib`` available after it; at most
 that changes something, and every refusal under pressure, is logged with its reason, kept in
 ``pvctl status`` (the last ones) and counted in ``/metrics``.
 
+Records get lost (the ring buffer, an agent without a ready connection, pvhost's bounds), and
+a lost OOM record is followed by no other. The program also counts its events in its
+``pv_mem_state`` map; the service reads it (``read_map``) when the program is loaded, on a
+lost-records notice and on its timer (at most one read in flight per VM, at most one every
+:data:`MIN_READ_GAP_S` whatever the guest does), and what the received records did not account
+for is pressure like theirs (:mod:`pvhost.services.memory_resync`).
+
 When the service is disabled for a VM, or pvhost closes the VM's session (pvhost stops, the
 VM's directory went away), the balloon goes back to the VM's configured size (QEMU's
 ``base-memory``): extpv leaves no guest short of memory behind it.
@@ -42,8 +49,15 @@ from extpv import bpfobj
 from extpv.bpfobj import ObjectMissing
 from pvhost.errors import ChannelError, QmpError
 from pvhost.programs import SignedProgram
-from pvhost.services.base import ServiceContext, ServicePlugin, VmHandle
-from pvhost.services.memory_event import MemoryEvent, MemoryKind, decode_event
+from pvhost.services.base import EventError, ServiceContext, ServicePlugin, VmHandle
+from pvhost.services.memory_event import (
+    STATE_MAP,
+    STATE_SLOTS,
+    MemoryEvent,
+    MemoryKind,
+    decode_counters,
+    decode_event,
+)
 from pvhost.services.memory_policy import (
     Bounds,
     Decision,
@@ -52,6 +66,7 @@ from pvhost.services.memory_policy import (
     WindowStats,
     decide,
 )
+from pvhost.services.memory_resync import CounterSync, Resync
 
 __all__ = ["MemoryConfig", "MemoryService", "host_available_mib"]
 
@@ -67,6 +82,16 @@ STATS_INTERVAL_S = 1
 _PERIPHERALS = ("/machine/peripheral", "/machine/peripheral-anon")
 #: A u64 statistic the guest's driver never reported reads as -1 (all bits set).
 _STAT_UNSET = 1 << 63
+#: The least time between two reads of the program's counters (s): on the timer every
+#: ``window_s`` (or this, if longer); a load or a lost-records notice reads at once unless
+#: one was started less than this ago (the timer's next read covers it).
+MIN_READ_GAP_S = 0.5
+#: How long after a read its counts are compared with the records received (s): records of
+#: events just before it may still be on their way (the agent's batch, pvhost's queue).
+CONFIRM_S = 2.0
+#: How long a read of the counters may take (s; a guest that does not answer is retried at
+#: the next window).
+READ_TIMEOUT_S = 5.0
 
 
 class VmBoundsConfig(BaseModel):
@@ -189,6 +214,22 @@ class _Vm:
     last_hold: str = ""
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     ticker: asyncio.Task[None] | None = None
+    #: The program's counters against the records received (memory_resync).
+    sync: CounterSync = field(default_factory=lambda: CounterSync(CONFIRM_S))
+    #: The program is loaded in the guest (its agent said so since its last Hello).
+    loaded: bool = False
+    #: The read of the counters in flight (one at a time), and when the last one started.
+    reader: asyncio.Task[None] | None = None
+    read_started: float = float("-inf")
+    read_error: str = ""
+    read_errors: int = 0
+    #: Lost-records notices from the agent or pvhost's bounds (records, total).
+    lost_notices: int = 0
+    lost_records: int = 0
+    #: Events the counters showed that no record had: pressure all the same.
+    resynced_reclaims: int = 0
+    resynced_stall_ns: int = 0
+    resynced_ooms: int = 0
 
 
 class MemoryService(ServicePlugin):
@@ -229,6 +270,7 @@ class MemoryService(ServicePlugin):
         if known is None:
             known = self._vms[vm.name] = _Vm(vm)
         known.handle = vm
+        known.loaded = False  # its Hello: the program's verdict (on_loaded) comes next
         if known.configured_mib is None:
             try:
                 summary = await vm.qmp("query-memory-size-summary")
@@ -334,8 +376,13 @@ class MemoryService(ServicePlugin):
         known.reclaims += reclaims
         known.stall_ns += stall
         known.ooms += ooms
+        known.sync.received(reclaims, stall, ooms)
         self.counts["reclaim_events"] += reclaims
         self.counts["oom_kills"] += ooms
+        await self._pressure(known, reclaims, stall, ooms)
+
+    async def _pressure(self, known: _Vm, reclaims: int, stall: int, ooms: int) -> None:
+        """Add to the window what records (or the counters) reported; evaluate if pressure."""
         w = known.window
         known.window = WindowStats(w.reclaims + reclaims, w.stall_ns + stall, w.ooms + ooms)
         if reclaims or ooms:
@@ -346,6 +393,78 @@ class MemoryService(ServicePlugin):
             except (QmpError, ChannelError) as err:  # QEMU's monitor: retried next window
                 known.problem = str(err)[:300]
 
+    # -- resynchronisation from the program's counters ---------------------------------------
+    async def on_loaded(self, vm: VmHandle, program_id: str) -> None:
+        known = self._vms.get(vm.name)
+        if known is None or program_id != PROGRAM_ID:
+            return
+        known.loaded = True
+        self._read_soon(known, "program loaded")
+
+    def on_records_lost(self, vm: VmHandle, program_id: str, count: int) -> None:
+        known = self._vms.get(vm.name)
+        if known is None or program_id != PROGRAM_ID:
+            return
+        known.lost_notices += 1
+        known.lost_records += max(0, count)
+        self.counts["lost_records"] += max(0, count)
+        self._read_soon(known, f"{count} record(s) lost")
+
+    def _read_soon(self, known: _Vm, reason: str, *, timer: bool = False) -> None:
+        """Read the counters now, unless a read is in flight or one started too recently (a
+        guest's notices cannot raise the rate: the timer reads again within a window)."""
+        if not known.loaded or (known.reader is not None and not known.reader.done()):
+            return
+        now = time.monotonic()
+        gap = max(MIN_READ_GAP_S, self.settings.window_s) if timer else MIN_READ_GAP_S
+        if now - known.read_started < gap:
+            return
+        known.read_started = now
+        known.reader = asyncio.get_running_loop().create_task(
+            self._read_counters(known, reason), name=f"memory-counters-{known.handle.name}"
+        )
+
+    async def _read_counters(self, known: _Vm, reason: str) -> None:
+        vm = known.handle
+        try:
+            contents = await vm.read_map(
+                PROGRAM_ID, STATE_MAP, max_entries=STATE_SLOTS, timeout=READ_TIMEOUT_S
+            )
+            counters = decode_counters(
+                [(e.key, e.value) for e in contents.entries], truncated=contents.truncated
+            )
+        except (ChannelError, EventError) as err:
+            # Not connected, an agent without ReadMap, a program without the counters (an
+            # operator's older object), or a hostile answer: the next window tries again.
+            known.read_errors += 1
+            self.counts["counter_read_errors"] += 1
+            why = str(err)[:300]
+            if why != known.read_error:  # logged once per change of reason
+                self.context.log.info(
+                    "%s: cannot read %s (%s): %s", vm.name, STATE_MAP, reason, why
+                )
+            known.read_error = why
+            return
+        known.read_error = ""
+        self.counts["counter_reads"] += 1
+        await self._resynced(known, known.sync.observe(time.monotonic(), counters), reason)
+
+    async def _resynced(self, known: _Vm, found: Resync, reason: str) -> None:
+        missing = found.missing
+        if not found.pressure:
+            return
+        known.resynced_reclaims += missing.reclaims
+        known.resynced_stall_ns += missing.stall_ns
+        known.resynced_ooms += missing.ooms
+        self.counts["resynced_reclaims"] += missing.reclaims
+        self.counts["resynced_ooms"] += missing.ooms
+        self.context.log.warning(
+            "%s: the guest's counters show %d reclaim(s) (%.1f ms stalled) and %d OOM kill(s) "
+            "no record reported (%s): pressure",
+            known.handle.name, missing.reclaims, missing.stall_ns / 1e6, missing.ooms, reason,
+        )  # fmt: skip
+        await self._pressure(known, missing.reclaims, missing.stall_ns, missing.ooms)
+
     async def on_closing(self, vm: VmHandle) -> None:
         await self._restore(vm.name)
 
@@ -354,8 +473,10 @@ class MemoryService(ServicePlugin):
 
     async def on_vm_gone(self, vm: str) -> None:
         known = self._vms.pop(vm, None)  # QEMU went away: so did its balloon
-        if known is not None and known.ticker is not None:
-            known.ticker.cancel()
+        if known is not None:
+            for task in (known.ticker, known.reader):
+                if task is not None:
+                    task.cancel()
 
     async def close(self) -> None:
         for name in list(self._vms):
@@ -371,6 +492,7 @@ class MemoryService(ServicePlugin):
     async def _tick(self, known: _Vm) -> None:
         while True:
             await asyncio.sleep(self.settings.window_s)
+            self._read_soon(known, "window", timer=True)
             try:
                 await self._refresh(known)
                 await self._evaluate(known)
@@ -457,9 +579,12 @@ class MemoryService(ServicePlugin):
         known = self._vms.get(vm)
         if known is None:
             return
-        if known.ticker is not None:
-            known.ticker.cancel()
-            known.ticker = None
+        for task in (known.ticker, known.reader):
+            if task is not None:
+                task.cancel()
+        known.ticker = known.reader = None
+        known.loaded = False
+        known.sync.reset()  # the program is unloaded: a new one counts from 0
         async with known.lock:
             await self._stop_guest_stats(known)
             configured = known.configured_mib
@@ -516,6 +641,10 @@ class MemoryService(ServicePlugin):
             reclaims=known.reclaims,
             stall_ms=round(known.stall_ns / 1e6, 3),
             oom_kills=known.ooms,
+            resynced_reclaims=known.resynced_reclaims,
+            resynced_stall_ms=round(known.resynced_stall_ns / 1e6, 3),
+            resynced_ooms=known.resynced_ooms,
+            counters=self._counters_state(known),
             last_oom_pid=known.last_oom_pid,
             guest_available_mib=None if known.guest_stats is None else known.guest_stats[1],
             guest_stats=self._stats_state(known),
@@ -523,6 +652,27 @@ class MemoryService(ServicePlugin):
             balloon_qmp_ms=known.balloon_qmp_ms,
             decisions=list(known.history),
         )
+        return out
+
+    @staticmethod
+    def _counters_state(known: _Vm) -> dict[str, Any]:
+        """The program's counters as last read, and how the reading goes."""
+        sync = known.sync
+        out: dict[str, Any] = {
+            "reads": sync.reads,
+            "baselines": sync.baselines,
+            "read_errors": known.read_errors,
+            "lost_notices": known.lost_notices,
+            "lost_records": known.lost_records,
+        }
+        if sync.last is not None:
+            out.update(
+                guest_reclaims=sync.last.reclaims,
+                guest_ooms=sync.last.ooms,
+                guest_ringbuf_lost=sync.last.lost,
+            )
+        if known.read_error:
+            out["last_error"] = known.read_error
         return out
 
     def metrics(self) -> Mapping[str, float]:

@@ -15,7 +15,16 @@ from pydantic import ValidationError
 from pvhost.config import ServicesConfig
 from pvhost.services import EventError, discover
 from pvhost.services.memory import MemoryConfig, MemoryService, host_available_mib
-from pvhost.services.memory_event import EVENT_FORMAT, EVENT_SIZE, MemoryKind, decode_event
+from pvhost.services.memory_event import (
+    EVENT_FORMAT,
+    EVENT_SIZE,
+    STATE_SLOTS,
+    MemoryCounters,
+    MemoryKind,
+    StateSlot,
+    decode_counters,
+    decode_event,
+)
 from pvhost.services.memory_policy import (
     Bounds,
     Decision,
@@ -24,6 +33,7 @@ from pvhost.services.memory_policy import (
     WindowStats,
     decide,
 )
+from pvhost.services.memory_resync import MAX_DELTA, CounterSync
 
 pytestmark = pytest.mark.memory
 
@@ -53,19 +63,23 @@ def test_the_python_layout_mirrors_the_header(tmp_path: Path) -> None:
         "#include <stdio.h>\n#include <stddef.h>\n#include <linux/types.h>\n"
         '#include "memory.h"\n'
         "#define O(f) (int)offsetof(struct pv_memory_event, f)\n"
-        'int main(void) { printf("%d %d %d %d %d %d %d %d\\n", (int)sizeof(struct '
+        'int main(void) { printf("%d %d %d %d %d %d %d %d %d %d %d %d %d\\n", (int)sizeof(struct '
         "pv_memory_event), O(kind), O(pid), O(ktime_ns), O(duration_ns), O(nr_reclaimed), "
-        "PV_MEMORY_RECLAIM, PV_MEMORY_OOM); return 0; }\n"
+        "PV_MEMORY_RECLAIM, PV_MEMORY_OOM, PV_MEM_STATE_LOST, PV_MEM_STATE_RECLAIMS, "
+        "PV_MEM_STATE_STALL_NS, PV_MEM_STATE_OOMS, PV_MEM_STATE_SLOTS); return 0; }\n"
     )
     binary = tmp_path / "layout"
     subprocess.run([cc, "-I", str(ROOT / "bpf"), "-o", str(binary), str(source)], check=True)
     numbers = [int(n) for n in subprocess.run([str(binary)], capture_output=True,
                                               check=True, text=True).stdout.split()]  # fmt: skip
-    size, *offsets, reclaim, oom = numbers
+    size, *offsets, reclaim, oom = numbers[:8]
     assert size == EVENT_SIZE == struct.calcsize(EVENT_FORMAT)
     expected = [0, 4, 8, 16, 24]
     assert offsets == expected
     assert (reclaim, oom) == (MemoryKind.RECLAIM, MemoryKind.OOM)
+    *slots, count = numbers[8:]
+    assert slots == [StateSlot.LOST, StateSlot.RECLAIMS, StateSlot.STALL_NS, StateSlot.OOMS]
+    assert count == STATE_SLOTS == len(slots)
 
 
 def test_records_are_decoded_and_bad_ones_refused() -> None:
@@ -197,3 +211,105 @@ def test_pyproject_declares_memory_as_an_entry_point() -> None:
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
     target = project["entry-points"]["extpv.services"]["memory"]
     assert target == f"{MemoryService.__module__}:{MemoryService.__name__}"
+
+
+# -- resynchronisation from pv_mem_state (records lost on their way) --------------------------
+def _state(**values: int) -> list[tuple[bytes, bytes]]:
+    slots = {"lost": StateSlot.LOST, "reclaims": StateSlot.RECLAIMS,
+             "stall_ns": StateSlot.STALL_NS, "ooms": StateSlot.OOMS}  # fmt: skip
+    return [
+        (struct.pack("<I", slot), struct.pack("<Q", values.get(name, 0)))
+        for name, slot in slots.items()
+    ]
+
+
+def test_the_counters_map_is_decoded_and_hostile_answers_refused() -> None:
+    counters = decode_counters(_state(reclaims=3, stall_ns=7, ooms=1, lost=2), truncated=False)
+    assert counters == MemoryCounters(reclaims=3, stall_ns=7, ooms=1, lost=2)
+    good = _state()
+    with pytest.raises(EventError, match="3, not 4 entries"):
+        decode_counters(good[:3], truncated=False)
+    with pytest.raises(EventError, match="more than 4 entries"):
+        decode_counters(good, truncated=True)
+    with pytest.raises(EventError, match="repeated slot 0"):
+        decode_counters([good[0], *good[:3]], truncated=False)
+    with pytest.raises(EventError, match="unexpected or repeated slot 9"):
+        decode_counters([(struct.pack("<I", 9), bytes(8)), *good[1:]], truncated=False)
+    with pytest.raises(EventError, match="4-byte key and 4-byte value"):
+        decode_counters([(good[0][0], bytes(4)), *good[1:]], truncated=False)
+
+
+def test_lost_records_are_found_in_the_counters_once_confirmed() -> None:
+    """The first read is a baseline; events counted but never received, still missing a
+    confirm interval later, come back as pressure once (the old agent's lost OOM record)."""
+    sync = CounterSync(confirm_s=2.0)
+    sync.received(5, 1_000, 0)  # before any read: the baseline covers them
+    first = sync.observe(10.0, MemoryCounters(reclaims=5, stall_ns=1_000))
+    assert first.baseline and not first.pressure
+    # Records received as they happen: nothing missing.
+    sync.received(2, 500, 0)
+    assert not sync.observe(12.0, MemoryCounters(reclaims=7, stall_ns=1_500)).pressure
+    # The agent lost its connection: 3 reclaims and an OOM kill never reached the host.
+    assert not sync.observe(20.0, MemoryCounters(reclaims=10, stall_ns=9_500, ooms=1)).pressure
+    found = sync.observe(22.5, MemoryCounters(reclaims=10, stall_ns=9_500, ooms=1))
+    assert found.pressure and not found.baseline
+    assert found.missing == MemoryCounters(reclaims=3, stall_ns=8_000, ooms=1)
+    # Found once: the next reads find nothing more.
+    assert not sync.observe(25.0, MemoryCounters(reclaims=10, stall_ns=9_500, ooms=1)).pressure
+    assert not sync.observe(28.0, MemoryCounters(reclaims=10, stall_ns=9_500, ooms=1)).pressure
+
+
+def test_records_on_their_way_at_a_read_are_not_counted_twice() -> None:
+    """A read is compared only a confirm interval later: records of events just before it,
+    still on their way then, are received meanwhile and are not missing."""
+    sync = CounterSync(confirm_s=2.0)
+    sync.observe(0.0, MemoryCounters())
+    assert not sync.observe(3.0, MemoryCounters(reclaims=4, stall_ns=400)).pressure
+    sync.received(4, 400, 0)  # the four records arrive after the read
+    # A read too soon after the pending one does not confirm it.
+    assert not sync.observe(4.0, MemoryCounters(reclaims=4, stall_ns=400)).pressure
+    assert not sync.observe(5.5, MemoryCounters(reclaims=6, stall_ns=600)).pressure
+    sync.received(2, 200, 0)
+    assert not sync.observe(8.0, MemoryCounters(reclaims=6, stall_ns=600)).pressure
+
+
+def test_a_counter_going_backwards_is_a_reload_and_a_new_baseline() -> None:
+    sync = CounterSync(confirm_s=1.0)
+    sync.observe(0.0, MemoryCounters(reclaims=100, stall_ns=10**9, ooms=2))
+    # The agent restarted: its program counts from 0 (only the OOM count fell: enough).
+    found = sync.observe(5.0, MemoryCounters(reclaims=120, stall_ns=2 * 10**9, ooms=0))
+    assert found.baseline and not found.pressure
+    assert sync.baselines == 2
+    # No negative delta, ever: from the new baseline on, what is missing is counted.
+    assert not sync.observe(7.0, MemoryCounters(reclaims=121, stall_ns=2 * 10**9)).pressure
+    found = sync.observe(9.0, MemoryCounters(reclaims=121, stall_ns=2 * 10**9))
+    assert found.missing.reclaims == 1 and found.missing.stall_ns == 0
+    # The service disabled (program unloaded): the next read is a baseline whatever it says.
+    sync.reset()
+    assert sync.observe(20.0, MemoryCounters(reclaims=10**6, ooms=7)).baseline
+
+
+def test_hostile_counters_are_clamped_and_never_negative() -> None:
+    """A guest's counters jump by 2**64 - 1, fall, jump again: each resync is clamped to
+    MAX_DELTA, a fall is a new baseline, and no delta is ever negative."""
+    top = (1 << 64) - 1
+    sync = CounterSync(confirm_s=1.0)
+    sync.observe(0.0, MemoryCounters())
+    sync.observe(1.0, MemoryCounters(reclaims=top, stall_ns=top, ooms=top, lost=top))
+    found = sync.observe(2.0, MemoryCounters(reclaims=top, stall_ns=top, ooms=top, lost=top))
+    assert found.missing == MemoryCounters(
+        reclaims=MAX_DELTA.reclaims, stall_ns=MAX_DELTA.stall_ns, ooms=MAX_DELTA.ooms, lost=0
+    )
+    for now in range(3, 40):
+        value = top if now % 3 else now
+        got = sync.observe(float(now), MemoryCounters(reclaims=value, stall_ns=value, ooms=value))
+        for name in ("reclaims", "stall_ns", "ooms", "lost"):
+            assert 0 <= getattr(got.missing, name) <= getattr(MAX_DELTA, name)
+
+
+def test_a_resynced_oom_kill_deflates_like_a_received_one() -> None:
+    """What the counters found goes to the same policy: the per-change bound holds however
+    many the guest claims (two steps for an OOM kill)."""
+    d = _decide(100.0, VmMemoryState(1024), WindowStats(reclaims=MAX_DELTA.reclaims,
+                stall_ns=MAX_DELTA.stall_ns, ooms=MAX_DELTA.ooms), BOUNDS, 8000)  # fmt: skip
+    assert (d.action, d.target_mib) == ("deflate", 1024 + 2 * POLICY.step_mib)
