@@ -4,7 +4,9 @@
 its sockets in a directory of ours, reached as ``qemu:///system?socket=<dir>/libvirt-sock``;
 the QEMU driver needs ``virtlogd``, which is started too unless one already serves this host.
 Both are stopped by :meth:`Libvirtd.stop`, which also removes the empty ``machine`` cgroups
-libvirt made meanwhile. :func:`domain_xml` is the lab's VM (``vmlab.qemu``) as a domain: TCG,
+libvirt made meanwhile. libvirtd runs in a mount namespace of its own, where its
+``/etc/libvirt/qemu.conf`` is ours (QEMU as root): see :data:`QEMU_CONF`.
+:func:`domain_xml` is the lab's VM (``vmlab.qemu``) as a domain: TCG,
 direct kernel boot of the test image, the extpv channel, and optionally the test hook's channel.
 """
 
@@ -24,6 +26,13 @@ from vmlab.qemu import AGENT_PORT_NAME, KERNEL_CMDLINE, TEST_PORT_NAME
 __all__ = ["Libvirtd", "domain_xml"]
 
 VIRTLOGD_SOCKET = Path("/run/libvirt/virtlogd-sock")
+SYSTEM_QEMU_CONF = Path("/etc/libvirt/qemu.conf")
+#: The QEMU driver's settings of our libvirtd: QEMU runs as root, as the domains of the lab do.
+#: Under the packaged default (QEMU as libvirt-qemu), a host whose ``/dev/kvm`` only root may
+#: open (no udev: 0600 root) makes libvirt find KVM when it probes QEMU and "not available
+#: now" when it checks that probe, so it threw its capability cache away and probed again (4 s)
+#: at every lookup: ``virsh define`` + ``start`` took 84-190 s instead of seconds.
+QEMU_CONF = 'user = "root"\ngroup = "root"\n'
 CGROUPS = Path("/sys/fs/cgroup")
 
 
@@ -43,6 +52,7 @@ class Libvirtd:
         self.uri = f"qemu:///system?socket={self.sockets / 'libvirt-sock'}"
         self.log = workdir / "libvirtd.log"
         self._procs: list[subprocess.Popen[bytes]] = []
+        self._libvirtd: subprocess.Popen[bytes] | None = None
         self._machine_before = _machine_cgroups()
 
     def start(self, deadline_s: float = 30.0) -> None:
@@ -53,6 +63,7 @@ class Libvirtd:
             'unix_sock_rw_perms = "0700"\nauth_unix_rw = "none"\nauth_unix_ro = "none"\n'
             'log_outputs = "2:stderr"\n'
         )
+        (self.workdir / "qemu.conf").write_text(QEMU_CONF)
         if not VIRTLOGD_SOCKET.exists():
             self._spawn(["virtlogd", "-p", str(self.workdir / "virtlogd.pid")], "virtlogd.log")
         self.start_daemon(deadline_s)
@@ -61,16 +72,25 @@ class Libvirtd:
         """(Re)start libvirtd alone (a test restarts it while domains run)."""
         sock = self.sockets / "libvirt-sock"
         sock.unlink(missing_ok=True)
+        if not SYSTEM_QEMU_CONF.is_file():
+            raise VmError(f"{SYSTEM_QEMU_CONF} is missing: install libvirt-daemon-system")
+        # libvirtd reads qemu.conf from one fixed path: ours is bound over it in a mount
+        # namespace of libvirtd's own (private: the host's file stays as it is). unshare and
+        # sh exec, so the process is libvirtd itself.
+        libvirtd = [
+            "libvirtd",
+            "--config",
+            str(self.workdir / "libvirtd.conf"),
+            "--pid-file",
+            str(self.workdir / "libvirtd.pid"),
+        ]
+        bind = 'mount --bind "$0" "$1" && shift && exec "$@"'
+        wrapper = ["unshare", "--mount", "--propagation", "private", "--", "sh", "-c", bind]
         proc = self._spawn(
-            [
-                "libvirtd",
-                "--config",
-                str(self.workdir / "libvirtd.conf"),
-                "--pid-file",
-                str(self.workdir / "libvirtd.pid"),
-            ],
+            [*wrapper, str(self.workdir / "qemu.conf"), str(SYSTEM_QEMU_CONF), *libvirtd],
             "libvirtd.log",
         )
+        self._libvirtd = proc
         end = time.monotonic() + deadline_s
         while not sock.exists() or self.virsh("version", check=False).returncode != 0:
             if proc.poll() is not None:
@@ -87,10 +107,10 @@ class Libvirtd:
 
     def stop_daemon(self) -> None:
         """Stop libvirtd (SIGTERM); its domains' QEMUs keep running."""
-        for proc in list(self._procs):
-            if isinstance(proc.args, list) and proc.args[0] == "libvirtd":
-                _terminate(proc)
-                self._procs.remove(proc)
+        proc, self._libvirtd = self._libvirtd, None
+        if proc is not None:
+            _terminate(proc)
+            self._procs.remove(proc)
 
     def stop(self) -> None:
         for proc in reversed(self._procs):
