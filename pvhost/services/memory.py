@@ -65,6 +65,7 @@ from pvhost.services.memory_policy import (
     VmMemoryState,
     WindowStats,
     decide,
+    guest_is_low,
 )
 from pvhost.services.memory_resync import CounterSync, Resync
 
@@ -118,7 +119,8 @@ class MemoryConfig(BaseModel):
     max_changes_per_s: Annotated[float, Field(gt=0, le=100)] = 1.0
     #: Direct-reclaim stall per window that counts as pressure (0: any reclaim).
     stall_ms: Annotated[float, Field(ge=0)] = 0.0
-    #: What a guest must keep available (its MemAvailable) after an inflation (MiB).
+    #: What a guest keeps available (its MemAvailable, MiB): no inflation leaves it less,
+    #: and a guest reporting less gets a step (early pressure, before any reclaim).
     guest_reserve_mib: Annotated[int, Field(ge=0)] = 128
     #: Inflate after quiet without the guest's balloon statistics (guests whose driver does
     #: not report them): the guest may then be short of memory it is using.
@@ -516,7 +518,7 @@ class MemoryService(ServicePlugin):
                 guest_available_mib=guest,
                 policy=self.policy,
             )
-            if stats.ooms or stats.reclaims:
+            if stats.ooms or stats.reclaims or guest_is_low(guest, self.policy):
                 known.state.last_pressure = now
             self.counts[f"decisions_{decision.code}"] += 1
             if decision.target_mib is None:

@@ -9,6 +9,11 @@ Each window the service asks :func:`decide` with what the guest reported in it:
 * **pressure** (direct-reclaim stall time in the window at least ``stall_ms``, or an OOM
   kill): raise the target by ``step_mib`` (two steps after an OOM kill), never past the VM's
   maximum and never so far that the host's MemAvailable would fall below ``host_floor_mib``;
+* **low** (the guest's own ``stat-available-memory``, taken after the last change settled,
+  is below ``guest_reserve_mib``): the same step, before any reclaim. Reclaim is a late
+  signal: a guest whose page cache is already gone goes from its first direct reclaim to an
+  OOM kill in milliseconds (51 reclaims and a kill in 33 ms in the VM test), while its
+  MemAvailable fell below the reserve seconds earlier;
 * **quiet** for ``quiet_s`` since the last pressure: lower it by ``step_mib``, never below
   the VM's minimum, and only when the guest's own statistics (virtio-balloon's
   ``stat-available-memory``, taken after the last change settled) say it keeps at least
@@ -24,7 +29,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-__all__ = ["Bounds", "Decision", "Policy", "VmMemoryState", "WindowStats", "decide"]
+__all__ = [
+    "Bounds",
+    "Decision",
+    "Policy",
+    "VmMemoryState",
+    "WindowStats",
+    "decide",
+    "guest_is_low",
+]
 
 
 @dataclass(frozen=True)
@@ -74,6 +87,11 @@ class Decision:
     code: str
 
 
+def guest_is_low(guest_available_mib: int | None, policy: Policy) -> bool:
+    """Whether the guest's fresh MemAvailable is below its reserve (an early pressure)."""
+    return guest_available_mib is not None and guest_available_mib < policy.guest_reserve_mib
+
+
 def _hold(code: str, reason: str) -> Decision:
     return Decision(None, "hold", reason, code)
 
@@ -96,31 +114,35 @@ def decide(
     pressure = stats.ooms > 0 or (
         stats.reclaims > 0 and stats.stall_ns >= policy.stall_ms * 1_000_000
     )
+    low = guest_is_low(guest_available_mib, policy)
     rate_ok = now - state.last_change >= 1.0 / policy.max_changes_per_s
     current = state.target_mib
-    if pressure:
-        what = f"{stats.reclaims} reclaims, {stats.stall_ns / 1e6:.1f} ms stalled"
-        if stats.ooms:
-            what += f", {stats.ooms} OOM kills"
-        if current >= bounds.max_mib:
-            return _hold(
-                "at-max", f"pressure ({what}) but at the VM's maximum {bounds.max_mib} MiB"
+    if pressure or low:
+        if pressure:
+            what = f"{stats.reclaims} reclaims, {stats.stall_ns / 1e6:.1f} ms stalled"
+            if stats.ooms:
+                what += f", {stats.ooms} OOM kills"
+        else:
+            what = (
+                f"the guest has {guest_available_mib} MiB available, below its reserve of "
+                f"{policy.guest_reserve_mib} MiB"
             )
+        code = "pressure" if pressure else "low-available"
+        if current >= bounds.max_mib:
+            return _hold("at-max", f"{code} ({what}) but at the VM's maximum {bounds.max_mib} MiB")
         headroom = host_available_mib - policy.host_floor_mib
         if headroom <= 0:
             return _hold(
                 "host-floor",
-                f"pressure ({what}) but the host has {host_available_mib} MiB available, "
+                f"{code} ({what}) but the host has {host_available_mib} MiB available, "
                 f"floor {policy.host_floor_mib} MiB",
             )
         if not rate_ok:
-            return _hold("rate", f"pressure ({what}); rate limit {policy.max_changes_per_s:g}/s")
+            return _hold("rate", f"{code} ({what}); rate limit {policy.max_changes_per_s:g}/s")
         want = policy.step_mib * (2 if stats.ooms else 1)
         grow = min(want, bounds.max_mib - current, headroom)
         limit = " (capped by the host floor)" if grow < want and grow == headroom else ""
-        return Decision(
-            current + grow, "deflate", f"pressure ({what}): +{grow} MiB{limit}", "pressure"
-        )
+        return Decision(current + grow, "deflate", f"{code} ({what}): +{grow} MiB{limit}", code)
     if current > bounds.max_mib:  # the bounds shrank (config): obey them at once
         if not rate_ok:
             return _hold("rate", "above the VM's maximum; rate limited")

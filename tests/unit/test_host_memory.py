@@ -162,6 +162,24 @@ def test_quiet_inflates_only_what_the_guest_can_spare() -> None:
     assert _decide(100.0, state, QUIET, BOUNDS, 8000, blind, guest=None).target_mib == 512
 
 
+def test_a_guest_below_its_reserve_is_given_a_step_before_it_reclaims() -> None:
+    """Reclaim comes late (a guest without page cache goes from its first direct reclaim to an
+    OOM kill in milliseconds): MemAvailable below the reserve, reported after the last change
+    settled, deflates by a step with no reclaim at all, within the same bounds as pressure."""
+    state = VmMemoryState(512)
+    d = _decide(100.0, state, QUIET, BOUNDS, 8000, guest=127)
+    assert (d.target_mib, d.action, d.code) == (640, "deflate", "low-available")
+    assert "127 MiB available, below its reserve of 128 MiB" in d.reason
+    assert _decide(100.0, state, QUIET, BOUNDS, 8000, guest=128).action != "deflate"
+    # No report since the last change settled: nothing to go on, no step.
+    assert _decide(100.0, state, QUIET, BOUNDS, 8000, guest=None).action != "deflate"
+    # The bounds of pressure hold: the VM's maximum, the host's floor, the rate.
+    assert _decide(100.0, VmMemoryState(2048), QUIET, BOUNDS, 8000, guest=0).code == "at-max"
+    assert _decide(100.0, state, QUIET, BOUNDS, 1000, guest=0).code == "host-floor"
+    recent = VmMemoryState(512, last_change=99.9)
+    assert _decide(100.0, recent, QUIET, BOUNDS, 8000, guest=0).code == "rate"
+
+
 def test_a_storm_never_passes_the_maximum_the_floor_or_the_rate() -> None:
     """A hostile guest reports pressure every millisecond for a minute: the host gives at
     most max_changes_per_s steps a second, never past the VM's maximum, never below its
