@@ -12,7 +12,7 @@ Example::
     metrics = "127.0.0.1:9464"          # "" disables /metrics
     keepalive_interval = 5.0            # Ping a silent guest agent every N s (0: never)
     keepalive_deadline = 15.0           # reset its session after N s without a word
-    max_frames_per_s = 5000             # guest agent frames acted on per VM and second
+    max_frames_per_s = 2000             # guest agent frames acted on per VM and second
     nice = -10                          # the daemon's CPU priority (0: the default)
 
     [placement]
@@ -104,7 +104,7 @@ class ServiceConfig(_Strict):
     #: it pvhost reads nothing more from that VM's channel until the budget refills, so a
     #: guest that floods blocks on its own writes and costs the host a bounded share of its
     #: event loop. An agent sends records in batches: a few hundred frames a second at most.
-    max_frames_per_s: Annotated[float, Field(ge=100, le=1_000_000)] = 5000.0
+    max_frames_per_s: Annotated[float, Field(ge=100, le=1_000_000)] = 2000.0
     #: The daemon's nice value, set at start for all its threads. A guest's pin waits for
     #: pvhost's few milliseconds of work; at the default nice a loaded host (the very load
     #: the pin shields a vCPU from) stretched them to 50-120 ms (bench/results/vm-stages.md).
