@@ -48,7 +48,8 @@ class Policy:
     max_changes_per_s: float = 1.0
     #: Reclaim stall per window that counts as pressure (0: any reclaim).
     stall_ms: float = 0.0
-    #: What the guest must still have available (its MemAvailable) after an inflation.
+    #: What the guest keeps available (its MemAvailable): no inflation leaves it less, and a
+    #: guest that reports less gets a step (``low-available``).
     guest_reserve_mib: int = 128
     #: Inflate after quiet without the guest's statistics (for guests whose balloon driver
     #: does not report them; an operator's explicit choice, never a fallback).
