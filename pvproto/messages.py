@@ -101,6 +101,7 @@ class BaseMessage(BaseModel):
         extra="forbid",
         ser_json_bytes="base64",
         val_json_bytes="base64",
+        defer_build=True,
     )
 
     #: Header type code; unique per message class.
@@ -117,7 +118,7 @@ class BaseMessage(BaseModel):
 class GuestTopology(BaseModel):
     """The guest's CPUs as its kernel sees them."""
 
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    model_config = ConfigDict(frozen=True, extra="forbid", defer_build=True)
 
     online_vcpus: CpuSet
     #: SMT sibling groups among the online vCPUs (each vCPU in at most one group).
@@ -367,7 +368,7 @@ class TopologyUpdate(BaseMessage):
 class ThreadRequest(BaseModel):
     """One live guest thread whose affinity mask is a strict subset of the online vCPUs."""
 
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    model_config = ConfigDict(frozen=True, extra="forbid", defer_build=True)
 
     tid: Tid
     vcpus: CpuSet
@@ -418,7 +419,7 @@ class VcpuPlacement(BaseModel):
     why (``isolation_reason``); both are None from a host of an older version.
     """
 
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    model_config = ConfigDict(frozen=True, extra="forbid", defer_build=True)
 
     vcpu: Cpu
     pcpu: Cpu | None = None

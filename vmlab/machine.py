@@ -173,10 +173,15 @@ class VirtualMachine:
     def console_tail(self, lines: int = 25) -> str:
         return "\n".join(self.console_text().splitlines()[-lines:])
 
-    def check_crash(self) -> None:
-        """Raise GuestCrashed when the console shows an oops or panic."""
+    def console_mark(self) -> int:
+        """Where the console's next output will begin: what ``wait_booted`` takes as
+        ``console_from`` for a boot that starts after this moment (a reboot)."""
+        return len(self.console_text())
+
+    def check_crash(self, since: int = 0) -> None:
+        """Raise GuestCrashed when the console shows an oops or panic (from offset ``since``)."""
         text = self.console_text()
-        m = CRASH_PATTERN.search(text)
+        m = CRASH_PATTERN.search(text, since)
         if m:
             start = text.rfind("\n", 0, max(0, m.start() - 400)) + 1
             lines = text[start : m.end() + 1500].splitlines()
@@ -185,7 +190,8 @@ class VirtualMachine:
     def wait_for(self, pattern: str, deadline_s: float, what: str | None = None) -> re.Match[str]:
         """Wait until the console prints ``pattern`` (new output since the last match).
 
-        Raises GuestCrashed on an oops/panic, BootError if QEMU exits, WaitTimeout at the deadline.
+        Raises GuestCrashed on an oops/panic in that new output, BootError if QEMU exits,
+        WaitTimeout at the deadline.
         """
         rx = re.compile(pattern)
         what = what or f"console pattern {pattern!r}"
@@ -196,11 +202,11 @@ class VirtualMachine:
             if m:
                 self._console_pos = m.end()
                 return m
-            self.check_crash()
+            self.check_crash(since=self._console_pos)
             if not self.alive():
                 raise BootError(
                     f"QEMU for {self.name} exited while waiting for {what}; "
-                    f"qemu.log: {self._qemu_log()[-500:]}\nconsole:\n{self.console_tail()}"
+                    f"qemu.log: {self.qemu_log()[-500:]}\nconsole:\n{self.console_tail()}"
                 )
             if time.monotonic() > end:
                 raise WaitTimeout(
@@ -209,7 +215,8 @@ class VirtualMachine:
                 )
             time.sleep(0.1)
 
-    def _qemu_log(self) -> str:
+    def qemu_log(self) -> str:
+        """What QEMU printed (its stdout and stderr): why it exited, where it did."""
         try:
             return (self.dir / "qemu.log").read_text(errors="replace")
         except FileNotFoundError:
@@ -250,14 +257,18 @@ class VirtualMachine:
         """
         return self._test_hook().clock_offset(samples)
 
-    def wait_guest_ready(self, deadline_s: float = 180.0) -> None:
-        """Wait until the guest's test hook answers (userspace up, udev ran)."""
+    def wait_guest_ready(self, deadline_s: float = 180.0, *, console_from: int = 0) -> None:
+        """Wait until the guest's test hook answers (userspace up, udev ran); an oops or panic
+        on the console after ``console_from`` is GuestCrashed."""
         hook = self._test_hook()
         end = time.monotonic() + deadline_s
         while True:
-            self.check_crash()
+            self.check_crash(since=console_from)
             if not self.alive():
-                raise BootError(f"{self.name}: QEMU exited before the guest test hook answered")
+                raise BootError(
+                    f"{self.name}: QEMU exited before the guest test hook answered; qemu.log: "
+                    f"{self.qemu_log()[-500:]}\nconsole:\n{self.console_tail()}"
+                )
             try:
                 hook.ping(3.0)
             except (WaitTimeout, GuestCommandError):
@@ -268,6 +279,50 @@ class VirtualMachine:
                         f"console tail:\n{self.console_tail()}"
                     ) from None
                 time.sleep(0.5)
+            else:
+                return
+
+    def wait_booted(self, deadline_s: float, *, console_from: int = 0) -> None:
+        """Wait until the boot whose console output begins at ``console_from`` is up: its
+        login on the console and, on a VM with a test hook, the hook answering.
+
+        ``console_from`` is ``console_mark()`` taken before a reboot: the last boot's login
+        and reports are not this one's. Raises GuestCrashed on an oops or panic, GuestHung
+        when the kernel reported a lost timer (HANG_PATTERN) and the guest was still not up
+        HANG_GRACE_S later (rather than wait out the deadline on a boot that never will),
+        BootError if QEMU exits, WaitTimeout at the deadline.
+        """
+        self._console_pos = max(self._console_pos, console_from)
+        end = time.monotonic() + deadline_s
+        hang_seen: float | None = None
+        login = False
+        while True:
+            slice_s = max(0.0, min(_HANG_POLL_S, end - time.monotonic()))
+            try:
+                if not login:
+                    self.wait_for(READY_PATTERN, slice_s, "the console login")
+                    login = True
+                if self.spec.test_hook:
+                    self.wait_guest_ready(slice_s, console_from=console_from)
+            except WaitTimeout as err:
+                now = time.monotonic()
+                if now >= end:
+                    raise WaitTimeout(
+                        f"{self.name}: userspace not up within {deadline_s:.0f} s; console "
+                        f"tail:\n{self.console_tail()}"
+                    ) from err
+                text = self.console_text()
+                m = HANG_PATTERN.search(text, console_from)
+                if m is None:
+                    continue
+                hang_seen = now if hang_seen is None else hang_seen
+                if now - hang_seen >= HANG_GRACE_S:
+                    first = text.rfind("\n", 0, max(0, m.start() - 400)) + 1
+                    raise GuestHung(
+                        f"guest {self.name} hung while booting: {m.group(0)!r}, and not up "
+                        f"{HANG_GRACE_S:.0f} s later",
+                        text[first : m.end() + 1500].splitlines(),
+                    ) from err
             else:
                 return
 
@@ -283,7 +338,7 @@ class VirtualMachine:
         end = time.monotonic() + deadline_s
         while True:
             if not self.alive():
-                raise BootError(f"QEMU for {self.name} exited: {self._qemu_log()[-500:]}")
+                raise BootError(f"QEMU for {self.name} exited: {self.qemu_log()[-500:]}")
             try:
                 if len(self.vcpu_threads()) >= self.spec.smp:
                     return
@@ -388,7 +443,7 @@ def _spawn(spec: VMSpec) -> VirtualMachine:
     end = time.monotonic() + 15.0
     while not (d / "qemu.pid").exists() or not (d / "launcher-qmp.sock").exists():
         if proc.poll() is not None:
-            msg = vm._qemu_log().strip()
+            msg = vm.qemu_log().strip()
             shutil.rmtree(d, ignore_errors=True)
             raise BootError(f"QEMU for {spec.name} exited at once (rc {proc.returncode}): {msg}")
         if time.monotonic() > end:
@@ -415,42 +470,6 @@ def _set_nice(vm: VirtualMachine, nice: int) -> None:
     log.info("%s: every QEMU thread at nice %d%s", vm.name, nice, also)
 
 
-def _wait_booted(vm: VirtualMachine, spec: VMSpec, deadline_s: float) -> None:
-    """Wait until userspace is up (test hook or console login) within ``deadline_s``; raise
-    GuestHung when the kernel reported a lost timer and the boot did not finish within
-    HANG_GRACE_S after it (rather than wait out the whole deadline on a boot that never will)."""
-    end = time.monotonic() + deadline_s
-    hang_seen: float | None = None
-    while True:
-        slice_s = max(0.0, min(_HANG_POLL_S, end - time.monotonic()))
-        try:
-            if spec.test_hook:
-                vm.wait_guest_ready(slice_s)
-            else:
-                vm.wait_for(READY_PATTERN, slice_s, "the serial console's automatic login")
-        except WaitTimeout as err:
-            now = time.monotonic()
-            if now >= end:
-                raise WaitTimeout(
-                    f"{spec.name}: userspace not up within {deadline_s:.0f} s; console tail:\n"
-                    f"{vm.console_tail()}"
-                ) from err
-            text = vm.console_text()
-            m = HANG_PATTERN.search(text)
-            if m is None:
-                continue
-            hang_seen = now if hang_seen is None else hang_seen
-            if now - hang_seen >= HANG_GRACE_S:
-                first = text.rfind("\n", 0, max(0, m.start() - 400)) + 1
-                raise GuestHung(
-                    f"guest {spec.name} hung while booting: {m.group(0)!r}, and not up "
-                    f"{HANG_GRACE_S:.0f} s later",
-                    text[first : m.end() + 1500].splitlines(),
-                ) from err
-        else:
-            return
-
-
 def start(
     spec: VMSpec, *, wait: bool = True, deadline_s: float = 240.0, retries: int = 2
 ) -> VirtualMachine:
@@ -469,7 +488,7 @@ def start(
             if spec.image is None:
                 vm._wait_vcpus(min(deadline_s, 20.0))
             else:
-                _wait_booted(vm, spec, deadline_s)
+                vm.wait_booted(deadline_s)
             vm.check_crash()
         except (GuestCrashed, GuestHung) as err:
             tail = "\n".join(err.lines[-15:])

@@ -173,12 +173,32 @@ def test_a_boot_that_reports_a_lost_timer_is_hung_after_a_grace(
     (tmp_path / "h" / "console.log").write_text(console)
     vm = _NeverReady(spec, pid=-1, accel="tcg")
     with pytest.raises(raised) as info:
-        machine._wait_booted(vm, spec, deadline_s=0.5)
+        vm.wait_booted(0.5)
     if raised is vmlab.GuestHung:
         assert isinstance(info.value, vmlab.GuestHung)
         assert any("timer-softirq=7" in line for line in info.value.lines)
     else:
         assert "userspace not up" in str(info.value) and "booting" in str(info.value)
+
+
+def test_a_lost_timer_reported_before_a_reboot_is_not_the_new_boots(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A reboot's wait (``console_from``: the console mark before it) looks for the report
+    only in what the new boot printed: the last boot's is history, not a hang."""
+    monkeypatch.setattr(machine, "HANG_GRACE_S", 0.0)
+    monkeypatch.setattr(machine, "_HANG_POLL_S", 0.01)
+    spec = vmlab.VMSpec(name="r", image=_image(tmp_path), runtime_dir=tmp_path)
+    (tmp_path / "r").mkdir()
+    (tmp_path / "r" / "console.log").write_text(HUNG_CONSOLE)
+    vm = _NeverReady(spec, pid=-1, accel="tcg")
+    mark = vm.console_mark()
+    with (tmp_path / "r" / "console.log").open("a") as console:
+        console.write("[ 0.000000] Linux version 6.12\n")
+    with pytest.raises(vmlab.WaitTimeout):
+        vm.wait_booted(0.3, console_from=mark)
+    with pytest.raises(vmlab.GuestHung):
+        vm.wait_booted(0.3)
 
 
 def test_stop_of_an_unknown_vm_says_so(tmp_path: Path) -> None:

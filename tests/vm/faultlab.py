@@ -27,10 +27,9 @@ from typing import Any, TypeVar
 from pvproto import AffinityResult, LoadProgram
 from vmlab import VirtualMachine, VMSpec, start
 from vmlab.daemon import CHECKOUT_AFFINITY_PROGRAM, PvhostDaemon
-from vmlab.errors import DaemonError, MonitorError
+from vmlab.errors import DaemonError, GuestCrashed, GuestHung, LauncherError, MonitorError
 from vmlab.guestpeer import FakeGuestChannel
 from vmlab.images import GuestImage
-from vmlab.machine import READY_PATTERN
 from vmlab.qemu import AGENT_PORT_ID, AGENT_PORT_NAME
 
 T = TypeVar("T")
@@ -50,6 +49,8 @@ RECOVER_S = 10.0
 #: RECOVER_S after its Hello, and the whole at RECOVER_S (+ the boot) + this.
 AGENT_START_S = 30.0
 BOOT_DEADLINE_S = 300.0
+#: Boots tried per reboot before the cell fails (a hung or crashed one is reset and retried).
+BOOT_ATTEMPTS = 3
 PORT = f"/dev/virtio-ports/{AGENT_PORT_NAME}"
 #: The guest's wish: one thread pinned to vCPU 1 (taskset execs sleep: one pid).
 WORKLOAD = ["taskset", "-c", "1", "sleep", "86400"]
@@ -150,7 +151,6 @@ class FaultLab:
         if self.vm is not None and not self.vm.alive():
             self.vm.stop()  # a QEMU that was killed: its hook connection and directory
         self.vm = start(self.spec, deadline_s=BOOT_DEADLINE_S, retries=2)
-        self.vm.wait_for(READY_PATTERN, 60, "the console login")  # later waits: the next boot
         self.workload = None
         took = time.monotonic() - t0
         self.boots.append(took)
@@ -180,11 +180,30 @@ class FaultLab:
         """The placement the guest's current wish comes to under identity policy."""
         return {1: 1} if self.workload is not None else {}
 
-    def wait_rebooted(self) -> float:
-        """After a reboot inside the guest: wait for the next login and the test hook."""
+    def reboot(self) -> int:
+        """``systemctl reboot`` in the guest; the console mark its next boot begins after."""
+        mark = self.guest_vm.console_mark()
+        self.guest_vm.guest_background(["systemctl", "reboot"])
+        return mark
+
+    def wait_rebooted(self, mark: int) -> float:
+        """After ``reboot()``: wait for the next boot's login and test hook; its duration.
+
+        A boot that hangs (the lost TCG timer under host load: GuestHung) or crashes is the
+        lab's, not the fault's: QMP ``system_reset`` (the same QEMU, so still a guest reboot)
+        and wait again, at most twice, as ``vmlab.start`` retries a first boot.
+        """
         t0 = time.monotonic()
-        self.guest_vm.wait_for(READY_PATTERN, BOOT_DEADLINE_S, "the login after the reboot")
-        self.guest_vm.wait_guest_ready(BOOT_DEADLINE_S)
+        for attempt in range(1, BOOT_ATTEMPTS + 1):
+            try:
+                self.guest_vm.wait_booted(BOOT_DEADLINE_S, console_from=mark)
+                break
+            except (GuestHung, GuestCrashed) as err:
+                if attempt == BOOT_ATTEMPTS:
+                    raise
+                print(f"\n[faults] the reboot's boot failed ({err}); system_reset", file=sys.stderr)
+                mark = self.guest_vm.console_mark()
+                self.guest_vm.qmp("system_reset")
         self.workload = None
         took = time.monotonic() - t0
         self.boots.append(took)
@@ -295,9 +314,7 @@ class FaultLab:
         assert result.placements[0].pcpu == 0, result
         assert allowed(self.bystander.tid()) == "0"
 
-    def ensure_baseline(self, *, workload: bool) -> None:
-        """Converged, with or without the pinned workload, before a cell's phase starts."""
-        self._reap_loader()
+    def _baseline(self, *, workload: bool) -> None:
         if workload and self.workload is None:
             # Pinned once the agent runs its program (a thread pinned earlier is found too,
             # from /proc, but only at the agent's next fresh start).
@@ -309,17 +326,41 @@ class FaultLab:
             self.start_workload()
         elif not workload and self.workload is not None:
             self.stop_workload()
+        self.wait_converged("the baseline before the cell", 60)
+
+    def ensure_baseline(self, *, workload: bool) -> None:
+        """Converged, with or without the pinned workload, before a cell's phase starts.
+
+        A cell before that failed may have left the lab broken (that cell has failed
+        already): it is healed here, so one failure does not fail every later cell.
+        """
+        self._reap_loader()
         try:
-            self.wait_converged("the baseline before the cell", 60)
-        except DaemonError as err:
-            # A cell before failed and left the lab broken (that cell has failed already):
-            # heal it, so one failure does not fail every later cell.
-            print(f"\n[faults] healing the lab: {str(err)[:200]}", file=sys.stderr)
+            self._baseline(workload=workload)
+        except LauncherError as err:  # DaemonError included
+            print(f"\n[faults] healing the lab: {str(err)[:300]}", file=sys.stderr)
             self._heal()
-            self.wait_converged("the baseline, after healing the lab", 60)
+            self._baseline(workload=workload)
 
     def _heal(self) -> None:
+        """A new QEMU where the old one is gone or its guest no longer answers; else the
+        agent's port plugged in again and the agent restarted."""
         vm = self.guest_vm
+        if not vm.alive():
+            print(
+                f"\n[faults] QEMU is gone; qemu.log: {vm.qemu_log()[-1000:]}\n"
+                f"console:\n{vm.console_tail(15)}",
+                file=sys.stderr,
+            )
+            self.boot()
+            return
+        try:
+            vm.wait_guest_ready(30)
+        except LauncherError as err:
+            print(f"\n[faults] the guest does not answer ({err}); a new QEMU", file=sys.stderr)
+            vm.stop()
+            self.boot()
+            return
         ports = vm.qmp("qom-list", {"path": "/machine/peripheral"})
         if not any(c.get("name") == AGENT_PORT_ID for c in ports):  # type: ignore[union-attr]
             vm.qmp(

@@ -68,3 +68,22 @@ def test_spscq_pins_its_threads_and_reports_mpps(guest_vm: vmlab.VirtualMachine)
     bad = guest_vm.guest(["spscq", "--producer-cpu", "9", "--duration", "1"])
     assert bad.returncode != 0
     assert "pthread_setaffinity_np(cpu 9)" in bad.stderr
+
+
+def test_boot_loads_the_port_driver_early_and_no_driver_for_unused_q35_parts(
+    guest_vm: vmlab.VirtualMachine,
+) -> None:
+    """Boot time under TCG is the lab's budget: the agent's port driver is in the modules
+    systemd loads first, and udev loads none of the q35 drivers the image blacklists
+    (docs/guest-images.md; bench/results/image.md: 15 s off a boot, 20 s off the agent's port)."""
+    early = guest_vm.guest("grep -v '^#' /etc/modules-load.d/extpv.conf").check().stdout.split()
+    assert early == ["virtio_console"]
+    blacklisted = set(
+        guest_vm.guest("sed -n 's/^blacklist //p' /etc/modprobe.d/extpv-vm.conf")
+        .check()
+        .stdout.split()
+    )
+    assert {"kvm", "iTCO_wdt", "ahci"} <= blacklisted
+    modules = set(guest_vm.guest("cut -d' ' -f1 /proc/modules").check().stdout.split())
+    assert "virtio_console" in modules
+    assert not modules & blacklisted, modules & blacklisted

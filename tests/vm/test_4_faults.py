@@ -184,6 +184,7 @@ class Phase:
     name: str
     pvhost_frozen: bool = False
     agent_frozen: int | None = None  # guest pid of the SIGSTOPped agent
+    reboot_mark: int = 0  # guest-reboot: the console mark its boot begins after
 
 
 def _enter(lab: FaultLab, name: str) -> Phase:
@@ -296,7 +297,7 @@ def _inject(lab: FaultLab, fault: str, phase: Phase) -> tuple[bool, bool]:
         _restart_pvhost(lab, phase, signal.SIGKILL)
         return True, True
     elif fault == "guest-reboot":
-        lab.guest_vm.guest_background(["systemctl", "reboot"])
+        phase.reboot_mark = lab.reboot()
         return False, False
     elif fault == "qemu-kill":
         lab.guest_vm.kill()
@@ -329,7 +330,7 @@ def _cell(lab: FaultLab, fault: str, phase: str, sessions: tuple[int, int]) -> N
     t0 = injected if pvhost_restarted else time.monotonic()
     boot_s = 0.0
     if fault == "guest-reboot":
-        boot_s = lab.wait_rebooted()
+        boot_s = lab.wait_rebooted(state.reboot_mark)
     elif fault == "qemu-kill":
         boot_s = lab.boot()
     assert guest_alive or lab.workload is None
