@@ -103,6 +103,9 @@ PORT_RATE = 1.0
 #: the ones that come meanwhile coalesce to the newest (each carries the whole topology).
 TOPOLOGY_BURST = 5
 TOPOLOGY_RATE = 1.0
+#: The guest agent's frames (``[service] max_frames_per_s``) may come this many seconds' worth
+#: at once; after that pvhost stops reading the VM's channel until the bucket refills.
+FRAME_BURST_S = 1.0
 
 
 def _fold_port_changes(waiting: tuple[bool, int], newer: tuple[bool, int]) -> tuple[bool, int]:
@@ -217,11 +220,11 @@ class VmSession:
     ) -> None:
         self.name = name
         #: The guest agent's frames acted on per second, over all its connections
-        #: (config: service.max_frames_per_s; a second's worth at once).
+        #: (config: service.max_frames_per_s; FRAME_BURST_S of them at once).
         self._frames = (
             None
             if max_frames_per_s is None
-            else TokenBucket(max_frames_per_s, max(1, int(max_frames_per_s)))
+            else TokenBucket(max_frames_per_s, max(1, int(max_frames_per_s * FRAME_BURST_S)))
         )
         #: Makes the VM's monitor (a QMP connection unless told otherwise: libvirt domains).
         self._new_monitor = monitor or self._qmp_monitor

@@ -302,11 +302,7 @@ class MemoryService(ServicePlugin):
         """Find the balloon device and have QEMU poll the guest's statistics."""
         vm = known.handle
         if known.balloon_path is None:
-            for parent in _PERIPHERALS:
-                children: Any = await vm.qmp("qom-list", {"path": parent})
-                for child in children:
-                    if str(child["type"]).startswith("child<virtio-balloon"):
-                        known.balloon_path = f"{parent}/{child['name']}"
+            known.balloon_path = await _find_balloon(vm)
             if known.balloon_path is None:
                 known.guest_stats_note = "no virtio-balloon device in QEMU's QOM tree"
                 return
@@ -683,3 +679,13 @@ class MemoryService(ServicePlugin):
             sum(v.state.target_mib for v in self._vms.values() if v.configured_mib is not None)
         )
         return out
+
+
+async def _find_balloon(vm: VmHandle) -> str | None:
+    """The QOM path of the VM's (first) virtio-balloon device; None: it has none."""
+    for parent in _PERIPHERALS:
+        children: Any = await vm.qmp("qom-list", {"path": parent})
+        for child in children:
+            if str(child["type"]).startswith("child<virtio-balloon"):
+                return f"{parent}/{child['name']}"
+    return None
