@@ -21,6 +21,7 @@ __all__ = [
     "Share",
     "cpu_ticks",
     "idle_ticks",
+    "kthreads_bound_to",
     "last_cpu",
     "load_on",
     "run_ns",
@@ -104,12 +105,49 @@ def share(tid: int, seconds: float = 2.0, cpu: int | None = None) -> Share:
     return Share(ran / max(wall - stolen, 1), others / wall, stolen / wall)
 
 
-def share_and_idle(tid: int, cpu: int, seconds: float = 3.0) -> tuple[float, float]:
-    """``tid``'s share of one CPU and ``cpu``'s idle fraction over the same ``seconds``."""
+#: /proc/<pid>/stat flags: a kernel thread.
+PF_KTHREAD = 0x00200000
+
+
+def kthreads_bound_to(cpu: int) -> list[int]:
+    """Kernel threads that may run on ``cpu`` alone (its ksoftirqd, kworkers, migration, …):
+    cpuset isolation leaves them there by design, as the kernel's own work on that CPU."""
+    out = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+            status = (stat.parent / "status").read_text()
+        except OSError:
+            continue
+        if not int(fields[6]) & PF_KTHREAD:  # field 9, flags
+            continue
+        for line in status.splitlines():
+            if line.startswith("Cpus_allowed_list:") and line.split(":", 1)[1].strip() == str(cpu):
+                out.append(int(stat.parent.name))
+    return out
+
+
+def _run_ns_or_zero(tid: int) -> int:
+    try:
+        return run_ns(tid)
+    except OSError:
+        return 0  # a kworker that exited meanwhile
+
+
+def share_and_idle(tid: int, cpu: int, seconds: float = 3.0) -> tuple[float, float, float]:
+    """Over the same ``seconds``: ``tid``'s share of one CPU, ``cpu``'s idle fraction, and the
+    fraction its bound kernel threads (:func:`kthreads_bound_to`) ran. In a TCG guest whose
+    host is starved, a few milliseconds of a kworker become tens when the host takes the vCPU
+    away meanwhile (the guest cannot see steal time under TCG): the kernel's share, not a task's.
+    """
     hz = os.sysconf("SC_CLK_TCK")
+    kthreads = kthreads_bound_to(cpu)
     t0, i0 = time.monotonic(), idle_ticks(cpu)
+    k0 = sum(_run_ns_or_zero(k) for k in kthreads)
     got = share(tid, seconds)
-    return got, (idle_ticks(cpu) - i0) / hz / (time.monotonic() - t0)
+    wall = time.monotonic() - t0
+    kernel = (sum(_run_ns_or_zero(k) for k in kthreads) - k0) / 1e9
+    return got, (idle_ticks(cpu) - i0) / hz / wall, max(0.0, kernel) / wall
 
 
 def load_on(pids: list[int], cpus: int | Collection[int], seconds: float = 1.5) -> int:

@@ -102,7 +102,9 @@ async def scenario(
         out["pcpu"] = pcpu
         await asyncio.sleep(0.3)
         out["load_on_pcpu"] = await asyncio.to_thread(load_on, yes, pcpu)
-        out["pinned"], out["pcpu_idle"] = await asyncio.to_thread(share_and_idle, tid, pcpu)
+        out["pinned"], out["pcpu_idle"], out["pcpu_kernel"] = await asyncio.to_thread(
+            share_and_idle, tid, pcpu
+        )
         # pvctl is a fresh Python process: under TCG with the load running its start-up takes
         # longer than the harness's 30 s, so the load pauses while the status is read.
         for p in procs:

@@ -116,7 +116,8 @@ def assert_daemon_isolates(obs: dict[str, Any], mode: str) -> None:
     status says so, and the release gives it back."""
     print(
         f"\n[isolation/daemon/{mode}] {obs['load']} yes; vCPU 0 share contended "
-        f"{obs['contended']:.0%}, pinned {obs['pinned']:.1%} (pCPU idle {obs['pcpu_idle']:.1%}), "
+        f"{obs['contended']:.0%}, pinned {obs['pinned']:.1%} (pCPU idle {obs['pcpu_idle']:.1%}, "
+        f"its kernel threads {obs['pcpu_kernel']:.1%}), "
         f"released {obs['released']:.0%}; "
         f"pin {obs['pin_ms']:.0f} ms, unpin {obs['unpin_ms']:.0f} ms (guest call to result)",
         file=sys.stderr,
@@ -127,10 +128,11 @@ def assert_daemon_isolates(obs: dict[str, Any], mode: str) -> None:
     assert obs["load_on_pcpu"] == 0, f"a yes process ran on the pinned pCPU {pcpu}"
     # A nested QEMU's TCG vCPU thread waits for QEMU's big lock now and then (timer
     # interrupts, the main loop on the VM's extra CPU): what it does not use of its pCPU must
-    # be idle time, not another task's.
-    got, idle = obs["pinned"], obs["pcpu_idle"]
-    why = f"vCPU 0 got {got:.1%} of pCPU {pcpu}, idle {idle:.1%}"
-    assert got >= 0.85 and got + idle >= 0.95, why
+    # be idle time or the CPU's own kernel threads (which isolation leaves there), not another
+    # task's. ci-23 (2 CPUs, TCG): 88.0 % + 6.3 % idle, 5.7 % neither, then not broken down.
+    got, idle, kernel = obs["pinned"], obs["pcpu_idle"], obs["pcpu_kernel"]
+    why = f"vCPU 0 got {got:.1%} of pCPU {pcpu}, idle {idle:.1%}, its kernel threads {kernel:.1%}"
+    assert got >= 0.85 and got + idle + kernel >= 0.95, why
     assert obs["load_after"] > 0, "the load must have the pCPU again after the release"
     assert obs["contended"] < 0.6 and obs["released"] < 0.6, obs
     placed = obs["status_placements"]["0"]
