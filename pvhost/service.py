@@ -47,7 +47,7 @@ from pvhost.registry import DirWatcher, VmSpec, scan_vms
 from pvhost.services import ServiceContext, ServiceManager, ServicesSettings, discover
 from pvhost.session import Monitor, VmSession
 from pvhost.topology import HostTopology, read_host_topology
-from pvproto import AffinityResult, AffinityUpdate, VcpuPlacement
+from pvproto import AffinityResult, AffinityUpdate, VcpuPlacement, build_schemas
 
 __all__ = ["Service", "VmRecord"]
 
@@ -158,6 +158,7 @@ class Service:
 
     # -- start / stop ----------------------------------------------------------------------
     async def start(self) -> None:
+        build_schemas()  # now, not on some VM's first frame of a kind (pvproto.messages)
         key = self.config.service.signing_key
         if not key.exists():
             # Not an error (a lab guest may run trust = "any"), but never silent.

@@ -47,6 +47,7 @@ __all__ = [
     "TopologyUpdate",
     "UnloadProgram",
     "VcpuPlacement",
+    "build_schemas",
     "program_envelope",
 ]
 
@@ -496,3 +497,15 @@ MESSAGE_TYPES: dict[int, type[BaseMessage]] = {
         AffinityResult,
     )
 }
+
+
+def build_schemas() -> None:
+    """Build every message model's validator and serializer now.
+
+    The models defer that to their first use, so a guest agent, whose start-up under
+    emulation is slow, builds only the ones it uses. A long-running peer with many VMs
+    (pvhost) calls this at start, so that no frame pays for a build later, under load.
+    """
+    parts: list[type[BaseModel]] = [GuestTopology, MapEntry, ThreadRequest, VcpuPlacement]
+    for cls in (*parts, *MESSAGE_TYPES.values()):
+        cls.model_rebuild(force=True)
