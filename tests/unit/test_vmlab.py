@@ -157,6 +157,16 @@ class _NeverReady(vmlab.VirtualMachine):
         raise vmlab.WaitTimeout(f"no {what} within {deadline_s:.0f} s")
 
 
+def _never_ready(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, console: str) -> _NeverReady:
+    """A booting guest whose console so far is ``console``, with no hang grace."""
+    monkeypatch.setattr(machine, "HANG_GRACE_S", 0.0)
+    monkeypatch.setattr(machine, "_HANG_POLL_S", 0.01)
+    spec = vmlab.VMSpec(name="h", image=_image(tmp_path), runtime_dir=tmp_path)
+    (tmp_path / "h").mkdir()
+    (tmp_path / "h" / "console.log").write_text(console)
+    return _NeverReady(spec, pid=-1, accel="tcg")
+
+
 @pytest.mark.parametrize(
     ("console", "raised"),
     [(HUNG_CONSOLE, vmlab.GuestHung), ("[ 1.0] booting\n", vmlab.WaitTimeout)],
@@ -166,12 +176,7 @@ def test_a_boot_that_reports_a_lost_timer_is_hung_after_a_grace(
 ) -> None:
     """A boot whose kernel reported a lost timer is GuestHung (which start() retries) once
     HANG_GRACE_S passed; without that report, the same wait is an ordinary timeout."""
-    monkeypatch.setattr(machine, "HANG_GRACE_S", 0.0)
-    monkeypatch.setattr(machine, "_HANG_POLL_S", 0.01)
-    spec = vmlab.VMSpec(name="h", image=_image(tmp_path), runtime_dir=tmp_path)
-    (tmp_path / "h").mkdir()
-    (tmp_path / "h" / "console.log").write_text(console)
-    vm = _NeverReady(spec, pid=-1, accel="tcg")
+    vm = _never_ready(tmp_path, monkeypatch, console)
     with pytest.raises(raised) as info:
         vm.wait_booted(0.5)
     if raised is vmlab.GuestHung:
@@ -186,14 +191,9 @@ def test_a_lost_timer_reported_before_a_reboot_is_not_the_new_boots(
 ) -> None:
     """A reboot's wait (``console_from``: the console mark before it) looks for the report
     only in what the new boot printed: the last boot's is history, not a hang."""
-    monkeypatch.setattr(machine, "HANG_GRACE_S", 0.0)
-    monkeypatch.setattr(machine, "_HANG_POLL_S", 0.01)
-    spec = vmlab.VMSpec(name="r", image=_image(tmp_path), runtime_dir=tmp_path)
-    (tmp_path / "r").mkdir()
-    (tmp_path / "r" / "console.log").write_text(HUNG_CONSOLE)
-    vm = _NeverReady(spec, pid=-1, accel="tcg")
+    vm = _never_ready(tmp_path, monkeypatch, HUNG_CONSOLE)
     mark = vm.console_mark()
-    with (tmp_path / "r" / "console.log").open("a") as console:
+    with vm.console_log.open("a") as console:
         console.write("[ 0.000000] Linux version 6.12\n")
     with pytest.raises(vmlab.WaitTimeout):
         vm.wait_booted(0.3, console_from=mark)
