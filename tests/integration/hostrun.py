@@ -127,7 +127,8 @@ class Daemon:
     #: How long its start-up (to the control socket) and one pvctl may take.
     start_timeout_s: float = 15
     pvctl_timeout_s: float = 30
-    #: How long :meth:`close` waits for a SIGTERM'd daemon to undo its pins and exit.
+    #: How long :meth:`stop` and :meth:`close` wait for a signalled daemon to undo its pins
+    #: and exit.
     stop_grace_s: float = 15
 
     def __init__(self, tmp_path: Path, config: Path) -> None:
@@ -158,9 +159,10 @@ class Daemon:
                 await asyncio.sleep(0.05)
 
     async def stop(self, sig: int = signal.SIGTERM) -> None:
+        """Signal the daemon and wait :attr:`stop_grace_s` for it to exit (TimeoutError)."""
         assert self.proc is not None
         self.proc.send_signal(sig)
-        await asyncio.wait_for(self.proc.wait(), 15)
+        await asyncio.wait_for(self.proc.wait(), self.stop_grace_s)
 
     async def kill(self) -> None:
         """kill -9, if it still runs: what it placed stays, as after a crash."""
