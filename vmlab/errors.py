@@ -9,7 +9,8 @@
      ├── VMNotFound        no VM with this name
      ├── BootError         QEMU would not start, or the guest never became ready
      │    ├── GuestCrashed the guest kernel oopsed or panicked (console lines attached)
-     │    └── GuestHung    a guest timer stopped while booting (console lines attached)
+     │    ├── GuestHung    a guest timer stopped while booting (console lines attached)
+     │    └── QemuAborted  QEMU itself failed an assertion (an emulator bug; qemu.log attached)
      ├── WaitTimeout       a wait passed its deadline (says what it waited for)
      ├── MonitorError      a command on the lab's own QMP monitor failed
      ├── GuestCommandError a test-hook command could not be run in the guest
@@ -29,6 +30,7 @@ __all__ = [
     "ImageError",
     "LauncherError",
     "MonitorError",
+    "QemuAborted",
     "VMExists",
     "VMNameError",
     "VMNotFound",
@@ -71,6 +73,16 @@ class GuestCrashed(BootError):
 class GuestHung(BootError):
     """The guest kernel reported a timer that never fired and did not finish booting after it;
     ``lines`` holds the console lines around the report."""
+
+    def __init__(self, message: str, lines: Sequence[str] = ()) -> None:
+        super().__init__(message)
+        self.lines = list(lines)
+
+
+class QemuAborted(BootError):
+    """QEMU exited on one of its own assertions: an emulator bug, not the guest's doing (QEMU
+    10.0's multi-threaded TCG, under a starved host: ``iotlb_to_section`` or
+    ``msix_table_mmio_write`` on a stale memory section). ``lines``: qemu.log, console tail."""
 
     def __init__(self, message: str, lines: Sequence[str] = ()) -> None:
         super().__init__(message)

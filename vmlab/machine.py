@@ -33,6 +33,7 @@ from vmlab.errors import (
     GuestHung,
     LauncherError,
     MonitorError,
+    QemuAborted,
     VMExists,
     VMNotFound,
     WaitTimeout,
@@ -77,6 +78,8 @@ HANG_GRACE_S = 90.0
 _HANG_POLL_S = 10.0
 #: The serial getty's automatic login (images/rootfs/autologin.conf), or any guest's login
 #: prompt (a stock image has no autologin): userspace is up.
+#: QEMU's own failed assertion in its log (glibc's assert message): an emulator bug.
+QEMU_ASSERTION = re.compile(r"Assertion `.*' failed")
 READY_PATTERN = r"login: root \(automatic login\)|(?m:^[\w.-]+ login: )"
 
 
@@ -204,16 +207,26 @@ class VirtualMachine:
                 return m
             self.check_crash(since=self._console_pos)
             if not self.alive():
-                raise BootError(
-                    f"QEMU for {self.name} exited while waiting for {what}; "
-                    f"qemu.log: {self.qemu_log()[-500:]}\nconsole:\n{self.console_tail()}"
-                )
+                raise self.exited(f"while waiting for {what}")
             if time.monotonic() > end:
                 raise WaitTimeout(
                     f"{self.name}: no {what} within {deadline_s:.0f} s; console tail:\n"
                     f"{self.console_tail()}"
                 )
             time.sleep(0.1)
+
+    def exited(self, when: str) -> BootError:
+        """The error for a QEMU found gone ``when``: QemuAborted where qemu.log shows one of
+        QEMU's own assertions (``start`` retries those), else BootError; both carry the log."""
+        qlog = self.qemu_log()
+        message = (
+            f"QEMU for {self.name} exited {when}; qemu.log: {qlog[-500:]}\n"
+            f"console:\n{self.console_tail()}"
+        )
+        if QEMU_ASSERTION.search(qlog):
+            tail = [*qlog.splitlines()[-5:], *self.console_tail(15).splitlines()]
+            return QemuAborted(message, tail)
+        return BootError(message)
 
     def qemu_log(self) -> str:
         """What QEMU printed (its stdout and stderr): why it exited, where it did."""
@@ -265,10 +278,7 @@ class VirtualMachine:
         while True:
             self.check_crash(since=console_from)
             if not self.alive():
-                raise BootError(
-                    f"{self.name}: QEMU exited before the guest test hook answered; qemu.log: "
-                    f"{self.qemu_log()[-500:]}\nconsole:\n{self.console_tail()}"
-                )
+                raise self.exited("before the guest test hook answered")
             try:
                 hook.ping(3.0)
             except (WaitTimeout, GuestCommandError):
@@ -476,8 +486,8 @@ def start(
     """Start a VM; with ``wait``, until userspace is up (test hook or console login).
 
     An empty machine (``spec.image is None``) is ready once its monitor lists every vCPU.
-    A boot whose kernel oopses or panics, or hangs (GuestHung), is stopped and retried up to
-    ``retries`` times.
+    A boot whose kernel oopses or panics, or hangs (GuestHung), or whose QEMU fails one of its
+    own assertions (QemuAborted), is stopped and retried up to ``retries`` times.
     """
     attempts = retries + 1
     for attempt in range(1, attempts + 1):
@@ -490,7 +500,7 @@ def start(
             else:
                 vm.wait_booted(deadline_s)
             vm.check_crash()
-        except (GuestCrashed, GuestHung) as err:
+        except (GuestCrashed, GuestHung, QemuAborted) as err:
             tail = "\n".join(err.lines[-15:])
             log.warning("boot %d/%d of %s failed: %s\n%s", attempt, attempts, spec.name, err, tail)
             keep = spec.vm_dir.with_name(f".{spec.name}.failed-boot-console.log")

@@ -201,6 +201,28 @@ def test_a_lost_timer_reported_before_a_reboot_is_not_the_new_boots(
         vm.wait_booted(0.3)
 
 
+#: qemu.log of the faults VM that died during a guest reboot (2026-12-01, this machine).
+QEMU_ABORT_LOG = (
+    "qemu-system-x86_64: system/physmem.c:2678: iotlb_to_section: "
+    "Assertion `section_index < d->map.sections_nb' failed.\n"
+)
+
+
+@pytest.mark.parametrize(("qemu_log", "aborted"), [(QEMU_ABORT_LOG, True), ("", False)])
+def test_a_qemu_gone_on_its_own_assertion_is_qemu_aborted(
+    tmp_path: Path, qemu_log: str, aborted: bool
+) -> None:
+    """QEMU's own failed assertion is QemuAborted (start() retries it, the fault matrix runs
+    the cell again); any other exit stays a BootError. Both carry qemu.log."""
+    spec = vmlab.VMSpec(name="q", image=_image(tmp_path), runtime_dir=tmp_path)
+    (tmp_path / "q").mkdir()
+    (tmp_path / "q" / "qemu.log").write_text(qemu_log)
+    err = vmlab.VirtualMachine(spec, pid=-1, accel="tcg").exited("while booting")
+    assert isinstance(err, vmlab.BootError)
+    assert isinstance(err, vmlab.QemuAborted) is aborted
+    assert "exited while booting" in str(err) and qemu_log.strip() in str(err)
+
+
 def test_stop_of_an_unknown_vm_says_so(tmp_path: Path) -> None:
     with pytest.raises(vmlab.VMNotFound):
         vmlab.stop("nope", tmp_path)

@@ -339,10 +339,10 @@ class FaultLab:
             self._baseline(workload=workload)
         except LauncherError as err:  # DaemonError included
             print(f"\n[faults] healing the lab: {str(err)[:300]}", file=sys.stderr)
-            self._heal()
+            self.heal()
             self._baseline(workload=workload)
 
-    def _heal(self) -> None:
+    def heal(self) -> None:
         """A new QEMU where the old one is gone or its guest no longer answers; else the
         agent's port plugged in again and the agent restarted."""
         vm = self.guest_vm
