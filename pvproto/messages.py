@@ -506,6 +506,6 @@ def build_schemas() -> None:
     emulation is slow, builds only the ones it uses. A long-running peer with many VMs
     (pvhost) calls this at start, so that no frame pays for a build later, under load.
     """
-    parts: list[type[BaseModel]] = [GuestTopology, MapEntry, ThreadRequest, VcpuPlacement]
-    for cls in (*parts, *MESSAGE_TYPES.values()):
-        cls.model_rebuild(force=True)
+    for cls in list(globals().values()):  # every model of this module, none forgotten
+        if isinstance(cls, type) and issubclass(cls, BaseModel) and cls.__module__ == __name__:
+            cls.model_rebuild(force=True)
