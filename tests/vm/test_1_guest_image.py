@@ -83,3 +83,20 @@ def test_boot_loads_no_driver_for_unused_q35_parts(guest_vm: vmlab.VirtualMachin
     modules = set(guest_vm.guest("cut -d' ' -f1 /proc/modules").check().stdout.split())
     assert "9pnet_virtio" in modules  # what the lab loaded: /proc/modules was read
     assert not modules & blacklisted, modules & blacklisted
+
+
+def test_boot_redoes_no_build_time_work(guest_vm: vmlab.VirtualMachine) -> None:
+    """Every VM boots the pristine image, so anything the boot does once per image it does at
+    every boot: the initramfs runs no udev (its init loads virtio-blk and ext4 itself), and
+    systemd's ConditionNeedsUpdate units find /etc up to date (docs/guest-images.md)."""
+    text = guest_vm.console_text()
+    initramfs = text[text.index("Run /init as init process") : text.index("systemd[1]:")]
+    assert "Loading essential drivers" in initramfs, initramfs
+    assert "udev" not in initramfs, initramfs
+    for unit in ("ldconfig.service", "systemd-journal-catalog-update.service"):
+        r = guest_vm.guest(["systemctl", "show", unit, "-p", "ConditionResult",
+                            "-p", "ConditionTimestampMonotonic"]).check()  # fmt: skip
+        shown = dict(line.split("=", 1) for line in r.stdout.split())
+        # Checked at this boot (sysinit.target wants it) and found nothing to do.
+        assert shown["ConditionTimestampMonotonic"] != "0", (unit, shown)
+        assert shown["ConditionResult"] == "no", (unit, shown)
