@@ -251,7 +251,11 @@ class Agent:
             # a vanished host would never read it, and a virtio port would block on it.
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(writer.drain(), 1.0)
-            writer.transport.abort()
+            # Not when it closed itself (a write failed: the port was unplugged, the host
+            # closed): asyncio's pipe transport has let go of its loop by then, and abort()
+            # raises AttributeError, which ended the agent (seen on a port replug).
+            if not writer.transport.is_closing():
+                writer.transport.abort()
 
     async def handle(self, session: PeerSession[Agent], message: BaseMessage) -> None:
         """Act on one message of a ready session (Hello, Ping and Error are the session's)."""

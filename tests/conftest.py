@@ -1,12 +1,18 @@
-"""Capability gates for the `root`, `ebpf`, `vm` and `libvirt` markers.
+"""Capability gates for the `root`, `ebpf`, `vm` and `libvirt` markers, and the lab's warnings.
 
 A marked test skips, with the reason printed, only when the capability is truly
 absent. CI sets ``EXTPV_REQUIRE_CAPABILITIES=1``: there a missing capability is
 a failure, never a silent skip.
+
+What the lab recovered from on its own (a boot retried after QEMU aborted or the guest hung,
+a fault cell run again on a new QEMU: warnings of the ``vmlab`` and ``tests`` loggers) is
+listed at the end of every run, passed or not: a retry that let a test pass is still an event
+to explain, and a passing test's captured log is never shown.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 import subprocess
@@ -78,3 +84,37 @@ def pytest_runtest_setup(item: pytest.Item) -> None:
         if REQUIRE:
             pytest.fail(f"[{marker}] capability required in CI but absent: {reason}")
         pytest.skip(f"[{marker}] {reason}")
+
+
+class _LabWarnings(logging.Handler):
+    """Keeps each warning of the lab with the test it happened in."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self.seen: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        test = os.environ.get("PYTEST_CURRENT_TEST", "(outside a test)")
+        first = record.getMessage().splitlines()[0][:300]
+        self.seen.append(f"{test}: {record.name}: {first}")
+
+
+_lab_warnings = _LabWarnings()
+_LAB_LOGGERS = ("vmlab", "tests")
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    for name in _LAB_LOGGERS:
+        logging.getLogger(name).addHandler(_lab_warnings)
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    for name in _LAB_LOGGERS:
+        logging.getLogger(name).removeHandler(_lab_warnings)
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    if _lab_warnings.seen:
+        terminalreporter.section("what the lab recovered from (vmlab and tests warnings)")
+        for line in _lab_warnings.seen:
+            terminalreporter.write_line(line)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import socket
 from collections.abc import Awaitable, Callable
 from dataclasses import replace
 from pathlib import Path
@@ -12,6 +13,7 @@ import pytest
 
 from pvagent import bpfobj
 from pvagent.agent import MAX_DOCUMENTS, Agent
+from pvagent.port import open_stream
 from pvagent.trust import TrustPolicy
 from pvhost import signing
 from pvhost.programs import sign_program
@@ -344,5 +346,28 @@ def test_a_cpu_change_between_our_hello_and_the_hosts_is_told_once_ready() -> No
         await nothing_sent(host)
         host.close()
         await task
+
+    with_agent(body)
+
+
+def test_the_host_end_closing_under_the_port_ends_the_session_and_the_agent_lives() -> None:
+    """The port's own transport (``open_stream``: asyncio's pipe transports, as on a virtio
+    port) closes itself when the other end goes (a port unplugged, the host gone). Ending the
+    session must not fail on it: it did (AttributeError from the closed transport's abort()),
+    and the agent exited on every port replug that raced it."""
+
+    async def body(agent: Agent) -> None:
+        ours, theirs = socket.socketpair()
+        reader, writer, rtransport = await open_stream(ours.fileno())
+        try:
+            session = asyncio.create_task(agent.serve(reader, writer))
+            theirs.setblocking(False)
+            loop = asyncio.get_running_loop()
+            assert await asyncio.wait_for(loop.sock_recv(theirs, 65536), 10)  # its Hello
+            theirs.close()
+            await asyncio.wait_for(session, 10)  # ends, and raises nothing
+        finally:
+            rtransport.close()
+            ours.close()
 
     with_agent(body)

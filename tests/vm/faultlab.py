@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import os
 import signal
 import subprocess
@@ -33,6 +34,7 @@ from vmlab.images import GuestImage
 from vmlab.qemu import AGENT_PORT_ID, AGENT_PORT_NAME
 
 T = TypeVar("T")
+log = logging.getLogger(__name__)
 
 VM = "faults"
 BYSTANDER = "bystander"
@@ -201,7 +203,7 @@ class FaultLab:
             except (GuestHung, GuestCrashed) as err:
                 if attempt == BOOT_ATTEMPTS:
                     raise
-                print(f"\n[faults] the reboot's boot failed ({err}); system_reset", file=sys.stderr)
+                log.warning("the reboot's boot failed (%s); system_reset", err)
                 mark = self.guest_vm.console_mark()
                 self.guest_vm.qmp("system_reset")
         self.workload = None
@@ -338,7 +340,7 @@ class FaultLab:
         try:
             self._baseline(workload=workload)
         except LauncherError as err:  # DaemonError included
-            print(f"\n[faults] healing the lab: {str(err)[:300]}", file=sys.stderr)
+            log.warning("healing the lab: %s", str(err)[:300])
             self.heal()
             self._baseline(workload=workload)
 
@@ -347,17 +349,17 @@ class FaultLab:
         agent's port plugged in again and the agent restarted."""
         vm = self.guest_vm
         if not vm.alive():
-            print(
-                f"\n[faults] QEMU is gone; qemu.log: {vm.qemu_log()[-1000:]}\n"
-                f"console:\n{vm.console_tail(15)}",
-                file=sys.stderr,
+            log.warning(
+                "QEMU is gone: a new QEMU\nqemu.log: %s\nconsole:\n%s",
+                vm.qemu_log()[-1000:],
+                vm.console_tail(15),
             )
             self.boot()
             return
         try:
             vm.wait_guest_ready(30)
         except LauncherError as err:
-            print(f"\n[faults] the guest does not answer ({err}); a new QEMU", file=sys.stderr)
+            log.warning("the guest does not answer (%s); a new QEMU", err)
             vm.stop()
             self.boot()
             return

@@ -12,7 +12,9 @@ slow 2-CPU host; the whole is bounded by 10 s + the boot + ``AGENT_START_S`` = 3
   lives; nothing after a reboot or a new QEMU), checked in the host kernel too;
 * no cgroup and no pvhost state is left for a VM or a QEMU that is gone;
 * the bystander VM was served throughout: its pin holds, it is answered, and its session
-  never reset (unless pvhost itself was restarted: then it is served again in time).
+  never reset (unless pvhost itself was restarted: then it is served again in time);
+* where the fault leaves the guest's agent alone (``AGENT_LIVES``: a silent agent, a pvhost
+  restart, a port replug), the agent is the same process after it: it did not crash.
 
 How each phase is made to happen, deterministically (pvhost's keepalive in the lab: Ping every
 1 s, deadline 4 s; every fault is injected within the deadline):
@@ -60,6 +62,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import platform
 import shutil
@@ -75,6 +78,8 @@ import pytest
 from tests.vm.faultlab import AGENT_START_S, KEEPALIVE, PORT, RECOVER_S, VM, FaultLab, poll
 from vmlab.errors import QemuAborted
 from vmlab.images import GuestImage
+
+log = logging.getLogger(__name__)
 
 pytestmark = [pytest.mark.vm, pytest.mark.root, pytest.mark.slow, pytest.mark.faults]
 
@@ -93,6 +98,9 @@ FAULTS = (
 CELLS = [(f, p) for f in FAULTS for p in PHASES]
 #: The faults after which the guest runs a new agent process (its start-up is the guest's).
 NEW_AGENT = frozenset({"agent-restart", "agent-kill", "port-garbage"})
+#: The faults the guest's agent lives through: the same process before and after (one that
+#: died of them would still converge, after its RestartSec and start-up, and hide the crash).
+AGENT_LIVES = frozenset({"agent-silent", "pvhost-restart", "pvhost-kill", "port-replug"})
 
 
 @dataclass
@@ -323,7 +331,7 @@ def test_fault_converges(lab: FaultLab, fault: str, phase: str) -> None:
             # QEMU's own assertion (its multi-threaded TCG under a starved host, seen in a
             # reboot's memory-map change): the emulator's bug, not the fault's. A new QEMU,
             # and the cell once more; a second abort fails it.
-            print(f"\n[faults] {fault}@{phase}: {err}\n[faults] again, new QEMU", file=sys.stderr)
+            log.warning("%s@%s: %s; again, on a new QEMU", fault, phase, err)
             lab.heal()
             _cell(lab, fault, phase, sessions)
     except BaseException:
@@ -334,6 +342,7 @@ def test_fault_converges(lab: FaultLab, fault: str, phase: str) -> None:
 def _cell(lab: FaultLab, fault: str, phase: str, sessions: tuple[int, int]) -> None:
     assert lab.bystander is not None
     state = _enter(lab, phase)
+    agent = lab.agent_pid() if fault in AGENT_LIVES else 0
     injected = time.monotonic()
     try:
         guest_alive, pvhost_restarted = _inject(lab, fault, state)
@@ -361,6 +370,12 @@ def _cell(lab: FaultLab, fault: str, phase: str, sessions: tuple[int, int]) -> N
         f"convergence after {fault} at {phase}", RECOVER_S + boot_s + AGENT_START_S + 30
     )
     recover_s = time.monotonic() - t0
+    if agent:
+        now = lab.agent_pid()
+        assert now == agent, (
+            f"{fault} at {phase}: the guest's agent {agent} exited (now {now}); its journal:\n"
+            + lab.guest(f"journalctl _PID={agent} -o cat --no-pager | tail -30")
+        )
     lab.check_host(status)
     lab.check_bystander(sessions, pvhost_restarted)
     outcome = Outcome(
