@@ -4,10 +4,10 @@ A marked test skips, with the reason printed, only when the capability is truly
 absent. CI sets ``EXTPV_REQUIRE_CAPABILITIES=1``: there a missing capability is
 a failure, never a silent skip.
 
-What the lab recovered from on its own (a boot retried after QEMU aborted or the guest hung,
-a fault cell run again on a new QEMU: warnings of the ``vmlab`` and ``tests`` loggers) is
-listed at the end of every run, passed or not: a retry that let a test pass is still an event
-to explain, and a passing test's captured log is never shown.
+The lab's warnings (``vmlab`` and ``tests`` loggers: a boot retried after QEMU aborted or the
+guest hung, a fault cell run again on a new QEMU, an image built) are listed at the end of every
+run, passed or not: a retry that let a test pass is still an event to explain, and a passing
+test's captured log is never shown.
 """
 
 from __future__ import annotations
@@ -115,6 +115,6 @@ def pytest_unconfigure(config: pytest.Config) -> None:
 
 def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
     if _lab_warnings.seen:
-        terminalreporter.section("what the lab recovered from (vmlab and tests warnings)")
+        terminalreporter.section("the lab's warnings: boots retried, cells healed, images built")
         for line in _lab_warnings.seen:
             terminalreporter.write_line(line)
