@@ -308,7 +308,11 @@ class ReadMap(BaseMessage):
 
 class MapEntry(BaseModel):
     model_config = ConfigDict(
-        frozen=True, extra="forbid", ser_json_bytes="base64", val_json_bytes="base64"
+        frozen=True,
+        extra="forbid",
+        ser_json_bytes="base64",
+        val_json_bytes="base64",
+        defer_build=True,
     )
 
     key: Annotated[bytes, Field(max_length=MAX_MAP_KEY_BYTES)]

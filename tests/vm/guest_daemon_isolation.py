@@ -20,8 +20,11 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+
+_T0 = time.monotonic()
 
 SRC = os.environ.get("EXTPV_SRC", "/mnt/extpv")
 PYLIB = os.environ.get("EXTPV_GUEST_PYLIB", f"{SRC}/images/out/guest-pylib")
@@ -79,11 +82,13 @@ async def scenario(
     tmp: Path, qemu: Any, tid: int, procs: list[subprocess.Popen[bytes]]
 ) -> dict[str, Any]:
     out: dict[str, Any] = {}
+    mark = _stages(out)
     agent = qemu.dir / "agent.sock"
     setup = config(tmp, qemu.qmp_socket, agent)
     async with daemon_and_guest(
         tmp, setup, agent, daemon_class=GuestHostDaemon, connect_timeout=60
     ) as (daemon, guest):
+        mark("daemon up, guest connected")
         # The load starts once the daemon is up (its start-up under TCG with the load running
         # exceeds the harness's 15 s), before the guest's pin.
         for _ in range(4 * (os.cpu_count() or 1)):
@@ -94,6 +99,7 @@ async def scenario(
         yes = [p.pid for p in procs]
         await asyncio.sleep(0.5)
         out["contended"] = await asyncio.to_thread(share, tid)
+        mark("contended share")
         t0 = time.monotonic()
         result = await guest.update(1, [0], timeout=60)
         out["pin_ms"] = (time.monotonic() - t0) * 1000
@@ -105,6 +111,7 @@ async def scenario(
         out["pinned"], out["pcpu_idle"], out["pcpu_kernel"] = await asyncio.to_thread(
             share_and_idle, tid, pcpu
         )
+        mark("pinned, shares")
         # pvctl is a fresh Python process: under TCG with the load running its start-up takes
         # longer than the harness's 30 s, so the load pauses while the status is read.
         for p in procs:
@@ -114,8 +121,10 @@ async def scenario(
         out["status_placements"] = status.get("vms", {}).get("t", {}).get("placements")
         out["status_isolation"] = status.get("isolation")
         out["local_chain"] = status.get("backend_detail", {}).get("local_chain")
+        mark("pvctl status --json")
         rc, text = await daemon.pvctl("status")
         out["status_text"] = text
+        mark("pvctl status")
         for p in procs:
             p.send_signal(signal.SIGCONT)
         await asyncio.sleep(0.5)
@@ -125,24 +134,43 @@ async def scenario(
         await asyncio.sleep(0.3)
         out["load_after"] = await asyncio.to_thread(load_on, yes, pcpu)
         out["released"] = await asyncio.to_thread(share, tid)
+        mark("released, shares")
         await daemon.stop()
+        mark("daemon stopped")
         out["daemon_rc"] = daemon.returncode
         out["daemon_log"] = daemon.log()[-3000:]
     return out
 
 
+def _stages(out: dict[str, Any]) -> Callable[[str], None]:
+    """``mark(stage)``: seconds since the script started, kept in ``out["stages"]`` (where a
+    run under TCG spends its minutes)."""
+    stages: dict[str, float] = out.setdefault("stages", {})
+
+    def mark(stage: str) -> None:
+        stages[stage] = round(time.monotonic() - _T0, 1)
+
+    return mark
+
+
 def main() -> None:
+    obs: dict[str, Any] = {}
+    mark = _stages(obs)
+    mark("the script's imports")
     subprocess.run(
         [sys.executable, "-c", "import pvhost.cli, pvhost.ctl, pvhost.service"], check=True
     )
+    mark("host code compiled")
     tmp = Path(tempfile.mkdtemp(prefix="extpv-daemon-iso-"))
     qemu = start(VMSpec.empty("iso", tmp / "vm", smp=2, boot_code=SPIN))
+    mark("nested QEMU up")
     procs: list[subprocess.Popen[bytes]] = []
-    obs: dict[str, Any] = {}
     try:
         tid = qemu.vcpu_threads()[0].tid
         run = scenario(tmp, qemu, tid, procs)
-        obs.update(asyncio.run(asyncio.wait_for(run, 400)))
+        result = asyncio.run(asyncio.wait_for(run, 400))
+        obs["stages"].update(result.pop("stages"))
+        obs.update(result)
     finally:
         for p in procs:
             p.kill()

@@ -119,7 +119,8 @@ def assert_daemon_isolates(obs: dict[str, Any], mode: str) -> None:
         f"{obs['contended']:.0%}, pinned {obs['pinned']:.1%} (pCPU idle {obs['pcpu_idle']:.1%}, "
         f"its kernel threads {obs['pcpu_kernel']:.1%}), "
         f"released {obs['released']:.0%}; "
-        f"pin {obs['pin_ms']:.0f} ms, unpin {obs['unpin_ms']:.0f} ms (guest call to result)",
+        f"pin {obs['pin_ms']:.0f} ms, unpin {obs['unpin_ms']:.0f} ms (guest call to result); "
+        f"stages (s): {obs.get('stages')}",
         file=sys.stderr,
     )
     assert [p["vcpu"] for p in obs["placements"]] == [0], obs["placements"]
