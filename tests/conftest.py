@@ -95,7 +95,7 @@ class _LabWarnings(logging.Handler):
 
     def emit(self, record: logging.LogRecord) -> None:
         test = os.environ.get("PYTEST_CURRENT_TEST", "(outside a test)")
-        first = record.getMessage().splitlines()[0][:300]
+        first = (record.getMessage().splitlines() or [""])[0][:300]
         self.seen.append(f"{test}: {record.name}: {first}")
 
 

@@ -170,10 +170,10 @@ class FaultLab:
     def agent_pid(self) -> int:
         return int(self.guest(["systemctl", "show", "-p", "MainPID", "--value", "pvagent"]))
 
-    def port_opens(self) -> int:
-        """How many times the running agent has opened its port (each open starts a session
-        with its Hello)."""
-        out = self.guest(f"journalctl _PID={self.agent_pid()} -o cat --no-pager")
+    def port_opens(self, agent: int) -> int:
+        """How many times the agent with guest pid ``agent`` has opened its port (each open
+        starts a session with its Hello)."""
+        out = self.guest(f"journalctl _PID={agent} -o cat --no-pager")
         return out.count(f"port {AGENT_PORT_NAME} open (")
 
     def start_workload(self) -> None:

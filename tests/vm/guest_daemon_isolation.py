@@ -79,10 +79,13 @@ agent = "{agent}"
 
 
 async def scenario(
-    tmp: Path, qemu: Any, tid: int, procs: list[subprocess.Popen[bytes]]
+    tmp: Path,
+    qemu: Any,
+    tid: int,
+    procs: list[subprocess.Popen[bytes]],
+    mark: Callable[[str], None],
 ) -> dict[str, Any]:
     out: dict[str, Any] = {}
-    mark = _stages(out)
     agent = qemu.dir / "agent.sock"
     setup = config(tmp, qemu.qmp_socket, agent)
     async with daemon_and_guest(
@@ -167,10 +170,8 @@ def main() -> None:
     procs: list[subprocess.Popen[bytes]] = []
     try:
         tid = qemu.vcpu_threads()[0].tid
-        run = scenario(tmp, qemu, tid, procs)
-        result = asyncio.run(asyncio.wait_for(run, 400))
-        obs["stages"].update(result.pop("stages"))
-        obs.update(result)
+        run = scenario(tmp, qemu, tid, procs, mark)
+        obs.update(asyncio.run(asyncio.wait_for(run, 400)))
     finally:
         for p in procs:
             p.kill()

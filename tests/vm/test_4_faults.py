@@ -207,11 +207,12 @@ def _enter(lab: FaultLab, name: str) -> Phase:
         lab.freeze_pvhost()
         # A new session of the same agent: it opens the replugged port anew and says Hello.
         # (Restarting it costs its Python start-up under TCG, ~9 s, in each of 9 cells.)
-        opened = lab.port_opens()
+        agent = lab.agent_pid()
+        opened = lab.port_opens(agent)
         lab.replug_port()
         poll(
             "the agent's port open again (its Hello sent)",
-            lambda: lab.port_opens() > opened,
+            lambda: lab.port_opens(agent) > opened,
             30,
         )
         return Phase(name, pvhost_frozen=True)
