@@ -5,7 +5,8 @@ attribute is the configured name (default ``org.extpv.agent.0``), or waits for i
 udev monitor — no polling. The port survives:
 
 * **unplug/replug** — the udev ``remove`` event ends the session and closes the device;
-  the next ``add`` event with the same name opens it again;
+  the next ``add`` or ``change`` event with the same name opens it again (the kernel adds a
+  port before it knows its name: see ``_names_port``);
 * **host disconnect/reconnect** — while no host is attached, reads of a virtio port return
   EOF. The port is opened with ``O_ASYNC``: the virtio console driver sends SIGIO when the
   host side opens or closes, so the agent sleeps until then and starts a new session
@@ -110,6 +111,16 @@ def find_port(context: Any, name: str) -> str | None:
     return None
 
 
+def _names_port(action: str, port: str | None, devnode: str | None, name: str) -> bool:
+    """Whether a udev event announces the port called ``name``, ready to open.
+
+    virtio_console adds a hot-plugged port first and learns its name later, from the host's
+    PORT_NAME message: only then does the ``name`` attribute appear, announced by a
+    ``change`` event. When the ``add`` event is read before that (a busy guest), it shows no
+    name, so the ``change`` event is the one that names the port."""
+    return action in ("add", "change") and port == name and bool(devnode)
+
+
 def _port_name(device: Any) -> str | None:
     value = device.attributes.get("name")
     if value is None:
@@ -145,7 +156,7 @@ async def run_port(agent: Agent, name: str) -> None:
                 log.info("waiting for virtio-serial port %r (udev)", name)
                 while node is None:
                     action, port, devnode = await udev_events.get()
-                    if action == "add" and port == name and devnode:
+                    if _names_port(action, port, devnode, name):
                         node = devnode
             fd = _open_port(node)
             log.info("port %s open (%s)", name, node)
