@@ -253,8 +253,10 @@ def test_an_agent_older_than_services_runs_the_memory_service(
                 assert memory()["configured_mib"] == 64
                 pid, returncode = await asyncio.to_thread(_oom_killed_child, memcg)
                 assert returncode == -signal.SIGKILL, "the kernel's OOM killer did not kill it"
+                # The count rises when the event arrives; the decision is recorded after the
+                # service has read the host's memory and answered QEMU: wait for both.
                 async with asyncio.timeout(10):
-                    while memory()["oom_kills"] < 1:
+                    while memory()["oom_kills"] < 1 or not memory()["decisions"]:
                         await asyncio.sleep(0.05)
                 status = memory()
                 assert status["oom_kills"] == 1 and status["last_oom_pid"] == pid, status

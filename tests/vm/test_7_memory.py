@@ -425,10 +425,16 @@ def test_an_agent_older_than_the_memory_service_runs_it(
         assert killed.returncode != 0 and "done" not in killed.stdout, killed
         kills = kernel_oom_kills(vm) - kills_before
         assert kills >= 1, vm.guest("dmesg | tail -40").stdout
+
+        def deflated(status: dict[str, Any]) -> list[dict[str, Any]]:
+            return [d for d in status["decisions"] if d["action"] == "deflate" and d["at"] >= t0]
+
+        # The count rises when the record arrives; the deflation is recorded after QEMU has
+        # answered the balloon command: wait for both.
         try:
             after = daemon.wait_status(
-                "the old agent's OOM record (or the program's counters) at the host",
-                lambda s: seen_ooms(memory(s)) > seen_ooms(before),
+                "the old agent's OOM record (or the program's counters) at the host, answered",
+                lambda s: seen_ooms(memory(s)) > seen_ooms(before) and bool(deflated(memory(s))),
                 deadline_s=60,
             )
         except DaemonError as err:
@@ -437,19 +443,19 @@ def test_an_agent_older_than_the_memory_service_runs_it(
             raise AssertionError(
                 f"{kills} OOM kill(s) in the guest; at the host OOM kills {before['oom_kills']}"
                 f" -> {now['oom_kills']} (+{now['resynced_ooms']} resynced); counters "
-                f"{now['counters']}"
+                f"{now['counters']}; decisions since {t0}: {now['decisions'][-3:]}"
             ) from err
         t_seen = time.time()
         after = memory(after)
-        deflations = [d for d in after["decisions"] if d["action"] == "deflate" and d["at"] >= t0]
-        assert deflations and "OOM kills" in deflations[0]["reason"], after["decisions"]
+        deflations = deflated(after)
+        assert "OOM kills" in deflations[0]["reason"], after["decisions"]
         assert "_dropped" not in daemon.status()["vms"][VM]["services"]
         # The old agent's program was read too (ReadMap, protocol 3).
         counters = after["counters"]
         assert counters["reads"] > before["counters"]["reads"], counters
         print(
-            f"[memory/old agent] a {CGROUP_MAX_MIB} MiB cgroup's OOM kill known at the host "
-            f"{t_seen - t0:.2f} s after the allocation began "
+            f"[memory/old agent] a {CGROUP_MAX_MIB} MiB cgroup's OOM kill known and answered at "
+            f"the host {t_seen - t0:.2f} s after the allocation began "
             f"({after['oom_kills'] - before['oom_kills']} by the old agent's record, "
             f"{after['resynced_ooms'] - before['resynced_ooms']} by the program's counters); "
             f"{len(deflations)} deflations to {max(d['target_mib'] for d in deflations)} MiB; "
