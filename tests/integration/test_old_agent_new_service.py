@@ -256,9 +256,8 @@ def test_an_agent_older_than_services_runs_the_memory_service(
                 # The count rises when the event arrives; the decision is recorded after the
                 # service has read the host's memory and answered QEMU: wait for both.
                 async with asyncio.timeout(10):
-                    while memory()["oom_kills"] < 1 or not memory()["decisions"]:
+                    while (status := memory())["oom_kills"] < 1 or not status["decisions"]:
                         await asyncio.sleep(0.05)
-                status = memory()
                 assert status["oom_kills"] == 1 and status["last_oom_pid"] == pid, status
                 assert "1 OOM kills" in status["decisions"][-1]["reason"], status
                 assert "_dropped" not in vm()["services"]

@@ -178,6 +178,11 @@ def balloon_mib(vm: vmlab.VirtualMachine) -> int:
     return int(reply["actual"]) >> 20
 
 
+def deflations_since(status: dict[str, Any], t0: float) -> list[dict[str, Any]]:
+    """The memory service's deflate decisions taken at or after ``t0`` (wall clock)."""
+    return [d for d in status["decisions"] if d["action"] == "deflate" and d["at"] >= t0]
+
+
 def wait_balloon(vm: vmlab.VirtualMachine, daemon: PvhostDaemon, mib: int, what: str) -> float:
     """Until the guest's balloon driver made the guest's memory ``mib`` (±16): seconds."""
     t0 = time.monotonic()
@@ -239,7 +244,7 @@ def test_pressure_deflates_so_an_allocation_completes_and_quiet_inflates_back(
     # The program's own counters (pv_mem_state) are read on the service's timer.
     counters = after["counters"]
     assert counters["reads"] > before["counters"]["reads"], counters
-    deflations = [d for d in after["decisions"] if d["action"] == "deflate" and d["at"] >= t0]
+    deflations = deflations_since(after, t0)
     assert deflations, after
     # Each answered pressure: reclaim records, or, earlier, the guest's own MemAvailable below
     # its reserve (whichever came first; with the early signal the guest may never reclaim).
@@ -426,15 +431,15 @@ def test_an_agent_older_than_the_memory_service_runs_it(
         kills = kernel_oom_kills(vm) - kills_before
         assert kills >= 1, vm.guest("dmesg | tail -40").stdout
 
-        def deflated(status: dict[str, Any]) -> list[dict[str, Any]]:
-            return [d for d in status["decisions"] if d["action"] == "deflate" and d["at"] >= t0]
-
         # The count rises when the record arrives; the deflation is recorded after QEMU has
         # answered the balloon command: wait for both.
         try:
             after = daemon.wait_status(
                 "the old agent's OOM record (or the program's counters) at the host, answered",
-                lambda s: seen_ooms(memory(s)) > seen_ooms(before) and bool(deflated(memory(s))),
+                lambda s: (
+                    seen_ooms(memory(s)) > seen_ooms(before)
+                    and bool(deflations_since(memory(s), t0))
+                ),
                 deadline_s=60,
             )
         except DaemonError as err:
@@ -443,11 +448,11 @@ def test_an_agent_older_than_the_memory_service_runs_it(
             raise AssertionError(
                 f"{kills} OOM kill(s) in the guest; at the host OOM kills {before['oom_kills']}"
                 f" -> {now['oom_kills']} (+{now['resynced_ooms']} resynced); counters "
-                f"{now['counters']}; decisions since {t0}: {now['decisions'][-3:]}"
+                f"{now['counters']}; last decisions: {now['decisions'][-3:]}"
             ) from err
         t_seen = time.time()
         after = memory(after)
-        deflations = deflated(after)
+        deflations = deflations_since(after, t0)
         assert "OOM kills" in deflations[0]["reason"], after["decisions"]
         assert "_dropped" not in daemon.status()["vms"][VM]["services"]
         # The old agent's program was read too (ReadMap, protocol 3).
