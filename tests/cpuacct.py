@@ -134,20 +134,43 @@ def _run_ns_or_zero(tid: int) -> int:
         return 0  # a kworker that exited meanwhile
 
 
-def share_and_idle(tid: int, cpu: int, seconds: float = 3.0) -> tuple[float, float, float]:
-    """Over the same ``seconds``: ``tid``'s share of one CPU, ``cpu``'s idle fraction, and the
-    fraction its bound kernel threads (:func:`kthreads_bound_to`) ran. In a TCG guest whose
-    host is starved, a few milliseconds of a kworker become tens when the host takes the vCPU
-    away meanwhile (the guest cannot see steal time under TCG): the kernel's share, not a task's.
+def irq_ticks(cpu: int) -> int:
+    """irq + softirq clock ticks of ``cpu`` so far, from /proc/stat (zero unless the kernel
+    accounts interrupt time apart from the task it interrupted)."""
+    fields = _cpu_fields(cpu)
+    return fields[5] + fields[6]
+
+
+def task_ticks(cpu: int) -> int:
+    """user + nice + system clock ticks of ``cpu`` so far, from /proc/stat: every task's."""
+    fields = _cpu_fields(cpu)
+    return fields[0] + fields[1] + fields[2]
+
+
+def share_and_idle(tid: int, cpu: int, seconds: float = 3.0) -> dict[str, float]:
+    """Over the same ``seconds``, as fractions of the window: ``got``, ``tid``'s share of one
+    CPU; ``idle``, ``cpu``'s idle; ``kernel``, what its bound kernel threads
+    (:func:`kthreads_bound_to`) ran; ``irq``, its interrupt time; ``other``, the rest of its
+    task time (every task's ticks less those two: tick-sampled, so coarse; a figure to read
+    when the others do not add up). In a TCG guest whose host is starved, a few milliseconds
+    of a kworker become tens when the host takes the vCPU away meanwhile (the guest cannot
+    see steal time under TCG): the kernel's share, not a task's.
     """
     hz = os.sysconf("SC_CLK_TCK")
     kthreads = kthreads_bound_to(cpu)
-    t0, i0 = time.monotonic(), idle_ticks(cpu)
+    t0, i0, q0, b0 = time.monotonic(), idle_ticks(cpu), irq_ticks(cpu), task_ticks(cpu)
     k0 = sum(_run_ns_or_zero(k) for k in kthreads)
     got = share(tid, seconds)
     wall = time.monotonic() - t0
-    kernel = (sum(_run_ns_or_zero(k) for k in kthreads) - k0) / 1e9
-    return got, (idle_ticks(cpu) - i0) / hz / wall, max(0.0, kernel) / wall
+    kernel = max(0.0, (sum(_run_ns_or_zero(k) for k in kthreads) - k0) / 1e9) / wall
+    tasks = (task_ticks(cpu) - b0) / hz / wall
+    return {
+        "got": float(got),
+        "idle": (idle_ticks(cpu) - i0) / hz / wall,
+        "kernel": kernel,
+        "irq": (irq_ticks(cpu) - q0) / hz / wall,
+        "other": max(0.0, tasks - float(got) - kernel),
+    }
 
 
 def load_on(pids: list[int], cpus: int | Collection[int], seconds: float = 1.5) -> int:

@@ -111,9 +111,9 @@ async def scenario(
         out["pcpu"] = pcpu
         await asyncio.sleep(0.3)
         out["load_on_pcpu"] = await asyncio.to_thread(load_on, yes, pcpu)
-        out["pinned"], out["pcpu_idle"], out["pcpu_kernel"] = await asyncio.to_thread(
-            share_and_idle, tid, pcpu
-        )
+        window = await asyncio.to_thread(share_and_idle, tid, pcpu)
+        out["pinned"] = window["got"]
+        out.update({f"pcpu_{part}": window[part] for part in ("idle", "kernel", "irq", "other")})
         mark("pinned, shares")
         # pvctl is a fresh Python process: under TCG with the load running its start-up takes
         # longer than the harness's 30 s, so the load pauses while the status is read.

@@ -117,7 +117,8 @@ def assert_daemon_isolates(obs: dict[str, Any], mode: str) -> None:
     print(
         f"\n[isolation/daemon/{mode}] {obs['load']} yes; vCPU 0 share contended "
         f"{obs['contended']:.0%}, pinned {obs['pinned']:.1%} (pCPU idle {obs['pcpu_idle']:.1%}, "
-        f"its kernel threads {obs['pcpu_kernel']:.1%}), "
+        f"its kernel threads {obs['pcpu_kernel']:.1%}, interrupts {obs['pcpu_irq']:.1%}; "
+        f"other tasks {obs['pcpu_other']:.1%}), "
         f"released {obs['released']:.0%}; "
         f"pin {obs['pin_ms']:.0f} ms, unpin {obs['unpin_ms']:.0f} ms (guest call to result); "
         f"stages (s): {obs.get('stages')}",
@@ -130,10 +131,16 @@ def assert_daemon_isolates(obs: dict[str, Any], mode: str) -> None:
     # A nested QEMU's TCG vCPU thread waits for QEMU's big lock now and then (timer
     # interrupts, the main loop on the VM's extra CPU): what it does not use of its pCPU must
     # be idle time or the CPU's own kernel threads (which isolation leaves there), not another
-    # task's. ci-23 (2 CPUs, TCG): 88.0 % + 6.3 % idle, 5.7 % neither, then not broken down.
-    got, idle, kernel = obs["pinned"], obs["pcpu_idle"], obs["pcpu_kernel"]
-    why = f"vCPU 0 got {got:.1%} of pCPU {pcpu}, idle {idle:.1%}, its kernel threads {kernel:.1%}"
-    assert got >= 0.85 and got + idle + kernel >= 0.95, why
+    # task's. The CPU's interrupt time is its own kernel's work too (isolation cannot move
+    # it). ci-23 (2 CPUs, TCG): 88.0 % + 6.3 % idle, 5.7 % neither, then not broken down;
+    # ci-42: 93.3 % + 0.8 % idle + 0.1 % kernel threads, 5.8 % neither, interrupts not yet
+    # read. "other tasks" (tick-sampled) is printed to say who, not asserted.
+    got, idle, kernel, irq = obs["pinned"], obs["pcpu_idle"], obs["pcpu_kernel"], obs["pcpu_irq"]
+    why = (
+        f"vCPU 0 got {got:.1%} of pCPU {pcpu}, idle {idle:.1%}, its kernel threads "
+        f"{kernel:.1%}, interrupts {irq:.1%}; other tasks {obs['pcpu_other']:.1%} (ticks)"
+    )
+    assert got >= 0.85 and got + idle + kernel + irq >= 0.95, why
     assert obs["load_after"] > 0, "the load must have the pCPU again after the release"
     assert obs["contended"] < 0.6 and obs["released"] < 0.6, obs
     placed = obs["status_placements"]["0"]
