@@ -134,19 +134,6 @@ def _run_ns_or_zero(tid: int) -> int:
         return 0  # a kworker that exited meanwhile
 
 
-def irq_ticks(cpu: int) -> int:
-    """irq + softirq clock ticks of ``cpu`` so far, from /proc/stat (zero unless the kernel
-    accounts interrupt time apart from the task it interrupted)."""
-    fields = _cpu_fields(cpu)
-    return fields[5] + fields[6]
-
-
-def task_ticks(cpu: int) -> int:
-    """user + nice + system clock ticks of ``cpu`` so far, from /proc/stat: every task's."""
-    fields = _cpu_fields(cpu)
-    return fields[0] + fields[1] + fields[2]
-
-
 def share_and_idle(tid: int, cpu: int, seconds: float = 3.0) -> dict[str, float]:
     """Over the same ``seconds``, as fractions of the window: ``got``, ``tid``'s share of one
     CPU; ``idle``, ``cpu``'s idle; ``kernel``, what its bound kernel threads
@@ -158,17 +145,19 @@ def share_and_idle(tid: int, cpu: int, seconds: float = 3.0) -> dict[str, float]
     """
     hz = os.sysconf("SC_CLK_TCK")
     kthreads = kthreads_bound_to(cpu)
-    t0, i0, q0, b0 = time.monotonic(), idle_ticks(cpu), irq_ticks(cpu), task_ticks(cpu)
+    t0, f0 = time.monotonic(), _cpu_fields(cpu)
     k0 = sum(_run_ns_or_zero(k) for k in kthreads)
     got = share(tid, seconds)
-    wall = time.monotonic() - t0
+    f1, wall = _cpu_fields(cpu), time.monotonic() - t0
     kernel = max(0.0, (sum(_run_ns_or_zero(k) for k in kthreads) - k0) / 1e9) / wall
-    tasks = (task_ticks(cpu) - b0) / hz / wall
+    # /proc/stat per-CPU fields: user nice system idle iowait irq softirq steal …
+    ticks = [b - a for a, b in zip(f0, f1, strict=True)]
+    tasks = sum(ticks[0:3]) / hz / wall
     return {
         "got": float(got),
-        "idle": (idle_ticks(cpu) - i0) / hz / wall,
+        "idle": sum(ticks[3:5]) / hz / wall,
         "kernel": kernel,
-        "irq": (irq_ticks(cpu) - q0) / hz / wall,
+        "irq": sum(ticks[5:7]) / hz / wall,
         "other": max(0.0, tasks - float(got) - kernel),
     }
 
