@@ -29,6 +29,7 @@ __all__ = [
     "share",
     "share_and_idle",
     "spinning_process",
+    "user_threads_allowed_on",
 ]
 
 TICK_NS = 1_000_000_000 // os.sysconf("SC_CLK_TCK")
@@ -134,31 +135,67 @@ def _run_ns_or_zero(tid: int) -> int:
         return 0  # a kworker that exited meanwhile
 
 
-def share_and_idle(tid: int, cpu: int, seconds: float = 3.0) -> dict[str, float]:
+def _cpu_list(text: str) -> set[int]:
+    """``0-2,4`` (a kernel CPU list) as a set."""
+    cpus: set[int] = set()
+    for part in filter(None, text.strip().split(",")):
+        first, _, last = part.partition("-")
+        cpus.update(range(int(first), int(last or first) + 1))
+    return cpus
+
+
+def user_threads_allowed_on(cpu: int, exclude: Collection[int]) -> dict[int, str]:
+    """Every thread of user space (not a kernel thread) that may run on ``cpu``, less
+    ``exclude``: {tid: "tid (comm)"}. A pinned vCPU's isolated pCPU should have none."""
+    out = {}
+    for task in Path("/proc").glob("[0-9]*/task/[0-9]*"):
+        try:
+            name, rest = (task / "stat").read_text().rsplit(")", 1)
+            status = (task / "status").read_text()
+        except OSError:
+            continue
+        tid = int(task.name)
+        if tid in exclude or int(rest.split()[6]) & PF_KTHREAD:
+            continue
+        for line in status.splitlines():
+            if line.startswith("Cpus_allowed_list:") and cpu in _cpu_list(line.split(":")[1]):
+                out[tid] = f"{tid} ({name.split(' (', 1)[1]})"
+    return out
+
+
+def share_and_idle(tid: int, cpu: int, seconds: float = 3.0) -> dict[str, float | str]:
     """Over the same ``seconds``, as fractions of the window: ``got``, ``tid``'s share of one
     CPU; ``idle``, ``cpu``'s idle; ``kernel``, what its bound kernel threads
-    (:func:`kthreads_bound_to`) ran; ``irq``, its interrupt time; ``other``, the rest of its
-    task time (every task's ticks less those two: tick-sampled, so coarse; a figure to read
-    when the others do not add up). In a TCG guest whose host is starved, a few milliseconds
-    of a kworker become tens when the host takes the vCPU away meanwhile (the guest cannot
-    see steal time under TCG): the kernel's share, not a task's.
+    (:func:`kthreads_bound_to`) ran; ``irq``, its interrupt time; ``other_allowed``, every
+    other thread of user space that may run on ``cpu`` (:func:`user_threads_allowed_on`, or
+    "none"); ``other``, what they ran (anywhere: an upper bound of their share there), and
+    ``other_who``, those of them that ran. The thread times are the scheduler's
+    (schedstat), as ``got`` is: the CPU's task time in /proc/stat is tick-sampled, and a TCG
+    guest whose host is starved misses ticks (one such run accounted 67 % of the window).
+    In a TCG guest whose host is starved, a few milliseconds of a kworker become tens when the
+    host takes the vCPU away meanwhile (the guest cannot see steal time under TCG): the
+    kernel's share, not a task's.
     """
     hz = os.sysconf("SC_CLK_TCK")
     kthreads = kthreads_bound_to(cpu)
+    others = user_threads_allowed_on(cpu, exclude={tid})
     t0, f0 = time.monotonic(), _cpu_fields(cpu)
-    k0 = sum(_run_ns_or_zero(k) for k in kthreads)
+    k0 = {k: _run_ns_or_zero(k) for k in kthreads}
+    o0 = {t: _run_ns_or_zero(t) for t in others}
     got = share(tid, seconds)
     f1, wall = _cpu_fields(cpu), time.monotonic() - t0
-    kernel = max(0.0, (sum(_run_ns_or_zero(k) for k in kthreads) - k0) / 1e9) / wall
+    kernel = sum(max(0, _run_ns_or_zero(k) - ns) for k, ns in k0.items()) / 1e9 / wall
+    ran = {t: max(0, _run_ns_or_zero(t) - ns) / 1e9 / wall for t, ns in o0.items()}
     # /proc/stat per-CPU fields: user nice system idle iowait irq softirq steal …
     ticks = [b - a for a, b in zip(f0, f1, strict=True)]
-    tasks = sum(ticks[0:3]) / hz / wall
     return {
         "got": float(got),
         "idle": sum(ticks[3:5]) / hz / wall,
         "kernel": kernel,
         "irq": sum(ticks[5:7]) / hz / wall,
-        "other": max(0.0, tasks - float(got) - kernel),
+        "other_allowed": ", ".join(others.values()) or "none",
+        "other": sum(ran.values()),
+        "other_who": ", ".join(f"{others[t]} {f:.1%}" for t, f in ran.items() if f) or "none",
     }
 
 

@@ -118,7 +118,8 @@ def assert_daemon_isolates(obs: dict[str, Any], mode: str) -> None:
         f"\n[isolation/daemon/{mode}] {obs['load']} yes; vCPU 0 share contended "
         f"{obs['contended']:.0%}, pinned {obs['pinned']:.1%} (pCPU idle {obs['pcpu_idle']:.1%}, "
         f"its kernel threads {obs['pcpu_kernel']:.1%}, interrupts {obs['pcpu_irq']:.1%}; "
-        f"other tasks {obs['pcpu_other']:.1%}), "
+        f"other threads allowed there: {obs['pcpu_other_allowed']}, they ran "
+        f"{obs['pcpu_other']:.1%}: {obs['pcpu_other_who']}), "
         f"released {obs['released']:.0%}; "
         f"pin {obs['pin_ms']:.0f} ms, unpin {obs['unpin_ms']:.0f} ms (guest call to result); "
         f"stages (s): {obs.get('stages')}",
@@ -128,19 +129,23 @@ def assert_daemon_isolates(obs: dict[str, Any], mode: str) -> None:
     pcpu = obs["pcpu"]
     assert pcpu != 0, "CPU 0 is housekeeping"
     assert obs["load_on_pcpu"] == 0, f"a yes process ran on the pinned pCPU {pcpu}"
-    # A nested QEMU's TCG vCPU thread waits for QEMU's big lock now and then (timer
-    # interrupts, the main loop on the VM's extra CPU): what it does not use of its pCPU must
-    # be idle time or the CPU's own kernel threads (which isolation leaves there), not another
-    # task's. The CPU's interrupt time is its own kernel's work too (isolation cannot move
-    # it). ci-23 (2 CPUs, TCG): 88.0 % + 6.3 % idle, 5.7 % neither, then not broken down;
-    # ci-42: 93.3 % + 0.8 % idle + 0.1 % kernel threads, 5.8 % neither, interrupts not yet
-    # read. "other tasks" (tick-sampled) is printed to say who, not asserted.
-    got, idle, kernel, irq = obs["pinned"], obs["pcpu_idle"], obs["pcpu_kernel"], obs["pcpu_irq"]
-    why = (
-        f"vCPU 0 got {got:.1%} of pCPU {pcpu}, idle {idle:.1%}, its kernel threads "
-        f"{kernel:.1%}, interrupts {irq:.1%}; other tasks {obs['pcpu_other']:.1%} (ticks)"
+    # Isolation: no thread of user space but the vCPU's may run on its pCPU at all (the
+    # kernel's own threads and interrupts stay there by design), and the vCPU gets most of it.
+    # The remainder (idle, kernel threads, interrupts) is printed, not bounded: in this TCG
+    # guest the scheduler's clock and the CPU's accounting do not add up to the window when the
+    # host is starved (ci-23: 5.7 % accounted to none, ci-42: 5.8 %; a run with no other
+    # thread allowed on the pCPU: 96.5 % + 0.6 % idle + 0.3 % interrupts; the CPU's tick-
+    # sampled task time covered 67 % of the window), so a bound on the sum measured TCG,
+    # not isolation.
+    assert obs["pcpu_other_allowed"] == "none", (
+        f"threads other than vCPU 0's may run on its isolated pCPU {pcpu}: "
+        f"{obs['pcpu_other_allowed']}"
     )
-    assert got >= 0.85 and got + idle + kernel + irq >= 0.95, why
+    got, idle, kernel, irq = obs["pinned"], obs["pcpu_idle"], obs["pcpu_kernel"], obs["pcpu_irq"]
+    assert got >= 0.85, (
+        f"vCPU 0 got {got:.1%} of pCPU {pcpu}, idle {idle:.1%}, its kernel threads "
+        f"{kernel:.1%}, interrupts {irq:.1%}"
+    )
     assert obs["load_after"] > 0, "the load must have the pCPU again after the release"
     assert obs["contended"] < 0.6 and obs["released"] < 0.6, obs
     placed = obs["status_placements"]["0"]
