@@ -4,7 +4,8 @@ Shared by the host's tests (cgroup v1 ``isolate_from``, libvirt domains) and the
 run inside a test guest acting as a host (they import it over the 9p share of the checkout,
 as they import pvhost): a thread's share of one CPU from ``/proc/<tid>/schedstat``, the CPU a
 task last ran on from ``/proc/<pid>/stat``, a CPU's busy, idle and stolen time from
-``/proc/stat``. Standard library only: the guest image has nothing else for it.
+``/proc/stat``. Standard library and this checkout's pvproto only: the guest image has
+nothing else for it.
 """
 
 from __future__ import annotations
@@ -16,6 +17,8 @@ import time
 from collections.abc import Collection, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+
+from pvproto.cpulist import parse_cpulist
 
 __all__ = [
     "Share",
@@ -135,15 +138,6 @@ def _run_ns_or_zero(tid: int) -> int:
         return 0  # a kworker that exited meanwhile
 
 
-def _cpu_list(text: str) -> set[int]:
-    """``0-2,4`` (a kernel CPU list) as a set."""
-    cpus: set[int] = set()
-    for part in filter(None, text.strip().split(",")):
-        first, _, last = part.partition("-")
-        cpus.update(range(int(first), int(last or first) + 1))
-    return cpus
-
-
 def user_threads_allowed_on(cpu: int, exclude: Collection[int]) -> dict[int, str]:
     """Every thread of user space (not a kernel thread) that may run on ``cpu``, less
     ``exclude``: {tid: "tid (comm)"}. A pinned vCPU's isolated pCPU should have none."""
@@ -158,7 +152,7 @@ def user_threads_allowed_on(cpu: int, exclude: Collection[int]) -> dict[int, str
         if tid in exclude or int(rest.split()[6]) & PF_KTHREAD:
             continue
         for line in status.splitlines():
-            if line.startswith("Cpus_allowed_list:") and cpu in _cpu_list(line.split(":")[1]):
+            if line.startswith("Cpus_allowed_list:") and cpu in parse_cpulist(line.split(":")[1]):
                 out[tid] = f"{tid} ({name.split(' (', 1)[1]})"
     return out
 
