@@ -22,6 +22,7 @@ from pvproto.cpulist import parse_cpulist
 
 __all__ = [
     "Share",
+    "Thread",
     "cpu_ticks",
     "idle_ticks",
     "kthreads_bound_to",
@@ -32,6 +33,7 @@ __all__ = [
     "share",
     "share_and_idle",
     "spinning_process",
+    "threads",
     "user_threads_allowed_on",
 ]
 
@@ -113,22 +115,49 @@ def share(tid: int, seconds: float = 2.0, cpu: int | None = None) -> Share:
 PF_KTHREAD = 0x00200000
 
 
-def kthreads_bound_to(cpu: int) -> list[int]:
-    """Kernel threads that may run on ``cpu`` alone (its ksoftirqd, kworkers, migration, …):
-    cpuset isolation leaves them there by design, as the kernel's own work on that CPU."""
-    out = []
-    for stat in Path("/proc").glob("[0-9]*/stat"):
+#: (tid, "tid (comm)", is a kernel thread, the CPUs it may run on)
+Thread = tuple[int, str, bool, frozenset[int]]
+
+
+def threads() -> list[Thread]:
+    """Every thread now (:data:`Thread`): one pass over /proc for the filters below."""
+    return list(_threads())
+
+
+def _threads() -> Iterator[Thread]:
+    for task in Path("/proc").glob("[0-9]*/task/[0-9]*"):
         try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-            status = (stat.parent / "status").read_text()
+            name, rest = (task / "stat").read_text().rsplit(")", 1)
+            status = (task / "status").read_text()
         except OSError:
-            continue
-        if not int(fields[6]) & PF_KTHREAD:  # field 9, flags
-            continue
-        for line in status.splitlines():
-            if line.startswith("Cpus_allowed_list:") and line.split(":", 1)[1].strip() == str(cpu):
-                out.append(int(stat.parent.name))
-    return out
+            continue  # gone meanwhile
+        allowed = next(
+            parse_cpulist(line.split(":", 1)[1])
+            for line in status.splitlines()
+            if line.startswith("Cpus_allowed_list:")
+        )
+        kthread = bool(int(rest.split()[6]) & PF_KTHREAD)  # field 9, flags
+        yield int(task.name), f"{task.name} ({name.split(' (', 1)[1]})", kthread, allowed
+
+
+def kthreads_bound_to(cpu: int, now: list[Thread] | None = None) -> list[int]:
+    """Kernel threads that may run on ``cpu`` alone (its ksoftirqd, kworkers, migration, …):
+    cpuset isolation leaves them there by design, as the kernel's own work on that CPU. Of
+    ``now`` (:func:`threads`) when given."""
+    return [tid for tid, _, kthread, allowed in now or threads() if kthread and allowed == {cpu}]
+
+
+def user_threads_allowed_on(
+    cpu: int, exclude: Collection[int], now: list[Thread] | None = None
+) -> dict[int, str]:
+    """Every thread of user space (not a kernel thread) that may run on ``cpu``, less
+    ``exclude``: {tid: "tid (comm)"}. A pinned vCPU's isolated pCPU should have none. Of
+    ``now`` (:func:`threads`) when given."""
+    return {
+        tid: name
+        for tid, name, kthread, allowed in now or threads()
+        if not kthread and cpu in allowed and tid not in exclude
+    }
 
 
 def _run_ns_or_zero(tid: int) -> int:
@@ -136,25 +165,6 @@ def _run_ns_or_zero(tid: int) -> int:
         return run_ns(tid)
     except OSError:
         return 0  # a kworker that exited meanwhile
-
-
-def user_threads_allowed_on(cpu: int, exclude: Collection[int]) -> dict[int, str]:
-    """Every thread of user space (not a kernel thread) that may run on ``cpu``, less
-    ``exclude``: {tid: "tid (comm)"}. A pinned vCPU's isolated pCPU should have none."""
-    out = {}
-    for task in Path("/proc").glob("[0-9]*/task/[0-9]*"):
-        try:
-            name, rest = (task / "stat").read_text().rsplit(")", 1)
-            status = (task / "status").read_text()
-        except OSError:
-            continue
-        tid = int(task.name)
-        if tid in exclude or int(rest.split()[6]) & PF_KTHREAD:
-            continue
-        for line in status.splitlines():
-            if line.startswith("Cpus_allowed_list:") and cpu in parse_cpulist(line.split(":")[1]):
-                out[tid] = f"{tid} ({name.split(' (', 1)[1]})"
-    return out
 
 
 def share_and_idle(tid: int, cpu: int, seconds: float = 3.0) -> dict[str, float | str]:
@@ -165,14 +175,13 @@ def share_and_idle(tid: int, cpu: int, seconds: float = 3.0) -> dict[str, float 
     "none"); ``other``, what they ran (anywhere: an upper bound of their share there), and
     ``other_who``, those of them that ran. The thread times are the scheduler's
     (schedstat), as ``got`` is: the CPU's task time in /proc/stat is tick-sampled, and a TCG
-    guest whose host is starved misses ticks (one such run accounted 67 % of the window).
-    In a TCG guest whose host is starved, a few milliseconds of a kworker become tens when the
-    host takes the vCPU away meanwhile (the guest cannot see steal time under TCG): the
-    kernel's share, not a task's.
+    guest whose host is starved misses ticks (one such run accounted 67 % of the window), and
+    a few milliseconds of a kworker become tens when the host takes the vCPU away meanwhile
+    (the guest cannot see steal time under TCG): the kernel's share, not a task's.
     """
-    hz = os.sysconf("SC_CLK_TCK")
-    kthreads = kthreads_bound_to(cpu)
-    others = user_threads_allowed_on(cpu, exclude={tid})
+    now = threads()
+    kthreads = kthreads_bound_to(cpu, now)
+    others = user_threads_allowed_on(cpu, {tid}, now)
     t0, f0 = time.monotonic(), _cpu_fields(cpu)
     k0 = {k: _run_ns_or_zero(k) for k in kthreads}
     o0 = {t: _run_ns_or_zero(t) for t in others}
@@ -181,12 +190,12 @@ def share_and_idle(tid: int, cpu: int, seconds: float = 3.0) -> dict[str, float 
     kernel = sum(max(0, _run_ns_or_zero(k) - ns) for k, ns in k0.items()) / 1e9 / wall
     ran = {t: max(0, _run_ns_or_zero(t) - ns) / 1e9 / wall for t, ns in o0.items()}
     # /proc/stat per-CPU fields: user nice system idle iowait irq softirq steal …
-    ticks = [b - a for a, b in zip(f0, f1, strict=True)]
+    part = [(b - a) * TICK_NS / 1e9 / wall for a, b in zip(f0, f1, strict=True)]
     return {
         "got": float(got),
-        "idle": sum(ticks[3:5]) / hz / wall,
+        "idle": sum(part[3:5]),
         "kernel": kernel,
-        "irq": sum(ticks[5:7]) / hz / wall,
+        "irq": sum(part[5:7]),
         "other_allowed": ", ".join(others.values()) or "none",
         "other": sum(ran.values()),
         "other_who": ", ".join(f"{others[t]} {f:.1%}" for t, f in ran.items() if f) or "none",
