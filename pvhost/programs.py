@@ -32,6 +32,7 @@ __all__ = [
     "SignedAffinityProgram",
     "SignedProgram",
     "affinity_program",
+    "file_stamp",
     "program_from_file",
     "sign_program",
     "without_iterators",
@@ -103,7 +104,10 @@ def program_from_file(path: Path, program_id: str | None = None) -> tuple[str, P
     return program_id, kind, payload
 
 
-def _stamp(path: Path) -> tuple[int, int, int] | None:
+def file_stamp(path: Path) -> tuple[int, int, int] | None:
+    """What tells one version of a file from the next (inode: replaced; size and mtime:
+    rewritten in place); None when it cannot be read. Programs are re-read and re-signed only
+    when a stamp changes, so a guest that says Hello in a loop costs the host no file reads."""
     try:
         st = path.stat()
     except OSError:
@@ -172,7 +176,7 @@ class SignedAffinityProgram:
 
     def __call__(self) -> SignedProgram:
         source = self._source()
-        stamp = (source, source and _stamp(source), _stamp(self.key_path))
+        stamp = (source, source and file_stamp(source), file_stamp(self.key_path))
         if self._value is None or stamp != self._stamp:
             self._value = affinity_program(self.override, self.key_path, compat=self.compat)
             self._stamp = stamp

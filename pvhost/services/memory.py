@@ -48,7 +48,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from extpv import bpfobj
 from extpv.bpfobj import ObjectMissing
 from pvhost.errors import ChannelError, QmpError
-from pvhost.programs import SignedProgram
+from pvhost.programs import SignedProgram, file_stamp
 from pvhost.services.base import EventError, ServiceContext, ServicePlugin, VmHandle
 from pvhost.services.memory_event import (
     STATE_MAP,
@@ -152,14 +152,6 @@ class MemoryConfig(BaseModel):
         )
 
 
-def _stamp(path: Path) -> tuple[int, int] | None:
-    try:
-        st = path.stat()
-    except OSError:
-        return None
-    return (st.st_ino, st.st_mtime_ns)
-
-
 def host_available_mib(meminfo: Path) -> int:
     """The host's MemAvailable (MiB); 0 when it cannot be read (no deflation then)."""
     try:
@@ -257,7 +249,7 @@ class MemoryService(ServicePlugin):
             self.missing = str(err)
             return []
         self.missing = ""
-        stamp = (_stamp(path), _stamp(self.context.signing_key))
+        stamp = (file_stamp(path), file_stamp(self.context.signing_key))
         if self._program is None or stamp != self._program_stamp:
             self._program = self.context.sign(PROGRAM_ID, "bpf-object", path.read_bytes())
             self._program_stamp = stamp
